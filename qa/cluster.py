@@ -1,0 +1,594 @@
+#!/usr/bin/python3
+"""A throw-away one-node Ceph cluster with rbd_migration loaded.
+
+    qa/cluster.py start --dir DIR [--rgw] [--http] [--osds 3] [--osd-size 3G]
+    qa/cluster.py status --dir DIR
+    qa/cluster.py env --dir DIR          # shell exports: eval "$(qa/cluster.py env --dir DIR)"
+    qa/cluster.py stop --dir DIR [--purge]
+    qa/cluster.py install [--tests]      # apt-get what is missing (root)
+
+Everything lives under DIR (config, keys, daemon data, logs, pid files,
+sockets) and every port is picked free at start, so two clusters run side by
+side without noticing each other.  ``stop`` ends only processes whose pid
+files are under DIR and whose command line names DIR.
+
+Memstore OSDs keep data in RAM: size test images to ``--osd-size``.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODULE_SRC = os.path.join(REPO, 'rbd_migration')
+STOCK_MODULES = '/usr/share/ceph/mgr'
+
+PACKAGES = [
+    'ceph-mon', 'ceph-mgr', 'ceph-osd', 'ceph-common', 'python3-rados',
+    'python3-rbd', 'python3-requests', 'python3-boto3', 'python3-jsonschema',
+    'python3-zstandard', 'radosgw', 'nginx-light', 'qemu-utils',
+    'qemu-block-extra',
+]
+# What the test suite needs on top.
+TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-hypothesis']
+# A binary each package provides, to tell cheaply whether it is installed.
+_PROBES = {'ceph-mon': '/usr/bin/ceph-mon', 'ceph-mgr': '/usr/bin/ceph-mgr',
+           'ceph-osd': '/usr/bin/ceph-osd', 'ceph-common': '/usr/bin/ceph',
+           'radosgw': '/usr/bin/radosgw', 'nginx-light': '/usr/sbin/nginx',
+           'qemu-utils': '/usr/bin/qemu-img',
+           'qemu-block-extra':
+               '/usr/lib/x86_64-linux-gnu/qemu/block-rbd.so'}
+
+S3_ACCESS_KEY = 'rbdmigrationtest'
+S3_SECRET_KEY = 'rbdmigrationtestsecret0123456789'
+S3_BUCKET = 'images'
+
+
+def log(msg: str) -> None:
+    print(f'[cluster] {msg}', file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def missing_packages(packages: List[str]) -> List[str]:
+    missing = []
+    for pkg in packages:
+        probe = _PROBES.get(pkg)
+        if probe and os.path.exists(probe):
+            continue
+        if probe is None and subprocess.run(
+                ['dpkg-query', '-W', '-f=${Status}', pkg],
+                capture_output=True, text=True).stdout.endswith(' installed'):
+            continue
+        missing.append(pkg)
+    return missing
+
+
+def install_packages(tests: bool = False) -> None:
+    missing = missing_packages(PACKAGES + (TEST_PACKAGES if tests else []))
+    if not missing:
+        return
+    log(f'installing {" ".join(missing)}')
+    env = dict(os.environ, DEBIAN_FRONTEND='noninteractive')
+    subprocess.run(['apt-get', 'update', '-q'], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(['apt-get', 'install', '-y', '-q', *missing], check=True,
+                   env=env, stdout=subprocess.DEVNULL)
+
+
+@dataclass
+class ClusterState:
+    """What ``start`` decided; saved as DIR/cluster.json for the others."""
+
+    dir: str
+    fsid: str
+    mon_port: int
+    osds: int
+    osd_size: int
+    rgw_port: Optional[int] = None
+    http_port: Optional[int] = None
+    http_root: Optional[str] = None
+    extra: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def conf(self) -> str:
+        return os.path.join(self.dir, 'ceph.conf')
+
+    @property
+    def keyring(self) -> str:
+        return os.path.join(self.dir, 'keyring')
+
+    def env(self) -> Dict[str, str]:
+        out = {'CEPH_CONF': self.conf, 'CEPH_KEYRING': self.keyring,
+               'RBD_MIGRATION_CLUSTER_DIR': self.dir}
+        if self.rgw_port:
+            out.update(RBD_MIGRATION_S3_URL=f'http://127.0.0.1:{self.rgw_port}',
+                       RBD_MIGRATION_S3_BUCKET=S3_BUCKET,
+                       RBD_MIGRATION_S3_ACCESS_KEY=S3_ACCESS_KEY,
+                       RBD_MIGRATION_S3_SECRET_KEY=S3_SECRET_KEY)
+        if self.http_port:
+            out.update(RBD_MIGRATION_HTTP_URL=f'http://127.0.0.1:{self.http_port}',
+                       RBD_MIGRATION_HTTP_ROOT=self.http_root or '')
+        return out
+
+
+class Cluster:
+    """Start, inspect and stop one cluster rooted at a directory."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = os.path.abspath(directory)
+        self.state: Optional[ClusterState] = None
+        path = os.path.join(self.dir, 'cluster.json')
+        if os.path.exists(path):
+            with open(path) as f:
+                self.state = ClusterState(**json.load(f))
+
+    # -- helpers -----------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    def _save(self) -> None:
+        assert self.state
+        with open(self.path('cluster.json'), 'w') as f:
+            json.dump(asdict(self.state), f, indent=2)
+
+    def ceph(self, *args: str, inbuf: Optional[str] = None,
+             check: bool = True, timeout: float = 60) -> str:
+        """Run the ceph CLI against this cluster; return stdout."""
+        assert self.state
+        r = subprocess.run(['ceph', '--conf', self.state.conf, *args],
+                           input=inbuf, capture_output=True, text=True,
+                           timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f'ceph {" ".join(args)}: {r.stderr.strip()}')
+        return r.stdout
+
+    def ceph_json(self, *args: str) -> Any:
+        return json.loads(self.ceph(*args, '--format', 'json'))
+
+    def _run(self, *argv: str) -> None:
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f'{" ".join(argv)}: {r.stderr.strip()}')
+
+    def _wait(self, what: str, cond: Any, timeout: float = 60,
+              interval: float = 0.25) -> None:
+        deadline = time.monotonic() + timeout
+        last: Optional[BaseException] = None
+        while time.monotonic() < deadline:
+            try:
+                if cond():
+                    return
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+                last = e
+            time.sleep(interval)
+        raise RuntimeError(f'timed out waiting for {what}'
+                           + (f': {last}' if last else ''))
+
+    # -- start -------------------------------------------------------------
+    def start(self, osds: int = 3, osd_size: int = 3 << 30,
+              rgw: bool = False, http: bool = False,
+              http_root: Optional[str] = None) -> ClusterState:
+        if self.state and self.running():
+            raise RuntimeError(f'a cluster is already running in {self.dir}')
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for sub in ('out', 'run', 'mgr-modules'):
+            os.makedirs(self.path(sub))
+        self.state = ClusterState(dir=self.dir, fsid=str(uuid.uuid4()),
+                                  mon_port=free_port(), osds=osds,
+                                  osd_size=osd_size)
+        if rgw:
+            self.state.rgw_port = free_port()
+        if http:
+            self.state.http_port = free_port()
+            self.state.http_root = os.path.abspath(http_root or self.path('www'))
+        self._save()
+        t0 = time.monotonic()
+        self._write_conf()
+        self._link_modules()
+        # Independent steps overlap: the mgr loads modules while OSDs boot,
+        # pools are created before the OSDs are up, RGW creates its pools
+        # while ours initialise.
+        self._timed(self._start_mon)
+        self._timed(self._start_mgr)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            osds = pool.submit(self._timed, self._start_osds)
+            self._timed(self._create_pools)
+            osds.result()
+            later = [pool.submit(self._timed, self._init_rbd_pools)]
+            if rgw:
+                later.append(pool.submit(self._timed, self._start_rgw))
+            if http:
+                later.append(pool.submit(self._timed, self._start_nginx))
+            self._timed(self._wait_module)
+            for f in later:
+                f.result()
+        self._wait('all PGs active+clean', self.pgs_clean, timeout=120)
+        log(f'ready in {time.monotonic() - t0:.1f}s')
+        return self.state
+
+    def _timed(self, step: Any) -> None:
+        t = time.monotonic()
+        step()
+        log(f'{step.__name__.strip("_")}: {time.monotonic() - t:.1f}s')
+
+    def _write_conf(self) -> None:
+        s = self.state
+        assert s
+        d = self.dir
+        conf = f"""[global]
+fsid = {s.fsid}
+mon host = v2:127.0.0.1:{s.mon_port}
+public addr = 127.0.0.1
+ms bind msgr1 = false
+auth cluster required = cephx
+auth service required = cephx
+auth client required = cephx
+keyring = {d}/keyring
+run dir = {d}/run
+crash dir = {d}/crash
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+mon allow pool size one = true
+mon allow pool delete = true
+mon max pg per osd = 1000
+mon warn on pool no redundancy = false
+mon warn on insecure global id reclaim allowed = false
+mon warn on insecure global id reclaim = false
+osd crush chooseleaf type = 0
+mon debug no require bluestore for ec overwrites = true
+
+[mon]
+mon data = {d}/mon.$id
+mon cluster log file = {d}/out/cluster.log
+log file = {d}/out/$name.log
+admin socket = {d}/run/$name.asok
+pid file = {d}/run/$name.pid
+keyring = {d}/keyring
+
+[mgr]
+mgr data = {d}/mgr.$id
+mgr module path = {d}/mgr-modules
+log file = {d}/out/$name.log
+admin socket = {d}/run/$name.asok
+pid file = {d}/run/$name.pid
+keyring = {d}/mgr.$id/keyring
+
+[osd]
+osd data = {d}/osd.$id
+osd objectstore = memstore
+memstore device bytes = {s.osd_size}
+osd op num shards = 2
+osd op num threads per shard = 1
+log file = {d}/out/$name.log
+admin socket = {d}/run/$name.asok
+pid file = {d}/run/$name.pid
+keyring = {d}/osd.$id/keyring
+"""
+        if s.rgw_port:
+            conf += f"""
+[client.rgw.a]
+rgw frontends = beast endpoint=127.0.0.1:{s.rgw_port}
+rgw data = {d}/rgw.a
+log file = {d}/out/$name.log
+admin socket = {d}/run/$name.asok
+pid file = {d}/run/$name.pid
+keyring = {d}/rgw.keyring
+rgw dns name = 127.0.0.1
+"""
+        with open(self.path('ceph.conf'), 'w') as f:
+            f.write(conf)
+
+    def _link_modules(self) -> None:
+        """The stock modules plus this checkout's package, all as links, so
+        an edit shows after a mgr restart."""
+        for name in os.listdir(STOCK_MODULES):
+            if name != 'rbd_migration':
+                os.symlink(os.path.join(STOCK_MODULES, name),
+                           self.path('mgr-modules', name))
+        os.symlink(MODULE_SRC, self.path('mgr-modules', 'rbd_migration'))
+
+    def _start_mon(self) -> None:
+        s = self.state
+        assert s
+        kr = self.path('keyring')
+        self._run('ceph-authtool', '--create-keyring', kr, '--gen-key',
+                  '-n', 'mon.', '--cap', 'mon', 'allow *')
+        self._run('ceph-authtool', kr, '--gen-key', '-n', 'client.admin',
+                  '--cap', 'mon', 'allow *', '--cap', 'osd', 'allow *',
+                  '--cap', 'mgr', 'allow *', '--cap', 'mds', 'allow *')
+        monmap = self.path('monmap')
+        self._run('monmaptool', '--create', '--fsid', s.fsid, '--addv', 'a',
+                  f'[v2:127.0.0.1:{s.mon_port}]', monmap)
+        self._run('ceph-mon', '--conf', s.conf, '-i', 'a', '--mkfs',
+                  '--monmap', monmap, '--keyring', kr)
+        self._run('ceph-mon', '--conf', s.conf, '-i', 'a')
+        self._wait('the monitor', lambda: self.ceph('mon', 'stat', timeout=10))
+
+    def _start_mgr(self) -> None:
+        s = self.state
+        assert s
+        os.makedirs(self.path('mgr.x'))
+        self.ceph('auth', 'get-or-create', 'mgr.x', 'mon', 'allow profile mgr',
+                  'osd', 'allow *', 'mds', 'allow *',
+                  '-o', self.path('mgr.x', 'keyring'))
+        self._run('ceph-mgr', '--conf', s.conf, '-i', 'x')
+        self.ceph('mgr', 'module', 'enable', 'rbd_migration', '--force')
+
+    def _start_osds(self) -> None:
+        s = self.state
+        assert s
+        with ThreadPoolExecutor(max_workers=s.osds) as pool:
+            for f in [pool.submit(self._start_osd) for _ in range(s.osds)]:
+                f.result()
+        self._wait(f'{s.osds} OSDs up',
+                   lambda: self.ceph_json('osd', 'stat')['num_up_osds'] == s.osds)
+
+    def _start_osd(self) -> None:
+        s = self.state
+        assert s
+        osd_uuid = str(uuid.uuid4())
+        secret = subprocess.run(['ceph-authtool', '--gen-print-key'],
+                                capture_output=True, text=True,
+                                check=True).stdout.strip()
+        osd_id = self.ceph('osd', 'new', osd_uuid, '-i', '-',
+                           inbuf=json.dumps({'cephx_secret': secret})).strip()
+        data = self.path(f'osd.{osd_id}')
+        os.makedirs(data)
+        with open(os.path.join(data, 'keyring'), 'w') as f:
+            f.write(f'[osd.{osd_id}]\n\tkey = {secret}\n')
+        self._run('ceph-osd', '--conf', s.conf, '-i', osd_id, '--mkfs',
+                  '--osd-uuid', osd_uuid)
+        self._run('ceph-osd', '--conf', s.conf, '-i', osd_id)
+
+    def _create_pools(self) -> None:
+        for pool in ('rbd', 'rbd2'):
+            self.ceph('osd', 'pool', 'create', pool, '8')
+        self.ceph('osd', 'erasure-code-profile', 'set', 'ec21', 'k=2', 'm=1',
+                  'crush-failure-domain=osd')
+        self.ceph('osd', 'pool', 'create', 'ecdata', '8', '8', 'erasure', 'ec21')
+        self.ceph('osd', 'pool', 'set', 'ecdata', 'allow_ec_overwrites', 'true')
+        self.ceph('osd', 'pool', 'application', 'enable', 'ecdata', 'rbd')
+
+    def _init_rbd_pools(self) -> None:
+        procs = [subprocess.Popen(['rbd', '--conf', self.path('ceph.conf'),
+                                   'pool', 'init', pool])
+                 for pool in ('rbd', 'rbd2')]
+        if any(p.wait() for p in procs):
+            raise RuntimeError('rbd pool init failed')
+
+    def _start_rgw(self) -> None:
+        s = self.state
+        assert s
+        os.makedirs(self.path('rgw.a'))
+        self.ceph('auth', 'get-or-create', 'client.rgw.a', 'mon', 'allow rw',
+                  'osd', 'allow rwx', '-o', self.path('rgw.keyring'))
+        self._run('radosgw', '--conf', s.conf, '-n', 'client.rgw.a')
+        self._run('radosgw-admin', '--conf', s.conf, 'user', 'create',
+                  '--uid=rbdmigration', '--display-name=rbd_migration tests',
+                  f'--access-key={S3_ACCESS_KEY}', f'--secret={S3_SECRET_KEY}')
+        import boto3  # Debian's python3-boto3
+        from botocore.config import Config
+        s3 = boto3.client('s3', endpoint_url=f'http://127.0.0.1:{s.rgw_port}',
+                          aws_access_key_id=S3_ACCESS_KEY,
+                          aws_secret_access_key=S3_SECRET_KEY,
+                          region_name='us-east-1',
+                          config=Config(s3={'addressing_style': 'path'},
+                                        signature_version='s3v4',
+                                        retries={'max_attempts': 1}))
+
+        def bucket() -> bool:
+            try:
+                s3.create_bucket(Bucket=S3_BUCKET)
+            except s3.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            except Exception as e:  # connection refused while RGW starts
+                raise RuntimeError(str(e))
+            return True
+        self._wait('RGW and its bucket', bucket, timeout=60, interval=0.5)
+
+    def _start_nginx(self) -> None:
+        s = self.state
+        assert s and s.http_root
+        os.makedirs(s.http_root, exist_ok=True)
+        tmp = self.path('nginx')
+        os.makedirs(tmp)
+        conf = self.path('nginx.conf')
+        with open(conf, 'w') as f:
+            f.write(f"""daemon on;
+pid {self.path('run', 'nginx.pid')};
+error_log {self.path('out', 'nginx.error.log')};
+worker_processes 1;
+events {{ worker_connections 256; }}
+http {{
+    access_log {self.path('out', 'nginx.access.log')};
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    default_type application/octet-stream;
+    sendfile on;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{s.http_port};
+        root {s.http_root};
+        max_ranges 16;
+    }}
+}}
+""")
+        self._run('nginx', '-c', conf, '-p', tmp)
+
+        def answers() -> bool:
+            with socket.create_connection(('127.0.0.1', s.http_port), 1):
+                return True
+        self._wait('nginx', lambda: self._try(answers))
+
+    @staticmethod
+    def _try(fn: Any) -> bool:
+        try:
+            return bool(fn())
+        except OSError:
+            return False
+
+    def _wait_module(self) -> None:
+        self._wait('the rbd_migration module',
+                   lambda: self.ceph('rbd', 'migration', 'status', '--format',
+                                     'json', timeout=15) is not None,
+                   timeout=90, interval=0.5)
+
+    # -- status and stop ---------------------------------------------------
+    def pgs_clean(self) -> bool:
+        st = self.ceph_json('pg', 'stat')['pg_summary']
+        total = st.get('num_pgs', 0)
+        clean = sum(s['num'] for s in st.get('num_pg_by_state', [])
+                    if s['name'] == 'active+clean')
+        return total > 0 and clean == total
+
+    def pids(self) -> Dict[str, int]:
+        """Live processes started for this cluster, by daemon name."""
+        out = {}
+        run = self.path('run')
+        if not os.path.isdir(run):
+            return out
+        for name in os.listdir(run):
+            if not name.endswith('.pid'):
+                continue
+            try:
+                with open(os.path.join(run, name)) as f:
+                    pid = int(f.read().strip())
+                with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                    cmdline = f.read().decode(errors='replace')
+            except (OSError, ValueError):
+                continue
+            # Only ours: the command line names this cluster's files.
+            if self.dir in cmdline:
+                out[name[:-4]] = pid
+        return out
+
+    def running(self) -> bool:
+        return bool(self.pids())
+
+    def status(self) -> Dict[str, Any]:
+        info: Dict[str, Any] = {'dir': self.dir, 'daemons': self.pids()}
+        if self.state and info['daemons']:
+            try:
+                info['health'] = self.ceph_json('health')['status']
+                info['rbd_migration'] = self.ceph_json(
+                    'rbd', 'migration', 'status')
+            except (RuntimeError, subprocess.TimeoutExpired, ValueError) as e:
+                info['error'] = str(e)
+            info['env'] = self.state.env()
+        return info
+
+    def stop(self, purge: bool = False) -> None:
+        pids = self.pids()
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 15
+        while pids and time.monotonic() < deadline:
+            pids = {n: p for n, p in pids.items() if os.path.exists(f'/proc/{p}')
+                    and not _is_zombie(p)}
+            time.sleep(0.1)
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if purge:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            return f.read().split(') ', 1)[1].startswith('Z')
+    except OSError:
+        return True
+
+
+def parse_size(text: str) -> int:
+    units = {'K': 1 << 10, 'M': 1 << 20, 'G': 1 << 30, 'T': 1 << 40}
+    text = text.strip().upper().rstrip('IB')
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True)
+    inst = sub.add_parser('install')
+    inst.add_argument('--tests', action='store_true',
+                      help='also what the test suite needs')
+    for name in ('start', 'stop', 'status', 'env'):
+        sp = sub.add_parser(name)
+        sp.add_argument('--dir', default=os.environ.get(
+            'RBD_MIGRATION_CLUSTER_DIR', '/tmp/rbd-migration-cluster'))
+        if name == 'start':
+            sp.add_argument('--osds', type=int, default=3)
+            sp.add_argument('--osd-size', type=parse_size, default=3 << 30)
+            sp.add_argument('--rgw', action='store_true', help='start RGW (S3)')
+            sp.add_argument('--http', action='store_true', help='start nginx')
+            sp.add_argument('--http-root', help='directory nginx serves')
+            sp.add_argument('--no-install', action='store_true',
+                            help='do not apt-get install missing packages')
+        if name == 'stop':
+            sp.add_argument('--purge', action='store_true',
+                            help='also remove the directory')
+    args = p.parse_args(argv)
+    if args.cmd == 'install':
+        install_packages(tests=args.tests)
+        return 0
+    cluster = Cluster(args.dir)
+    if args.cmd == 'start':
+        if not args.no_install:
+            install_packages()
+        try:
+            state = cluster.start(osds=args.osds, osd_size=args.osd_size,
+                                  rgw=args.rgw, http=args.http,
+                                  http_root=args.http_root)
+        except Exception:
+            log(f'start failed; logs are in {cluster.path("out")}; stopping')
+            cluster.stop()
+            raise
+        print_env(state.env())
+    elif args.cmd == 'env':
+        if not cluster.state:
+            log(f'no cluster in {cluster.dir}')
+            return 1
+        print_env(cluster.state.env())
+    elif args.cmd == 'status':
+        print(json.dumps(cluster.status(), indent=2))
+        return 0 if cluster.running() else 1
+    elif args.cmd == 'stop':
+        cluster.stop(purge=args.purge)
+    return 0
+
+
+def print_env(env: Dict[str, str]) -> None:
+    for k, v in env.items():
+        print(f'export {k}={v}')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Errors an operator may see.
+
+Every failure that reaches the command line is a ``MigrationError``: one line,
+naming the field or object at fault and the fix, carrying the errno that the
+command layer returns.  Anything else escaping to the command layer is a bug
+and is logged with its traceback, never printed.
+"""
+import errno as _errno
+
+
+class MigrationError(Exception):
+    """Base of every operator-facing error."""
+
+    errno = _errno.EINVAL
+    #: A transient error may succeed if the same step is retried later.
+    transient = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidArgument(MigrationError):
+    errno = _errno.EINVAL
+
+
+class NotFound(MigrationError):
+    errno = _errno.ENOENT
+
+
+class AlreadyExists(MigrationError):
+    errno = _errno.EEXIST
+
+
+class Busy(MigrationError):
+    errno = _errno.EBUSY
+
+
+class PermissionDenied(MigrationError):
+    errno = _errno.EACCES
+
+
+class Unsupported(MigrationError):
+    errno = _errno.EOPNOTSUPP
+
+
+class SourceUnavailable(MigrationError):
+    """The source could not be read right now (network, server, credentials
+    that may come back); retried with backoff by the task queue."""
+
+    errno = _errno.EIO
+    transient = True
+
+
+class Cancelled(MigrationError):
+    errno = _errno.ECANCELED

@@ -1,0 +1,43 @@
+"""The stream interface: a read-only, random-access byte source.
+
+A stream knows nothing about image formats; a format driver sits on top of
+it.  Implementations must be safe to call ``read`` from several threads at
+once (the copier reads extents concurrently).
+"""
+import abc
+from typing import Any, Mapping
+
+from ..context import SourceContext
+
+
+class Stream(abc.ABC):
+    """Random-access bytes: a local file, an HTTP(S) object, an S3 object."""
+
+    #: Human-readable location with every secret masked, for messages.
+    description: str = ''
+
+    @classmethod
+    @abc.abstractmethod
+    def from_spec(cls, spec: Mapping[str, Any], ctx: SourceContext) -> 'Stream':
+        """Open the stream that a validated source-spec ``stream`` names."""
+
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Total length in bytes."""
+
+    @abc.abstractmethod
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset`` (fewer only past the end)."""
+
+    def sibling(self, name: str) -> 'Stream':
+        """A stream for ``name`` next to this one (a qcow2 backing file)."""
+        raise NotImplementedError(f'{type(self).__name__} has no siblings')
+
+    def close(self) -> None:
+        """Release connections or file handles."""
+
+    def __enter__(self) -> 'Stream':
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,37 @@
+"""Shared fixtures.
+
+Cluster tests run against a real one-node Ceph cluster brought up once per
+run by ``qa/cluster.py``.  Set ``RBD_MIGRATION_CLUSTER_DIR`` to the directory
+of a cluster you started yourself to reuse it across runs (it is then left
+running); otherwise the fixture starts one in a temporary directory and
+always stops it.
+"""
+import os
+import sys
+from typing import Iterator
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from qa.cluster import Cluster  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    reuse = os.environ.get('RBD_MIGRATION_CLUSTER_DIR')
+    if reuse:
+        existing = Cluster(reuse)
+        if not existing.running():
+            pytest.fail(f'RBD_MIGRATION_CLUSTER_DIR={reuse} names no running '
+                        'cluster; start one with qa/cluster.py start --dir '
+                        f'{reuse} --http --rgw, or unset it')
+        yield existing
+        return
+    c = Cluster(str(tmp_path_factory.mktemp('cluster')))
+    try:
+        c.start(http=True)
+        yield c
+    finally:
+        c.stop()
