@@ -1,40 +1,186 @@
-"""The mgr-facing layer: commands, options, serve/shutdown.  Thin on purpose:
-it parses, calls into the package and formats; the work lives below."""
+"""The mgr-facing layer: commands, options, serve/shutdown.
+
+Thin on purpose: it parses the command, calls ``MigrationService`` and
+formats the answer.  Errors come back as ``MigrationError`` (one line, an
+errno); anything else is a bug, logged with its traceback and answered with
+one line.
+"""
 import errno
 import json
 import threading
-from typing import Any, List, Optional, Tuple
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from mgr_module import CLIReadCommand, MgrModule, NotifyType, Option
+from mgr_module import MgrModule, NotifyType, Option
+
+from .errors import InvalidArgument, MigrationError
+from .health import health_checks
+from .images import Layout
+from .progress import ProgressEvents
+from .render import render
+from .secrets import mask_text
+from .service import MigrationService
+from .tasks import Task
 
 HandlerResult = Tuple[int, str, str]
+
+_LAYOUT_ARGS = ('name=object_size,type=CephString,req=false '
+                'name=order,type=CephInt,req=false '
+                'name=features,type=CephString,req=false '
+                'name=stripe_unit,type=CephString,req=false '
+                'name=stripe_count,type=CephInt,req=false '
+                'name=data_pool,type=CephString,req=false '
+                'name=flatten,type=CephBool,req=false ')
+
+WAIT_MAX = 600.0
 
 
 class Module(MgrModule):
     NOTIFY_TYPES: List[NotifyType] = []
+    COMMANDS = [
+        {'cmd': 'rbd migration prepare '
+                'name=source_image_spec,type=CephString,req=false '
+                'name=dest_image_spec,type=CephString,req=false '
+                'name=import_only,type=CephBool,req=false '
+                'name=source_spec,type=CephString,req=false ' + _LAYOUT_ARGS,
+         'desc': 'Prepare a live migration of an image (or, with --import-only, '
+                 'an import from a source-spec given with --source-spec or -i)',
+         'perm': 'w'},
+        {'cmd': 'rbd migration execute name=image_spec,type=CephString',
+         'desc': 'Copy a prepared migration in the background (a task)',
+         'perm': 'w'},
+        {'cmd': 'rbd migration commit name=image_spec,type=CephString '
+                'name=force,type=CephBool,req=false',
+         'desc': 'Commit an executed migration (a task); --force when the '
+                 'image has descendants',
+         'perm': 'w'},
+        {'cmd': 'rbd migration abort name=image_spec,type=CephString',
+         'desc': 'Abort a migration, restoring the source (a task)',
+         'perm': 'w'},
+        {'cmd': 'rbd migration status name=image_spec,type=CephString,req=false',
+         'desc': 'Show migrations (all, or the one an image is part of) and tasks',
+         'perm': 'r'},
+        {'cmd': 'rbd migration task list',
+         'desc': 'List migration tasks', 'perm': 'r'},
+        {'cmd': 'rbd migration task cancel name=task_id,type=CephString',
+         'desc': 'Cancel a queued or running migration task', 'perm': 'w'},
+        {'cmd': 'rbd migration task wait name=task_id,type=CephString '
+                'name=timeout,type=CephFloat,req=false',
+         'desc': 'Wait for a task to finish (up to --timeout seconds, default '
+                 '60, at most 600); fails if the task failed or is still running',
+         'perm': 'r'},
+    ]
     MODULE_OPTIONS = [
         Option('max_concurrent_tasks', type='int', default=2, min=1, max=64,
-               desc='tasks (execute, commit, abort) run at once; at most one per image',
+               desc='tasks (execute, commit, abort) that run at once; at most one per image',
+               runtime=True),
+        Option('retry_max_attempts', type='int', default=8, min=1, max=1000,
+               desc='attempts of a task that fails transiently before it is failed',
+               runtime=True),
+        Option('retry_backoff', type='float', default=5.0, min=0.0,
+               desc='seconds before the first retry; doubles with each attempt',
+               runtime=True),
+        Option('retry_max_backoff', type='float', default=300.0, min=0.0,
+               desc='longest wait between two attempts, in seconds', runtime=True),
+        Option('file_source_roots', type='str', default='',
+               desc='directories (separated by ":") under which file sources may '
+                    'be read; empty refuses file sources',
                runtime=True),
     ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._stop = threading.Event()
+        self._ready = threading.Event()
+        self.service: Optional[MigrationService] = None
+        self._handlers: Dict[str, Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]] = {
+            'rbd migration prepare': self._prepare,
+            'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
+            'rbd migration commit': lambda c, _: self._svc().commit(
+                c['image_spec'], bool(c.get('force'))),
+            'rbd migration abort': lambda c, _: self._svc().abort(c['image_spec']),
+            'rbd migration status': lambda c, _: self._svc().status(c.get('image_spec')),
+            'rbd migration task list': lambda c, _: self._svc().task_list(),
+            'rbd migration task cancel': lambda c, _: self._svc().task_cancel(c['task_id']),
+            'rbd migration task wait': lambda c, _: self._svc().task_wait(
+                c['task_id'], min(WAIT_MAX, float(c.get('timeout') or 60.0))),
+        }
 
+    # -- lifecycle ---------------------------------------------------------
     def serve(self) -> None:
-        self.log.info('rbd_migration serving')
-        self._stop.wait()
+        events = ModuleEvents(self)
+        self.service = MigrationService(self.rados, self, events,
+                                        self.get_module_option)
+        self.service.queue.load()
+        self._ready.set()
+        self.log.info('rbd_migration ready: %d task(s) restored',
+                      len(self.service.queue.list()))
+        self.service.queue.run(self._stop)
 
     def shutdown(self) -> None:
         self._stop.set()
+        if self.service is not None:
+            self.service.queue.shutdown()
         super().shutdown()
 
-    @CLIReadCommand('rbd migration status')
-    def status(self, image_spec: Optional[str] = None,
-               format: str = 'plain') -> HandlerResult:
-        """Show RBD image migrations and their tasks"""
-        result: dict = {'migrations': [], 'tasks': []}
-        if format in ('json', 'json-pretty'):
-            return 0, json.dumps(result, indent=2 if format == 'json-pretty' else None), ''
-        return 0, 'no migrations', ''
+    def _svc(self) -> MigrationService:
+        if not self._ready.wait(10) or self.service is None:
+            raise NotReady('the rbd_migration module is starting; try again')
+        return self.service
+
+    # -- commands ----------------------------------------------------------
+    def handle_command(self, inbuf: Optional[str], cmd: Dict[str, Any]) -> HandlerResult:
+        fmt = cmd.get('format') or 'plain'
+        try:
+            result = self._handlers[cmd['prefix']](cmd, inbuf)
+        except MigrationError as e:
+            return -abs(e.errno), '', self._mask(str(e))
+        except Exception as e:
+            self.log.error('%s failed: %s', cmd['prefix'],
+                           self._mask(traceback.format_exc()))
+            return -errno.EIO, '', self._mask(f'internal error: {type(e).__name__}: {e}')
+        if fmt in ('json', 'json-pretty'):
+            return 0, json.dumps(result, indent=2 if fmt == 'json-pretty' else None,
+                                 sort_keys=True), ''
+        return 0, render(cmd['prefix'], result), ''
+
+    def _prepare(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> Dict[str, Any]:
+        if cmd.get('source_spec') and inbuf:
+            raise InvalidArgument('--source-spec and -i: give the source-spec one way')
+        layout = Layout.parse(object_size=cmd.get('object_size'), order=cmd.get('order'),
+                              features=cmd.get('features'),
+                              stripe_unit=cmd.get('stripe_unit'),
+                              stripe_count=cmd.get('stripe_count'),
+                              data_pool=cmd.get('data_pool'),
+                              flatten=bool(cmd.get('flatten')))
+        return self._svc().prepare(cmd.get('source_image_spec'), cmd.get('dest_image_spec'),
+                                   layout, import_only=bool(cmd.get('import_only')),
+                                   source_spec=cmd.get('source_spec') or inbuf)
+
+    def _mask(self, text: str) -> str:
+        return mask_text(text, ())
+
+
+class NotReady(MigrationError):
+    errno = errno.EAGAIN
+    transient = True
+
+
+class ModuleEvents:
+    """Task events to the progress module and the health checks."""
+
+    def __init__(self, module: Module) -> None:
+        self.module = module
+        self.progress_events = ProgressEvents(module.remote)
+
+    def started(self, task: Task) -> None:
+        self.progress_events.started(task)
+
+    def progress(self, task: Task) -> None:
+        self.progress_events.progress(task)
+
+    def finished(self, task: Task) -> None:
+        self.progress_events.finished(task)
+
+    def changed(self, tasks: List[Task]) -> None:
+        self.module.set_health_checks(health_checks(tasks))

@@ -1,0 +1,55 @@
+"""Progress events through the mgr's progress module (``ceph progress``,
+``ceph -s``, the dashboard), one per running task, at most about once a
+second each."""
+import time
+from typing import Any, Callable, Dict
+
+from .tasks import FAILED, Task
+
+#: ``MgrModule.remote``: (module, method, *args) -> result.
+Remote = Callable[..., Any]
+
+
+class ProgressEvents:
+    def __init__(self, remote: Remote, interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.remote = remote
+        self.interval = interval
+        self.clock = clock
+        self._last: Dict[str, float] = {}
+
+    @staticmethod
+    def event_id(task: Task) -> str:
+        return f'rbd_migration/task/{task.id}'
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            self.remote('progress', method, *args, **kwargs)
+        except ImportError:
+            pass  # the progress module is disabled
+
+    def started(self, task: Task) -> None:
+        self._last[task.id] = self.clock()
+        self._update(task)
+
+    def progress(self, task: Task) -> None:
+        now = self.clock()
+        if now - self._last.get(task.id, 0.0) >= self.interval:
+            self._last[task.id] = now
+            self._update(task)
+
+    def _update(self, task: Task) -> None:
+        self._call('update', self.event_id(task),
+                   f'{task.message} ({task.progress:.0%})', task.progress,
+                   refs={'origin': 'rbd_migration', 'action': task.action,
+                         'pool_id': task.pool_id, 'pool_namespace': task.namespace,
+                         'image_id': task.image_id},
+                   add_to_ceph_s=True)
+
+    def finished(self, task: Task) -> None:
+        self._last.pop(task.id, None)
+        if task.state == FAILED:
+            self._call('fail', self.event_id(task),
+                       f'{task.message}: {task.last_error}')
+        else:  # done, cancelled, or back in the queue to retry or resume
+            self._call('complete', self.event_id(task))

@@ -1,0 +1,282 @@
+"""What each command does, as plain methods over a rados handle and a KV
+store, so tests and scripts drive it without a mgr.
+
+The rules that keep operators out of trouble live here: what may be queued
+in which migration state, that repeating a command returns the same task,
+that abort cancels a running execute, and what status says.
+"""
+import errno
+import json
+import time
+from dataclasses import asdict
+from typing import Any, Callable, Dict, List, Optional
+
+import rados
+
+from .context import SourceContext
+from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
+from .errors import Busy, InvalidArgument, MigrationError
+from .images import ImageSpec, Layout
+from .secrets import mask_spec
+from .source_spec import parse_source_spec, spec_summary
+from .streams import open_stream
+from .tasks import (FAILED, RUNNING, Events, RetryPolicy, Store, Task,
+                    TaskQueue)
+
+MIGRATION_PREFIX = 'migration/'
+
+#: Reads a module option by name.
+OptionGetter = Callable[[str], Any]
+
+
+class MigrationService:
+    def __init__(self, cluster: rados.Rados, store: Store, events: Events,
+                 option: OptionGetter) -> None:
+        self.engine = LibrbdEngine(cluster)
+        self.store = store
+        self.option = option
+        self.queue = TaskQueue(
+            store, self._run, events,
+            max_concurrent=lambda: int(option('max_concurrent_tasks')),
+            policy=lambda: RetryPolicy(int(option('retry_max_attempts')),
+                                       float(option('retry_backoff')),
+                                       float(option('retry_max_backoff'))))
+
+    # -- prepare -----------------------------------------------------------
+    def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,
+                import_only: bool = False,
+                source_spec: Optional[str] = None) -> Dict[str, Any]:
+        if import_only:
+            return self._prepare_import(source, dest, layout, source_spec)
+        if source_spec:
+            raise InvalidArgument('--source-spec goes with --import-only')
+        if not source:
+            raise InvalidArgument('source_image_spec: missing; name the image to migrate')
+        src = ImageSpec.parse(source, 'source_image_spec')
+        dst = ImageSpec.parse(dest, 'dest_image_spec') if dest else src
+        info = self.engine.prepare(src, dst, layout)
+        self._register(info, layout)
+        return self.describe(info)
+
+    def _prepare_import(self, source: Optional[str], dest: Optional[str],
+                        layout: Layout, text: Optional[str]) -> Dict[str, Any]:
+        # `prepare --import-only <dest>`: the one positional names the target.
+        target = dest or source
+        if dest and source:
+            raise InvalidArgument('--import-only takes one image spec, the '
+                                  'target; the source is the source-spec')
+        if not target:
+            raise InvalidArgument('dest_image_spec: missing; name the image to create')
+        if not text or not text.strip():
+            raise InvalidArgument("--source-spec: missing; give it inline "
+                                  "(--source-spec '<JSON>') or as a file (-i FILE)")
+        if layout.flatten:
+            raise InvalidArgument('--flatten: an import has no parent to flatten')
+        spec = parse_source_spec(text)
+        self._check_streams(spec)
+        dst = ImageSpec.parse(target, 'dest_image_spec')
+        info = self.engine.prepare_import(json.dumps(spec), dst, layout)
+        self._register(info, layout)
+        return self.describe(info)
+
+    def _check_streams(self, spec: Dict[str, Any]) -> None:
+        """A file stream is read by the mgr itself: only under the
+        directories that ``file_source_roots`` allows."""
+        ctx = SourceContext(allowed_file_roots=self.file_roots())
+        streams = [spec['stream']] if 'stream' in spec else []
+        streams += [s['stream'] for s in spec.get('snapshots', [])]
+        for stream in streams:
+            if stream.get('type') == 'file':
+                open_stream(stream, ctx).close()
+
+    def file_roots(self) -> List[str]:
+        return [p for p in str(self.option('file_source_roots') or '').split(':') if p]
+
+    def _register(self, info: MigrationInfo, layout: Layout) -> None:
+        self.store.set_store(_migration_key(info.dest), json.dumps({
+            'dest': asdict(info.dest), 'prepared': time.time(),
+            'layout': layout.describe()}))
+
+    def _unregister(self, dest: ImageRef) -> None:
+        self.store.set_store(_migration_key(dest), None)
+
+    def _registered(self) -> List[ImageRef]:
+        refs = []
+        for text in self.store.get_store_prefix(MIGRATION_PREFIX).values():
+            try:
+                refs.append(ImageRef(**json.loads(text)['dest']))
+            except (ValueError, TypeError, KeyError):
+                continue
+        return refs
+
+    # -- tasks -------------------------------------------------------------
+    def execute(self, image: str) -> Dict[str, Any]:
+        info = self.engine.status(ImageSpec.parse(image))
+        if info.state == 'executed':
+            return {'message': f'the migration of {info.dest} is already executed; '
+                               'commit it', 'task': None}
+        self._refuse_other_action(info, 'execute')
+        return self._submit('execute', info, self._execute_message(info))
+
+    def commit(self, image: str, force: bool = False) -> Dict[str, Any]:
+        spec = ImageSpec.parse(image)
+        info = self.engine.status(spec)
+        if info.state != 'executed':
+            active = self.queue.active_for(_key(info.dest))
+            if active and active.action == 'execute':
+                raise InvalidArgument(
+                    f'the migration of {info.dest} is still executing (task '
+                    f'{active.id}, {active.progress:.0%}); wait for it with '
+                    f'ceph rbd migration task wait {active.id}')
+            raise InvalidArgument(
+                f'the migration of {info.dest} is not executed yet (state: '
+                f'{info.state}); run ceph rbd migration execute {info.dest} first')
+        self._refuse_other_action(info, 'commit')
+        if not force:
+            children = self.engine.descendants(info.dest)
+            if children:
+                raise Busy(f"{info.dest} has descendants ({', '.join(children)}); "
+                           'make sure no client has them open read-only, then '
+                           'commit with --force')
+        return self._submit('commit', info, f'Committing migration of {info.dest}',
+                            {'force': bool(force)})
+
+    def abort(self, image: str) -> Dict[str, Any]:
+        info = self.engine.status(ImageSpec.parse(image))
+        active = self.queue.active_for(_key(info.dest))
+        if active and active.action == 'commit':
+            raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
+                       'it cannot be aborted')
+        if active and active.action == 'execute':
+            self.queue.cancel(active.id)
+        return self._submit('abort', info, f'Aborting migration of {info.dest}')
+
+    def _refuse_other_action(self, info: MigrationInfo, action: str) -> None:
+        active = self.queue.active_for(_key(info.dest))
+        if active and active.action != action:
+            raise Busy(f'a {active.action} task ({active.id}) is {active.state} '
+                       f'for {info.dest}; wait for it or cancel it first')
+
+    def _execute_message(self, info: MigrationInfo) -> str:
+        if info.source is not None:
+            return f'Migrating image {info.source} to {info.dest}'
+        what = spec_summary(info.source_spec) if info.source_spec else 'source'
+        return f'Importing {what} into {info.dest}'
+
+    def _submit(self, action: str, info: MigrationInfo, message: str,
+                options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        d = info.dest
+        task, created = self.queue.submit(action, d.pool_id, d.pool, d.namespace,
+                                          d.id, d.name, message, options)
+        self.queue.schedule()
+        verb = 'queued' if created else 'already queued'
+        return {'message': f'{action} of {d} {verb} as task {task.id}',
+                'task': task.to_dict()}
+
+    def _run(self, task: Task, report: Callable[[int, int], bool]) -> None:
+        ref = ImageRef(task.pool_id, task.pool, task.namespace, task.image_name,
+                       task.image_id)
+
+        def progress(done: int, total: int) -> int:
+            return 0 if report(done, total) else -errno.ECANCELED
+
+        if task.action == 'execute':
+            self.engine.execute(ref, progress)
+        elif task.action == 'commit':
+            self.engine.commit(ref, progress, force=bool(task.options.get('force')))
+            self._unregister(ref)
+        elif task.action == 'abort':
+            self.engine.abort(ref, progress)
+            self._unregister(ref)
+        else:
+            raise InvalidArgument(f'unknown task action {task.action!r}')
+
+    def task_list(self) -> Dict[str, Any]:
+        return {'tasks': [t.to_dict() for t in self.queue.list()]}
+
+    def task_cancel(self, task_id: str) -> Dict[str, Any]:
+        task = self.queue.cancel(task_id)
+        return {'message': f'task {task.id} is {task.state}'
+                           + (' (stops at the next progress step)' if task.state == RUNNING else ''),
+                'task': task.to_dict()}
+
+    def task_wait(self, task_id: str, timeout: float) -> Dict[str, Any]:
+        """Wait for a task; an error when it failed, was cancelled or is
+        still running at the timeout, so scripts can chain on the result."""
+        task = self.queue.wait(task_id, timeout)
+        if task.active:
+            raise StillRunning(f'task {task.id} ({task.action} of {task.image_spec}) '
+                               f'is still {task.state} ({task.progress:.0%}) after '
+                               f'{timeout:g}s')
+        if task.state == FAILED:
+            err = MigrationError(f'task {task.id} ({task.action} of {task.image_spec}) '
+                                 f'failed: {task.last_error}')
+            err.errno = task.errno or errno.EIO
+            raise err
+        if task.state != 'completed':
+            err = MigrationError(f'task {task.id} ({task.action} of {task.image_spec}) '
+                                 f'was {task.state}')
+            err.errno = errno.ECANCELED
+            raise err
+        return {'message': f'task {task.id} ({task.action} of {task.image_spec}) completed',
+                'task': task.to_dict()}
+
+    # -- status ------------------------------------------------------------
+    def status(self, image: Optional[str] = None) -> Dict[str, Any]:
+        if image:
+            info = self.engine.status(ImageSpec.parse(image))
+            tasks = [t for t in self.queue.list() if t.image_key == _key(info.dest)]
+            return {'migrations': [self.describe(info)],
+                    'tasks': [t.to_dict() for t in tasks]}
+        infos = self.engine.list_migrations(iter(self._registered()))
+        self._forget_finished(infos)
+        return {'migrations': [self.describe(i) for i in infos],
+                'tasks': [t.to_dict() for t in self.queue.list()]}
+
+    def _forget_finished(self, infos: List[MigrationInfo]) -> None:
+        """Drop registry entries of migrations committed or aborted by other
+        means (the rbd CLI)."""
+        live = {i.dest.id for i in infos}
+        for ref in self._registered():
+            if ref.id not in live and not self.queue.active_for(_key(ref)):
+                try:
+                    self.engine.status(ref.spec)
+                except NotMigrating:
+                    self._unregister(ref)
+                except MigrationError:
+                    pass
+
+    def describe(self, info: MigrationInfo) -> Dict[str, Any]:
+        d = info.to_dict()
+        if d['source_spec'] is not None:
+            d['source_spec'] = mask_spec(d['source_spec'])
+        task = self.queue.latest_for(_key(info.dest))
+        d['task'] = task.to_dict() if task else None
+        d['state_text'] = _state_text(info, task)
+        return d
+
+
+class StillRunning(MigrationError):
+    errno = errno.ETIMEDOUT
+
+
+def _key(ref: ImageRef) -> str:
+    return f'{ref.pool_id}/{ref.namespace}/{ref.id}'
+
+
+def _migration_key(ref: ImageRef) -> str:
+    return MIGRATION_PREFIX + _key(ref)
+
+
+def _state_text(info: MigrationInfo, task: Optional[Task]) -> str:
+    if info.state == 'error':
+        return f'error: {info.state_description or "librbd reports an error"}'
+    if task is not None and task.state == FAILED and not task.superseded:
+        return f'error: {task.action} failed: {task.last_error}'
+    if info.state == 'executing' or (task and task.active and task.action == 'execute'):
+        if task is not None and task.action == 'execute' and task.active:
+            if task.state == RUNNING:
+                return f'executing ({task.progress:.0%} complete)'
+            return f'executing ({task.state})'
+        return 'executing (interrupted; run execute to resume)'
+    return info.state

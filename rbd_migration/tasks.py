@@ -1,0 +1,346 @@
+"""The task queue: execute, commit and abort run here, in the background.
+
+Every change of a task is written to the mgr's KV store before anything acts
+on it, so a restarted or failed-over mgr restores the queue as it was: tasks
+that were running go back to the queue and librbd resumes them where the
+image says they were.  Tasks run in sequence order, at most
+``max_concurrent`` at once and at most one per image.  A transient failure
+is retried with capped exponential backoff a bounded number of times; a
+permanent one fails the task at once.
+"""
+import json
+import logging
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+
+from .errors import Cancelled, MigrationError, NotFound
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, RETRYING = 'queued', 'running', 'waiting to retry'
+COMPLETED, FAILED, CANCELLED = 'completed', 'failed', 'cancelled'
+ACTIVE = (QUEUED, RUNNING, RETRYING)
+
+TASK_PREFIX = 'task/'
+SEQUENCE_KEY = 'task_sequence'
+
+
+class Store(Protocol):
+    """The subset of MgrModule's KV store API the queue uses."""
+
+    def get_store(self, key: str, default: Optional[str] = None) -> Optional[str]: ...
+    def set_store(self, key: str, val: Optional[str]) -> None: ...
+    def get_store_prefix(self, key_prefix: str) -> Dict[str, str]: ...
+
+
+@dataclass
+class Task:
+    id: str
+    action: str                 # execute | commit | abort
+    pool_id: int
+    pool: str
+    namespace: str
+    image_id: str
+    image_name: str
+    sequence: int
+    message: str                # e.g. "Migrating image rbd/a to rbd2/b"
+    options: Dict[str, Any] = field(default_factory=dict)
+    state: str = QUEUED
+    attempts: int = 0
+    last_error: Optional[str] = None
+    errno: Optional[int] = None
+    progress: float = 0.0
+    created: float = 0.0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    next_attempt: Optional[float] = None
+    #: A later task for the same image replaces this one in health reports.
+    superseded: bool = False
+
+    @property
+    def image_key(self) -> str:
+        return f'{self.pool_id}/{self.namespace}/{self.image_id}'
+
+    @property
+    def image_spec(self) -> str:
+        ns = f'{self.namespace}/' if self.namespace else ''
+        return f'{self.pool}/{ns}{self.image_name}'
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d['image_spec'] = self.image_spec
+        return d
+
+    @classmethod
+    def from_json(cls, text: str) -> 'Task':
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class RetryPolicy:
+    max_attempts: int = 8
+    backoff: float = 5.0        # seconds before the first retry
+    max_backoff: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        return float(min(self.max_backoff, self.backoff * 2 ** max(0, attempts - 1)))
+
+
+class Events(Protocol):
+    """Where the queue reports what happens (progress events, health)."""
+
+    def started(self, task: Task) -> None: ...
+    def progress(self, task: Task) -> None: ...
+    def finished(self, task: Task) -> None: ...
+    def changed(self, tasks: List[Task]) -> None: ...
+
+
+#: Runs one task; calls ``report(done, total)``, which returns False when the
+#: task must stop (cancelled, or the mgr is shutting down).
+Runner = Callable[[Task, Callable[[int, int], bool]], None]
+
+
+class TaskQueue:
+    def __init__(self, store: Store, runner: Runner, events: Events,
+                 max_concurrent: Callable[[], int],
+                 policy: Callable[[], RetryPolicy] = RetryPolicy,
+                 keep_finished: int = 200,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.runner = runner
+        self.events = events
+        self.max_concurrent = max_concurrent
+        self.policy = policy
+        self.keep_finished = keep_finished
+        self.clock = clock
+        self.tasks: Dict[str, Task] = {}
+        self.cv = threading.Condition()
+        self.stopping = False
+        self._cancel: set = set()
+        self._threads: Dict[str, threading.Thread] = {}
+
+    # -- persistence -------------------------------------------------------
+    def load(self) -> None:
+        """Restore the queue; what was running when the mgr stopped runs again."""
+        with self.cv:
+            for key, text in self.store.get_store_prefix(TASK_PREFIX).items():
+                try:
+                    task = Task.from_json(text)
+                except (ValueError, TypeError) as e:
+                    log.error('dropping unreadable task %s: %s', key, e)
+                    self.store.set_store(key, None)
+                    continue
+                if task.state == RUNNING:
+                    task.state = QUEUED
+                    self._save(task)
+                self.tasks[task.id] = task
+            self.events.changed(self.list())
+
+    def _save(self, task: Task) -> None:
+        self.store.set_store(TASK_PREFIX + task.id, json.dumps(asdict(task)))
+
+    def _next_sequence(self) -> int:
+        seq = int(self.store.get_store(SEQUENCE_KEY) or 0) + 1
+        self.store.set_store(SEQUENCE_KEY, str(seq))
+        return seq
+
+    def _prune(self) -> None:
+        done = sorted((t for t in self.tasks.values() if not t.active),
+                      key=lambda t: t.sequence)
+        for task in done[:max(0, len(done) - self.keep_finished)]:
+            del self.tasks[task.id]
+            self.store.set_store(TASK_PREFIX + task.id, None)
+
+    # -- queries -----------------------------------------------------------
+    def list(self) -> List[Task]:
+        with self.cv:
+            return sorted(self.tasks.values(), key=lambda t: t.sequence)
+
+    def get(self, task_id: str) -> Task:
+        with self.cv:
+            try:
+                return self.tasks[task_id]
+            except KeyError:
+                raise NotFound(f"task '{task_id}' does not exist; list tasks "
+                               'with ceph rbd migration task list') from None
+
+    def active_for(self, image_key: str) -> Optional[Task]:
+        with self.cv:
+            for task in self.list():
+                if task.image_key == image_key and task.active:
+                    return task
+        return None
+
+    def latest_for(self, image_key: str) -> Optional[Task]:
+        with self.cv:
+            tasks = [t for t in self.tasks.values() if t.image_key == image_key]
+        return max(tasks, key=lambda t: t.sequence) if tasks else None
+
+    # -- changes -----------------------------------------------------------
+    def submit(self, action: str, pool_id: int, pool: str, namespace: str,
+               image_id: str, image_name: str, message: str,
+               options: Optional[Dict[str, Any]] = None) -> Tuple[Task, bool]:
+        """Queue a task, or return the active one for the same action and
+        image (False as second value), so that repeating a command is safe."""
+        with self.cv:
+            key = f'{pool_id}/{namespace}/{image_id}'
+            for task in self.tasks.values():
+                if task.image_key == key and task.active and task.action == action:
+                    return task, False
+            seq = self._next_sequence()
+            task = Task(id=str(seq), action=action, pool_id=pool_id, pool=pool,
+                        namespace=namespace, image_id=image_id,
+                        image_name=image_name, sequence=seq, message=message,
+                        options=dict(options or {}), created=self.clock())
+            for old in self.tasks.values():
+                if old.image_key == key and old.state == FAILED and not old.superseded:
+                    old.superseded = True
+                    self._save(old)
+            self._save(task)
+            self.tasks[task.id] = task
+            self._prune()
+            self.cv.notify_all()
+        self.events.changed(self.list())
+        return task, True
+
+    def cancel(self, task_id: str) -> Task:
+        with self.cv:
+            task = self.get(task_id)
+            if task.state in (QUEUED, RETRYING):
+                self._finish(task, CANCELLED, 'cancelled by request')
+            elif task.state == RUNNING:
+                self._cancel.add(task.id)
+        self.events.changed(self.list())
+        return task
+
+    def wait(self, task_id: str, timeout: float) -> Task:
+        """Block until the task is no longer active or ``timeout`` passes."""
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            task = self.get(task_id)
+            while task.active and not self.stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(min(left, 1.0))
+            return task
+
+    def _finish(self, task: Task, state: str, error: Optional[str] = None,
+                code: Optional[int] = None) -> None:
+        task.state = state
+        task.finished = self.clock()
+        task.next_attempt = None
+        if error is not None:
+            task.last_error, task.errno = error, code
+        self._save(task)
+        self.cv.notify_all()
+
+    # -- scheduling --------------------------------------------------------
+    def run(self, stop: threading.Event, tick: float = 1.0) -> None:
+        """The scheduler loop; returns when ``stop`` is set."""
+        while not stop.is_set():
+            self.schedule()
+            with self.cv:
+                self.cv.wait(tick)
+        self.shutdown()
+
+    def schedule(self) -> None:
+        """Start every task that may run now."""
+        now = self.clock()
+        with self.cv:
+            if self.stopping:
+                return
+            running = [t for t in self.tasks.values() if t.state == RUNNING]
+            busy = {t.image_key for t in running}
+            slots = self.max_concurrent() - len(running)
+            for task in self.list():
+                if slots <= 0:
+                    break
+                if task.image_key in busy:
+                    continue
+                if task.state == RETRYING and (task.next_attempt or 0) > now:
+                    busy.add(task.image_key)  # keep the image's order
+                    continue
+                if task.state not in (QUEUED, RETRYING):
+                    continue
+                busy.add(task.image_key)
+                slots -= 1
+                self._start(task)
+
+    def _start(self, task: Task) -> None:
+        task.state = RUNNING
+        task.attempts += 1
+        task.started = self.clock()
+        task.next_attempt = None
+        self._save(task)
+        thread = threading.Thread(target=self._work, args=(task,),
+                                  name=f'rbd_migration task {task.id}', daemon=True)
+        self._threads[task.id] = thread
+        thread.start()
+
+    def _work(self, task: Task) -> None:
+        self.events.started(task)
+        self.events.changed(self.list())
+
+        def report(done: int, total: int) -> bool:
+            task.progress = done / total if total else 0.0
+            self.events.progress(task)
+            return task.id not in self._cancel and not self.stopping
+
+        try:
+            self.runner(task, report)
+        except MigrationError as e:
+            self._failed(task, e)
+        except Exception as e:  # a bug: fail this task, keep the queue alive
+            log.error('task %s crashed: %s', task.id, traceback.format_exc())
+            self._failed(task, MigrationError(f'internal error: {type(e).__name__}: {e}'))
+        else:
+            with self.cv:
+                task.progress = 1.0
+                task.last_error = None
+                self._finish(task, COMPLETED)
+        finally:
+            with self.cv:
+                self._cancel.discard(task.id)
+                self._threads.pop(task.id, None)
+                self._prune()
+                self.cv.notify_all()
+            self.events.finished(task)
+            self.events.changed(self.list())
+
+    def _failed(self, task: Task, e: MigrationError) -> None:
+        with self.cv:
+            if task.id in self._cancel:
+                self._finish(task, CANCELLED, 'cancelled by request')
+            elif self.stopping and isinstance(e, Cancelled):
+                # The mgr is going away: the next one resumes this task.
+                task.state = QUEUED
+                task.attempts -= 1
+                self._save(task)
+            elif e.transient and task.attempts < self.policy().max_attempts:
+                task.state = RETRYING
+                task.last_error, task.errno = str(e), e.errno
+                task.next_attempt = self.clock() + self.policy().delay(task.attempts)
+                self._save(task)
+            else:
+                self._finish(task, FAILED, str(e), e.errno)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop running tasks at their next progress report, leaving them
+        queued for the next mgr."""
+        with self.cv:
+            self.stopping = True
+            threads = list(self._threads.values())
+            self.cv.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
