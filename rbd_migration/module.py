@@ -32,8 +32,6 @@ _LAYOUT_ARGS = ('name=object_size,type=CephString,req=false '
                 'name=data_pool,type=CephString,req=false '
                 'name=flatten,type=CephBool,req=false ')
 
-WAIT_MAX = 600.0
-
 
 class Module(MgrModule):
     NOTIFY_TYPES: List[NotifyType] = []
@@ -64,10 +62,9 @@ class Module(MgrModule):
          'desc': 'List migration tasks', 'perm': 'r'},
         {'cmd': 'rbd migration task cancel name=task_id,type=CephString',
          'desc': 'Cancel a queued or running migration task', 'perm': 'w'},
-        {'cmd': 'rbd migration task wait name=task_id,type=CephString '
-                'name=timeout,type=CephFloat,req=false',
-         'desc': 'Wait for a task to finish (up to --timeout seconds, default '
-                 '60, at most 600); fails if the task failed or is still running',
+        {'cmd': 'rbd migration task get name=task_id,type=CephString',
+         'desc': 'Show one task; the exit status tells whether it completed (0), '
+                 'is still active (EAGAIN), failed or was cancelled',
          'perm': 'r'},
     ]
     MODULE_OPTIONS = [
@@ -102,8 +99,7 @@ class Module(MgrModule):
             'rbd migration status': lambda c, _: self._svc().status(c.get('image_spec')),
             'rbd migration task list': lambda c, _: self._svc().task_list(),
             'rbd migration task cancel': lambda c, _: self._svc().task_cancel(c['task_id']),
-            'rbd migration task wait': lambda c, _: self._svc().task_wait(
-                c['task_id'], min(WAIT_MAX, float(c.get('timeout') or 60.0))),
+            'rbd migration task get': lambda c, _: self._svc().task_get(c['task_id']),
         }
 
     # -- lifecycle ---------------------------------------------------------

@@ -20,7 +20,7 @@ from .images import ImageSpec, Layout
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
 from .streams import open_stream
-from .tasks import (FAILED, RUNNING, Events, RetryPolicy, Store, Task,
+from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
 
 MIGRATION_PREFIX = 'migration/'
@@ -126,8 +126,8 @@ class MigrationService:
             if active and active.action == 'execute':
                 raise InvalidArgument(
                     f'the migration of {info.dest} is still executing (task '
-                    f'{active.id}, {active.progress:.0%}); wait for it with '
-                    f'ceph rbd migration task wait {active.id}')
+                    f'{active.id}, {active.progress:.0%}); follow it with '
+                    f'ceph rbd migration task get {active.id}')
             raise InvalidArgument(
                 f'the migration of {info.dest} is not executed yet (state: '
                 f'{info.state}); run ceph rbd migration execute {info.dest} first')
@@ -200,26 +200,24 @@ class MigrationService:
                            + (' (stops at the next progress step)' if task.state == RUNNING else ''),
                 'task': task.to_dict()}
 
-    def task_wait(self, task_id: str, timeout: float) -> Dict[str, Any]:
-        """Wait for a task; an error when it failed, was cancelled or is
-        still running at the timeout, so scripts can chain on the result."""
-        task = self.queue.wait(task_id, timeout)
+    def task_get(self, task_id: str) -> Dict[str, Any]:
+        """One task, answered at once: the mgr serves module commands one at
+        a time, so a command that blocked until a task ended would stall
+        every other command.  The errno tells scripts where the task is
+        (``tools/rbd-migration-wait`` loops on it with a timeout)."""
+        task = self.queue.get(task_id)
+        what = f'task {task.id} ({task.action} of {task.image_spec})'
         if task.active:
-            raise StillRunning(f'task {task.id} ({task.action} of {task.image_spec}) '
-                               f'is still {task.state} ({task.progress:.0%}) after '
-                               f'{timeout:g}s')
+            raise StillActive(f'{what} is {task.state} ({task.progress:.0%})')
         if task.state == FAILED:
-            err = MigrationError(f'task {task.id} ({task.action} of {task.image_spec}) '
-                                 f'failed: {task.last_error}')
+            err = MigrationError(f'{what} failed: {task.last_error}')
             err.errno = task.errno or errno.EIO
             raise err
-        if task.state != 'completed':
-            err = MigrationError(f'task {task.id} ({task.action} of {task.image_spec}) '
-                                 f'was {task.state}')
+        if task.state != COMPLETED:
+            err = MigrationError(f'{what} was {task.state}')
             err.errno = errno.ECANCELED
             raise err
-        return {'message': f'task {task.id} ({task.action} of {task.image_spec}) completed',
-                'task': task.to_dict()}
+        return {'message': f'{what} completed', 'task': task.to_dict()}
 
     # -- status ------------------------------------------------------------
     def status(self, image: Optional[str] = None) -> Dict[str, Any]:
@@ -256,8 +254,8 @@ class MigrationService:
         return d
 
 
-class StillRunning(MigrationError):
-    errno = errno.ETIMEDOUT
+class StillActive(MigrationError):
+    errno = errno.EAGAIN
 
 
 def _key(ref: ImageRef) -> str:

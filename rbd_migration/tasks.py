@@ -222,18 +222,6 @@ class TaskQueue:
         self.events.changed(self.list())
         return task
 
-    def wait(self, task_id: str, timeout: float) -> Task:
-        """Block until the task is no longer active or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            task = self.get(task_id)
-            while task.active and not self.stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self.cv.wait(min(left, 1.0))
-            return task
-
     def _finish(self, task: Task, state: str, error: Optional[str] = None,
                 code: Optional[int] = None) -> None:
         task.state = state
