@@ -222,7 +222,9 @@ class LibrbdEngine:
         with self.ioctx_by_id(dest.pool_id, dest.namespace) as io:
             try:
                 with rbd.Image(io, image_id=dest.id, read_only=True) as img:
-                    return mask_spec(json.loads(img.migration_source_spec()))
+                    spec = img.migration_source_spec()
+                # python3-rbd returns it parsed; older bindings return text.
+                return mask_spec(json.loads(spec) if isinstance(spec, str) else spec)
             except (rbd.Error, ValueError):
                 return None
 
