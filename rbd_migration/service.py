@@ -112,6 +112,7 @@ class MigrationService:
     # -- tasks -------------------------------------------------------------
     def execute(self, image: str) -> Dict[str, Any]:
         info = self.engine.status(ImageSpec.parse(image))
+        _refuse_unavailable(info, 'execute')
         if info.state == 'executed':
             return {'message': f'the migration of {info.dest} is already executed; '
                                'commit it', 'task': None}
@@ -121,6 +122,7 @@ class MigrationService:
     def commit(self, image: str, force: bool = False) -> Dict[str, Any]:
         spec = ImageSpec.parse(image)
         info = self.engine.status(spec)
+        _refuse_unavailable(info, 'commit')
         if info.state != 'executed':
             active = self.queue.active_for(_key(info.dest))
             if active and active.action == 'execute':
@@ -256,6 +258,16 @@ class MigrationService:
 
 class StillActive(MigrationError):
     errno = errno.EAGAIN
+
+
+def _refuse_unavailable(info: MigrationInfo, action: str) -> None:
+    if info.source_unavailable:
+        raise SourceUnavailableError(
+            f'cannot {action} {info.dest}: {info.state_description}')
+
+
+class SourceUnavailableError(MigrationError):
+    errno = errno.ENOENT
 
 
 def _key(ref: ImageRef) -> str:

@@ -103,6 +103,9 @@ class MigrationInfo:
     source: Optional[ImageRef] = None
     #: For import-only migrations: the source-spec with secrets masked.
     source_spec: Optional[Dict[str, Any]] = None
+    #: librbd cannot open the source, so it cannot open the target either;
+    #: only abort (or restoring the source) gets out of this.
+    source_unavailable: bool = False
 
     @property
     def import_only(self) -> bool:
@@ -164,13 +167,26 @@ class LibrbdEngine:
             try:
                 st = self.rbd.migration_status(io, spec.name)
             except rbd.ImageNotFound:
-                raise NotFound(f"image '{spec}' does not exist") from None
+                image_id = _directory_id(io, spec.name)
+                if image_id is None:
+                    raise NotFound(f"image '{spec}' does not exist") from None
+                return self._unavailable(ImageRef(io.get_pool_id(), spec.pool,
+                                                  spec.namespace, spec.name, image_id))
             except rbd.InvalidArgument:
                 raise NotMigrating(f"image '{spec}' is not being migrated; "
                                    f'prepare a migration first') from None
             except rbd.Error as e:
                 raise translate(e, f'reading the migration status of {spec}')
         return self._info(st)
+
+    def _unavailable(self, dest: ImageRef) -> MigrationInfo:
+        """A target that exists but that librbd cannot open: its migration
+        source is gone or unreadable (librbd opens the source with it)."""
+        return MigrationInfo(
+            dest=dest, state='error', source_unavailable=True,
+            state_description='librbd cannot open the migration source (no such '
+                              'file, image or object); restore the source or abort '
+                              'the migration')
 
     def _info(self, st: Dict[str, Any]) -> MigrationInfo:
         dest_pool = self._pool_holding(st['dest_image_id'], st['dest_pool_namespace'],
@@ -250,11 +266,10 @@ class LibrbdEngine:
             if ref.id in found:
                 continue
             try:
-                with self.ioctx_by_id(ref.pool_id, ref.namespace) as io:
-                    info = self._info(self.rbd.migration_status(io, ref.name))
-                found[info.dest.id] = info
-            except (rbd.Error, MigrationError):
+                info = self.status(ref.spec)
+            except MigrationError:
                 continue
+            found[info.dest.id] = info
         return sorted(found.values(), key=lambda i: (str(i.dest)))
 
     def _rbd_pools(self) -> Iterator[rados.Ioctx]:
@@ -435,14 +450,30 @@ class NotMigrating(InvalidArgument):
     """The image exists but takes part in no migration."""
 
 
-def _directory_has(io: rados.Ioctx, image_id: str) -> bool:
+def _directory_get(io: rados.Ioctx, key: str) -> Optional[bytes]:
+    """A value of the pool's (namespace's) ``rbd_directory`` omap."""
     with rados.ReadOpCtx() as op:
-        it, _ = io.get_omap_vals_by_keys(op, (f'id_{image_id}',))
+        it, _ = io.get_omap_vals_by_keys(op, (key,))
         try:
             io.operate_read_op(op, 'rbd_directory')
         except rados.ObjectNotFound:
-            return False
-        return any(True for _ in it)
+            return None
+        for _k, value in it:
+            return bytes(value)
+    return None
+
+
+def _directory_has(io: rados.Ioctx, image_id: str) -> bool:
+    return _directory_get(io, f'id_{image_id}') is not None
+
+
+def _directory_id(io: rados.Ioctx, name: str) -> Optional[str]:
+    """The id of the image named ``name``, without opening it."""
+    value = _directory_get(io, f'name_{name}')
+    if value is None or len(value) < 4:
+        return None
+    (length,) = struct.unpack_from('<I', value, 0)
+    return value[4:4 + length].decode()
 
 
 def _ns(io: rados.Ioctx) -> str:

@@ -1,0 +1,120 @@
+"""Failures are visible and recoverable: a task that fails for good shows in
+its state, in ``status`` and as the RBD_MIGRATION_FAILED health warning;
+abort clears it and leaves nothing behind."""
+import json
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from qa.cluster import Cluster
+
+
+def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    assert cluster.state
+    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _task_end(cluster: Cluster, task_id: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task_id)
+        if r.returncode != 11:  # EAGAIN while the task is active
+            return r
+        time.sleep(0.3)
+    raise AssertionError(f'task {task_id} still active after {timeout}s')
+
+
+def _checks(cluster: Cluster, present: bool, timeout: float = 30) -> dict:
+    """Health checks once RBD_MIGRATION_FAILED is (or is not) there: the mgr
+    reports health to the monitors with its beacon, every few seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        checks = cluster.ceph_json('health', 'detail').get('checks', {})
+        if ('RBD_MIGRATION_FAILED' in checks) == present or time.monotonic() > deadline:
+            return checks
+        time.sleep(0.5)
+
+
+def _images(cluster: Cluster) -> str:
+    assert cluster.state
+    return subprocess.run(['rbd', '--conf', cluster.state.conf, 'ls', 'rbd'],
+                          capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def roots(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
+    d = tmp_path / 'images'
+    d.mkdir()
+    cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
+    yield d
+    cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+
+
+def _import(cluster: Cluster, path: Path, name: str) -> None:
+    spec = json.dumps({'type': 'raw', 'stream': {'type': 'file', 'file_path': str(path)}})
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/{name}',
+                 '--source-spec', spec)
+
+
+def _raw(path: Path, size: int) -> Path:
+    with open(path, 'wb') as f:
+        for _ in range(size // (4 << 20)):
+            f.write(os.urandom(4 << 20))
+    return path
+
+
+def test_failed_task_raises_health_until_abort(cluster: Cluster, roots: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    busy, victim = f'busy-{tag}', f'victim-{tag}'
+    cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/max_concurrent_tasks', '1')
+    try:
+        _import(cluster, _raw(roots / 'busy.raw', 1 << 30), busy)
+        _import(cluster, _raw(roots / 'victim.raw', 8 << 20), victim)
+        first = cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/{busy}')['task']
+        second = cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/{victim}')['task']
+        assert second['state'] == 'queued'
+        (roots / 'victim.raw').unlink()  # its source vanishes while it waits
+        r = _task_end(cluster, second['id'])
+        assert r.returncode != 0
+        assert r.stderr.strip().count('\n') == 0 and 'Traceback' not in r.stderr
+        assert f'rbd/{victim}' in r.stderr and 'failed' in r.stderr
+
+        mig = cluster.ceph_json('rbd', 'migration', 'status', f'rbd/{victim}')['migrations'][0]
+        assert mig['state_text'].startswith('error: ')
+        checks = _checks(cluster, present=True)
+        assert 'RBD_MIGRATION_FAILED' in checks
+        detail = ' '.join(d['message'] for d in checks['RBD_MIGRATION_FAILED']['detail'])
+        assert f'rbd/{victim}' in detail
+
+        abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{victim}')['task']
+        assert _task_end(cluster, abort['id']).returncode == 0
+        assert 'RBD_MIGRATION_FAILED' not in _checks(cluster, present=False)
+        assert victim not in _images(cluster)
+        assert _task_end(cluster, first['id']).returncode == 0
+    finally:
+        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/max_concurrent_tasks')
+        for name in (busy, victim):
+            _ceph(cluster, 'rbd', 'migration', 'abort', f'rbd/{name}')
+        time.sleep(1)
+
+
+def test_vanished_source_is_named_and_abort_recovers(cluster: Cluster, roots: Path) -> None:
+    name = f'gone-{uuid.uuid4().hex[:8]}'
+    _import(cluster, _raw(roots / 'gone.raw', 8 << 20), name)
+    (roots / 'gone.raw').unlink()
+    r = _ceph(cluster, 'rbd', 'migration', 'execute', f'rbd/{name}')
+    assert r.returncode != 0
+    assert r.stderr.strip().count('\n') == 0
+    assert 'cannot open the migration source' in r.stderr and 'abort' in r.stderr
+    status = cluster.ceph_json('rbd', 'migration', 'status')
+    ours = [m for m in status['migrations'] if m['dest']['name'] == name]
+    assert ours and ours[0]['state'] == 'error'
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{name}')['task']
+    assert _task_end(cluster, abort['id']).returncode == 0
+    assert name not in _images(cluster)
