@@ -12,7 +12,7 @@ class SourceContext:
     #: Directories under which ``file`` streams may read; empty refuses all.
     allowed_file_roots: List[str] = field(default_factory=list)
     #: Resolves a ``config://<key>`` reference from the mon config-key store.
-    config_key: Optional[Callable[[str], str]] = None
+    config_key: Optional[Callable[[str], Optional[str]]] = None
     #: A connected ``rados.Rados`` for ``native`` sources.
     rados: Optional[Any] = None
     #: Network timeout for one request, in seconds.

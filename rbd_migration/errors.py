@@ -40,7 +40,9 @@ class Busy(MigrationError):
 
 
 class PermissionDenied(MigrationError):
-    errno = _errno.EACCES
+    # EPERM, not EACCES: ceph-mgr appends "access denied: does your client
+    # key have mgr caps?" to every EACCES reply, which would mislead here.
+    errno = _errno.EPERM
 
 
 class Unsupported(MigrationError):

@@ -27,13 +27,10 @@ class ImageSpec:
     @classmethod
     def parse(cls, text: str, what: str = 'image_spec') -> 'ImageSpec':
         """``[pool/[namespace/]]image``, as the rbd CLI takes it."""
-        parts = (text or '').strip().split('/')
-        if len(parts) == 1:
-            parts = [DEFAULT_POOL, '', parts[0]]
-        elif len(parts) == 2:
-            parts = [parts[0], '', parts[1]]
-        if len(parts) != 3 or not all(_NAME.match(p) for p in (parts[0], parts[2])) \
-                or (parts[1] and not _NAME.match(parts[1])):
+        given = (text or '').strip().split('/')
+        parts = {1: [DEFAULT_POOL, '', *given], 2: [given[0], '', *given[1:]]}.get(
+            len(given), given)
+        if len(parts) != 3 or not all(_NAME.match(p) for p in given):
             raise InvalidArgument(
                 f"{what}: '{text}' is not [pool/[namespace/]]image")
         return cls(*parts)
@@ -49,6 +46,10 @@ FEATURES: Dict[str, int] = {
     'deep-flatten': rbd.RBD_FEATURE_DEEP_FLATTEN,
     'journaling': rbd.RBD_FEATURE_JOURNALING,
 }
+
+# Features that librbd refuses without another (rbd create's rules).
+FEATURE_NEEDS = {'object-map': 'exclusive-lock', 'fast-diff': 'object-map',
+                 'journaling': 'exclusive-lock'}
 
 MIN_ORDER, MAX_ORDER = 12, 25  # 4 KiB .. 32 MiB objects, as librbd allows
 
@@ -113,6 +114,11 @@ class Layout:
                 raise InvalidArgument(
                     '--features: a migration target needs layering; add it '
                     '(e.g. --features layering,exclusive-lock)')
+            missing = [(f, need) for f, need in FEATURE_NEEDS.items()
+                       if f in layout.feature_names and need not in layout.feature_names]
+            if missing:
+                f, need = missing[0]
+                raise InvalidArgument(f'--features: {f} needs {need}; add it')
             layout.features = 0
             for name in layout.feature_names:
                 layout.features |= FEATURES[name]

@@ -1,10 +1,13 @@
 """Progress events through the mgr's progress module (``ceph progress``,
 ``ceph -s``, the dashboard), one per running task, at most about once a
 second each."""
+import logging
 import time
 from typing import Any, Callable, Dict
 
 from .tasks import FAILED, Task
+
+log = logging.getLogger(__name__)
 
 #: ``MgrModule.remote``: (module, method, *args) -> result.
 Remote = Callable[..., Any]
@@ -27,6 +30,8 @@ class ProgressEvents:
             self.remote('progress', method, *args, **kwargs)
         except ImportError:
             pass  # the progress module is disabled
+        except RuntimeError as e:  # remote() wraps any error of the progress module
+            log.warning('progress %s %s failed: %s', method, args[:1], e)
 
     def started(self, task: Task) -> None:
         self._last[task.id] = self.clock()

@@ -27,6 +27,8 @@ def _migration(m: Dict[str, Any]) -> str:
     lines = [f"{_image(m['dest'])}",
              f'  source: {source}',
              f"  state: {m['state_text']}"]
+    if m.get('path'):
+        lines.append(f"  path: {m['path']}")
     task = m.get('task')
     if task:
         lines.append(f'  task: {_task_line(task)}')

@@ -15,11 +15,11 @@ import rados
 
 from .context import SourceContext
 from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
-from .errors import Busy, InvalidArgument, MigrationError
+from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError
 from .images import ImageSpec, Layout
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
-from .streams import open_stream
+from .probe import LIBRBD, probe
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
 
@@ -73,29 +73,40 @@ class MigrationService:
         if layout.flatten:
             raise InvalidArgument('--flatten: an import has no parent to flatten')
         spec = parse_source_spec(text)
-        self._check_streams(spec)
         dst = ImageSpec.parse(target, 'dest_image_spec')
+        if self.engine.exists(dst):
+            raise AlreadyExists(f"target image '{dst}' already exists; choose "
+                                'another name or remove it first')
+        report = probe(spec, self.source_context())
         info = self.engine.prepare_import(json.dumps(spec), dst, layout)
-        self._register(info, layout)
+        self._register(info, layout, report.to_dict())
         return self.describe(info)
 
-    def _check_streams(self, spec: Dict[str, Any]) -> None:
-        """A file stream is read by the mgr itself: only under the
-        directories that ``file_source_roots`` allows."""
-        ctx = SourceContext(allowed_file_roots=self.file_roots())
-        streams = [spec['stream']] if 'stream' in spec else []
-        streams += [s['stream'] for s in spec.get('snapshots', [])]
-        for stream in streams:
-            if stream.get('type') == 'file':
-                open_stream(stream, ctx).close()
+    def source_context(self) -> SourceContext:
+        """How the mgr may read sources: file streams only under
+        ``file_source_roots`` (the mgr must not read its own keyring),
+        config:// keys from the mon config-key store."""
+        roots = [p for p in str(self.option('file_source_roots') or '').split(':') if p]
+        return SourceContext(allowed_file_roots=roots, config_key=self._config_key,
+                             rados=self.engine.rados)
 
-    def file_roots(self) -> List[str]:
-        return [p for p in str(self.option('file_source_roots') or '').split(':') if p]
+    def _config_key(self, key: str) -> Optional[str]:
+        ret, out, _ = self.engine.rados.mon_command(
+            json.dumps({'prefix': 'config-key get', 'key': key}), b'')
+        return out.decode() if ret == 0 else None
 
-    def _register(self, info: MigrationInfo, layout: Layout) -> None:
+    def _register(self, info: MigrationInfo, layout: Layout,
+                  probe_report: Optional[Dict[str, Any]] = None) -> None:
         self.store.set_store(_migration_key(info.dest), json.dumps({
             'dest': asdict(info.dest), 'prepared': time.time(),
-            'layout': layout.describe()}))
+            'layout': layout.describe(), 'probe': probe_report}))
+
+    def _registration(self, dest: ImageRef) -> Dict[str, Any]:
+        text = self.store.get_store(_migration_key(dest))
+        try:
+            return dict(json.loads(text)) if text else {}
+        except ValueError:
+            return {}
 
     def _unregister(self, dest: ImageRef) -> None:
         self.store.set_store(_migration_key(dest), None)
@@ -252,6 +263,9 @@ class MigrationService:
             d['source_spec'] = mask_spec(d['source_spec'])
         task = self.queue.latest_for(_key(info.dest))
         d['task'] = task.to_dict() if task else None
+        reg = self._registration(info.dest)
+        d['path'] = (reg.get('probe') or {}).get('path', LIBRBD)
+        d['layout'] = reg.get('layout', {})
         d['state_text'] = _state_text(info, task)
         return d
 

@@ -81,6 +81,8 @@ class Task:
     @classmethod
     def from_json(cls, text: str) -> 'Task':
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f'expected a JSON object, got {type(data).__name__}')
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -275,13 +277,22 @@ class TaskQueue:
         self._threads[task.id] = thread
         thread.start()
 
+    def _emit(self, hook: Callable[..., None], *args: Any) -> None:
+        """Progress and health are reports about tasks, never a reason for a
+        task to stop or wedge: a failing hook is logged and ignored."""
+        try:
+            hook(*args)
+        except Exception:
+            log.warning('event hook %s failed: %s', getattr(hook, '__name__', hook),
+                        traceback.format_exc())
+
     def _work(self, task: Task) -> None:
-        self.events.started(task)
-        self.events.changed(self.list())
+        self._emit(self.events.started, task)
+        self._emit(self.events.changed, self.list())
 
         def report(done: int, total: int) -> bool:
             task.progress = done / total if total else 0.0
-            self.events.progress(task)
+            self._emit(self.events.progress, task)
             return task.id not in self._cancel and not self.stopping
 
         try:
@@ -302,8 +313,8 @@ class TaskQueue:
                 self._threads.pop(task.id, None)
                 self._prune()
                 self.cv.notify_all()
-            self.events.finished(task)
-            self.events.changed(self.list())
+            self._emit(self.events.finished, task)
+            self._emit(self.events.changed, self.list())
 
     def _failed(self, task: Task, e: MigrationError) -> None:
         with self.cv:

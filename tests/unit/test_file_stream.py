@@ -95,7 +95,7 @@ def test_no_roots_refuses_and_names_the_option(image: Path) -> None:
     assert message.startswith(f"source-spec: stream.file_path: '{image}'")
     assert ROOTS_OPTION == 'mgr/rbd_migration/file_source_roots'
     assert f'ceph config set mgr {ROOTS_OPTION}' in message
-    assert exc.value.errno == errno.EACCES
+    assert exc.value.errno == errno.EPERM
     assert '\n' not in message
 
 
