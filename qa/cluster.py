@@ -282,9 +282,17 @@ pid file = {d}/run/$name.pid
 keyring = {d}/osd.$id/keyring
 """
         if s.rgw_port:
-            conf += f"""
+            conf += self._rgw_conf()
+        with open(self.path('ceph.conf'), 'w') as f:
+            f.write(conf)
+
+    def _rgw_conf(self) -> str:
+        s = self.state
+        assert s and s.rgw_port
+        d = self.dir
+        return f"""
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:{s.rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{s.rgw_port} tcp_nodelay=1
 rgw data = {d}/rgw.a
 log file = {d}/out/$name.log
 admin socket = {d}/run/$name.asok
@@ -292,8 +300,6 @@ pid file = {d}/run/$name.pid
 keyring = {d}/rgw.keyring
 rgw dns name = 127.0.0.1
 """
-        with open(self.path('ceph.conf'), 'w') as f:
-            f.write(conf)
 
     def _link_modules(self) -> None:
         """The stock modules plus this checkout's package, all as links, so
@@ -373,16 +379,39 @@ rgw dns name = 127.0.0.1
         if any(p.wait() for p in procs):
             raise RuntimeError('rbd pool init failed')
 
+    def ensure_rgw(self) -> int:
+        """Start RGW, its test user and bucket on this running cluster unless
+        RGW runs already (a cluster started without ``--rgw``, or whose RGW
+        died); return its port."""
+        s = self.state
+        assert s, f'no cluster in {self.dir}'
+        if s.rgw_port and 'client.rgw.a' in self.pids():
+            return s.rgw_port
+        if not s.rgw_port:
+            s.rgw_port = free_port()
+            self._save()
+        with open(s.conf) as f:
+            has_section = '[client.rgw.a]' in f.read()
+        if not has_section:
+            with open(s.conf, 'a') as f:
+                f.write(self._rgw_conf())
+        self._timed(self._start_rgw)
+        return s.rgw_port
+
     def _start_rgw(self) -> None:
         s = self.state
         assert s
-        os.makedirs(self.path('rgw.a'))
+        os.makedirs(self.path('rgw.a'), exist_ok=True)
         self.ceph('auth', 'get-or-create', 'client.rgw.a', 'mon', 'allow rw',
                   'osd', 'allow rwx', '-o', self.path('rgw.keyring'))
         self._run('radosgw', '--conf', s.conf, '-n', 'client.rgw.a')
-        self._run('radosgw-admin', '--conf', s.conf, 'user', 'create',
-                  '--uid=rbdmigration', '--display-name=rbd_migration tests',
-                  f'--access-key={S3_ACCESS_KEY}', f'--secret={S3_SECRET_KEY}')
+        admin = ('radosgw-admin', '--conf', s.conf)
+        if subprocess.run([*admin, 'user', 'info', '--uid=rbdmigration'],
+                          capture_output=True).returncode != 0:
+            self._run(*admin, 'user', 'create', '--uid=rbdmigration',
+                      '--display-name=rbd_migration tests',
+                      f'--access-key={S3_ACCESS_KEY}',
+                      f'--secret={S3_SECRET_KEY}')
         import boto3  # Debian's python3-boto3
         from botocore.config import Config
         s3 = boto3.client('s3', endpoint_url=f'http://127.0.0.1:{s.rgw_port}',
@@ -412,6 +441,8 @@ rgw dns name = 127.0.0.1
         conf = self.path('nginx.conf')
         with open(conf, 'w') as f:
             f.write(f"""daemon on;
+# Workers as root: the served directory may sit under private (0700) ones.
+user root;
 pid {self.path('run', 'nginx.pid')};
 error_log {self.path('out', 'nginx.error.log')};
 worker_processes 1;
@@ -430,6 +461,8 @@ http {{
         listen 127.0.0.1:{s.http_port};
         root {s.http_root};
         max_ranges 16;
+        # Any path with a /private/ folder is refused: a 403 to test against.
+        location ~ /private/ {{ deny all; }}
     }}
 }}
 """)

@@ -35,3 +35,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope='session')
+def rgw(cluster: Cluster) -> Cluster:
+    """The cluster with RGW, its test user and bucket running: started on
+    first use, since most cluster tests never touch S3."""
+    cluster.ensure_rgw()
+    return cluster

@@ -60,11 +60,16 @@ def backoff_delay(attempt: int) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
-def with_retries(attempts: int, what: str, attempt: Callable[[], T]) -> T:
+def after_attempts(attempts: int) -> str:
+    return f"after {attempts} attempt{'' if attempts == 1 else 's'}"
+
+
+def with_retries(attempts: int, what: str, attempt: Callable[[], T],
+                 mask: Callable[[str], str] = str) -> T:
     """``attempt()``, repeated while it raises Transient, ``attempts`` times
-    at most; then SourceUnavailable '<what>: <last failure> after N attempts'.
-    Any other exception (a MigrationError for a definite answer) passes
-    through at once."""
+    at most; then SourceUnavailable '<what>: <last failure> after N attempts',
+    passed through ``mask``.  Any other exception (a MigrationError for a
+    definite answer) passes through at once."""
     attempts = max(1, attempts)
     for number in range(1, attempts + 1):
         try:
@@ -73,8 +78,8 @@ def with_retries(attempts: int, what: str, attempt: Callable[[], T]) -> T:
             failure = str(e)
         if number < attempts:
             time.sleep(backoff_delay(number))
-    plural = 'attempt' if attempts == 1 else 'attempts'
-    raise SourceUnavailable(f'{what}: {failure} after {attempts} {plural}')
+    raise SourceUnavailable(
+        mask(f'{what}: {failure} {after_attempts(attempts)}'))
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -214,7 +219,8 @@ _CONTENT_RANGE = re.compile(r'bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*\Z',
                             re.IGNORECASE)
 
 
-def _content_range(value: str) -> Optional[Tuple[Optional[int], Optional[int]]]:
+def _content_range(
+        value: str) -> Optional[Tuple[Optional[int], Optional[int]]]:
     """(first byte, total length) of a Content-Range, None where it says
     ``*``; None for a header that does not parse."""
     m = _CONTENT_RANGE.match(value.strip())
@@ -299,7 +305,8 @@ class HttpStream(Stream):
         url = urljoin(self._url, name)
         what = f'{FIELD}: {mask_url(name)!r} (named in {self._shown})'
         if urlsplit(url).scheme not in ('http', 'https'):
-            raise InvalidArgument(f'{what} is not an http(s) location')
+            raise InvalidArgument(self._text(f'{what} is not an http(s) '
+                                             f'location'))
         return self.open(url, self._ctx, what)
 
     def size(self) -> int:
@@ -336,7 +343,7 @@ class HttpStream(Stream):
         (HEAD refused -- presigned URLs sign GET only -- or no Accept-Ranges)
         a one-byte ranged GET, whose Content-Range tells both."""
         head = with_retries(self._attempts, self._what,
-                            lambda: self._attempt('HEAD'))
+                            lambda: self._attempt('HEAD'), self._text)
         length = _length(head.headers)
         ranges = head.headers.get('Accept-Ranges', '').lower().split(',')
         if head.status == 200 and length is not None and \
@@ -357,12 +364,14 @@ class HttpStream(Stream):
 
     def _get(self, first: int, last: int) -> _Answer:
         return with_retries(self._attempts, self._what,
-                            lambda: self._attempt('GET', first, last))
+                            lambda: self._attempt('GET', first, last),
+                            self._text)
 
     def _attempt(self, method: str, first: int = 0, last: int = -1) -> _Answer:
         """One request.  Raises Transient for what a retry may cure and a
         MigrationError for a definite refusal; for GET returns 206 with the
-        bytes asked for, 200 with a body no larger than that, or 416."""
+        bytes asked for, 200 with a body no larger than that, or 416; for
+        HEAD any answer but a 5xx (501: HEAD not implemented, answered)."""
         headers = {'Range': f'bytes={first}-{last}'} if method == 'GET' else {}
         with self._sessions.lend() as session:
             try:
@@ -378,7 +387,7 @@ class HttpStream(Stream):
                     return _Answer(status, response.headers,
                                    self._body(response, first, last))
                 _discard(response)
-                if status >= 500:
+                if status >= 500 and (method, status) != ('HEAD', 501):
                     raise Transient(f'{self._shown} answered HTTP {status} '
                                     f'{response.reason}')
                 if method == 'HEAD' or status == 416:
@@ -429,7 +438,7 @@ class HttpStream(Stream):
         except (urllib3.exceptions.HTTPError, OSError,
                 requests.RequestException) as e:
             raise self._failure(e) from None
-        if False:
+        if got < want:
             raise Transient(f'{self._shown}: the answer broke off after '
                             f'{got} of {want} bytes at offset {first}')
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)

@@ -21,8 +21,8 @@ from ..errors import (InvalidArgument, MigrationError, NotFound,
                       PermissionDenied, SourceUnavailable, Unsupported)
 from ..secrets import is_config_ref, mask_text, mask_url, resolve_secrets
 from .base import Stream
-from .http import (Transient, host_port, network_reason, tls_error,
-                   with_retries)
+from .http import (Transient, after_attempts, host_port, network_reason,
+                   tls_error, with_retries)
 
 FIELD = 'source-spec: stream.url'
 CREDENTIALS = 'source-spec: stream.access_key/secret_key'
@@ -129,12 +129,13 @@ class S3Stream(Stream):
         would; it must stay in this bucket (the credentials are for it)."""
         what = f'{FIELD}: {mask_url(name)!r} (named in {self._shown})'
         if '://' in name or name.startswith('/'):
-            raise InvalidArgument(f'{what}: expected a key relative to this '
-                                  f'one, in the same bucket')
+            raise InvalidArgument(self._text(
+                f'{what}: expected a key relative to this one, in the same '
+                f'bucket'))
         url = urljoin(self._url, quote(name, safe='/'))
         if parse_s3_url(url)[1] != self._bucket:
-            raise InvalidArgument(f"{what} lies outside bucket "
-                                  f"'{self._bucket}'")
+            raise InvalidArgument(self._text(
+                f"{what} lies outside bucket '{self._bucket}'"))
         return self.open(url, self._keys, self._ctx, what)
 
     def size(self) -> int:
@@ -149,7 +150,8 @@ class S3Stream(Stream):
         if end <= offset:
             return b''
         return with_retries(self._attempts, self._what,
-                            lambda: self._get(offset, end - offset))
+                            lambda: self._get(offset, end - offset),
+                            self._text)
 
     def close(self) -> None:
         self._closed = True
@@ -230,7 +232,7 @@ class S3Stream(Stream):
         if status >= 500 or code in ('SlowDown', 'RequestTimeout'):
             return SourceUnavailable(self._text(
                 f'{self._what}: {self._shown}: S3 answered {code} (HTTP '
-                f'{status}) after {self._attempts} attempts'))
+                f'{status}) {after_attempts(self._attempts)}'))
         return InvalidArgument(self._text(
             f'{self._what}: {self._shown}: S3 refused the request ({code}, '
             f'HTTP {status})'))
@@ -248,7 +250,7 @@ class S3Stream(Stream):
     def _failure(self, e: bce.BotoCoreError) -> MigrationError:
         """The error for a request botocore gave up on."""
         where = host_port(self._endpoint)
-        after = f'after {self._attempts} attempts'
+        after = after_attempts(self._attempts)
         definite = tls_error(e, self._what, where)
         if definite is not None:
             return definite
@@ -261,9 +263,9 @@ class S3Stream(Stream):
         elif isinstance(e, bce.EndpointConnectionError):
             text = f'cannot connect to {where} ({network_reason(e)}) {after}'
         elif isinstance(e, (bce.ConnectionError, bce.HTTPClientError)):
-            text = f'connection to {where} failed ({network_reason(e)}) {after}'
+            text = (f'connection to {where} failed ({network_reason(e)}) '
+                    f'{after}')
         else:
             return InvalidArgument(self._text(
                 f'{self._what}: {self._shown}: {type(e).__name__}: {e}'))
         return SourceUnavailable(self._text(f'{self._what}: {text}'))
-
