@@ -9,6 +9,7 @@ which path can serve it.  A failed probe raises before the target exists.
 """
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
+from urllib.parse import urlsplit
 
 from .context import SourceContext
 from .errors import InvalidArgument, Unsupported
@@ -37,6 +38,7 @@ class ProbeReport:
 def probe(spec: Mapping[str, Any], ctx: SourceContext) -> ProbeReport:
     """Open, check and describe a validated (unresolved) source-spec."""
     location = _check_bytes_match_type(spec, ctx)
+    _refuse_urls_librbd_mangles(spec)
     with open_format(spec, ctx) as fmt:
         size = fmt.size()
         snaps = [s.name for s in fmt.snapshots()]
@@ -99,6 +101,26 @@ def _refuse_what_librbd_cannot_read(kind: str, f: FormatFeatures, where: str) ->
             f'source-spec: {where} uses extended L2 entries (subclusters), which '
             'librbd cannot read; convert it first (qemu-img convert -O qcow2 '
             '-o extended_l2=off in.qcow2 out.qcow2)')
+
+
+def _refuse_urls_librbd_mangles(spec: Mapping[str, Any]) -> None:
+    """librbd's HTTP client refuses user:password@ and sends only the URL's
+    path, dropping a query string (a presigned URL's signature)."""
+    streams = [spec.get('stream', {})] + [s['stream'] for s in spec.get('snapshots', [])]
+    for stream in streams:
+        if stream.get('type') != 'http':
+            continue
+        url = urlsplit(stream['url'])
+        if url.username is not None or url.password is not None:
+            raise Unsupported(
+                'source-spec: stream.url: librbd cannot send credentials given '
+                'in the URL (user:password@); serve the image without them, or '
+                'from S3 with access_key/secret_key')
+        if url.query:
+            raise Unsupported(
+                'source-spec: stream.url: librbd drops the query string of the '
+                'URL (a presigned URL would lose its signature); use an s3 '
+                'stream with access_key/secret_key instead')
 
 
 def _check_readable(fmt: Format, size: int, where: str) -> None:
