@@ -79,6 +79,23 @@ class Format(abc.ABC):
              snap: Optional[Snapshot] = None) -> bytes:
         """``length`` bytes of virtual disk at ``offset``."""
 
+    #: True when ``changed_extents`` names only ranges that really changed;
+    #: otherwise the copier compares each range with what the target holds.
+    exact_diffs: bool = False
+
+    def changed_extents(self, prev: Optional[Snapshot],
+                        snap: Optional[Snapshot]) -> Iterator[Extent]:
+        """Ranges whose content at ``snap`` may differ from ``prev`` (``None``:
+        an empty disk), ascending.  DATA ranges are read at ``snap``; ZERO
+        ranges must read as zeros there.  This default is correct for any
+        format, not minimal: everything allocated at ``snap``, plus ZERO over
+        what ``prev`` had allocated and ``snap`` has not.  Formats that know
+        their history (qcow2 L2 tables, rbd diffs, export-diff files) narrow
+        it and set ``exact_diffs``."""
+        now = list(self.extents(snap))
+        yield from _merge_sorted(now, _uncovered(
+            list(self.extents(prev)) if prev is not None else [], now))
+
     def close(self) -> None:
         """Release the streams underneath."""
 
@@ -87,3 +104,35 @@ class Format(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _uncovered(before: List[Extent], now: List[Extent]) -> List[Extent]:
+    """ZERO extents over the parts of ``before`` that ``now`` does not cover."""
+    out: List[Extent] = []
+    j = 0
+    for ext in before:
+        start, end = ext.offset, ext.end
+        while j < len(now) and now[j].end <= start:
+            j += 1
+        k = j
+        while start < end:
+            if k < len(now) and now[k].offset < end:
+                if now[k].offset > start:
+                    out.append(Extent(start, now[k].offset - start, ExtentKind.ZERO))
+                start = max(start, now[k].end)
+                k += 1
+            else:
+                out.append(Extent(start, end - start, ExtentKind.ZERO))
+                break
+    return out
+
+
+def _merge_sorted(a: List[Extent], b: List[Extent]) -> Iterator[Extent]:
+    i = j = 0
+    while i < len(a) or j < len(b):
+        if j >= len(b) or (i < len(a) and a[i].offset <= b[j].offset):
+            yield a[i]
+            i += 1
+        else:
+            yield b[j]
+            j += 1
