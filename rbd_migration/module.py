@@ -79,6 +79,12 @@ class Module(MgrModule):
                runtime=True),
         Option('retry_max_backoff', type='float', default=300.0, min=0.0,
                desc='longest wait between two attempts, in seconds', runtime=True),
+        Option('adapter_concurrency', type='int', default=8, min=1, max=64,
+               desc='chunks the adapter engine reads and writes at once, per task',
+               runtime=True),
+        Option('adapter_bandwidth_mbps', type='float', default=0.0, min=0.0,
+               desc='MB/s each adapter-engine task writes at most; 0 for no limit',
+               runtime=True),
         Option('file_source_roots', type='str', default='',
                desc='directories (separated by ":") under which file sources may '
                     'be read; empty refuses file sources',

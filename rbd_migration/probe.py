@@ -16,9 +16,13 @@ from .errors import InvalidArgument, Unsupported
 from .formats import open_format
 from .formats.base import Format, FormatFeatures
 from .formats.detect import SNIFF_LENGTH, sniff
+from .source_spec import EXTENSION_FIELD
 from .streams import open_stream
 
 LIBRBD = 'librbd'
+ADAPTER = 'adapter'
+#: Formats librbd's import has no reader for.
+LIBRBD_FORMATS = ('raw', 'qcow', 'native')
 
 
 @dataclass
@@ -28,6 +32,8 @@ class ProbeReport:
     snapshots: List[str]
     #: Which engine serves the migration; librbd until the adapter engine lands.
     path: str = LIBRBD
+    #: Why librbd cannot serve it, when the adapter engine does.
+    reasons: List[str] = field(default_factory=list)
     features: Dict[str, Any] = field(default_factory=dict)
     location: str = ''
 
@@ -36,16 +42,24 @@ class ProbeReport:
 
 
 def probe(spec: Mapping[str, Any], ctx: SourceContext) -> ProbeReport:
-    """Open, check and describe a validated (unresolved) source-spec."""
+    """Open, check and describe a validated (unresolved) source-spec, and
+    pick the path: librbd's live import when librbd can read the source
+    correctly, our adapter engine otherwise (or when the spec asks for it)."""
     location = _check_bytes_match_type(spec, ctx)
-    _refuse_urls_librbd_mangles(spec)
     with open_format(spec, ctx) as fmt:
         size = fmt.size()
         snaps = [s.name for s in fmt.snapshots()]
         features = getattr(fmt, 'features', None) or FormatFeatures()
-        _refuse_what_librbd_cannot_read(spec['type'], features, location)
+        _refuse_what_nobody_can_read(features, location)
         _check_readable(fmt, size, location)
-    return ProbeReport(type=spec['type'], size=size, snapshots=snaps,
+    reasons = _why_not_librbd(spec, features, location)
+    wanted = spec.get(EXTENSION_FIELD, {}).get('engine', 'auto')
+    if wanted == LIBRBD and reasons:
+        raise Unsupported(f'{reasons[0]}; drop "engine": "librbd" to let the '
+                          'adapter engine import it')
+    path = ADAPTER if (wanted == ADAPTER or reasons) else LIBRBD
+    return ProbeReport(type=spec['type'], size=size, snapshots=snaps, path=path,
+                       reasons=reasons,
                        features={k: v for k, v in asdict(features).items() if v},
                        location=location)
 
@@ -72,55 +86,52 @@ def _native_location(spec: Mapping[str, Any]) -> str:
     return f"rbd image {pool}/{ns}{spec.get('image_name')}@{snap}"
 
 
-# What Pacific's librbd import cannot read, and what to do about it.
-def _refuse_what_librbd_cannot_read(kind: str, f: FormatFeatures, where: str) -> None:
-    if kind != 'qcow':
-        return
+def _refuse_what_nobody_can_read(f: FormatFeatures, where: str) -> None:
     if f.encrypted:
         raise Unsupported(
             f'source-spec: {where} is an encrypted qcow2 image, which cannot be '
             'imported; decrypt it first (qemu-img convert --object secret,... '
             '--image-opts ... -O qcow2 plain.qcow2)')
+
+
+def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> List[str]:
+    """What Pacific's librbd import would get wrong or refuse, measured:
+    compressed clusters import as zeros, a backing file is a bare
+    EOPNOTSUPP, URL credentials are refused and query strings dropped."""
+    reasons = []
+    if spec['type'] not in LIBRBD_FORMATS:
+        reasons.append(f"librbd has no reader for type '{spec['type']}'")
     if f.compressed:
-        raise Unsupported(
-            f'source-spec: {where} has compressed clusters '
-            f'({f.compression_type or "zlib"}), which librbd reads as zeros; '
-            'decompress it first (qemu-img convert -O qcow2 in.qcow2 out.qcow2)')
+        reasons.append(f'{where} has compressed clusters '
+                       f'({f.compression_type or "zlib"}), which librbd reads as zeros')
     if f.backing_file:
-        raise Unsupported(
-            f"source-spec: {where} is an overlay on backing file "
-            f"'{f.backing_file}', which librbd cannot follow; flatten it first "
-            '(qemu-img convert -O qcow2 overlay.qcow2 flat.qcow2)')
+        reasons.append(f"{where} is an overlay on backing file '{f.backing_file}', "
+                       'which librbd cannot follow')
     if f.external_data_file:
-        raise Unsupported(
-            f"source-spec: {where} keeps its data in external file "
-            f"'{f.external_data_file}', which librbd cannot read; convert it "
-            'first (qemu-img convert -O qcow2 in.qcow2 out.qcow2)')
+        reasons.append(f"{where} keeps its data in external file "
+                       f"'{f.external_data_file}', which librbd cannot read")
     if f.extended_l2:
-        raise Unsupported(
-            f'source-spec: {where} uses extended L2 entries (subclusters), which '
-            'librbd cannot read; convert it first (qemu-img convert -O qcow2 '
-            '-o extended_l2=off in.qcow2 out.qcow2)')
+        reasons.append(f'{where} uses extended L2 entries, which librbd cannot read')
+    reasons += _urls_librbd_mangles(spec)
+    return reasons
 
 
-def _refuse_urls_librbd_mangles(spec: Mapping[str, Any]) -> None:
+def _urls_librbd_mangles(spec: Mapping[str, Any]) -> List[str]:
     """librbd's HTTP client refuses user:password@ and sends only the URL's
     path, dropping a query string (a presigned URL's signature)."""
+    reasons = []
     streams = [spec.get('stream', {})] + [s['stream'] for s in spec.get('snapshots', [])]
     for stream in streams:
         if stream.get('type') != 'http':
             continue
         url = urlsplit(stream['url'])
         if url.username is not None or url.password is not None:
-            raise Unsupported(
-                'source-spec: stream.url: librbd cannot send credentials given '
-                'in the URL (user:password@); serve the image without them, or '
-                'from S3 with access_key/secret_key')
+            reasons.append('librbd cannot send credentials given in the URL '
+                           '(user:password@)')
         if url.query:
-            raise Unsupported(
-                'source-spec: stream.url: librbd drops the query string of the '
-                'URL (a presigned URL would lose its signature); use an s3 '
-                'stream with access_key/secret_key instead')
+            reasons.append('librbd drops the query string of the URL (a presigned '
+                           'URL would lose its signature)')
+    return reasons
 
 
 def _check_readable(fmt: Format, size: int, where: str) -> None:

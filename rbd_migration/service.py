@@ -14,12 +14,14 @@ from typing import Any, Callable, Dict, List, Optional
 import rados
 
 from .context import SourceContext
+from .engine.adapter import AdapterEngine
+from .engine.copier import CopyOptions
 from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
 from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError
 from .images import ImageSpec, Layout
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
-from .probe import LIBRBD, probe
+from .probe import ADAPTER, probe
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
 
@@ -33,6 +35,7 @@ class MigrationService:
     def __init__(self, cluster: rados.Rados, store: Store, events: Events,
                  option: OptionGetter) -> None:
         self.engine = LibrbdEngine(cluster)
+        self.adapter = AdapterEngine(self.engine, store)
         self.store = store
         self.option = option
         self.queue = TaskQueue(
@@ -54,6 +57,7 @@ class MigrationService:
             raise InvalidArgument('source_image_spec: missing; name the image to migrate')
         src = ImageSpec.parse(source, 'source_image_spec')
         dst = ImageSpec.parse(dest, 'dest_image_spec') if dest else src
+        self._refuse_reserved(dst)
         info = self.engine.prepare(src, dst, layout)
         self._register(info, layout)
         return self.describe(info)
@@ -77,10 +81,30 @@ class MigrationService:
         if self.engine.exists(dst):
             raise AlreadyExists(f"target image '{dst}' already exists; choose "
                                 'another name or remove it first')
+        self._refuse_reserved(dst)
         report = probe(spec, self.source_context())
-        info = self.engine.prepare_import(json.dumps(spec), dst, layout)
-        self._register(info, layout, report.to_dict())
-        return self.describe(info)
+        if report.path == ADAPTER:
+            info = self.adapter.prepare_import(spec, dst, layout, report.size)
+        else:
+            info = self.engine.prepare_import(json.dumps(spec), dst, layout)
+            self._register(info, layout, report.to_dict())
+        result = self.describe(info)
+        result['probe'] = report.to_dict()
+        return result
+
+    def _refuse_reserved(self, dst: ImageSpec) -> None:
+        if self.adapter.find(dst) is not None:
+            raise AlreadyExists(f"target image '{dst}' is reserved by an import in "
+                                'progress; commit or abort it first')
+
+    def _find(self, image: str) -> MigrationInfo:
+        """The migration ``image`` takes part in, on either path."""
+        spec = ImageSpec.parse(image)
+        return self.adapter.find(spec) or self.engine.status(spec)
+
+    def copy_options(self) -> CopyOptions:
+        return CopyOptions(window=int(self.option('adapter_concurrency')),
+                           bandwidth=float(self.option('adapter_bandwidth_mbps')) * 1e6)
 
     def source_context(self) -> SourceContext:
         """How the mgr may read sources: file streams only under
@@ -122,7 +146,7 @@ class MigrationService:
 
     # -- tasks -------------------------------------------------------------
     def execute(self, image: str) -> Dict[str, Any]:
-        info = self.engine.status(ImageSpec.parse(image))
+        info = self._find(image)
         _refuse_unavailable(info, 'execute')
         if info.state == 'executed':
             return {'message': f'the migration of {info.dest} is already executed; '
@@ -131,8 +155,7 @@ class MigrationService:
         return self._submit('execute', info, self._execute_message(info))
 
     def commit(self, image: str, force: bool = False) -> Dict[str, Any]:
-        spec = ImageSpec.parse(image)
-        info = self.engine.status(spec)
+        info = self._find(image)
         _refuse_unavailable(info, 'commit')
         if info.state != 'executed':
             active = self.queue.active_for(_key(info.dest))
@@ -145,7 +168,7 @@ class MigrationService:
                 f'the migration of {info.dest} is not executed yet (state: '
                 f'{info.state}); run ceph rbd migration execute {info.dest} first')
         self._refuse_other_action(info, 'commit')
-        if not force:
+        if not force and info.path != ADAPTER:
             children = self.engine.descendants(info.dest)
             if children:
                 raise Busy(f"{info.dest} has descendants ({', '.join(children)}); "
@@ -155,7 +178,7 @@ class MigrationService:
                             {'force': bool(force)})
 
     def abort(self, image: str) -> Dict[str, Any]:
-        info = self.engine.status(ImageSpec.parse(image))
+        info = self._find(image)
         active = self.queue.active_for(_key(info.dest))
         if active and active.action == 'commit':
             raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
@@ -179,6 +202,7 @@ class MigrationService:
     def _submit(self, action: str, info: MigrationInfo, message: str,
                 options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         d = info.dest
+        options = dict(options or {}, path=info.path)
         task, created = self.queue.submit(action, d.pool_id, d.pool, d.namespace,
                                           d.id, d.name, message, options)
         self.queue.schedule()
@@ -186,13 +210,15 @@ class MigrationService:
         return {'message': f'{action} of {d} {verb} as task {task.id}',
                 'task': task.to_dict()}
 
-    def _run(self, task: Task, report: Callable[[int, int], bool]) -> None:
+    def _run(self, task: Task, report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
         ref = ImageRef(task.pool_id, task.pool, task.namespace, task.image_name,
                        task.image_id)
 
         def progress(done: int, total: int) -> int:
             return 0 if report(done, total) else -errno.ECANCELED
 
+        if task.options.get('path') == ADAPTER:
+            return self._run_adapter(task.action, ref, progress)
         if task.action == 'execute':
             self.engine.execute(ref, progress)
         elif task.action == 'commit':
@@ -203,6 +229,20 @@ class MigrationService:
             self._unregister(ref)
         else:
             raise InvalidArgument(f'unknown task action {task.action!r}')
+        return None
+
+    def _run_adapter(self, action: str, ref: ImageRef,
+                     progress: Callable[[int, int], int]) -> Optional[Dict[str, Any]]:
+        if action == 'execute':
+            return self.adapter.execute(ref, progress, self.source_context(),
+                                        self.copy_options())
+        if action == 'commit':
+            self.adapter.commit(ref)
+        elif action == 'abort':
+            self.adapter.abort(ref, progress)
+        else:
+            raise InvalidArgument(f'unknown task action {action!r}')
+        return None
 
     def task_list(self) -> Dict[str, Any]:
         return {'tasks': [t.to_dict() for t in self.queue.list()]}
@@ -235,12 +275,13 @@ class MigrationService:
     # -- status ------------------------------------------------------------
     def status(self, image: Optional[str] = None) -> Dict[str, Any]:
         if image:
-            info = self.engine.status(ImageSpec.parse(image))
+            info = self._find(image)
             tasks = [t for t in self.queue.list() if t.image_key == _key(info.dest)]
             return {'migrations': [self.describe(info)],
                     'tasks': [t.to_dict() for t in tasks]}
         infos = self.engine.list_migrations(iter(self._registered()))
         self._forget_finished(infos)
+        infos += self.adapter.list()
         return {'migrations': [self.describe(i) for i in infos],
                 'tasks': [t.to_dict() for t in self.queue.list()]}
 
@@ -264,7 +305,6 @@ class MigrationService:
         task = self.queue.latest_for(_key(info.dest))
         d['task'] = task.to_dict() if task else None
         reg = self._registration(info.dest)
-        d['path'] = (reg.get('probe') or {}).get('path', LIBRBD)
         d['layout'] = reg.get('layout', {})
         d['state_text'] = _state_text(info, task)
         return d

@@ -73,7 +73,11 @@ for _name, _limit in _ID_LIMITS.items():
 #: Our own options, e.g. {"rbd_migration": {"engine": ...}}.  Add each new
 #: option to EXTENSION_PROPERTIES; unknown ones are refused like anywhere else.
 EXTENSION_FIELD = 'rbd_migration'
-EXTENSION_PROPERTIES: Dict[str, Any] = {}
+EXTENSION_PROPERTIES: Dict[str, Any] = {
+    # Which engine imports: librbd's live import when it can read the source
+    # (auto, the default), or always our adapter engine.
+    'engine': {'enum': ['auto', 'librbd', 'adapter']},
+}
 _EXTENSIONS = {'type': 'object', 'properties': EXTENSION_PROPERTIES,
                'additionalProperties': False}
 

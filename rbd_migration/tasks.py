@@ -59,6 +59,8 @@ class Task:
     next_attempt: Optional[float] = None
     #: A later task for the same image replaces this one in health reports.
     superseded: bool = False
+    #: What the last run reported (e.g. bytes read, written, skipped).
+    result: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_key(self) -> str:
@@ -107,8 +109,9 @@ class Events(Protocol):
 
 
 #: Runs one task; calls ``report(done, total)``, which returns False when the
-#: task must stop (cancelled, or the mgr is shutting down).
-Runner = Callable[[Task, Callable[[int, int], bool]], None]
+#: task must stop (cancelled, or the mgr is shutting down); may return a
+#: small dict of results to keep with the task.
+Runner = Callable[[Task, Callable[[int, int], bool]], Optional[Dict[str, Any]]]
 
 
 class TaskQueue:
@@ -296,7 +299,7 @@ class TaskQueue:
             return task.id not in self._cancel and not self.stopping
 
         try:
-            self.runner(task, report)
+            result = self.runner(task, report)
         except MigrationError as e:
             self._failed(task, e)
         except Exception as e:  # a bug: fail this task, keep the queue alive
@@ -306,6 +309,7 @@ class TaskQueue:
             with self.cv:
                 task.progress = 1.0
                 task.last_error = None
+                task.result = dict(result or {})
                 self._finish(task, COMPLETED)
         finally:
             with self.cv:

@@ -106,6 +106,8 @@ class MigrationInfo:
     #: librbd cannot open the source, so it cannot open the target either;
     #: only abort (or restoring the source) gets out of this.
     source_unavailable: bool = False
+    #: Which engine serves it: librbd's live migration, or our adapters.
+    path: str = 'librbd'
 
     @property
     def import_only(self) -> bool:

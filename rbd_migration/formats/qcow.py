@@ -30,7 +30,7 @@ from ..errors import InvalidArgument, Unsupported
 from ..streams import open_stream
 from ..streams.base import Stream
 from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
-from .detect import QCOW_MAGIC
+from .detect import QCOW_MAGIC, SNIFF_LENGTH, sniff
 
 # Header extensions (qcow2 only).
 EXT_END = 0x00000000
@@ -364,6 +364,10 @@ class _TableReader:
 # The format
 
 
+#: Backing files followed at most (QEMU allows deeper, nobody needs them).
+MAX_CHAIN = 16
+
+
 class QcowFormat(Format):
     """A qcow or qcow2 image on a stream.
 
@@ -400,10 +404,40 @@ class QcowFormat(Format):
                   ctx: SourceContext) -> 'QcowFormat':
         stream = open_stream(spec['stream'], ctx)
         try:
-            return cls(stream)
+            return cls.open_chain(stream)
         except BaseException:
             stream.close()
             raise
+
+    @classmethod
+    def open_chain(cls, stream: Stream, depth: int = 0) -> 'QcowFormat':
+        """The image on ``stream`` with its backing chain attached: each
+        backing file is found next to its overlay, through the same kind of
+        stream (a file beside the file, a URL beside the URL, a key beside
+        the key in the bucket), and is qcow2 or raw."""
+        top = cls(stream)
+        if top.backing_file is None:
+            return top
+        try:
+            if depth + 1 >= MAX_CHAIN:
+                raise InvalidArgument(
+                    f'{top._where}: the backing chain is deeper than {MAX_CHAIN} '
+                    'images; flatten part of it with qemu-img convert')
+            under = stream.sibling(top.backing_file)
+            try:
+                head = under.read(0, SNIFF_LENGTH)
+                if sniff(head) == 'qcow':
+                    top.backing = cls.open_chain(under, depth + 1)
+                else:
+                    from .raw import RawFormat
+                    top.backing = RawFormat(under)
+            except BaseException:
+                under.close()
+                raise
+        except BaseException:
+            top.close()
+            raise
+        return top
 
     # -- errors -------------------------------------------------------------
 

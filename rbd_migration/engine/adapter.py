@@ -1,0 +1,189 @@
+"""The adapter path: imports librbd cannot read, done by our own readers.
+
+The target is created under a private name and moved straight to the trash
+(with a deferment far in the future, so no trash purge takes it), where no
+client can open it by name while it is incomplete; our record reserves its
+final name.  Execute copies through ``Copier``; commit restores the image
+from the trash under its final name; abort removes it.  The record lives in
+the mgr's store and the copy's checkpoint on the image itself, so a mgr
+failover resumes from the checkpoint, not from zero.
+"""
+import json
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any, Dict, List, Mapping, Optional
+
+import rados
+import rbd
+
+from ..context import SourceContext
+from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..formats import open_format
+from ..images import ImageSpec, Layout
+from ..secrets import mask_spec
+from .copier import Checkpoint, Copier, CopyOptions
+from ..tasks import Store
+from .librbd import ImageRef, LibrbdEngine, MigrationInfo, ProgressFn, translate
+
+RECORD_PREFIX = 'adapter/'
+CHECKPOINT_KEY = 'rbd_migration.checkpoint'
+TRASH_DEFERMENT = 100 * 365 * 86400  # never expires on its own
+ADAPTER = 'adapter'
+
+
+class AdapterEngine:
+    def __init__(self, librbd: LibrbdEngine, store: Store) -> None:
+        self.librbd = librbd
+        self.store = store
+        self.rbd = rbd.RBD()
+
+    # -- records -----------------------------------------------------------
+    def _key(self, ref: ImageRef) -> str:
+        return f'{RECORD_PREFIX}{ref.pool_id}/{ref.namespace}/{ref.id}'
+
+    def _records(self) -> List[Dict[str, Any]]:
+        out = []
+        for text in self.store.get_store_prefix(RECORD_PREFIX).values():
+            try:
+                out.append(json.loads(text))
+            except ValueError:
+                continue
+        return out
+
+    def _save(self, record: Dict[str, Any]) -> None:
+        self.store.set_store(self._key(ImageRef(**record['dest'])), json.dumps(record))
+
+    def _record(self, ref: ImageRef) -> Dict[str, Any]:
+        text = self.store.get_store(self._key(ref))
+        if not text:
+            raise NotFound(f'{ref} is not an import in progress')
+        return dict(json.loads(text))
+
+    def _info(self, record: Dict[str, Any]) -> MigrationInfo:
+        return MigrationInfo(dest=ImageRef(**record['dest']), state=record['state'],
+                             state_description=record.get('error', ''),
+                             source_spec=mask_spec(record['spec']), path=ADAPTER)
+
+    def find(self, spec: ImageSpec) -> Optional[MigrationInfo]:
+        """The import whose final name is ``spec``, if one is in progress."""
+        for record in self._records():
+            d = record['dest']
+            if (d['pool'], d['namespace'], d['name']) == (spec.pool, spec.namespace, spec.name):
+                return self._info(record)
+        return None
+
+    def list(self) -> List[MigrationInfo]:
+        return [self._info(r) for r in self._records()]
+
+    # -- prepare -----------------------------------------------------------
+    def prepare_import(self, spec: Mapping[str, Any], dst: ImageSpec, layout: Layout,
+                       size: int) -> MigrationInfo:
+        if self.find(dst) is not None:
+            raise AlreadyExists(f"target image '{dst}' is reserved by an import in "
+                                'progress; commit or abort it first')
+        private = f'rbd_migration.{uuid.uuid4().hex[:12]}'
+        with self.librbd.ioctx(dst.pool, dst.namespace) as io:
+            self.librbd._check_data_pool(layout)
+            try:
+                self.rbd.create(io, private, size, old_format=False,
+                                **layout.librbd_kwargs())
+                with rbd.Image(io, private) as img:
+                    image_id = img.id()
+                    img.metadata_set(CHECKPOINT_KEY, Checkpoint().encode())
+                self.rbd.trash_move(io, private, delay=TRASH_DEFERMENT)
+            except rbd.Error as e:
+                self._discard(io, private)
+                raise translate(e, f'creating the target {dst}')
+            ref = ImageRef(io.get_pool_id(), dst.pool, dst.namespace, dst.name, image_id)
+        record = {'dest': asdict(ref), 'spec': dict(spec), 'state': 'prepared',
+                  'created': time.time(), 'private_name': private}
+        self._save(record)
+        return self._info(record)
+
+    def _discard(self, io: rados.Ioctx, private: str) -> None:
+        """Undo a half-made target (a failed step leaves nothing behind)."""
+        try:
+            self.rbd.remove(io, private)
+        except rbd.Error:
+            pass
+
+    # -- execute, commit, abort -------------------------------------------
+    def execute(self, ref: ImageRef, progress: ProgressFn, ctx: SourceContext,
+                options: CopyOptions) -> Dict[str, int]:
+        record = self._record(ref)
+        record['state'], record['error'] = 'executing', ''
+        self._save(record)
+
+        def keep_going(done: int, total: int) -> bool:
+            return progress(done, total) == 0
+
+        with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io, \
+                rbd.Image(io, image_id=ref.id) as img, \
+                open_format(record['spec'], ctx) as fmt:
+            start = Checkpoint.decode(_metadata(img, CHECKPOINT_KEY))
+            # Whole objects per chunk: no object is written by two workers.
+            options.chunk = max(options.chunk, int(img.stat()['obj_size']))
+
+            def checkpoint(cp: Checkpoint) -> None:
+                img.metadata_set(CHECKPOINT_KEY, cp.encode())
+
+            stats = Copier(fmt, img, options, keep_going, checkpoint).run(start)
+        record['state'] = 'executed'
+        record['stats'] = asdict(stats)
+        self._save(record)
+        return asdict(stats)
+
+    def commit(self, ref: ImageRef) -> None:
+        record = self._record(ref)
+        if record['state'] != 'executed':
+            raise InvalidArgument(f'the import into {ref} is not executed yet '
+                                  f"(state: {record['state']})")
+        with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+            try:
+                with rbd.Image(io, image_id=ref.id) as img:
+                    _metadata_remove(img, CHECKPOINT_KEY)
+                self.rbd.trash_restore(io, ref.id, ref.name)
+            except rbd.ImageExists:
+                raise AlreadyExists(f"an image named '{ref}' appeared meanwhile; "
+                                    'rename or remove it, then commit again') from None
+            except rbd.Error as e:
+                raise translate(e, f'restoring {ref} from the trash')
+        self.store.set_store(self._key(ref), None)
+
+    def abort(self, ref: ImageRef, progress: ProgressFn) -> None:
+        self._record(ref)
+        with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+            try:
+                with rbd.Image(io, image_id=ref.id) as img:
+                    for snap in list(img.list_snaps()):
+                        img.remove_snap(snap['name'])
+                self.rbd.trash_remove(io, ref.id, force=True, on_progress=progress)
+            except rbd.ImageNotFound:
+                pass  # already gone
+            except rbd.Error as e:
+                raise translate(e, f'removing the target {ref}')
+        self.store.set_store(self._key(ref), None)
+
+    def fail(self, ref: ImageRef, error: str) -> None:
+        """Note why the last execute stopped (shown by status)."""
+        try:
+            record = self._record(ref)
+        except NotFound:
+            return
+        record['error'] = error
+        self._save(record)
+
+
+def _metadata(img: rbd.Image, key: str) -> Optional[str]:
+    try:
+        return str(img.metadata_get(key))
+    except KeyError:
+        return None
+
+
+def _metadata_remove(img: rbd.Image, key: str) -> None:
+    try:
+        img.metadata_remove(key)
+    except KeyError:
+        pass

@@ -1,0 +1,228 @@
+"""The adapter engine's copy loop: a Format into an RBD image.
+
+Snapshots are reproduced oldest first, then HEAD; for each, only what the
+format says changed since the previous one is considered, and of that only
+what differs from what the target already holds is written.  All-zero data
+is never written on a fresh layer, so the target stays as sparse as the
+data allows.  Chunks are read and written by a small pool of workers (librbd
+releases the GIL and is thread-safe on one image handle), with at most
+``window`` chunks in memory, so memory is bounded whatever the image size.
+A checkpoint (layer, offset below which everything is written) is handed to
+the caller every few seconds, so an interrupted copy resumes there.
+"""
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Set, Tuple
+
+import rbd
+
+from ..errors import Cancelled
+from ..formats.base import Extent, ExtentKind, Format, Snapshot
+from .librbd import translate
+
+#: Zero detection granularity inside a chunk.
+BLOCK = 64 << 10
+
+
+@dataclass
+class CopyOptions:
+    chunk: int = 4 << 20
+    window: int = 8
+    #: Bytes per second written at most; 0 for no limit.
+    bandwidth: float = 0.0
+    checkpoint_interval: float = 5.0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    layer: int = 0     # index into snapshots + [HEAD]
+    offset: int = 0    # everything of that layer below it is written
+
+    def encode(self) -> str:
+        return f'{self.layer}:{self.offset}'
+
+    @classmethod
+    def decode(cls, text: Optional[str]) -> 'Checkpoint':
+        try:
+            layer, offset = (text or '').split(':')
+            return cls(int(layer), int(offset))
+        except ValueError:
+            return cls()
+
+
+@dataclass
+class CopyStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    bytes_zeroed: int = 0
+    bytes_skipped: int = 0
+
+
+class RateLimiter:
+    """A token bucket shared by the workers."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.lock = threading.Lock()
+        self.next_free = time.monotonic()
+
+    def take(self, amount: int) -> None:
+        if self.rate <= 0:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_free)
+            self.next_free = start + amount / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
+def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Extent]:
+    """Extents cut at chunk boundaries, skipping what lies below ``start``."""
+    for ext in extents:
+        pos, end = max(ext.offset, start), ext.end
+        while pos < end:
+            stop = min(end, (pos // chunk + 1) * chunk)
+            yield Extent(pos, stop - pos, ext.kind)
+            pos = stop
+
+
+def _runs(data: bytes, base: int) -> List[Tuple[int, bytes]]:
+    """Non-zero runs of ``data`` at BLOCK granularity, as (offset, bytes)."""
+    view = memoryview(data)
+    zero = bytes(BLOCK)
+    runs: List[Tuple[int, bytes]] = []
+    start = None
+    for pos in range(0, len(data), BLOCK):
+        block = view[pos:pos + BLOCK]
+        empty = block == zero[:len(block)]
+        if not empty and start is None:
+            start = pos
+        elif empty and start is not None:
+            runs.append((base + start, bytes(view[start:pos])))
+            start = None
+    if start is not None:
+        runs.append((base + start, bytes(view[start:])))
+    return runs
+
+
+class Copier:
+    def __init__(self, fmt: Format, image: rbd.Image, options: CopyOptions,
+                 progress: Callable[[int, int], bool],
+                 checkpoint: Callable[[Checkpoint], None]) -> None:
+        self.fmt = fmt
+        self.image = image
+        self.opts = options
+        self.progress = progress
+        self.save_checkpoint = checkpoint
+        self.limiter = RateLimiter(options.bandwidth)
+        self.stats = CopyStats()
+        self._lock = threading.Lock()
+
+    def layers(self) -> List[Optional[Snapshot]]:
+        return [*self.fmt.snapshots(), None]
+
+    def run(self, start: Checkpoint) -> CopyStats:
+        layers = self.layers()
+        existing = {s['name'] for s in self.image.list_snaps()}
+        for index, snap in enumerate(layers):
+            if index < start.layer or (snap is not None and snap.name in existing):
+                continue  # done before an interruption
+            prev = layers[index - 1] if index > 0 else None
+            offset = start.offset if index == start.layer else 0
+            self._copy_layer(index, len(layers), prev, snap, offset)
+            if snap is not None:
+                self.image.create_snap(snap.name)
+            self.save_checkpoint(Checkpoint(index + 1, 0))
+        return self.stats
+
+    def _copy_layer(self, index: int, count: int, prev: Optional[Snapshot],
+                    snap: Optional[Snapshot], offset: int) -> None:
+        size = self.fmt.size(snap)
+        if self.image.size() != size:
+            self.image.resize(size)
+        fresh = index == 0  # the target holds nothing yet: zeros are free
+        pending: Set[Future] = set()
+        in_flight: Set[int] = set()
+        done_to = offset
+        last_saved = time.monotonic()
+
+        def report(pos: int) -> None:
+            nonlocal last_saved
+            total = count * max(size, 1)
+            if not self.progress(index * max(size, 1) + min(pos, size), total):
+                raise Cancelled('cancelled')
+            now = time.monotonic()
+            if now - last_saved >= self.opts.checkpoint_interval:
+                last_saved = now
+                self.save_checkpoint(Checkpoint(index, pos))
+
+        with ThreadPoolExecutor(max_workers=self.opts.window,
+                                thread_name_prefix='rbd_migration copy') as pool:
+            try:
+                for ext in _chunks(self.fmt.changed_extents(prev, snap),
+                                   self.opts.chunk, offset):
+                    while len(pending) >= self.opts.window:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            f.result()
+                    with self._lock:
+                        in_flight.add(ext.offset)
+                    fut = pool.submit(self._copy_chunk, ext, snap, fresh, in_flight)
+                    pending.add(fut)
+                    with self._lock:
+                        done_to = min(in_flight) if in_flight else ext.end
+                    report(done_to)
+                for f in pending:
+                    f.result()
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                raise
+        report(size)
+
+    def _copy_chunk(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
+                    in_flight: Set[int]) -> None:
+        try:
+            self._copy(ext, snap, fresh)
+        finally:
+            with self._lock:
+                in_flight.discard(ext.offset)
+
+    def _copy(self, ext: Extent, snap: Optional[Snapshot], fresh: bool) -> None:
+        try:
+            if ext.kind is ExtentKind.ZERO:
+                if not fresh:
+                    self.image.write_zeroes(ext.offset, ext.length)
+                    self._count(zeroed=ext.length)
+                return
+            data = self.fmt.read(ext.offset, ext.length, snap)
+            self._count(read=len(data))
+            if not fresh and not self.fmt.exact_diffs:
+                if self.image.read(ext.offset, ext.length) == data:
+                    self._count(skipped=len(data))
+                    return
+            runs = _runs(data, ext.offset)
+            if not fresh:
+                # Not a fresh layer: what is zero now must be zero on the target.
+                if not runs:
+                    self.image.write_zeroes(ext.offset, ext.length)
+                    self._count(zeroed=ext.length)
+                    return
+                runs = [(ext.offset, data)]
+            for off, run in runs:
+                self.limiter.take(len(run))
+                self.image.write(run, off)
+                self._count(written=len(run))
+        except rbd.Error as e:
+            raise translate(e, f'writing the target at offset {ext.offset}')
+
+    def _count(self, read: int = 0, written: int = 0, zeroed: int = 0,
+               skipped: int = 0) -> None:
+        with self._lock:
+            self.stats.bytes_read += read
+            self.stats.bytes_written += written
+            self.stats.bytes_zeroed += zeroed
+            self.stats.bytes_skipped += skipped
