@@ -48,9 +48,14 @@ class Module(MgrModule):
          'desc': 'Copy a prepared migration in the background (a task)',
          'perm': 'w'},
         {'cmd': 'rbd migration commit name=image_spec,type=CephString '
-                'name=force,type=CephBool,req=false',
+                'name=force,type=CephBool,req=false '
+                'name=verified,type=CephBool,req=false',
          'desc': 'Commit an executed migration (a task); --force when the '
-                 'image has descendants',
+                 'image has descendants, --verified to require a passed verify',
+         'perm': 'w'},
+        {'cmd': 'rbd migration verify name=image_spec,type=CephString',
+         'desc': 'Compare an executed migration\'s target with its source, HEAD '
+                 'and every snapshot (a task)',
          'perm': 'w'},
         {'cmd': 'rbd migration abort name=image_spec,type=CephString',
          'desc': 'Abort a migration, restoring the source (a task)',
@@ -100,7 +105,8 @@ class Module(MgrModule):
             'rbd migration prepare': self._prepare,
             'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
             'rbd migration commit': lambda c, _: self._svc().commit(
-                c['image_spec'], bool(c.get('force'))),
+                c['image_spec'], bool(c.get('force')), bool(c.get('verified'))),
+            'rbd migration verify': lambda c, _: self._svc().verify(c['image_spec']),
             'rbd migration abort': lambda c, _: self._svc().abort(c['image_spec']),
             'rbd migration status': lambda c, _: self._svc().status(c.get('image_spec')),
             'rbd migration task list': lambda c, _: self._svc().task_list(),

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any, Callable, Dict, List, Optional
 
 import rados
+import rbd
 
 from .context import SourceContext
 from .engine.adapter import AdapterEngine
@@ -22,6 +23,8 @@ from .images import ImageSpec, Layout
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
 from .probe import ADAPTER, probe
+from .formats import open_format
+from .verify import summary as verify_summary, verify as run_verify
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
 
@@ -154,20 +157,42 @@ class MigrationService:
         self._refuse_other_action(info, 'execute')
         return self._submit('execute', info, self._execute_message(info))
 
-    def commit(self, image: str, force: bool = False) -> Dict[str, Any]:
-        info = self._find(image)
-        _refuse_unavailable(info, 'commit')
-        if info.state != 'executed':
-            active = self.queue.active_for(_key(info.dest))
-            if active and active.action == 'execute':
-                raise InvalidArgument(
-                    f'the migration of {info.dest} is still executing (task '
-                    f'{active.id}, {active.progress:.0%}); follow it with '
-                    f'ceph rbd migration task get {active.id}')
+    def _require_executed(self, info: MigrationInfo, action: str) -> None:
+        _refuse_unavailable(info, action)
+        if info.state == 'executed':
+            return
+        active = self.queue.active_for(_key(info.dest))
+        if active and active.action == 'execute':
             raise InvalidArgument(
-                f'the migration of {info.dest} is not executed yet (state: '
-                f'{info.state}); run ceph rbd migration execute {info.dest} first')
+                f'the migration of {info.dest} is still executing (task '
+                f'{active.id}, {active.progress:.0%}); {action} it once the '
+                f'execute completes (ceph rbd migration task get {active.id})')
+        raise InvalidArgument(
+            f'the migration of {info.dest} is not executed yet (state: '
+            f'{info.state}); run ceph rbd migration execute {info.dest} first')
+
+    def verify(self, image: str) -> Dict[str, Any]:
+        info = self._find(image)
+        self._require_executed(info, 'verify')
+        self._refuse_other_action(info, 'verify')
+        return self._submit('verify', info, f'Verifying migration of {info.dest}')
+
+    def _passed_verify(self, info: MigrationInfo) -> bool:
+        """A verify completed after the last execute of this migration."""
+        tasks = [t for t in self.queue.list() if t.image_key == _key(info.dest)]
+        verified = [t for t in tasks if t.action == 'verify' and t.state == COMPLETED]
+        executed = [t.finished or 0 for t in tasks if t.action == 'execute']
+        return bool(verified) and (verified[-1].started or 0) >= max(executed, default=0)
+
+    def commit(self, image: str, force: bool = False,
+               verified: bool = False) -> Dict[str, Any]:
+        info = self._find(image)
+        self._require_executed(info, 'commit')
         self._refuse_other_action(info, 'commit')
+        if verified and not self._passed_verify(info):
+            raise InvalidArgument(
+                f'commit --verified: {info.dest} has no passed verify since its '
+                f'last execute; run ceph rbd migration verify {info.dest} first')
         if not force and info.path != ADAPTER:
             children = self.engine.descendants(info.dest)
             if children:
@@ -183,7 +208,7 @@ class MigrationService:
         if active and active.action == 'commit':
             raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
                        'it cannot be aborted')
-        if active and active.action == 'execute':
+        if active and active.action in ('execute', 'verify'):
             self.queue.cancel(active.id)
         return self._submit('abort', info, f'Aborting migration of {info.dest}')
 
@@ -217,6 +242,8 @@ class MigrationService:
         def progress(done: int, total: int) -> int:
             return 0 if report(done, total) else -errno.ECANCELED
 
+        if task.action == 'verify':
+            return self._run_verify(ref, task.options.get('path'), report)
         if task.options.get('path') == ADAPTER:
             return self._run_adapter(task.action, ref, progress)
         if task.action == 'execute':
@@ -243,6 +270,21 @@ class MigrationService:
         else:
             raise InvalidArgument(f'unknown task action {action!r}')
         return None
+
+    def _run_verify(self, ref: ImageRef, path: Optional[str],
+                    report: Callable[[int, int], bool]) -> Dict[str, Any]:
+        ctx = self.source_context()
+        if path == ADAPTER:
+            spec = self.adapter.source_spec(ref)
+        else:
+            info = self.engine.status(ref.spec)
+            spec = self.engine.verify_source_spec(info)
+        window = int(self.option('adapter_concurrency'))
+        with open_format(spec, ctx) as source, \
+                self.engine.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+            def open_target(snap: Optional[str]) -> Any:
+                return rbd.Image(io, image_id=ref.id, snapshot=snap, read_only=True)
+            return verify_summary(run_verify(source, open_target, report, window))
 
     def task_list(self) -> Dict[str, Any]:
         return {'tasks': [t.to_dict() for t in self.queue.list()]}

@@ -162,6 +162,24 @@ FORMATS: Dict[str, Dict[str, Any]] = {
                                   'items': {'$ref': '#/$defs/raw_snapshot'}},
                     EXTENSION_FIELD: _EXTENSIONS},
                    'type', 'stream'),
+    # `rbd export --export-format 2`: the snapshots are inside the stream.
+    'export': _closed({'type': {'const': 'export'},
+                       'stream': _STREAM,
+                       EXTENSION_FIELD: _EXTENSIONS},
+                      'type', 'stream'),
+    # A base (a raw image or `rbd export-diff` from nothing) and the
+    # `rbd export-diff` files after it, oldest first, each starting where
+    # the one before ends.  A name is needed only where the files give none
+    # (a raw base that no diff follows); it overrides what the file says.
+    'export-diff': _closed({'type': {'const': 'export-diff'},
+                            'stream': _STREAM,
+                            'name': _NAME,
+                            'diffs': {'type': 'array',
+                                      'items': _closed({'name': _NAME,
+                                                        'stream': _STREAM},
+                                                       'stream')},
+                            EXTENSION_FIELD: _EXTENSIONS},
+                           'type', 'stream'),
 }
 
 SOURCE_SPEC_SCHEMA: Dict[str, Any] = {

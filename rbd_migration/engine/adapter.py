@@ -165,6 +165,9 @@ class AdapterEngine:
                 raise translate(e, f'removing the target {ref}')
         self.store.set_store(self._key(ref), None)
 
+    def source_spec(self, ref: ImageRef) -> Dict[str, Any]:
+        return dict(self._record(ref)['spec'])
+
     def fail(self, ref: ImageRef, error: str) -> None:
         """Note why the last execute stopped (shown by status)."""
         try:

@@ -207,6 +207,19 @@ class LibrbdEngine:
             info.source_spec = self.source_spec(dest)
         return info
 
+    def verify_source_spec(self, info: MigrationInfo) -> Dict[str, Any]:
+        """How our adapters read this migration's source: an in-cluster
+        source is the image in the trash, by id, at HEAD with all its
+        snapshots; an import's source is its source-spec, unmasked."""
+        if info.source is not None:
+            s = info.source
+            return {'type': 'native', 'pool_id': s.pool_id, 'pool_namespace': s.namespace,
+                    'image_name': s.name, 'image_id': s.id}
+        with self.ioctx_by_id(info.dest.pool_id, info.dest.namespace) as io:
+            with rbd.Image(io, image_id=info.dest.id, read_only=True) as img:
+                spec = img.migration_source_spec()
+        return dict(json.loads(spec) if isinstance(spec, str) else spec)
+
     def _pool_holding(self, image_id: str, namespace: str, hint: int) -> int:
         """The pool whose image directory lists ``image_id``.
 

@@ -13,6 +13,8 @@ REGISTRY: Dict[str, str] = {
     'raw': 'raw:RawFormat',
     'qcow': 'qcow:QcowFormat',
     'native': 'native:NativeFormat',
+    'export': 'export_v2:ExportV2Format',
+    'export-diff': 'export_diff:ExportDiffFormat',
 }
 
 

@@ -54,7 +54,7 @@ class NativeFormat(Format):
     """The image ``image`` (open read-only in ``ioctx``) at snapshot
     ``snap_id``.  Takes ownership of both and closes them with itself."""
 
-    def __init__(self, ioctx: rados.Ioctx, image: rbd.Image, snap_id: int,
+    def __init__(self, ioctx: rados.Ioctx, image: rbd.Image, snap_id: Optional[int],
                  where: str, spec_field: str) -> None:
         self._ioctx = ioctx
         self._image = image
@@ -65,19 +65,27 @@ class NativeFormat(Format):
         self._closed = False
         self.image_id: str = image.id()
         all_snaps = sorted(image.list_snaps(), key=lambda s: s['id'])
-        head = next((s for s in all_snaps if s['id'] == snap_id), None)
-        if head is None:
-            raise self._no_snapshot(spec_field, snap_id)
-        try:
-            image.set_snap_by_id(snap_id)
-        except rbd.ImageNotFound:  # removed since it was listed
-            raise self._no_snapshot(spec_field, snap_id) from None
-        except rbd.Error as e:
-            raise translate(e, f'source-spec: opening {where}') from None
+        if snap_id is None:
+            # The image itself, every snapshot before it: how verify reads a
+            # read-only migration source (never offered to the source-spec,
+            # where librbd needs a snapshot to keep the source unchanged).
+            head: Mapping[str, Any] = {}
+            older = all_snaps
+        else:
+            found = next((s for s in all_snaps if s['id'] == snap_id), None)
+            if found is None:
+                raise self._no_snapshot(spec_field, snap_id)
+            head = found
+            try:
+                image.set_snap_by_id(snap_id)
+            except rbd.ImageNotFound:  # removed since it was listed
+                raise self._no_snapshot(spec_field, snap_id) from None
+            except rbd.Error as e:
+                raise translate(e, f'source-spec: opening {where}') from None
+            older = [s for s in all_snaps if s['id'] < snap_id]
         self.snap_id = snap_id
-        self.snap_name: str = head['name']
+        self.snap_name: str = head.get('name', '')
         self._size: int = image.size()
-        older = [s for s in all_snaps if s['id'] < snap_id]
         self._snapshots = [Snapshot(s['name'], s['size'], ident=str(s['id']))
                            for s in older
                            if s.get('namespace', _USER) == _USER]
@@ -92,6 +100,8 @@ class NativeFormat(Format):
         try:
             image, where = _open_image(ioctx, location, spec)
             try:
+                if 'snap_name' not in spec and 'snap_id' not in spec:
+                    return cls(ioctx, image, None, where, '')
                 if 'snap_name' in spec:
                     snap_id = _user_snap_id(image, spec['snap_name'])
                     if snap_id is None:
@@ -144,7 +154,7 @@ class NativeFormat(Format):
                 f"a clone of {name}@{parent.get('snap_name')}: reads include "
                 f"the parent's data, so the import is flattened")
         kind = head.get('namespace', _USER)
-        if kind != _USER:
+        if head and kind != _USER:
             features.notes.append(
                 f'the source snapshot (id {head["id"]}) is a '
                 f'{_NAMESPACES.get(kind, str(kind))} snapshot')
