@@ -265,7 +265,8 @@ def test_render_prepare_of_a_migration() -> None:
                   migration(MigrationInfo(DST, 'prepared', '', source=SRC)))
     assert text == ('fast/ns/new (id 3c4d)\n'
                     '  source: rbd/old (id 1a2b)\n'
-                    '  state: prepared')
+                    '  state: prepared\n'
+                    '  path: librbd')
 
 
 def test_render_prepare_of_an_import() -> None:
@@ -298,6 +299,7 @@ def test_render_status_with_a_running_task() -> None:
         'fast/ns/new (id 3c4d)',
         '  source: rbd/old (id 1a2b)',
         '  state: executing (42% complete)',
+        '  path: librbd',
         '  task: 12 execute fast/ns/new: running, attempt 2, 42%, last error: HTTP 503']
     assert tasks.splitlines() == [
         'tasks:',
