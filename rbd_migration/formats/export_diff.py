@@ -18,11 +18,14 @@ The source-spec (type ``export-diff``)::
      "diffs": [{"stream": {...},       # oldest first
                 "name": "s2"}, ...]}   # optional: this snapshot's name
 
-The base is either a raw image (``rbd export img@s1 base.raw``: a raw image
-says no snapshot name, so it takes ``name``, or else the first diff's
-from-snap) or a diff from nothing (``rbd export-diff img@s1 base.diff``).
-Each diff must start where the one before ends (its from-snap is the
-previous to-snap, or the base's name).  Every layer (base or diff) that has a
+The base is either a raw image (``rbd export img@s1 base.raw``) or a diff
+from nothing (``rbd export-diff img@s1 base.diff``).  Each diff must start
+where the one before ends: its from-snap is the previous diff's to-snap as
+the file says it (a ``name`` in the spec renames the snapshot, not the
+link), or the base's name.  A raw image says no snapshot name, so a raw
+base is named by ``name``, which the first diff must then start from (the
+only check that the raw image is the right one), or else by the first
+diff's from-snap.  Every layer (base or diff) that has a
 name (``name`` in the spec, else the diff's to-snap) becomes a snapshot;
 only the last layer may be nameless (a diff up to HEAD, as ``rbd export-diff
 --from-snap s2 img`` writes), and it is then HEAD.  When the last layer is a
@@ -108,10 +111,6 @@ def _tag_name(tag: int) -> str:
     return f"'{chr(tag)}'" if 0x21 <= tag < 0x7f else f'{tag:#04x}'
 
 
-def _fits(value: int, width: int = 64) -> bool:
-    return 0 <= value < 1 << width
-
-
 # --------------------------------------------------------------------------
 # Reading record headers
 
@@ -124,7 +123,8 @@ class Where:
     stream: Stream
 
     def __str__(self) -> str:
-        return f'source-spec: {self.field}: {self.stream.description or "image"}'
+        location = self.stream.description or 'image'
+        return f'source-spec: {self.field}: {location}'
 
     def corrupt(self, at: int, detail: str) -> InvalidArgument:
         return InvalidArgument(f'{self}: at byte {at}: {detail}; the file is '
@@ -224,9 +224,12 @@ def parse_diff(reader: RecordReader, layer: int, size_before: int) -> Diff:
     applies to: data records must lie within the size in effect, as
     ``rbd import-diff`` would fail writing past the end.
 
-    Stricter than ``rbd import-diff`` where it would silently misread: a
-    known record whose v2 length disagrees with its contents, a metadata
-    record after the data, or one given twice, is reported as corruption.
+    Known records are read by their layout and their v2 length is ignored,
+    as ``rbd import-diff`` does: Pacific writes the 'p' record with a length
+    of 8 around its one byte, so the length only serves to skip records of
+    unknown tags.  Stricter than ``rbd import-diff`` where it would go on
+    with a dubious file: a metadata record after the data, or one given
+    twice, is reported as corruption.
     """
     where = reader.where
     start = reader.pos
@@ -236,9 +239,9 @@ def parse_diff(reader: RecordReader, layer: int, size_before: int) -> Diff:
     elif banner == DIFF_BANNER_V2:
         version = 2
     else:
-        raise where.corrupt(start, f'expected a diff banner '
-                                   f'{DIFF_BANNER_V1!r} or {DIFF_BANNER_V2!r}, '
-                                   f'found {banner!r}')
+        raise where.corrupt(start, f'expected a diff banner, '
+                                   f'{DIFF_BANNER_V1!r} or {DIFF_BANNER_V2!r}'
+                                   f', found {banner!r}')
     diff = Diff(start=start, version=version)
     size = size_before
     seen: List[int] = []
@@ -260,25 +263,19 @@ def parse_diff(reader: RecordReader, layer: int, size_before: int) -> Diff:
                 raise where.corrupt(at, f'{name} appears twice in one diff')
             seen.append(tag)
         if tag in (TAG_FROM_SNAP, TAG_TO_SNAP):
-            raw = reader.string(at, name, MAX_NAME)
-            _check_length(where, at, name, length, 4 + len(raw))
-            text = _name(raw, where, at)
+            text = _name(reader.string(at, name, MAX_NAME), where, at)
             if tag == TAG_FROM_SNAP:
                 diff.from_snap = text
             else:
                 diff.to_snap = text
         elif tag == TAG_SIZE:
-            _check_length(where, at, name, length, 8)
             size = reader.u64(at, name)
             diff.size = size
         elif tag == TAG_PROTECTED and version == 2:
-            _check_length(where, at, name, length, 1)
             diff.protected = reader.u8(at, name) != 0
         elif tag in (TAG_WRITE, TAG_ZERO):
             data_seen = True
             offset, count = _IO.unpack(reader.take(16, at, name))
-            _check_length(where, at, name, length,
-                          16 + (count if tag == TAG_WRITE else 0))
             if offset + count > size:
                 raise where.corrupt(at, f'{name} covers bytes {offset} to '
                                         f'{offset + count}, past the image '
@@ -298,13 +295,6 @@ def parse_diff(reader: RecordReader, layer: int, size_before: int) -> Diff:
                                     f'a version 1 diff')
     diff.end = reader.pos
     return diff
-
-
-def _check_length(where: Where, at: int, name: str, length: Optional[int],
-                  expected: int) -> None:
-    if length is not None and length != expected:
-        raise where.corrupt(at, f'{name} says its contents are {length} '
-                                f'bytes long, but they are {expected}')
 
 
 # --------------------------------------------------------------------------
@@ -747,8 +737,8 @@ def _check_unique(name: Optional[str], part: _Part,
     """Two snapshots of one name could not both be created on the target."""
     if name is None:
         return
-    first = names.setdefault(name, part.label)
-    if first != part.label:
+    first = names.setdefault(name, part.desc)
+    if first != part.desc:
         source = '"name"' if part.spec_name else 'to-snap'
         raise InvalidArgument(
             f"source-spec: {part.label}: snapshot '{name}' (its {source}) is "

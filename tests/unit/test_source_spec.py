@@ -37,6 +37,10 @@ def native(**fields: Any) -> Dict[str, Any]:
     return {k: v for k, v in base.items() if v is not None}
 
 
+#: Every format type, as the errors list them (formats are added often).
+TYPES = ', '.join(sorted(FORMATS))
+
+
 def error_of(value: Any) -> str:
     with pytest.raises(InvalidArgument) as caught:
         parse_source_spec(value if isinstance(value, str) else json.dumps(value))
@@ -117,13 +121,13 @@ ERRORS = {
     # format type
     'no type': ({'stream': FILE}, "source-spec: missing required field 'type'"),
     'unknown format': ({'type': 'vmdk'},
-                       "source-spec: type: 'vmdk' is not one of native, qcow, raw"),
+                       f"source-spec: type: 'vmdk' is not one of {TYPES}"),
     'format type not a string': ({'type': 5},
-                                 'source-spec: type: expected one of native, '
-                                 'qcow, raw, got an integer'),
+                                 f'source-spec: type: expected one of {TYPES}, '
+                                 'got an integer'),
     'format type is case-sensitive': ({'type': 'RAW', 'stream': FILE},
-                                      "source-spec: type: 'RAW' is not one of "
-                                      'native, qcow, raw'),
+                                      f"source-spec: type: 'RAW' is not one of "
+                                      f'{TYPES}'),
     # top-level fields
     'raw without stream': ({'type': 'raw'},
                            "source-spec: missing required field 'stream'"),
@@ -139,9 +143,12 @@ ERRORS = {
                              'source-spec: stream: unknown field (allowed: type, '
                              'pool_name, pool_id, pool_namespace, image_name, '
                              'image_id, snap_name, snap_id, rbd_migration)'),
-    'unknown extension': (spec(rbd_migration={'engine': 'qemu'}),
-                          'source-spec: rbd_migration.engine: unknown field '
-                          '(allowed: none)'),
+    'unknown extension': (spec(rbd_migration={'speed': 1}),
+                          'source-spec: rbd_migration.speed: unknown field '
+                          '(allowed: engine)'),
+    'unknown engine': (spec(rbd_migration={'engine': 'qemu'}),
+                       "source-spec: rbd_migration.engine: 'qemu' is not one of "
+                       'auto, librbd, adapter'),
     'extension not an object': (spec(rbd_migration=[]),
                                 'source-spec: rbd_migration: expected an object, '
                                 'got an array'),
@@ -499,3 +506,109 @@ def test_spec_like_documents_parse_or_are_explained(value: Any) -> None:
 @given(st.text())
 def test_any_text_parses_or_is_explained(text: str) -> None:
     assert_parses_or_explains(text)
+
+
+# -- export and export-diff ----------------------------------------------------
+
+DIFF = dict(FILE, file_path='/mnt/s2.diff')
+EXPORT_VALID = {
+    'export over file': {'type': 'export', 'stream': dict(FILE, file_path='/mnt/img.exp')},
+    'export over s3 with engine': {'type': 'export', 'stream': S3,
+                                   'rbd_migration': {'engine': 'adapter'}},
+    'export-diff base only': {'type': 'export-diff', 'stream': FILE},
+    'export-diff named base': {'type': 'export-diff', 'stream': FILE, 'name': 's1'},
+    'export-diff with diffs': {'type': 'export-diff', 'stream': FILE, 'diffs': [
+        {'stream': DIFF}, {'name': 's3', 'stream': HTTP}, {'stream': S3}]},
+    'export-diff with no diffs': {'type': 'export-diff', 'stream': FILE, 'diffs': []},
+}
+
+
+@pytest.mark.parametrize('value', EXPORT_VALID.values(), ids=list(EXPORT_VALID))
+def test_valid_export_specs_are_returned_as_written(value: Dict[str, Any]) -> None:
+    assert parse_source_spec(json.dumps(value)) == value
+
+
+def test_diff_items_are_closed() -> None:
+    items = FORMATS['export-diff']['properties']['diffs']['items']
+    assert items['additionalProperties'] is False
+    assert items['required'] == ['stream']
+
+
+EXPORT_ERRORS = {
+    'export without stream': ({'type': 'export'},
+                              "source-spec: missing required field 'stream'"),
+    'export has no snapshots': ({'type': 'export', 'stream': FILE, 'snapshots': []},
+                                'source-spec: snapshots: unknown field (allowed: '
+                                'type, stream, rbd_migration)'),
+    'export stream error': ({'type': 'export', 'stream': {'type': 'file',
+                                                          'file_path': 'x'}},
+                            "source-spec: stream.file_path: 'x' is not an absolute path"),
+    'export-diff without stream': ({'type': 'export-diff', 'diffs': []},
+                                   "source-spec: missing required field 'stream'"),
+    'export-diff unknown field': ({'type': 'export-diff', 'stream': FILE, 'snapshots': []},
+                                  'source-spec: snapshots: unknown field (allowed: '
+                                  'type, stream, name, diffs, rbd_migration)'),
+    'export-diff empty name': ({'type': 'export-diff', 'stream': FILE, 'name': ''},
+                               'source-spec: name: must not be empty'),
+    'export-diff name not a string': ({'type': 'export-diff', 'stream': FILE, 'name': 1},
+                                      'source-spec: name: expected a string, got an '
+                                      'integer'),
+    'diffs not an array': ({'type': 'export-diff', 'stream': FILE, 'diffs': DIFF},
+                           'source-spec: diffs: expected an array, got an object'),
+    'diff not an object': ({'type': 'export-diff', 'stream': FILE, 'diffs': ['/x']},
+                           'source-spec: diffs[0]: expected an object, got a string'),
+    'diff without stream': ({'type': 'export-diff', 'stream': FILE,
+                             'diffs': [{'stream': DIFF}, {'name': 's3'}]},
+                            "source-spec: diffs[1]: missing required field 'stream'"),
+    'diff unknown field': ({'type': 'export-diff', 'stream': FILE,
+                            'diffs': [{'stream': DIFF, 'from': 's1'}]},
+                           'source-spec: diffs[0].from: unknown field (allowed: '
+                           'name, stream)'),
+    'diff with a type': ({'type': 'export-diff', 'stream': FILE,
+                          'diffs': [{'type': 'raw', 'stream': DIFF}]},
+                         'source-spec: diffs[0].type: unknown field (allowed: '
+                         'name, stream)'),
+    'diff empty name': ({'type': 'export-diff', 'stream': FILE,
+                         'diffs': [{'name': '', 'stream': DIFF}]},
+                        'source-spec: diffs[0].name: must not be empty'),
+    'diff stream error': ({'type': 'export-diff', 'stream': FILE,
+                           'diffs': [{'stream': {'type': 'http', 'url': 'x'}}]},
+                          "source-spec: diffs[0].stream.url: 'x' is not an http(s) URL"),
+}
+
+
+@pytest.mark.parametrize('value,message', EXPORT_ERRORS.values(), ids=list(EXPORT_ERRORS))
+def test_export_errors_name_the_field(value: Any, message: str) -> None:
+    assert error_of(value) == message
+
+
+def test_export_types_are_listed_in_type_errors() -> None:
+    assert error_of({'type': 'exports'}).startswith(
+        "source-spec: type: 'exports' is not one of export, export-diff, ")
+
+
+@pytest.mark.parametrize('value,summary', [
+    ({'type': 'export', 'stream': FILE}, 'export over file /mnt/image.raw'),
+    ({'type': 'export-diff', 'stream': FILE, 'diffs': [{'stream': DIFF}]},
+     'export-diff over file /mnt/image.raw'),
+])
+def test_export_summary(value: Dict[str, Any], summary: str) -> None:
+    assert spec_summary(value) == summary
+
+
+EXPORT_DIFF_LIKE = st.fixed_dictionaries(
+    {'type': st.just('export-diff'), 'stream': STREAM_LIKE | LEAF},
+    optional={'name': field('s1'),
+              'diffs': st.lists(st.fixed_dictionaries(
+                  {'stream': STREAM_LIKE | LEAF},
+                  optional={'name': field('s2'), 'extra': LEAF}) | LEAF,
+                  max_size=3) | LEAF,
+              'rbd_migration': EXTENSIONS})
+
+
+@settings(max_examples=300, deadline=None)
+@given(EXPORT_DIFF_LIKE | st.fixed_dictionaries(
+    {'type': st.just('export'), 'stream': STREAM_LIKE | LEAF},
+    optional={'rbd_migration': EXTENSIONS, 'snapshots': LEAF}))
+def test_export_like_documents_parse_or_are_explained(value: Any) -> None:
+    assert_parses_or_explains(json.dumps(value))
