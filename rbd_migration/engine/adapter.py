@@ -20,6 +20,7 @@ import rbd
 from ..context import SourceContext
 from ..errors import AlreadyExists, InvalidArgument, NotFound
 from ..formats import open_format
+from ..formats.base import Format
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from .copier import Checkpoint, Copier, CopyOptions
@@ -129,6 +130,7 @@ class AdapterEngine:
                 img.metadata_set(CHECKPOINT_KEY, cp.encode())
 
             stats = Copier(fmt, img, options, keep_going, checkpoint).run(start)
+            _carry_over(fmt, img)
         record['state'] = 'executed'
         record['stats'] = asdict(stats)
         self._save(record)
@@ -157,6 +159,8 @@ class AdapterEngine:
             try:
                 with rbd.Image(io, image_id=ref.id) as img:
                     for snap in list(img.list_snaps()):
+                        if img.is_protected_snap(snap['name']):
+                            img.unprotect_snap(snap['name'])
                         img.remove_snap(snap['name'])
                 self.rbd.trash_remove(io, ref.id, force=True, on_progress=progress)
             except rbd.ImageNotFound:
@@ -176,6 +180,15 @@ class AdapterEngine:
             return
         record['error'] = error
         self._save(record)
+
+
+def _carry_over(fmt: Format, img: rbd.Image) -> None:
+    """What an rbd export carries besides data: image-meta and protection."""
+    for key, value in fmt.image_metadata().items():
+        img.metadata_set(key, value)
+    for name in fmt.protected_snapshots():
+        if not img.is_protected_snap(name):
+            img.protect_snap(name)
 
 
 def _metadata(img: rbd.Image, key: str) -> Optional[str]:

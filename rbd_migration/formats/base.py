@@ -7,7 +7,7 @@ copies stay sparse) and lists snapshots oldest first.
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Mapping, Optional, TypeVar
+from typing import Any, Dict, Iterator, List, Mapping, Optional, TypeVar
 
 from ..context import SourceContext
 
@@ -95,6 +95,14 @@ class Format(abc.ABC):
         now = list(self.extents(snap))
         yield from _merge_sorted(now, _uncovered(
             list(self.extents(prev)) if prev is not None else [], now))
+
+    def image_metadata(self) -> Dict[str, str]:
+        """Image-meta key/value pairs the source carries (rbd exports)."""
+        return {}
+
+    def protected_snapshots(self) -> List[str]:
+        """Snapshots the source had protected, to protect again."""
+        return []
 
     def close(self) -> None:
         """Release the streams underneath."""

@@ -56,13 +56,12 @@ from ..errors import InvalidArgument
 from ..streams import open_stream
 from ..streams.base import Stream
 from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
-from .detect import QCOW_MAGIC
+from .detect import (DIFF_BANNER_V1, DIFF_BANNER_V2, IMAGE_BANNER_V2,
+                     IMAGE_DIFFS_BANNER_V2)
+from .detect import SNIFF_LENGTH as SNIFF
+from .detect import sniff as known_type
 from .raw import EXTENT_PIECE
 
-DIFF_BANNER_V1 = b'rbd diff v1\n'
-DIFF_BANNER_V2 = b'rbd diff v2\n'
-IMAGE_BANNER_V2 = b'rbd image v2\n'
-IMAGE_DIFFS_BANNER_V2 = b'rbd image diffs v2\n'
 
 TAG_FROM_SNAP = ord('f')
 TAG_TO_SNAP = ord('t')
@@ -565,19 +564,6 @@ class LayeredFormat(Format):
 # Telling formats apart
 
 
-def known_type(head: bytes) -> Optional[str]:
-    """The source-spec type whose magic ``head`` starts with, if any."""
-    if head.startswith(QCOW_MAGIC):
-        return 'qcow'
-    if head.startswith(IMAGE_BANNER_V2):
-        return 'export'
-    if head.startswith(DIFF_BANNER_V1) or head.startswith(DIFF_BANNER_V2):
-        return 'export-diff'
-    return None
-
-
-#: Enough for every magic that ``known_type`` knows.
-SNIFF = len(IMAGE_DIFFS_BANNER_V2)
 
 
 # --------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class ExportV2Format(LayeredFormat):
                                     f'impossible in a file of {end} bytes')
         return cls(_read_diffs(reader, count), where, meta)
 
+    def image_metadata(self) -> Dict[str, str]:
+        return dict(self._meta.metadata)
+
     def image_meta(self) -> Dict[str, Any]:
         """Order, features, stripe unit and count (those the file gives) and
         the image-meta pairs under 'metadata', so that the target can be

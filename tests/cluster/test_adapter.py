@@ -285,3 +285,35 @@ def _written_by_last_run(cluster: Cluster, name: str) -> Optional[int]:
     runs = [t for t in tasks if t['image_name'] == name and t['action'] == 'execute']
     result = runs[-1].get('result') or {}
     return result.get('bytes_written')
+
+
+def test_rbd_export_v2_with_snapshots_metadata_and_protection(cluster: Cluster,
+                                                               images: Path) -> None:
+    src = f'ad-exp-src-{uuid.uuid4().hex[:6]}'
+    _rbd(cluster, 'create', '--size', '32M', f'rbd/{src}')
+    for snap in ('monday', 'tuesday'):
+        _rbd(cluster, 'bench', '--io-type', 'write', '--io-size', '64K', '--io-total', '4M',
+             '--io-pattern', 'rand', f'rbd/{src}')
+        _rbd(cluster, 'snap', 'create', f'rbd/{src}@{snap}')
+    _rbd(cluster, 'snap', 'protect', f'rbd/{src}@monday')
+    _rbd(cluster, 'image-meta', 'set', f'rbd/{src}', 'owner', 'team-a')
+    _rbd(cluster, 'bench', '--io-type', 'write', '--io-size', '64K', '--io-total', '2M',
+         '--io-pattern', 'rand', f'rbd/{src}')
+    export = images / f'{src}.export'
+    _rbd(cluster, 'export', '--no-progress', '--export-format', '2', f'rbd/{src}', str(export))
+    name = f'ad-exp-{uuid.uuid4().hex[:6]}'
+    try:
+        prepared = _import(cluster, name, {'type': 'export', 'stream': {
+            'type': 'file', 'file_path': str(export)}})
+        assert any("no reader for type 'export'" in r for r in prepared['probe']['reasons'])
+        assert _snaps(cluster, name) == ['monday', 'tuesday']
+        for spec in ('', '@monday', '@tuesday'):
+            assert _sha_rbd(cluster, f'rbd/{name}{spec}') == _sha_rbd(cluster, f'rbd/{src}{spec}')
+        assert _rbd(cluster, 'image-meta', 'get', f'rbd/{name}', 'owner').strip() == 'team-a'
+        info = json.loads(_rbd(cluster, 'snap', 'ls', '--format', 'json', f'rbd/{name}'))
+        assert {s['name']: s['protected'] for s in info} == {'monday': 'true', 'tuesday': 'false'}
+    finally:
+        for image in (src, name):
+            subprocess.run(['rbd', '--conf', cluster.state.conf, 'snap', 'unprotect',  # type: ignore
+                            f'rbd/{image}@monday'], capture_output=True)
+            _remove(cluster, image)
