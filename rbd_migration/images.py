@@ -14,6 +14,15 @@ DEFAULT_POOL = 'rbd'
 _NAME = re.compile(r'^[^/@\s]+$')
 
 
+def _shown(value: object, quoted: bool = True) -> str:
+    """Operator input as quoted in a message, kept on one line: escaped
+    (repr) when it holds a newline or another unprintable character."""
+    text = str(value)
+    if not text.isprintable():
+        return repr(text)
+    return f"'{text}'" if quoted else text
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     pool: str
@@ -32,7 +41,7 @@ class ImageSpec:
             len(given), given)
         if len(parts) != 3 or not all(_NAME.match(p) for p in given):
             raise InvalidArgument(
-                f"{what}: '{text}' is not [pool/[namespace/]]image")
+                f"{what}: {_shown(text)} is not [pool/[namespace/]]image")
         return cls(*parts)
 
 
@@ -60,7 +69,7 @@ def parse_size(text: str, what: str) -> int:
     """Bytes from ``4096``, ``4K``, ``8M``, ``8MiB``."""
     m = re.fullmatch(r'\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*', str(text).upper())
     if not m:
-        raise InvalidArgument(f"{what}: '{text}' is not a size (e.g. 4M, 65536)")
+        raise InvalidArgument(f"{what}: {_shown(text)} is not a size (e.g. 4M, 65536)")
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -93,11 +102,11 @@ class Layout:
             size = parse_size(object_size, '--object-size')
             if not _power_of_two(size):
                 raise InvalidArgument(
-                    f"--object-size: {object_size} is not a power of two")
+                    f"--object-size: {_shown(object_size, False)} is not a power of two")
             order = size.bit_length() - 1
             if not MIN_ORDER <= order <= MAX_ORDER:
                 raise InvalidArgument(
-                    f'--object-size: {object_size} is outside 4K..32M')
+                    f'--object-size: {_shown(object_size, False)} is outside 4K..32M')
         if order is not None and not MIN_ORDER <= order <= MAX_ORDER:
             raise InvalidArgument(
                 f'--order: {order} is outside {MIN_ORDER}..{MAX_ORDER} '
@@ -108,7 +117,7 @@ class Layout:
             unknown = [f for f in layout.feature_names if f not in FEATURES]
             if unknown:
                 raise InvalidArgument(
-                    f"--features: unknown feature '{unknown[0]}' (known: "
+                    f"--features: unknown feature {_shown(unknown[0])} (known: "
                     f"{', '.join(FEATURES)})")
             if 'layering' not in layout.feature_names:
                 raise InvalidArgument(
@@ -126,10 +135,12 @@ class Layout:
             unit = parse_size(stripe_unit, '--stripe-unit')
             if unit < 512 or not _power_of_two(unit):
                 raise InvalidArgument(
-                    f'--stripe-unit: {stripe_unit} must be a power of two of at least 512')
+                    f'--stripe-unit: {_shown(stripe_unit, False)} must be a power of two '
+                    'of at least 512')
             if order is not None and unit > (1 << order):
                 raise InvalidArgument(
-                    f'--stripe-unit: {stripe_unit} is larger than the object size')
+                    f'--stripe-unit: {_shown(stripe_unit, False)} is larger than the '
+                    'object size')
             layout.stripe_unit = unit
         if stripe_count is not None:
             if stripe_count < 1:

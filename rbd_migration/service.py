@@ -19,14 +19,15 @@ from .engine.adapter import AdapterEngine
 from .engine.copier import CopyOptions
 from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
 from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError
+from .formats import open_format
 from .images import ImageSpec, Layout
+from .probe import ADAPTER, probe
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
-from .probe import ADAPTER, probe
-from .formats import open_format
-from .verify import summary as verify_summary, verify as run_verify
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
+from .verify import summary as verify_summary
+from .verify import verify as run_verify
 
 MIGRATION_PREFIX = 'migration/'
 
