@@ -213,7 +213,7 @@ class Cluster:
                 later.append(pool.submit(self._timed, self._start_rgw))
             if http:
                 later.append(pool.submit(self._timed, self._start_nginx))
-            self._timed(self._wait_module)
+            self._timed(self.wait_module)
             for f in later:
                 f.result()
         self._wait('all PGs active+clean', self.pgs_clean, timeout=120)
@@ -480,7 +480,30 @@ http {{
         except OSError:
             return False
 
-    def _wait_module(self) -> None:
+    def kill_daemon(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal one of this cluster's daemons (e.g. 'mgr.x', 'osd.1') and
+        wait until it is gone."""
+        pid = self.pids().get(name)
+        if pid is None:
+            raise RuntimeError(f'{name} is not running in {self.dir}')
+        os.kill(pid, sig)
+        self._wait(f'{name} to stop', lambda: not os.path.exists(f'/proc/{pid}')
+                   or _is_zombie(pid), timeout=60)
+
+    def start_daemon(self, name: str) -> None:
+        """Start a daemon of this cluster again after ``kill_daemon``."""
+        s = self.state
+        assert s
+        kind, ident = name.split('.', 1)
+        binary = {'mgr': 'ceph-mgr', 'osd': 'ceph-osd', 'mon': 'ceph-mon'}[kind]
+        self._run(binary, '--conf', s.conf, '-i', ident)
+        if kind == 'osd':
+            self._wait(f'{name} up', lambda: int(ident) in [
+                o['osd'] for o in self.ceph_json('osd', 'dump')['osds'] if o['up']])
+        if kind == 'mgr':
+            self.wait_module()
+
+    def wait_module(self) -> None:
         self._wait('the rbd_migration module',
                    lambda: self.ceph('rbd', 'migration', 'status', '--format',
                                      'json', timeout=15) is not None,

@@ -11,7 +11,8 @@ from .errors import InvalidArgument
 
 DEFAULT_POOL = 'rbd'
 
-_NAME = re.compile(r'^[^/@\s]+$')
+# No NUL: librbd takes names as C strings, so 'img\x00x' would name 'img'.
+_NAME = re.compile(r'^[^/@\s\x00]+$')
 
 
 def _shown(value: object, quoted: bool = True) -> str:

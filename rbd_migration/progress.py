@@ -46,10 +46,13 @@ class ProgressEvents:
     def _update(self, task: Task) -> None:
         self._call('update', self.event_id(task),
                    f'{task.message} ({task.progress:.0%})', task.progress,
-                   refs={'origin': 'rbd_migration', 'action': task.action,
-                         'pool_id': task.pool_id, 'pool_namespace': task.namespace,
-                         'image_id': task.image_id},
-                   add_to_ceph_s=True)
+                   refs=self._refs(task), add_to_ceph_s=True)
+
+    @staticmethod
+    def _refs(task: Task) -> Dict[str, Any]:
+        return {'origin': 'rbd_migration', 'action': task.action,
+                'pool_id': task.pool_id, 'pool_namespace': task.namespace,
+                'image_id': task.image_id}
 
     def finished(self, task: Task) -> None:
         self._last.pop(task.id, None)
@@ -57,4 +60,7 @@ class ProgressEvents:
             self._call('fail', self.event_id(task),
                        f'{task.message}: {task.last_error}')
         else:  # done, cancelled, or back in the queue to retry or resume
+            # The event keeps its last message: drop the stale percentage.
+            self._call('update', self.event_id(task), task.message, task.progress,
+                       refs=self._refs(task))
             self._call('complete', self.event_id(task))

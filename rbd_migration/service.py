@@ -209,7 +209,7 @@ class MigrationService:
         if active and active.action == 'commit':
             raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
                        'it cannot be aborted')
-        if active and active.action in ('execute', 'verify'):
+        if active and active.action in ('execute', 'verify') and _interruptible(active):
             self.queue.cancel(active.id)
         return self._submit('abort', info, f'Aborting migration of {info.dest}')
 
@@ -291,6 +291,11 @@ class MigrationService:
         return {'tasks': [t.to_dict() for t in self.queue.list()]}
 
     def task_cancel(self, task_id: str) -> Dict[str, Any]:
+        task = self.queue.get(task_id)
+        if not _interruptible(task):
+            raise Busy(f'task {task.id} ({task.action} of {task.image_spec}) is running in '
+                       "librbd, which cannot interrupt it; it ends on its own (abort the "
+                       'migration afterwards to undo an execute)')
         task = self.queue.cancel(task_id)
         return {'message': f'task {task.id} is {task.state}'
                            + (' (stops at the next progress step)' if task.state == RUNNING else ''),
@@ -355,6 +360,15 @@ class MigrationService:
 
 class StillActive(MigrationError):
     errno = errno.EAGAIN
+
+
+def _interruptible(task: Task) -> bool:
+    """Whether a task stops when cancelled.  librbd calls our progress
+    callback but ignores what it returns, so its own execute, commit and
+    abort run to the end once started; queued tasks, verify and the adapter
+    engine's tasks stop at their next step."""
+    return (task.state != RUNNING or task.action == 'verify'
+            or task.options.get('path') == ADAPTER)
 
 
 def _refuse_unavailable(info: MigrationInfo, action: str) -> None:

@@ -41,6 +41,9 @@ HTTP_URL = r'^https?://(?:[^\s/?#@]+@)?' + _AUTHORITY + r'(?:[/?#]\S*)?\Z'
 S3_URL = r'^https?://' + _AUTHORITY + r'/[^\s/?#]+/[^\s?#]+\Z'
 #: An id given as a string: librbd accepts "5" as well as 5.
 DECIMAL = r'^[0-9]+\Z'
+#: A name librbd takes as a C string: a NUL would cut it short ('img\x00x'
+#: names 'img'), and librbd's import hangs on such a source-spec.
+NO_NUL = r'^[^\x00]*\Z'
 #: A credential may be anything but a config:// reference without a key.
 CREDENTIAL = r'^(?!' + re.escape(CONFIG_PREFIX) + r'\Z)'
 
@@ -81,7 +84,7 @@ EXTENSION_PROPERTIES: Dict[str, Any] = {
 _EXTENSIONS = {'type': 'object', 'properties': EXTENSION_PROPERTIES,
                'additionalProperties': False}
 
-_NAME = {'type': 'string', 'minLength': 1}
+_NAME = {'type': 'string', 'minLength': 1, 'pattern': NO_NUL}
 _CREDENTIAL = {'type': 'string', 'minLength': 1, 'pattern': CREDENTIAL}
 _STREAM = {'$ref': '#/$defs/stream'}
 
@@ -143,7 +146,7 @@ FORMATS: Dict[str, Dict[str, Any]] = {
     'native': _closed({'type': {'const': 'native'},
                        'pool_name': _NAME,
                        'pool_id': _rbd_id('pool-id'),
-                       'pool_namespace': {'type': 'string'},
+                       'pool_namespace': {'type': 'string', 'pattern': NO_NUL},
                        'image_name': _NAME,
                        'image_id': _NAME,
                        'snap_name': _NAME,
@@ -274,6 +277,7 @@ _PATTERN_MESSAGES = {
     S3_URL: '{value} is not an S3 object URL '
             '(expected http(s)://host[:port]/bucket/key)',
     DECIMAL: '{value} is not a non-negative integer',
+    NO_NUL: '{value} contains a NUL character',
     CREDENTIAL: f"'{CONFIG_PREFIX}' must be followed by a config-key name",
 }
 

@@ -55,6 +55,7 @@ _KINDS = {
     errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists, errno.EBUSY: Busy,
     errno.EINVAL: InvalidArgument, errno.ERANGE: InvalidArgument,
     errno.EDOM: InvalidArgument, errno.EROFS: InvalidArgument,
+    errno.ENAMETOOLONG: InvalidArgument,
     errno.EOPNOTSUPP: Unsupported, errno.ENOSYS: Unsupported,
     errno.EACCES: PermissionDenied, errno.EPERM: PermissionDenied,
     errno.ECANCELED: Cancelled,
@@ -125,15 +126,18 @@ class LibrbdEngine:
         self.rbd = rbd.RBD()
 
     # -- pools and images --------------------------------------------------
-    def ioctx(self, pool: str, namespace: str = '') -> rados.Ioctx:
+    def ioctx(self, pool: str, namespace: str = '', what: str = '') -> rados.Ioctx:
+        """An I/O context for ``pool``/``namespace``; ``what`` names the
+        argument in errors (e.g. 'dest_image_spec')."""
+        where = f'{what}: ' if what else ''
         try:
             io = self.rados.open_ioctx(pool)
         except rados.ObjectNotFound:
-            raise NotFound(f"pool '{pool}' does not exist") from None
+            raise NotFound(f"{where}pool '{pool}' does not exist") from None
         if namespace:
             if not self.rbd.namespace_exists(io, namespace):
                 io.close()
-                raise NotFound(f"namespace '{pool}/{namespace}' does not exist; "
+                raise NotFound(f"{where}namespace '{pool}/{namespace}' does not exist; "
                                f"create it with rbd namespace create {pool}/{namespace}")
             io.set_namespace(namespace)
         return io
@@ -152,6 +156,8 @@ class LibrbdEngine:
                 image_id = img.id()
         except rbd.ImageNotFound:
             raise NotFound(f"image '{io.get_pool_name()}/{_ns(io)}{name}' does not exist") from None
+        except rbd.Error as e:
+            raise translate(e, f"opening image '{io.get_pool_name()}/{_ns(io)}{name}'")
         return ImageRef(io.get_pool_id(), io.get_pool_name(), io.nspace, name, image_id)
 
     def exists(self, spec: ImageSpec) -> bool:
@@ -161,6 +167,8 @@ class LibrbdEngine:
                     return True
             except rbd.ImageNotFound:
                 return False
+            except rbd.Error as e:
+                raise translate(e, f"opening image '{spec}'")
 
     # -- status ------------------------------------------------------------
     def status(self, spec: ImageSpec) -> MigrationInfo:
@@ -326,15 +334,15 @@ class LibrbdEngine:
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, src: ImageSpec, dst: ImageSpec, layout: Layout) -> MigrationInfo:
-        with self.ioctx(src.pool, src.namespace) as src_io, \
-                self.ioctx(dst.pool, dst.namespace) as dst_io:
+        with self.ioctx(src.pool, src.namespace, 'source_image_spec') as src_io, \
+                self.ioctx(dst.pool, dst.namespace, 'dest_image_spec') as dst_io:
             self._check_data_pool(layout)
             self._check_source(src_io, src)
             if dst != src:
                 self._check_free(dst_io, dst)
             try:
                 self.rbd.migration_prepare(src_io, src.name, dst_io, dst.name,
-                                           **layout.librbd_kwargs())
+                                           **_migration_kwargs(layout))
             except rbd.Error as e:
                 raise translate(e, f'preparing the migration of {src} to {dst}')
             if layout.flatten:
@@ -348,30 +356,37 @@ class LibrbdEngine:
             self._check_free(dst_io, dst)
             try:
                 self.rbd.migration_prepare_import(source_spec, dst_io, dst.name,
-                                                  **layout.librbd_kwargs())
+                                                  **_migration_kwargs(layout))
             except rbd.Error as e:
                 raise translate(e, f'librbd refused the source-spec for {dst}')
         return self.status(dst)
 
     def _check_data_pool(self, layout: Layout) -> None:
         if layout.data_pool and not self.rados.pool_exists(layout.data_pool):
-            raise NotFound(f"--data-pool: pool '{layout.data_pool}' does not exist")
+            raise NotFound(f"--data-pool: pool {layout.data_pool!r} does not exist")
 
     def _check_source(self, io: rados.Ioctx, src: ImageSpec) -> None:
-        try:
-            with rbd.Image(io, src.name, read_only=True) as img:
-                watchers = list(img.watchers_list())
-        except rbd.ImageNotFound:
-            raise NotFound(f"image '{src}' does not exist") from None
+        # Migration first: a migration's source sits in the trash, where
+        # opening it by name would say it does not exist.
         try:
             st = self.rbd.migration_status(io, src.name)
         except rbd.Error:
             st = None
         if st is not None:
             info = self._info(st)
+            if info.dest.spec == src:
+                other = (f'from {info.source}' if info.source is not None
+                         else 'of an import')
+                raise Busy(f"image '{src}' is the target of a migration {other} "
+                           f'(state {info.state}); commit or abort that migration first')
             raise Busy(f"image '{src}' is already being migrated "
                        f"(to {info.dest}, state {info.state}); commit or abort "
                        f'that migration first')
+        try:
+            with rbd.Image(io, src.name, read_only=True) as img:
+                watchers = list(img.watchers_list())
+        except rbd.ImageNotFound:
+            raise NotFound(f"image '{src}' does not exist") from None
         if watchers:
             who = ', '.join(f"client.{w['id']} at {w['addr']}" for w in watchers)
             raise Busy(f"image '{src}' is open by {who}; stop those clients "
@@ -383,6 +398,8 @@ class LibrbdEngine:
                 pass
         except rbd.ImageNotFound:
             return
+        except rbd.Error as e:
+            raise translate(e, f"opening image '{dst}'")
         raise AlreadyExists(f"target image '{dst}' already exists; choose "
                             f'another name or remove it first')
 
@@ -459,6 +476,16 @@ class LibrbdEngine:
                 self.rbd.migration_abort(io, dst.name, on_progress=progress)
             except rbd.Error as e:
                 raise translate(e, f'aborting the migration of {dst}')
+
+
+def _migration_kwargs(layout: Layout) -> Dict[str, Any]:
+    """Pacific's python3-rbd migration_prepare[_import] takes data_pool as
+    bytes (RBD.create takes str)."""
+    kwargs = dict(layout.librbd_kwargs())
+    data_pool = kwargs.get('data_pool')
+    if isinstance(data_pool, str):
+        kwargs['data_pool'] = data_pool.encode()
+    return kwargs
 
 
 class NotMigrating(InvalidArgument):

@@ -230,7 +230,7 @@ def test_a_retry_starts_a_fresh_throttle() -> None:
     events.started(t)                          # the retry is announced at once
     clock.now += 0.2
     events.progress(t)                          # but throttled from there
-    assert remote.methods() == ['update', 'complete', 'update']
+    assert remote.methods() == ['update', 'update', 'complete', 'update']
 
 
 def test_disabled_progress_module_is_ignored() -> None:
@@ -373,7 +373,7 @@ def test_a_failing_progress_module_does_not_break_the_task() -> None:
     events.progress(t)
     t.state = COMPLETED
     events.finished(t)
-    assert remote.methods() == ['update', 'update', 'complete']
+    assert remote.methods() == ['update', 'update', 'update', 'complete']
 
 
 def test_other_errors_of_remote_are_not_hidden() -> None:

@@ -1,0 +1,352 @@
+"""Faults injected into real daemons and servers while migrations run.
+
+For each: the migration either completes with every snapshot and HEAD
+equal, or stops in a visible error state with a one-line reason from which
+abort restores the source or a retry completes it.  Each fault is repeated a
+few times; loops are sized to stay well inside CI's time.
+"""
+import hashlib
+import http.server
+import json
+import os
+import random
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+
+from qa.cluster import Cluster
+
+ROUNDS = 3
+
+
+def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    assert cluster.state
+    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def _rbd(cluster: Cluster, *args: str) -> str:
+    assert cluster.state
+    return subprocess.run(['rbd', '--conf', cluster.state.conf, *args],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def _task(cluster: Cluster, *command: str) -> str:
+    return str(cluster.ceph_json('rbd', 'migration', *command)['task']['id'])
+
+
+def _end(cluster: Cluster, task: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The final `task get` of a task, riding out mgr restarts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
+        if r.returncode not in (11, 22, 95, 110):  # active, or mgr (re)starting
+            return r
+        time.sleep(0.5)
+    raise AssertionError(f'task {task} still active after {timeout}s')
+
+
+def _sha(cluster: Cluster, spec: str) -> str:
+    assert cluster.state
+    proc = subprocess.Popen(['rbd', '--conf', cluster.state.conf, 'export', '--no-progress',
+                             spec, '-'], stdout=subprocess.PIPE)
+    assert proc.stdout
+    h = hashlib.sha256()
+    for chunk in iter(lambda: proc.stdout.read(1 << 20), b''):  # type: ignore
+        h.update(chunk)
+    assert proc.wait() == 0
+    return h.hexdigest()
+
+
+def _wait_running(cluster: Cluster, task: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        tasks = cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
+        t = next(t for t in tasks if t['id'] == task)
+        if t['state'] == 'running' and t['progress'] > 0.05:
+            return
+        if t['state'] in ('completed', 'failed', 'cancelled'):
+            raise AssertionError(f'task {task} ended before the fault: {t}')
+        time.sleep(0.2)
+    raise AssertionError(f'task {task} did not start')
+
+
+@pytest.fixture
+def slow(cluster: Cluster) -> Iterator[None]:
+    """Executes that take seconds, not milliseconds, so faults land mid-copy;
+    quick retries so recovery is quick."""
+    opts = {'adapter_bandwidth_mbps': '25', 'retry_backoff': '1', 'retry_max_backoff': '4'}
+    for k, v in opts.items():
+        cluster.ceph('config', 'set', 'mgr', f'mgr/rbd_migration/{k}', v)
+    yield
+    for k in opts:
+        cluster.ceph('config', 'rm', 'mgr', f'mgr/rbd_migration/{k}')
+
+
+def _source_image(cluster: Cluster, name: str, size_mb: int = 192) -> Dict[str, str]:
+    _rbd(cluster, 'create', '--size', f'{size_mb}M', f'rbd/{name}')
+    _rbd(cluster, 'bench', '--io-type', 'write', '--io-size', '4M', '--io-total',
+         f'{size_mb // 2}M', '--io-pattern', 'rand', f'rbd/{name}')
+    _rbd(cluster, 'snap', 'create', f'rbd/{name}@s1')
+    _rbd(cluster, 'bench', '--io-type', 'write', '--io-size', '4M', '--io-total',
+         f'{size_mb // 2}M', '--io-pattern', 'rand', f'rbd/{name}')
+    return {'s1': _sha(cluster, f'rbd/{name}@s1'), 'HEAD': _sha(cluster, f'rbd/{name}')}
+
+
+def _cleanup(cluster: Cluster, *specs: str) -> None:
+    assert cluster.state
+    for spec in specs:
+        _ceph(cluster, 'rbd', 'migration', 'abort', spec)
+    time.sleep(1)
+    for spec in specs:
+        subprocess.run(['rbd', '--conf', cluster.state.conf, 'snap', 'purge', spec],
+                       capture_output=True)
+        subprocess.run(['rbd', '--conf', cluster.state.conf, 'rm', '--no-progress', spec],
+                       capture_output=True)
+
+
+def test_mgr_killed_during_execute_commit_and_abort(cluster: Cluster) -> None:
+    """kill -9 of the mgr mid-execute: the restarted mgr resumes the task;
+    `mgr fail` right after commit and abort are queued: they finish."""
+    for round_no in range(ROUNDS):
+        name = f'fault-mgr-{round_no}-{uuid.uuid4().hex[:4]}'
+        sums = _source_image(cluster, name, 256)
+        cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
+        try:
+            task = _task(cluster, 'execute', f'rbd2/{name}')
+            time.sleep(random.uniform(0.2, 1.0))
+            cluster.kill_daemon('mgr.x')
+            cluster.start_daemon('mgr.x')
+            assert _end(cluster, task).returncode == 0
+            if round_no % 2 == 0:
+                commit = _task(cluster, 'commit', f'rbd2/{name}')
+                cluster.ceph('mgr', 'fail')
+                cluster.wait_module()
+                assert _end(cluster, commit).returncode == 0
+                assert _sha(cluster, f'rbd2/{name}@s1') == sums['s1']
+                assert _sha(cluster, f'rbd2/{name}') == sums['HEAD']
+            else:
+                abort = _task(cluster, 'abort', f'rbd2/{name}')
+                cluster.ceph('mgr', 'fail')
+                cluster.wait_module()
+                assert _end(cluster, abort).returncode == 0
+                assert _sha(cluster, f'rbd/{name}@s1') == sums['s1']
+                assert _sha(cluster, f'rbd/{name}') == sums['HEAD']
+        finally:
+            _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
+
+
+def test_osd_restarted_during_execute(cluster: Cluster, slow: None) -> None:
+    for round_no in range(ROUNDS):
+        name = f'fault-osd-{round_no}-{uuid.uuid4().hex[:4]}'
+        sums = _source_image(cluster, name, 128)
+        cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
+        try:
+            task = _task(cluster, 'execute', f'rbd2/{name}')
+            time.sleep(1)
+            osd = f'osd.{round_no % 3}'
+            cluster.kill_daemon(osd, 15)  # a clean stop: memstore keeps its data
+            time.sleep(2)
+            cluster.start_daemon(osd)
+            assert _end(cluster, task).returncode == 0
+            _wait_clean(cluster)
+            assert _end(cluster, _task(cluster, 'commit', f'rbd2/{name}')).returncode == 0
+            assert _sha(cluster, f'rbd2/{name}@s1') == sums['s1']
+            assert _sha(cluster, f'rbd2/{name}') == sums['HEAD']
+        finally:
+            _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
+
+
+def _wait_clean(cluster: Cluster) -> None:
+    deadline = time.monotonic() + 60
+    while not cluster.pgs_clean() and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+class FaultyProxy:
+    """A loopback HTTP proxy in front of nginx that, while ``faults`` is on,
+    answers some requests with 503, resets some connections and truncates
+    some bodies; and that can be stopped and started like a server."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.faults = False
+        self.counts = {'503': 0, 'reset': 0, 'truncated': 0, 'ok': 0}
+        self.port = _free_port()
+        self.server: Optional[socketserver.ThreadingTCPServer] = None
+        self.start()
+
+    def start(self) -> None:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = 'HTTP/1.1'
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self, head: bool) -> None:
+                fault = random.random() if proxy.faults else 1.0
+                if fault < 0.1:
+                    proxy.counts['503'] += 1
+                    self.send_response(503)
+                    self.send_header('Content-Length', '0')
+                    self.end_headers()
+                    return
+                if fault < 0.15:
+                    proxy.counts['reset'] += 1
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               b'\x01\x00\x00\x00\x00\x00\x00\x00')
+                    self.connection.close()
+                    return
+                req = urllib.request.Request(proxy.upstream + self.path,
+                                             method='HEAD' if head else 'GET')
+                if self.headers.get('Range'):
+                    req.add_header('Range', self.headers['Range'])
+                with urllib.request.urlopen(req) as up:
+                    body = b'' if head else up.read()
+                    self.send_response(up.status)
+                    for k in ('Content-Range', 'Accept-Ranges', 'Content-Type'):
+                        if up.headers.get(k):
+                            self.send_header(k, up.headers[k])
+                    self.send_header('Content-Length',
+                                     up.headers.get('Content-Length') if head else str(len(body)))
+                    self.end_headers()
+                    if fault < 0.2 and len(body) > 1:
+                        proxy.counts['truncated'] += 1
+                        self.wfile.write(body[:len(body) // 2])
+                        self.close_connection = True
+                        return
+                    proxy.counts['ok'] += 1
+                    self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._forward(False)
+
+            def do_HEAD(self) -> None:
+                self._forward(True)
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        self.server = socketserver.ThreadingTCPServer(('127.0.0.1', self.port), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def proxied_image(cluster: Cluster) -> Iterator[Dict[str, object]]:
+    assert cluster.state and cluster.state.http_root
+    www = Path(cluster.state.http_root) / f'faults-{uuid.uuid4().hex[:6]}'
+    www.mkdir()
+    data = bytearray(96 << 20)
+    for mib in range(0, 96, 3):
+        data[mib << 20:(mib + 1) << 20] = os.urandom(1 << 20)
+    (www / 'disk.raw').write_bytes(bytes(data))
+    proxy = FaultyProxy(f'http://127.0.0.1:{cluster.state.http_port}')
+    yield {'proxy': proxy, 'url': f'http://127.0.0.1:{proxy.port}/{www.name}/disk.raw',
+           'sha': hashlib.sha256(bytes(data)).hexdigest()}
+    proxy.stop()
+    for f in www.iterdir():
+        f.unlink()
+    www.rmdir()
+
+
+def test_http_source_faults_and_server_restarts(cluster: Cluster, slow: None,
+                                                proxied_image: Dict[str, object]) -> None:
+    """503s, resets and truncated bodies are retried; a server that goes away
+    for a while fails the attempt, and the task's retry resumes the copy."""
+    proxy = proxied_image['proxy']
+    assert isinstance(proxy, FaultyProxy)
+    for round_no in range(ROUNDS):
+        name = f'fault-http-{round_no}-{uuid.uuid4().hex[:4]}'
+        spec = {'type': 'raw', 'stream': {'type': 'http', 'url': proxied_image['url']},
+                'rbd_migration': {'engine': 'adapter'}}
+        cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/{name}',
+                     '--source-spec', json.dumps(spec))
+        try:
+            proxy.faults = True
+            task = _task(cluster, 'execute', f'rbd/{name}')
+            _wait_running(cluster, task)
+            proxy.stop()
+            time.sleep(random.uniform(2, 5))
+            proxy.start()
+            r = _end(cluster, task)
+            proxy.faults = False
+            assert r.returncode == 0, r.stderr
+            tasks = cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
+            assert next(t for t in tasks if t['id'] == task)['attempts'] >= 1
+            assert _end(cluster, _task(cluster, 'commit', f'rbd/{name}')).returncode == 0
+            assert _sha(cluster, f'rbd/{name}') == proxied_image['sha']
+        finally:
+            proxy.faults = False
+            _cleanup(cluster, f'rbd/{name}')
+    assert proxy.counts['503'] and proxy.counts['reset'] and proxy.counts['truncated']
+
+
+def test_s3_credentials_revoked_then_restored(rgw: Cluster, slow: None, tmp_path: Path) -> None:
+    """A revoked key fails the task with a one-line reason and a health
+    warning; once the key is back, executing again completes the import."""
+    import boto3
+    from botocore.config import Config
+    assert rgw.state
+    env = rgw.state.env()
+    admin = ['radosgw-admin', '--conf', rgw.state.conf]
+    uid = f'fault-{uuid.uuid4().hex[:6]}'
+    access, secret = f'AK{uuid.uuid4().hex[:16].upper()}', uuid.uuid4().hex
+    subprocess.run([*admin, 'user', 'create', f'--uid={uid}', '--display-name=faults',
+                    f'--access-key={access}', f'--secret={secret}'], check=True,
+                   capture_output=True)
+    s3 = boto3.client('s3', endpoint_url=env['RBD_MIGRATION_S3_URL'],
+                      aws_access_key_id=access, aws_secret_access_key=secret,
+                      region_name='us-east-1',
+                      config=Config(s3={'addressing_style': 'path'}, signature_version='s3v4'))
+    bucket = f'faults-{uuid.uuid4().hex[:6]}'
+    s3.create_bucket(Bucket=bucket)
+    data = os.urandom(64 << 20)
+    s3.put_object(Bucket=bucket, Key='disk.raw', Body=data)
+    name = f'fault-s3-{uuid.uuid4().hex[:4]}'
+    spec = {'type': 'raw', 'stream': {'type': 's3',
+                                      'url': f"{env['RBD_MIGRATION_S3_URL']}/{bucket}/disk.raw",
+                                      'access_key': access, 'secret_key': secret},
+            'rbd_migration': {'engine': 'adapter'}}
+    try:
+        rgw.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/{name}',
+                 '--source-spec', json.dumps(spec))
+        task = _task(rgw, 'execute', f'rbd/{name}')
+        _wait_running(rgw, task)
+        subprocess.run([*admin, 'key', 'rm', f'--uid={uid}', f'--access-key={access}'],
+                       check=True, capture_output=True)
+        r = _end(rgw, task)
+        assert r.returncode != 0
+        line = r.stderr.strip()
+        assert '\n' not in line and 'credentials' in line and secret not in line
+        subprocess.run([*admin, 'key', 'create', f'--uid={uid}', '--key-type=s3',
+                        f'--access-key={access}', f'--secret={secret}'], check=True,
+                       capture_output=True)
+        retry = _task(rgw, 'execute', f'rbd/{name}')
+        assert _end(rgw, retry).returncode == 0
+        assert _end(rgw, _task(rgw, 'commit', f'rbd/{name}')).returncode == 0
+        assert _sha(rgw, f'rbd/{name}') == hashlib.sha256(data).hexdigest()
+    finally:
+        _cleanup(rgw, f'rbd/{name}')
+        subprocess.run([*admin, 'user', 'rm', f'--uid={uid}', '--purge-data'],
+                       capture_output=True)
