@@ -31,7 +31,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         return
     c = Cluster(str(tmp_path_factory.mktemp('cluster')))
     try:
-        c.start(http=True)
+        c.start(http=True, osd_size=4 << 30)
         yield c
     finally:
         c.stop()
