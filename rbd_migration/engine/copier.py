@@ -89,22 +89,28 @@ def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Exten
             pos = stop
 
 
+_ZERO_BLOCK = bytes(BLOCK)
+
+
 def _runs(data: bytes, base: int) -> List[Tuple[int, bytes]]:
-    """Non-zero runs of ``data`` at BLOCK granularity, as (offset, bytes)."""
-    view = memoryview(data)
-    zero = bytes(BLOCK)
+    """Non-zero runs of ``data`` at BLOCK granularity, as (offset, bytes).
+
+    Comparisons are of ``bytes`` slices (a C memcmp), not memoryviews, which
+    CPython compares element by element."""
+    if data == bytes(len(data)):
+        return []
     runs: List[Tuple[int, bytes]] = []
     start = None
     for pos in range(0, len(data), BLOCK):
-        block = view[pos:pos + BLOCK]
-        empty = block == zero[:len(block)]
+        block = data[pos:pos + BLOCK]
+        empty = block == _ZERO_BLOCK[:len(block)]
         if not empty and start is None:
             start = pos
         elif empty and start is not None:
-            runs.append((base + start, bytes(view[start:pos])))
+            runs.append((base + start, data[start:pos]))
             start = None
     if start is not None:
-        runs.append((base + start, bytes(view[start:])))
+        runs.append((base + start, data if start == 0 else data[start:]))
     return runs
 
 
@@ -185,11 +191,11 @@ class Copier:
 
     def _copy_chunk(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
                     in_flight: Set[int]) -> None:
-        try:
-            self._copy(ext, snap, fresh)
-        finally:
-            with self._lock:
-                in_flight.discard(ext.offset)
+        self._copy(ext, snap, fresh)
+        # Only a chunk that landed leaves the set: a failed one holds the
+        # checkpoint below it until the error surfaces and the copy stops.
+        with self._lock:
+            in_flight.discard(ext.offset)
 
     def _copy(self, ext: Extent, snap: Optional[Snapshot], fresh: bool) -> None:
         try:

@@ -57,10 +57,13 @@ class RawFormat(Format):
         return list(self._snapshots)
 
     def extents(self, snap: Optional[Snapshot] = None) -> Iterator[Extent]:
+        """What the stream says may hold data (a sparse file's holes are
+        left out), in pieces of at most EXTENT_PIECE."""
         size = self.size(snap)
+        stream = self._stream(snap)
         for offset in range(0, size, EXTENT_PIECE):
-            yield Extent(offset, min(EXTENT_PIECE, size - offset),
-                         ExtentKind.DATA)
+            for start, length in stream.allocated(offset, min(EXTENT_PIECE, size - offset)):
+                yield Extent(start, length, ExtentKind.DATA)
 
     def read(self, offset: int, length: int,
              snap: Optional[Snapshot] = None) -> bytes:

@@ -5,7 +5,7 @@ it.  Implementations must be safe to call ``read`` from several threads at
 once (the copier reads extents concurrently).
 """
 import abc
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping, Tuple
 
 from ..context import SourceContext
 
@@ -28,6 +28,11 @@ class Stream(abc.ABC):
     @abc.abstractmethod
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` (fewer only past the end)."""
+
+    def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
+        """Ranges within [offset, offset+length) that may hold data; holes
+        between them read as zeros.  By default, all of it."""
+        yield offset, length
 
     def sibling(self, name: str) -> 'Stream':
         """A stream for ``name`` next to this one (a qcow2 backing file)."""

@@ -8,7 +8,7 @@ and only regular files are read (no devices, fifos or directories).
 import os
 import stat
 import threading
-from typing import Any, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional, Tuple
 
 from ..context import SourceContext
 from ..errors import (InvalidArgument, MigrationError, NotFound,
@@ -147,6 +147,22 @@ class FileStream(Stream):
 
     def size(self) -> int:
         return os.fstat(self._checked_fd()).st_size
+
+    def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
+        """Data ranges by SEEK_DATA/SEEK_HOLE, so a sparse file's holes are
+        never read (lseek moves the shared offset, which pread ignores)."""
+        fd, end = self._checked_fd(), offset + length
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                return
+            if data >= end:
+                return
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            yield data, hole - data
+            pos = hole
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:

@@ -61,8 +61,10 @@ def test_read_past_end_is_zero_filled(tmp_path: Path) -> None:
 def test_extents_cover_everything_in_pieces(tmp_path: Path) -> None:
     path = tmp_path / 'big.img'
     size = 3 * EXTENT_PIECE + 12345
-    with open(path, 'wb') as f:       # sparse: costs no disk space
-        f.truncate(size)
+    with open(path, 'wb') as f:       # dense: every piece holds data
+        for _ in range(size // MiB):
+            f.write(b'\x01' * MiB)
+        f.write(b'\x01' * (size % MiB))
     with open_spec(raw_spec(path), tmp_path) as fmt:
         extents = list(fmt.extents())
     assert EXTENT_PIECE == 64 * MiB
@@ -71,6 +73,23 @@ def test_extents_cover_everything_in_pieces(tmp_path: Path) -> None:
         Extent(EXTENT_PIECE, EXTENT_PIECE, ExtentKind.DATA),
         Extent(2 * EXTENT_PIECE, EXTENT_PIECE, ExtentKind.DATA),
         Extent(3 * EXTENT_PIECE, 12345, ExtentKind.DATA)]
+
+
+def test_holes_of_a_sparse_file_are_left_out(tmp_path: Path) -> None:
+    path = tmp_path / 'sparse.img'
+    with open(path, 'wb') as f:
+        f.truncate(16 * MiB)
+        f.seek(5 * MiB)
+        f.write(b'\x02' * MiB)
+    with open_spec(raw_spec(path), tmp_path) as fmt:
+        extents = list(fmt.extents())
+        assert fmt.read(0, 16 * MiB) == bytes(5 * MiB) + b'\x02' * MiB + bytes(10 * MiB)
+    # The file system reports data in its own blocks: at least the written
+    # MiB, far less than the whole file.
+    covered = sum(e.length for e in extents)
+    assert all(e.kind is ExtentKind.DATA for e in extents)
+    assert any(e.offset <= 5 * MiB and e.end >= 6 * MiB for e in extents), extents
+    assert MiB <= covered <= 2 * MiB, extents
 
 
 def test_empty_image_has_no_extents(tmp_path: Path) -> None:

@@ -1,0 +1,953 @@
+#!/usr/bin/python3
+"""Import benchmark: rbd_migration against qemu-img and librbd.
+
+    qa/bench/import_bench.py [--dir DIR] [--size 1G] [--keep] [--repeat N]
+                             [--only NAME[,NAME]] [--adapter-concurrency N]
+
+Starts its own cluster under DIR (3 memstore OSDs of 5 GiB, RGW and nginx)
+unless DIR already holds a running one, generates the sources in DIR's
+``bench-work`` folder, imports each source with each peer one after the
+other, checks every target's sha256 against the reference (``qemu-img
+convert -O raw`` of the source; for a raw source, the file itself), measures
+``rbd du`` and removes the target, then prints one table.  It stops what it
+started (``--keep`` leaves the cluster and the sources in place).
+
+Sources (sizes from --size, default 1 GiB):
+  dense      raw, random data in 4 MiB pieces (incompressible, no zeros)
+  sparse     raw, 10% allocated in random 1 MiB extents
+  qcow2-z    qcow2 compressed by ``qemu-img convert -c`` from compressible
+             (4 bits/byte), non-zero data
+  chain      qcow2 overlay 3 deep: base (50% allocated) + 3 overlays each
+             writing ~10% at offsets no other overlay writes (the third also
+             zeroes 1% of the base)
+  http       the dense raw served by nginx
+  s3         the dense raw in the RGW bucket
+
+Peers:
+  ours/adapter   ceph rbd migration prepare --import-only / execute / commit,
+                 with "rbd_migration": {"engine": "adapter"} for raw sources
+                 (qcow2 sources choose the adapter on their own)
+  ours/librbd    the same without forcing: the module runs librbd's import
+  qemu-img       qemu-img convert -p -m 16 -W -O raw SRC rbd:rbd/IMG:conf=CONF
+  librbd         rbd migration prepare --import-only --source-spec-path /
+                 execute / commit (only what librbd can read)
+
+Timings: "exec s" is what an operator waits for: for ours from launching
+``ceph rbd migration execute`` until ``task get`` reports the task completed
+(polled every 0.1 s over librados); for librbd the ``rbd migration execute``
+command; for qemu-img the whole convert (it creates the image too).  "task s"
+is the task's own run time in the mgr (started to finished, as the task
+records them), "task MB/s" the same size over it.  "CPU s" and "faults" are
+the CPU seconds and minor page faults, during exec, of the process that
+copies: ceph-mgr for ours, the rbd CLI or qemu-img otherwise.  MB/s is 10^6 bytes of
+virtual size per exec second; ratios are MB/s over the peer's MB/s (above 1:
+faster).
+Timings are reported, never asserted; a target whose sha256 differs from the
+reference is reported FAILED instead of a speed, and the exit status is 1.
+"""
+import argparse
+import errno
+import hashlib
+import json
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+from qa.cluster import (S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY,  # noqa: E402
+                        Cluster, PACKAGES, missing_packages, parse_size)
+
+MiB = 1 << 20
+GiB = 1 << 30
+PIECE = 4 * MiB            # generation and hashing piece
+BLOCK = 4096               # allocation granularity of a raw source
+OBJECT = 4 * MiB           # rbd's default object size: what `rbd du` counts in
+EXTENT = MiB               # the sparse sources' extent size
+POOL = 'rbd'
+DEFAULT_DIR = '/tmp/rbd-migration-bench'
+ROOTS_OPTION = 'mgr/rbd_migration/file_source_roots'
+CEILING_TOTAL = '1G'
+
+LIBRBD_CANNOT = 'librbd cannot read this'
+
+
+class BenchError(Exception):
+    """A step failed; the message says which and why."""
+
+
+def log(msg: str) -> None:
+    print(f'[bench {time.strftime("%H:%M:%S")}] {msg}', file=sys.stderr, flush=True)
+
+
+def human(n: Optional[float]) -> str:
+    if n is None:
+        return '-'
+    for unit, size in (('GiB', GiB), ('MiB', MiB), ('KiB', 1024)):
+        if abs(n) >= size:
+            return f'{n / size:.2f} {unit}'
+    return f'{int(n)} B'
+
+
+# --------------------------------------------------------------------------
+# Subprocesses: every one checked, errors with the command and its stderr
+
+
+_SECRETS: List[str] = [S3_SECRET_KEY]
+
+
+def _shown(argv: Sequence[str]) -> str:
+    text = ' '.join(argv)
+    for secret in _SECRETS:
+        text = text.replace(secret, '***')
+    return text if len(text) < 300 else text[:300] + '...'
+
+
+def _tail(text: str, lines: int = 6) -> str:
+    kept = [ln for ln in (text or '').strip().splitlines() if ln.strip()][-lines:]
+    return ' | '.join(kept) or '(no output)'
+
+
+def run(argv: Sequence[str], *, check: bool = True, timeout: float = 600,
+        input: Optional[str] = None, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    try:
+        r = subprocess.run(list(argv), input=input, capture_output=True, text=True,
+                           timeout=timeout, cwd=cwd)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f'{_shown(argv)}: no answer after {timeout:.0f}s') from None
+    except FileNotFoundError:
+        raise BenchError(f'{argv[0]}: not installed (qa/cluster.py install)') from None
+    if check and r.returncode != 0:
+        raise BenchError(f'{_shown(argv)} failed (exit {r.returncode}): '
+                         f'{_tail(r.stderr or r.stdout)}')
+    return r
+
+
+def timed(fn: Callable[[], Any]) -> Tuple[Any, float]:
+    t = time.monotonic()
+    out = fn()
+    return out, time.monotonic() - t
+
+
+def child_usage() -> Tuple[float, int]:
+    """CPU seconds and minor faults of the children waited for so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
+def proc_usage(pid: int) -> Tuple[float, int]:
+    """CPU seconds and minor faults of a running process."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+    except OSError as e:
+        raise BenchError(f'reading /proc/{pid}/stat: {e}') from None
+    tick = os.sysconf('SC_CLK_TCK')
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[7])
+
+
+def usage_delta(before: Tuple[float, int], after: Tuple[float, int]) -> Tuple[float, int]:
+    return after[0] - before[0], after[1] - before[1]
+
+
+# --------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    key: str                   # short name (--only)
+    label: str                 # table label
+    path: str                  # the file (for http/s3: the file uploaded)
+    fmt: str                   # 'raw' or 'qcow'
+    size: int                  # virtual size
+    sha256: str = ''           # of the virtual disk (reference)
+    allocated: int = 0         # bytes: non-zero 4 KiB blocks / qemu-img map data
+    allocated_objects: int = 0  # bytes: 4 MiB objects holding any of it
+    stream: Dict[str, Any] = field(default_factory=dict)  # source-spec stream
+    librbd_reads: bool = True  # can librbd's import read it correctly?
+    note: str = ''
+
+
+def _sha_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for piece in iter(lambda: f.read(PIECE), b''):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def raw_allocation(path: str) -> Tuple[int, int]:
+    """(non-zero 4 KiB blocks, 4 MiB objects holding one) in bytes; holes
+    are skipped with SEEK_DATA."""
+    zero_piece, zero_block = bytes(PIECE), bytes(BLOCK)
+    blocks, objects = 0, set()
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        fd = f.fileno()
+        pos = 0
+        while pos < size:
+            try:
+                pos = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # only a hole remains
+                raise
+            pos -= pos % PIECE
+            data = os.pread(fd, PIECE, pos)
+            if data != zero_piece[:len(data)]:
+                view = memoryview(data)
+                for i in range(0, len(data), BLOCK):
+                    if view[i:i + BLOCK] != zero_block[:len(view[i:i + BLOCK])]:
+                        blocks += 1
+                        objects.add((pos + i) // OBJECT)
+            pos += PIECE
+    return blocks * BLOCK, len(objects) * OBJECT
+
+
+def qemu_allocation(path: str) -> Tuple[int, int]:
+    """Data extents of the whole backing chain per ``qemu-img map``."""
+    out = run(['qemu-img', 'map', '--output', 'json', path], timeout=300).stdout
+    data, objects = 0, set()
+    for ext in json.loads(out):
+        if ext.get('data'):
+            data += ext['length']
+            first, last = ext['start'] // OBJECT, (ext['start'] + ext['length'] - 1) // OBJECT
+            objects.update(range(first, last + 1))
+    return data, len(objects) * OBJECT
+
+
+def qemu_reference(path: str, scratch: str) -> str:
+    """sha256 of ``qemu-img convert -O raw`` of the image."""
+    out = os.path.join(scratch, f'ref-{uuid.uuid4().hex[:6]}.raw')
+    try:
+        run(['qemu-img', 'convert', '-O', 'raw', path, out], timeout=1800)
+        return _sha_file(out)
+    finally:
+        if os.path.exists(out):
+            os.unlink(out)
+
+
+def gen_dense(path: str, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, 'wb') as f:
+        for off in range(0, size, PIECE):
+            piece = os.urandom(min(PIECE, size - off))
+            h.update(piece)
+            f.write(piece)
+    return h.hexdigest()
+
+
+def write_sparse(path: str, size: int, positions: Sequence[int]) -> None:
+    """A raw file of ``size`` with random data in the 1 MiB extents given
+    (by index), holes elsewhere."""
+    with open(path, 'wb') as f:
+        f.truncate(size)
+        for i in sorted(positions):
+            f.seek(i * EXTENT)
+            f.write(os.urandom(EXTENT))
+
+
+# 4 bits of entropy per byte, never zero: zlib halves it, nothing is all-zero.
+_COMPRESSIBLE = bytes(0x41 + (b & 0x0f) for b in range(256))
+
+
+def gen_compressible(path: str, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, 'wb') as f:
+        for off in range(0, size, PIECE):
+            piece = os.urandom(min(PIECE, size - off)).translate(_COMPRESSIBLE)
+            h.update(piece)
+            f.write(piece)
+    return h.hexdigest()
+
+
+def make_sources(work: str, size: int, wanted: Callable[[str], bool],
+                 http_root: str, http_port: int, rgw_port: int) -> List[Source]:
+    rng = random.Random(20240611)
+    extents = size // EXTENT
+    tenth = max(1, extents // 10)
+    sources: List[Source] = []
+    scratch = os.path.join(work, 'scratch')
+    os.makedirs(scratch, exist_ok=True)
+    need_dense = any(wanted(k) for k in ('dense', 'http', 's3'))
+
+    dense = os.path.join(work, 'dense.raw')
+    dense_sha, dense_alloc = '', (0, 0)
+    if need_dense:
+        dense_sha, t = timed(lambda: gen_dense(dense, size))
+        dense_alloc = raw_allocation(dense)
+        log(f'dense.raw: {human(size)} random in {t:.1f}s')
+        if wanted('dense'):
+            sources.append(Source('dense', f'dense raw {human(size)}', dense, 'raw', size,
+                                  dense_sha, *dense_alloc,
+                                  {'type': 'file', 'file_path': dense}))
+
+    if wanted('sparse'):
+        path = os.path.join(work, 'sparse.raw')
+        write_sparse(path, size, rng.sample(range(extents), tenth))
+        alloc, objs = raw_allocation(path)
+        sources.append(Source('sparse', f'sparse raw 10% {human(size)}', path, 'raw',
+                              size, _sha_file(path), alloc, objs,
+                              {'type': 'file', 'file_path': path}))
+        log(f'sparse.raw: {tenth} random 1 MiB extents')
+
+    if wanted('qcow2-z'):
+        plain = os.path.join(scratch, 'compressible.raw')
+        path = os.path.join(work, 'compressed.qcow2')
+        generated = gen_compressible(plain, size)
+        _, t = timed(lambda: run(['qemu-img', 'convert', '-c', '-O', 'qcow2', plain, path],
+                                 timeout=3600))
+        os.unlink(plain)
+        file_size = os.path.getsize(path)
+        mapped = json.loads(run(['qemu-img', 'map', '--output', 'json', path]).stdout)
+        flagged = [e for e in mapped if e.get('compressed')]
+        if file_size > 0.8 * size or (mapped and 'compressed' in mapped[0] and not flagged):
+            raise BenchError(f'{path}: not compressed ({human(file_size)} for '
+                             f'{human(size)} of data); qemu-img convert -c did not compress')
+        ref = qemu_reference(path, scratch)
+        if ref != generated:
+            raise BenchError(f'{path}: qemu-img reads back other data than was written')
+        alloc, objs = qemu_allocation(path)
+        sources.append(Source('qcow2-z', f'qcow2 compressed {human(size)}', path, 'qcow',
+                              size, ref, alloc, objs, {'type': 'file', 'file_path': path},
+                              librbd_reads=False,
+                              note=f'file {human(file_size)} ({file_size / size:.0%} '
+                                   f'of virtual), compressed in {t:.0f}s'))
+        log(f'compressed.qcow2: {human(file_size)} in {t:.1f}s')
+
+    if wanted('chain'):
+        sources.append(make_chain(work, scratch, size, rng))
+
+    if wanted('http'):
+        served = os.path.join(http_root, 'bench-dense.raw')
+        _link_or_copy(dense, served)
+        sources.append(Source('http', f'dense raw {human(size)} http', served, 'raw', size,
+                              dense_sha, *dense_alloc,
+                              {'type': 'http',
+                               'url': f'http://127.0.0.1:{http_port}/bench-dense.raw'}))
+    if wanted('s3'):
+        key = f'bench-{uuid.uuid4().hex[:6]}/dense.raw'
+        _, t = timed(lambda: s3_upload(rgw_port, dense, key))
+        log(f's3 upload of {human(size)}: {t:.1f}s')
+        sources.append(Source('s3', f'dense raw {human(size)} s3', dense, 'raw', size,
+                              dense_sha, *dense_alloc,
+                              {'type': 's3',
+                               'url': f'http://127.0.0.1:{rgw_port}/{S3_BUCKET}/{key}',
+                               'access_key': S3_ACCESS_KEY, 'secret_key': S3_SECRET_KEY},
+                              note=key))
+    shutil.rmtree(scratch, ignore_errors=True)
+    return sources
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.exists(dst):
+        os.unlink(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def make_chain(work: str, scratch: str, size: int, rng: random.Random) -> Source:
+    """base.qcow2 (50% allocated) <- ov1 <- ov2 <- ov3.qcow2, each overlay
+    writing ~10% of the disk in random 1 MiB extents no other overlay
+    writes; ov3 also zeroes 1% of the base's data."""
+    extents = size // EXTENT
+    tenth = max(1, extents // 10)
+    base_raw = os.path.join(scratch, 'base.raw')
+    base = os.path.join(work, 'base.qcow2')
+    base_pos = rng.sample(range(extents), extents // 2)
+    write_sparse(base_raw, size, base_pos)
+    run(['qemu-img', 'convert', '-O', 'qcow2', base_raw, base], timeout=1800)
+    os.unlink(base_raw)
+    free = list(range(extents))
+    rng.shuffle(free)
+    previous = 'base.qcow2'
+    top = base
+    for n in (1, 2, 3):
+        mine, free = free[:tenth], free[tenth:]
+        name = f'overlay{n}.qcow2'
+        top = os.path.join(work, name)
+        run(['qemu-img', 'create', '-q', '-f', 'qcow2', '-F', 'qcow2', '-b', previous, name],
+            cwd=work)
+        pieces = os.path.join(scratch, f'ov{n}')
+        os.makedirs(pieces)
+        cmds: List[str] = []
+        for i in sorted(mine):
+            piece = os.path.join(pieces, str(i))
+            with open(piece, 'wb') as f:
+                f.write(os.urandom(EXTENT))
+            cmds += ['-c', f'write -q -s {piece} {i * EXTENT} {EXTENT}']
+        if n == 3:
+            untouched = set(free)
+            hidden = [i for i in base_pos if i in untouched][:max(1, extents // 100)]
+            cmds += [a for i in hidden for a in ('-c', f'write -q -z {i * EXTENT} {EXTENT}')]
+        run(['qemu-io', '-f', 'qcow2', *cmds, top], timeout=1800)
+        shutil.rmtree(pieces)
+        previous = name
+    ref = qemu_reference(top, scratch)
+    alloc, objs = qemu_allocation(top)
+    log(f'chain: base 50% + 3 overlays of {tenth} MiB each')
+    return Source('chain', f'qcow2 chain 3-deep {human(size)}', top, 'qcow', size, ref,
+                  alloc, objs, {'type': 'file', 'file_path': top}, librbd_reads=False,
+                  note='base 50% + 3 x 10% overlays, 1% zeroed in the top')
+
+
+def s3_client(rgw_port: int) -> Any:
+    import boto3
+    from botocore.config import Config
+    return boto3.client('s3', endpoint_url=f'http://127.0.0.1:{rgw_port}',
+                        aws_access_key_id=S3_ACCESS_KEY,
+                        aws_secret_access_key=S3_SECRET_KEY, region_name='us-east-1',
+                        config=Config(s3={'addressing_style': 'path'},
+                                      signature_version='s3v4'))
+
+
+def s3_upload(rgw_port: int, path: str, key: str) -> None:
+    from boto3.s3.transfer import TransferConfig
+    try:
+        s3_client(rgw_port).upload_file(
+            path, S3_BUCKET, key,
+            Config=TransferConfig(multipart_threshold=64 * MiB,
+                                  multipart_chunksize=64 * MiB, max_concurrency=4))
+    except Exception as e:
+        raise BenchError(f'uploading {path} to s3://{S3_BUCKET}/{key}: {e}') from None
+
+
+# --------------------------------------------------------------------------
+# One measurement
+
+
+@dataclass
+class Result:
+    source: Source
+    peer: str
+    prepare: Optional[float] = None
+    execute: Optional[float] = None
+    task: Optional[float] = None
+    commit: Optional[float] = None
+    used: Optional[int] = None
+    ok: Optional[bool] = None           # sha256 matched
+    error: str = ''
+    skipped: str = ''
+    path: str = ''                      # the module's engine, for ours
+    stats: Dict[str, Any] = field(default_factory=dict)
+    runs: List[float] = field(default_factory=list)
+    cpu: Optional[float] = None         # CPU seconds of the copying process
+    faults: Optional[int] = None        # its minor page faults
+
+    @property
+    def mbps(self) -> Optional[float]:
+        if not self.ok or not self.execute:
+            return None
+        return self.source.size / 1e6 / self.execute
+
+
+class Bench:
+    def __init__(self, cluster: Cluster, work: str) -> None:
+        assert cluster.state
+        self.cluster = cluster
+        self.conf = cluster.state.conf
+        self.work = work
+        self.rados: Any = None
+
+    # -- plumbing ----------------------------------------------------------
+    def connect(self) -> None:
+        import rados
+        self.rados = rados.Rados(conffile=self.conf)
+        self.rados.connect(timeout=30)
+
+    def close(self) -> None:
+        if self.rados is not None:
+            self.rados.shutdown()
+            self.rados = None
+
+    def ceph(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run(['ceph', '--conf', self.conf, *args], check=check, timeout=timeout)
+
+    def ceph_json(self, *args: str) -> Any:
+        out = self.ceph(*args, '--format', 'json').stdout
+        try:
+            return json.loads(out)
+        except ValueError:
+            raise BenchError(f'ceph {" ".join(args)}: not JSON: {out[:200]!r}') from None
+
+    def rbd(self, *args: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
+        return run(['rbd', '--conf', self.conf, *args], check=check, timeout=timeout)
+
+    def wait_task(self, task_id: str, timeout: float = 3600) -> Dict[str, Any]:
+        """Poll ``rbd migration task get`` (over librados, no CLI start-up per
+        poll) until the task ends; its dict when completed."""
+        cmd = json.dumps({'prefix': 'rbd migration task get', 'task_id': task_id,
+                          'format': 'json'})
+        deadline = time.monotonic() + timeout
+        while True:
+            ret, out, err = self.rados.mgr_command(cmd, b'', timeout=60)
+            if ret == 0:
+                return dict(json.loads(out)['task'])
+            if ret != -errno.EAGAIN:
+                raise BenchError(f'task {task_id}: {err.strip() or ret}')
+            if time.monotonic() > deadline:
+                raise BenchError(f'task {task_id} still active after {timeout:.0f}s')
+            time.sleep(0.1)
+
+    def module_task(self, *command: str) -> Dict[str, Any]:
+        answer = self.ceph_json('rbd', 'migration', *command)
+        if not answer.get('task'):
+            raise BenchError(f'ceph rbd migration {" ".join(command)}: no task '
+                             f'({answer.get("message")})')
+        return self.wait_task(str(answer['task']['id']))
+
+    def mgr_pid(self) -> int:
+        pids = {n: p for n, p in self.cluster.pids().items() if n.startswith('mgr.')}
+        if len(pids) != 1:
+            raise BenchError(f'expected one ceph-mgr of this cluster, found {sorted(pids)}')
+        return next(iter(pids.values()))
+
+    def exists(self, spec: str) -> bool:
+        r = self.rbd('info', spec, check=False, timeout=120)
+        if r.returncode == 0:
+            return True
+        if 'No such file' in r.stderr or 'not found' in r.stderr.lower():
+            return False
+        raise BenchError(f'rbd info {spec}: {_tail(r.stderr)}')
+
+    def remove(self, name: str) -> None:
+        """Whatever an import left under this name: a migration of either
+        engine is aborted, the image removed."""
+        spec = f'{POOL}/{name}'
+        if self.ceph('rbd', 'migration', 'status', spec, '--format', 'json',
+                     check=False, timeout=120).returncode == 0:
+            log(f'aborting the migration of {spec}')
+            self.module_task('abort', spec)
+        if self.exists(spec):
+            self.rbd('snap', 'purge', '--no-progress', spec)
+            self.rbd('rm', '--no-progress', spec)
+
+    def df(self) -> Tuple[int, int]:
+        stats = self.ceph_json('df')['stats']
+        return int(stats['total_used_raw_bytes']), int(stats['total_avail_bytes'])
+
+    def check_room(self, size: int) -> None:
+        used, avail = self.df()
+        if avail < 1.5 * size:
+            raise BenchError(f'ceph df: {human(avail)} available, {human(used)} used; '
+                             f'an import of {human(size)} would not fit; restart with '
+                             'larger OSDs')
+
+    def sha_image(self, spec: str) -> str:
+        h = hashlib.sha256()
+        proc = subprocess.Popen(['rbd', '--conf', self.conf, 'export', '--no-progress',
+                                 spec, '-'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout and proc.stderr
+        for piece in iter(lambda: proc.stdout.read(PIECE), b''):  # type: ignore
+            h.update(piece)
+        err = proc.stderr.read().decode(errors='replace')
+        if proc.wait() != 0:
+            raise BenchError(f'rbd export {spec} failed: {_tail(err)}')
+        return h.hexdigest()
+
+    def du(self, spec: str) -> int:
+        out = json.loads(self.rbd('du', '--format', 'json', spec).stdout)
+        return int(sum(i['used_size'] for i in out['images']))
+
+    def verify(self, res: Result, name: str) -> None:
+        spec = f'{POOL}/{name}'
+        size = int(json.loads(self.rbd('info', '--format', 'json', spec).stdout)['size'])
+        res.used = self.du(spec)
+        got = self.sha_image(spec)
+        res.ok = got == res.source.sha256 and size == res.source.size
+        if not res.ok:
+            res.error = (f'sha256 {got[:12]} != reference {res.source.sha256[:12]}'
+                         if size == res.source.size else
+                         f'size {size} != {res.source.size}')
+
+    # -- peers -------------------------------------------------------------
+    def ours(self, res: Result, name: str, force: bool) -> None:
+        spec: Dict[str, Any] = {'type': res.source.fmt, 'stream': res.source.stream}
+        if force:
+            spec['rbd_migration'] = {'engine': 'adapter'}
+        target = f'{POOL}/{name}'
+        prepared, res.prepare = timed(lambda: self.ceph_json(
+            'rbd', 'migration', 'prepare', '--import-only', target,
+            '--source-spec', json.dumps(spec)))
+        res.path = str(prepared.get('path', '?'))
+        mgr = self.mgr_pid()
+        u0 = proc_usage(mgr)
+        t0 = time.monotonic()
+        task = self.module_task('execute', target)
+        res.execute = time.monotonic() - t0
+        res.cpu, res.faults = usage_delta(u0, proc_usage(mgr))
+        if task.get('started') and task.get('finished'):
+            res.task = task['finished'] - task['started']
+        res.stats = dict(task.get('result') or {})
+        _, res.commit = timed(lambda: self.module_task('commit', target))
+
+    def qemu(self, res: Result, name: str) -> None:
+        dst = f'rbd:{POOL}/{name}:conf={self.conf}'
+        u0 = child_usage()
+        _, res.execute = timed(lambda: run(
+            ['qemu-img', 'convert', '-p', '-m', '16', '-W', '-O', 'raw',
+             res.source.path, dst], timeout=3600))
+        res.cpu, res.faults = usage_delta(u0, child_usage())
+
+    def librbd(self, res: Result, name: str) -> None:
+        spec_path = os.path.join(self.work, f'{name}.json')
+        with open(spec_path, 'w') as f:
+            json.dump({'type': res.source.fmt, 'stream': res.source.stream}, f)
+        target = f'{POOL}/{name}'
+        try:
+            _, res.prepare = timed(lambda: self.rbd(
+                'migration', 'prepare', '--import-only', '--source-spec-path', spec_path,
+                target))
+            u0 = child_usage()
+            _, res.execute = timed(lambda: self.rbd(
+                'migration', 'execute', '--no-progress', target))
+            res.cpu, res.faults = usage_delta(u0, child_usage())
+            _, res.commit = timed(lambda: self.rbd(
+                'migration', 'commit', '--no-progress', target))
+        finally:
+            os.unlink(spec_path)
+
+    def measure(self, source: Source, peer: str, repeat: int) -> Result:
+        res = Result(source, peer)
+        if peer == 'librbd' and not source.librbd_reads:
+            res.skipped = LIBRBD_CANNOT
+            return res
+        runner: Callable[[Result, str], None] = {
+            'ours/adapter': lambda r, n: self.ours(r, n, force=source.fmt == 'raw'),
+            'ours/librbd': lambda r, n: self.ours(r, n, force=False),
+            'qemu-img': self.qemu,
+            'librbd': self.librbd,
+        }[peer]
+        best: Optional[Result] = None
+        for attempt in range(repeat):
+            one = Result(source, peer)
+            name = f'bench-{source.key}-{peer.replace("/", "-")}-{uuid.uuid4().hex[:6]}'
+            try:
+                self.check_room(source.size)
+                runner(one, name)
+                self.verify(one, name)
+            except BenchError as e:
+                one.ok, one.error = False, str(e)
+            finally:
+                try:
+                    self.remove(name)
+                except BenchError as e:
+                    log(f'cleanup of {POOL}/{name} failed: {e}')
+                    one.error = one.error or f'cleanup failed: {e}'
+            used, avail = self.df()
+            status = 'ok' if one.ok else f'FAILED: {one.error}'
+            log(f'{source.label:30} {peer:13} exec {one.execute or 0:6.2f}s  {status}  '
+                f'(ceph df: {human(used)} used, {human(avail)} avail)')
+            if one.execute is not None and one.ok:
+                res.runs.append(one.execute)
+            if not one.ok:
+                one.runs = res.runs
+                return one      # a wrong result is the result
+            if best is None or (one.execute or 0) < (best.execute or 0):
+                best = one
+        assert best is not None
+        best.runs = res.runs
+        return best
+
+    def ceiling(self) -> float:
+        name = f'bench-ceiling-{uuid.uuid4().hex[:6]}'
+        spec = f'{POOL}/{name}'
+        try:
+            self.rbd('create', '--size', CEILING_TOTAL, spec)
+            out = self.rbd('bench', '--io-type', 'write', '--io-size', '4M',
+                           '--io-threads', '16', '--io-total', CEILING_TOTAL, spec).stdout
+        finally:
+            if self.exists(spec):
+                self.rbd('rm', '--no-progress', spec)
+        return parse_bench(out)
+
+
+def parse_bench(out: str) -> float:
+    """MB/s (10^6) from rbd bench's summary line."""
+    m = re.search(r'elapsed:\s*([\d.]+)\s+ops:\s*(\d+)\s+ops/sec:\s*([\d.]+)\s+'
+                  r'bytes/sec:\s*([\d.]+)\s*([KMGT]i?B/s)?', out)
+    if not m:
+        raise BenchError(f'rbd bench: cannot read its summary: {_tail(out, 3)}')
+    value, unit = float(m.group(4)), m.group(5)
+    scale = {None: 1, 'KiB/s': 1024, 'MiB/s': MiB, 'GiB/s': GiB, 'TiB/s': 1 << 40}[unit]
+    return value * scale / 1e6
+
+
+# --------------------------------------------------------------------------
+# Output
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> str:
+    if a is None or not b:
+        return '-'
+    return f'{a / b:.2f}x'
+
+
+def table(results: List[Result], ceiling: float) -> str:
+    by_source: Dict[str, Dict[str, Result]] = {}
+    for r in results:
+        by_source.setdefault(r.source.key, {})[r.peer] = r
+    head = ['source', 'peer', 'prep s', 'exec s', 'task s', 'commit s', 'MB/s', 'task MB/s',
+            'CPU s', 'faults',
+            'vs qemu-img', 'vs librbd', 'vs ceiling', 'rbd du used', 'src alloc',
+            'alloc@4M', 'du/alloc', 'sha256']
+    rows: List[List[str]] = []
+    for r in results:
+        peer = r.peer + (f' ({r.path})' if r.path and r.path not in r.peer else '')
+        if r.peer == 'ours/adapter' and r.source.fmt == 'raw':
+            peer = 'ours/adapter (forced)'
+        if r.skipped:
+            rows.append([r.source.label, r.peer, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-',
+                         '-',
+                         '-', human(r.source.allocated), human(r.source.allocated_objects),
+                         '-', f'skipped: {r.skipped}'])
+            continue
+        peers = by_source[r.source.key]
+        q = peers.get('qemu-img')
+        lib = peers.get('librbd')
+        mbps = r.mbps
+        fmt = (lambda v: f'{v:.2f}' if v is not None else '-')
+        rows.append([
+            r.source.label, peer, fmt(r.prepare), fmt(r.execute), fmt(r.task),
+            fmt(r.commit),
+            f'{mbps:.1f}' if mbps is not None else 'FAILED',
+            f'{r.source.size / 1e6 / r.task:.1f}' if (mbps and r.task) else '-',
+            fmt(r.cpu), f'{r.faults / 1000:.0f}k' if r.faults is not None else '-',
+            ratio(mbps, q.mbps if q else None) if mbps else '-',
+            ratio(mbps, lib.mbps if lib else None) if mbps else '-',
+            ratio(mbps, ceiling) if mbps else '-',
+            human(r.used), human(r.source.allocated), human(r.source.allocated_objects),
+            ratio(r.used, r.source.allocated) if r.used is not None else '-',
+            'ok' if r.ok else f'FAILED: {r.error}'])
+    widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
+    left = {0, 1, len(head) - 1}
+
+    def line(row: List[str]) -> str:
+        return '  '.join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+    out = [line(head), line(['-' * w for w in widths])]
+    last = None
+    for row in rows:
+        if last is not None and row[0] != last:
+            out.append('')
+        out.append(line(row))
+        last = row[0]
+    return '\n'.join(out)
+
+
+# --------------------------------------------------------------------------
+# Main
+
+
+PEERS = {
+    'raw': ['qemu-img', 'librbd', 'ours/adapter', 'ours/librbd'],
+    'qcow': ['qemu-img', 'librbd', 'ours/adapter'],
+    'remote': ['librbd', 'ours/adapter'],
+}
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f'signal {signum}')
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n\n', 2)[2])
+    p.add_argument('--dir', default=DEFAULT_DIR,
+                   help=f'cluster directory (default {DEFAULT_DIR}); a running cluster '
+                        'there is reused (it needs --http), else one is started')
+    p.add_argument('--size', type=parse_size, default=GiB, help='virtual size (default 1G)')
+    p.add_argument('--keep', action='store_true',
+                   help='leave the cluster this run started, and the sources, in place')
+    p.add_argument('--repeat', type=int, default=1,
+                   help='runs per source and peer; the fastest is shown (default 1)')
+    p.add_argument('--only', default='',
+                   help='comma-separated sources: dense,sparse,qcow2-z,chain,http,s3')
+    p.add_argument('--adapter-concurrency', type=int,
+                   help='set mgr/rbd_migration/adapter_concurrency for the run')
+    p.add_argument('--osds', type=int, default=3)
+    p.add_argument('--osd-size', type=parse_size, default=5 * GiB)
+    args = p.parse_args(argv)
+    if args.size < 64 * MiB or args.size % OBJECT:
+        p.error('--size: at least 64M and a multiple of 4M')
+    only = {s.strip() for s in args.only.split(',') if s.strip()}
+    known = {'dense', 'sparse', 'qcow2-z', 'chain', 'http', 's3'}
+    if only - known:
+        p.error(f'--only: unknown {", ".join(sorted(only - known))}; known: {", ".join(sorted(known))}')
+
+    def wanted(key: str) -> bool:
+        return not only or key in only
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    t_start = time.monotonic()
+    cluster = Cluster(args.dir)
+    started = False
+    bench: Optional[Bench] = None
+    work = os.path.join(cluster.dir, 'bench-work')
+    restore: List[Tuple[str, Optional[str]]] = []
+    s3_keys: List[str] = []
+    served: List[str] = []
+    failed = False
+    try:
+        if cluster.state and cluster.running():
+            log(f'reusing the cluster in {cluster.dir}')
+            if not cluster.state.http_port:
+                raise BenchError(f'the cluster in {cluster.dir} has no nginx; start it with '
+                                 '--http, or give another --dir')
+        else:
+            if os.path.isdir(cluster.dir) and os.listdir(cluster.dir) and not cluster.state:
+                raise BenchError(f'{cluster.dir} exists and holds no cluster; give an empty '
+                                 'or new --dir')
+            missing = missing_packages(PACKAGES)
+            if missing:
+                raise BenchError(f'missing packages {" ".join(missing)}; run '
+                                 '/usr/bin/python3 qa/cluster.py install')
+            log(f'starting a cluster in {cluster.dir}: {args.osds} OSDs x '
+                f'{human(args.osd_size)} memstore, RGW, nginx')
+            started = True
+            cluster.start(osds=args.osds, osd_size=args.osd_size, rgw=True, http=True)
+        rgw_port = cluster.ensure_rgw() if (wanted('s3')) else 0
+        state = cluster.state
+        assert state and state.http_port and state.http_root
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        bench = Bench(cluster, work)
+        bench.connect()
+
+        def set_option(name: str, value: str) -> None:
+            opt = f'mgr/rbd_migration/{name}'
+            r = bench.ceph('config', 'get', 'mgr', opt, check=False)  # type: ignore
+            old = r.stdout.strip() if r.returncode == 0 else None
+            restore.append((opt, old))
+            bench.ceph('config', 'set', 'mgr', opt, value)  # type: ignore
+
+        r = bench.ceph('config', 'get', 'mgr', ROOTS_OPTION, check=False)
+        old_roots = r.stdout.strip() if r.returncode == 0 else ''
+        set_option('file_source_roots', ':'.join(filter(None, [old_roots, work])))
+        if args.adapter_concurrency:
+            set_option('adapter_concurrency', str(args.adapter_concurrency))
+        options = {o: bench.ceph('config', 'get', 'mgr', f'mgr/rbd_migration/{o}').stdout.strip()
+                   for o in ('adapter_concurrency', 'adapter_bandwidth_mbps',
+                             'max_concurrent_tasks')}
+
+        log(f'generating sources of {human(args.size)} in {work}')
+        sources = make_sources(work, args.size, wanted, state.http_root, state.http_port,
+                               rgw_port)
+        for s in sources:
+            if s.key == 's3':
+                s3_keys.append(s.note)
+            if s.key == 'http':
+                served.append(s.path)
+
+        _, cli = timed(lambda: bench.ceph('rbd', 'migration', 'task', 'list'))  # type: ignore
+        log('measuring the write ceiling (rbd bench)')
+        ceilings = [bench.ceiling()]
+        results: List[Result] = []
+        for source in sources:
+            peers = PEERS['remote' if source.key in ('http', 's3') else source.fmt]
+            for peer in peers:
+                results.append(bench.measure(source, peer, max(1, args.repeat)))
+        ceilings.append(bench.ceiling())
+        ceiling = max(ceilings)
+        failed = any(r.ok is False for r in results)
+
+        print()
+        print(f'rbd_migration import bench: {human(args.size)} virtual, {args.osds} memstore '
+              f'OSDs, pool {POOL} (size 1), {os.cpu_count()} CPUs; adapter_concurrency='
+              f'{options["adapter_concurrency"]}, adapter_bandwidth_mbps='
+              f'{options["adapter_bandwidth_mbps"]}; best of {max(1, args.repeat)}')
+        print(f'write ceiling (rbd bench write 4M x16 threads, {CEILING_TOTAL}): '
+              + ', '.join(f'{c:.1f}' for c in ceilings) + f' MB/s (using {ceiling:.1f})')
+        print()
+        print(table(results, ceiling))
+        print()
+        notes = []
+        for s in sources:
+            if s.note and s.key != 's3':
+                notes.append(f'{s.label}: {s.note}')
+        for r in results:
+            st = r.stats
+            if st:
+                notes.append(f'{r.source.label} / {r.peer}: read {human(st.get("bytes_read"))}, '
+                             f'wrote {human(st.get("bytes_written"))}, zeroed '
+                             f'{human(st.get("bytes_zeroed"))}, skipped '
+                             f'{human(st.get("bytes_skipped"))}')
+            if len(r.runs) > 1:
+                notes.append(f'{r.source.label} / {r.peer}: exec runs '
+                             + ', '.join(f'{t:.2f}' for t in r.runs) + ' s')
+        notes.append(f'one ceph CLI command takes {cli:.2f}s here (part of ours\' exec s: '
+                     'the execute command)')
+        notes.append('alloc@4M: the source\'s allocation counted in whole 4 MiB objects, '
+                     'the granularity rbd du (fast-diff) counts in')
+        notes.append('CPU s / faults: CPU seconds and minor page faults, during exec, of the '
+                     'process that copies (ceph-mgr for ours, else the rbd CLI or qemu-img)')
+        for n in notes:
+            print(f'  * {n}')
+        print()
+        print(f'runtime {time.monotonic() - t_start:.0f}s'
+              + ('; FAILED rows above' if failed else ''))
+    except KeyboardInterrupt:
+        log('interrupted; cleaning up')
+        failed = True
+    except BenchError as e:
+        log(f'error: {e}')
+        failed = True
+    finally:
+        if bench is not None:
+            for opt, old in reversed(restore):
+                try:
+                    if old:
+                        bench.ceph('config', 'set', 'mgr', opt, old)
+                    else:
+                        bench.ceph('config', 'rm', 'mgr', opt)
+                except BenchError as e:
+                    log(f'restoring {opt}: {e}')
+            if s3_keys and cluster.state and cluster.state.rgw_port:
+                try:
+                    client = s3_client(cluster.state.rgw_port)
+                    for key in s3_keys:
+                        client.delete_object(Bucket=S3_BUCKET, Key=key)
+                    run(['radosgw-admin', '--conf', bench.conf, 'gc', 'process',
+                         '--include-all'], timeout=300)
+                except Exception as e:  # noqa: BLE001 - report and go on cleaning
+                    log(f'removing the S3 object: {e}')
+            try:
+                leftovers = [e['name'] for e in json.loads(bench.rbd(
+                    'trash', 'ls', '--all', '--format', 'json', POOL).stdout)
+                    if e['name'].startswith('rbd_migration.')]
+                leftovers += [n for n in json.loads(bench.rbd(
+                    'ls', '--format', 'json', POOL).stdout) if n.startswith('bench-')]
+                if leftovers:
+                    log(f'left behind in pool {POOL}: {", ".join(leftovers)}')
+            except (BenchError, ValueError) as e:
+                log(f'checking for leftovers: {e}')
+            bench.close()
+        for path in served:
+            if os.path.exists(path):
+                os.unlink(path)
+        if started and not args.keep:
+            log(f'stopping the cluster in {cluster.dir}')
+            cluster.stop(purge=True)
+        elif args.keep:
+            log(f'kept: cluster {cluster.dir}, sources in {work}')
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
