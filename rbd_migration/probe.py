@@ -92,6 +92,12 @@ def _refuse_what_nobody_can_read(f: FormatFeatures, where: str) -> None:
             f'source-spec: {where} is an encrypted qcow2 image, which cannot be '
             'imported; decrypt it first (qemu-img convert --object secret,... '
             '--image-opts ... -O qcow2 plain.qcow2)')
+    if f.external_data_file:
+        # A path or URL inside the image is not one the operator named.
+        raise Unsupported(
+            f"source-spec: {where} keeps its data in external file "
+            f"'{f.external_data_file}', which is not imported; convert it first "
+            '(qemu-img convert -O qcow2 in.qcow2 out.qcow2)')
 
 
 def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> List[str]:
@@ -107,9 +113,6 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
     if f.backing_file:
         reasons.append(f"{where} is an overlay on backing file '{f.backing_file}', "
                        'which librbd cannot follow')
-    if f.external_data_file:
-        reasons.append(f"{where} keeps its data in external file "
-                       f"'{f.external_data_file}', which librbd cannot read")
     if f.extended_l2:
         reasons.append(f'{where} uses extended L2 entries, which librbd cannot read')
     reasons += _urls_librbd_mangles(spec)

@@ -299,14 +299,21 @@ class HttpStream(Stream):
         return stream
 
     def sibling(self, name: str) -> 'HttpStream':
-        """``name`` resolved against this URL as a browser would (urljoin):
-        a relative name keeps host and credentials, an absolute URL stands
-        for itself; only http(s) is followed, never a local path."""
+        """``name`` resolved against this URL as a browser would (urljoin),
+        but only on the same server: a name inside an image file must not
+        send the mgr to any URL it likes (the operator named this server,
+        not others)."""
         url = urljoin(self._url, name)
         what = f'{FIELD}: {mask_url(name)!r} (named in {self._shown})'
-        if urlsplit(url).scheme not in ('http', 'https'):
+        here, there = urlsplit(self._url), urlsplit(url)
+        if there.scheme not in ('http', 'https'):
             raise InvalidArgument(self._text(f'{what} is not an http(s) '
                                              f'location'))
+        if (there.scheme, there.hostname, there.port) != \
+                (here.scheme, here.hostname, here.port):
+            raise PermissionDenied(self._text(
+                f'{what} is on another server; only files next to the image, on '
+                f'the same server, are followed'))
         return self.open(url, self._ctx, what)
 
     def size(self) -> int:

@@ -86,12 +86,19 @@ def images(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     overlay = d / 'overlay.qcow2'
     subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-b', 'disk.qcow2', '-F', 'qcow2',
                     str(overlay)], check=True, capture_output=True)
+    orphan = d / 'orphan.qcow2'  # an overlay whose backing file is gone
+    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-b', 'gone.qcow2', '-F', 'qcow2',
+                    '-u', str(orphan), '16M'], check=True, capture_output=True)
+    external = d / 'external.qcow2'
+    subprocess.run(['qemu-img', 'create', '-f', 'qcow2', '-o',
+                    f"data_file={d / 'external.data'}", str(external), '16M'],
+                   check=True, capture_output=True)
     assert cluster.state and cluster.state.http_root
     www = Path(cluster.state.http_root) / f'import-{uuid.uuid4().hex[:8]}'
     shutil.copytree(d, www)
     cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
     yield {'dir': d, 'raw': raw, 'qcow': qcow, 'compressed': compressed,
-           'overlay': overlay, 'www': www}
+           'overlay': overlay, 'orphan': orphan, 'external': external, 'www': www}
     cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
     shutil.rmtree(www, ignore_errors=True)
 
@@ -162,10 +169,20 @@ def test_import_each_stream_and_format(cluster: Cluster, images: Dict[str, Path]
 REFUSALS = [
     ('raw-holding-qcow', lambda i: {'type': 'raw', 'stream': {'type': 'file', 'file_path': str(i['qcow'])}},
      ['type', 'use "type": "qcow"']),
-    ('compressed', lambda i: {'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(i['compressed'])}},
-     ['compressed clusters', 'qemu-img convert']),
-    ('backing', lambda i: {'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(i['overlay'])}},
+    ('compressed-librbd-forced', lambda i: {
+        'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(i['compressed'])},
+        'rbd_migration': {'engine': 'librbd'}},
+     ['compressed clusters', 'drop "engine": "librbd"']),
+    ('backing-librbd-forced', lambda i: {
+        'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(i['overlay'])},
+        'rbd_migration': {'engine': 'librbd'}},
      ['backing file', "'disk.qcow2'"]),
+    ('backing-missing', lambda i: {'type': 'qcow', 'stream': {
+        'type': 'file', 'file_path': str(i['orphan'])}},
+     ['gone.qcow2']),
+    ('external-data-file', lambda i: {'type': 'qcow', 'stream': {
+        'type': 'file', 'file_path': str(i['external'])}},
+     ['external file', 'qemu-img convert']),
     ('outside-roots', lambda i: {'type': 'raw', 'stream': {'type': 'file', 'file_path': '/etc/ceph/../hostname'}},
      ['stream.file_path', 'file_source_roots']),
     ('missing-file', lambda i: {'type': 'raw', 'stream': {'type': 'file', 'file_path': str(i['dir'] / 'nope.raw')}},
