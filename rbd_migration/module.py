@@ -9,7 +9,7 @@ import errno
 import json
 import threading
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from mgr_module import MgrModule, NotifyType, Option
 
@@ -18,7 +18,7 @@ from .health import health_checks
 from .images import Layout
 from .progress import ProgressEvents
 from .render import render
-from .secrets import mask_text
+from .secrets import collect_secrets, mask_text
 from .service import MigrationService
 from .tasks import Task
 
@@ -142,11 +142,12 @@ class Module(MgrModule):
         try:
             result = self._handlers[cmd['prefix']](cmd, inbuf)
         except MigrationError as e:
-            return -abs(e.errno), '', self._mask(str(e))
+            return -abs(e.errno), '', self._mask(str(e), cmd, inbuf)
         except Exception as e:
             self.log.error('%s failed: %s', cmd['prefix'],
-                           self._mask(traceback.format_exc()))
-            return -errno.EIO, '', self._mask(f'internal error: {type(e).__name__}: {e}')
+                           self._mask(traceback.format_exc(), cmd, inbuf))
+            return -errno.EIO, '', self._mask(f'internal error: {type(e).__name__}: {e}',
+                                              cmd, inbuf)
         if fmt in ('json', 'json-pretty'):
             return 0, json.dumps(result, indent=2 if fmt == 'json-pretty' else None,
                                  sort_keys=True), ''
@@ -165,8 +166,19 @@ class Module(MgrModule):
                                    layout, import_only=bool(cmd.get('import_only')),
                                    source_spec=cmd.get('source_spec') or inbuf)
 
-    def _mask(self, text: str) -> str:
-        return mask_text(text, ())
+    @staticmethod
+    def _mask(text: str, cmd: Dict[str, Any], inbuf: Optional[str]) -> str:
+        """Mask every secret the command carried (and URL passwords), so no
+        error or log line repeats one."""
+        secrets: Set[str] = set()
+        for candidate in (cmd.get('source_spec'), inbuf):
+            try:
+                spec = json.loads(candidate) if candidate else None
+            except ValueError:
+                continue
+            if isinstance(spec, dict):
+                secrets |= collect_secrets(spec)
+        return mask_text(text, secrets)
 
 
 class NotReady(MigrationError):
