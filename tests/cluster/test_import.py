@@ -259,10 +259,12 @@ def test_secrets_are_masked_in_status(cluster: Cluster, s3: str) -> None:
 
 def test_url_credentials_librbd_cannot_send_are_refused(cluster: Cluster,
                                                          images: Dict[str, Path]) -> None:
+    """Forced onto librbd, a URL with credentials is refused at prepare (the
+    adapter engine takes it otherwise: tests/cluster/test_adapter.py)."""
     secret = 'TOPSECRET-' + uuid.uuid4().hex
     spec = {'type': 'raw', 'stream': {'type': 'http', 'url': (
         f'http://user:{secret}@127.0.0.1:{cluster.state.http_port}/'  # type: ignore
-        f"{images['www'].name}/disk.raw")}}
+        f"{images['www'].name}/disk.raw")}, 'rbd_migration': {'engine': 'librbd'}}
     before = _snapshot(cluster)
     r = _ceph(cluster, 'rbd', 'migration', 'prepare', '--import-only', 'rbd/imp-cred',
               '--source-spec', json.dumps(spec))
