@@ -249,6 +249,7 @@ mon allow pool size one = true
 mon allow pool delete = true
 mon max pg per osd = 1000
 mon warn on pool no redundancy = false
+mon data avail warn = 5
 mon warn on insecure global id reclaim allowed = false
 mon warn on insecure global id reclaim = false
 osd crush chooseleaf type = 0
@@ -482,13 +483,39 @@ http {{
 
     def kill_daemon(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Signal one of this cluster's daemons (e.g. 'mgr.x', 'osd.1') and
-        wait until it is gone."""
-        pid = self.pids().get(name)
-        if pid is None:
+        wait until it is gone: every process started for it, not only the
+        one in its pid file (a daemon forks, and a mgr re-executes itself)."""
+        kind, ident = name.split('.', 1)
+        pids = set(self._processes(kind, ident))
+        if name in self.pids():
+            pids.add(self.pids()[name])
+        if not pids:
             raise RuntimeError(f'{name} is not running in {self.dir}')
-        os.kill(pid, sig)
-        self._wait(f'{name} to stop', lambda: not os.path.exists(f'/proc/{pid}')
-                   or _is_zombie(pid), timeout=60)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            self._wait(f'{name} to stop', lambda: not any(
+                os.path.exists(f'/proc/{p}') and not _is_zombie(p) for p in pids),
+                timeout=60)
+
+    def _processes(self, kind: str, ident: str) -> List[int]:
+        """Pids of ceph-<kind> processes started with this cluster's conf."""
+        out = []
+        for entry in os.listdir('/proc'):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f'/proc/{entry}/cmdline', 'rb') as f:
+                    argv = f.read().decode(errors='replace').split('\0')
+            except OSError:
+                continue
+            if argv and argv[0].endswith(f'ceph-{kind}') and self.dir in ' '.join(argv) \
+                    and ident in argv and '--mkfs' not in argv:
+                out.append(int(entry))
+        return out
 
     def start_daemon(self, name: str) -> None:
         """Start a daemon of this cluster again after ``kill_daemon``."""
@@ -496,7 +523,18 @@ http {{
         assert s
         kind, ident = name.split('.', 1)
         binary = {'mgr': 'ceph-mgr', 'osd': 'ceph-osd', 'mon': 'ceph-mon'}[kind]
-        self._run(binary, '--conf', s.conf, '-i', ident)
+        self._wait(f'{name} to be gone before it starts again',
+                   lambda: not self._processes(kind, ident), timeout=30)
+        # The kernel may still hold the killed daemon's pid-file lock for a
+        # moment; the new daemon then exits at once: try again.
+        for _ in range(10):
+            self._run(binary, '--conf', s.conf, '-i', ident)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and name not in self.pids():
+                time.sleep(0.2)
+            if name in self.pids():
+                break
+            time.sleep(1)
         if kind == 'osd':
             self._wait(f'{name} up', lambda: int(ident) in [
                 o['osd'] for o in self.ceph_json('osd', 'dump')['osds'] if o['up']])

@@ -172,12 +172,12 @@ class Module(MgrModule):
         error or log line repeats one."""
         secrets: Set[str] = set()
         for candidate in (cmd.get('source_spec'), inbuf):
-            try:
+            try:  # deep nesting: RecursionError, not ValueError
                 spec = json.loads(candidate) if candidate else None
-            except ValueError:
+                if isinstance(spec, dict):
+                    secrets |= collect_secrets(spec)
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(spec, dict):
-                secrets |= collect_secrets(spec)
         return mask_text(text, secrets)
 
 

@@ -387,6 +387,8 @@ class LibrbdEngine:
                 watchers = list(img.watchers_list())
         except rbd.ImageNotFound:
             raise NotFound(f"image '{src}' does not exist") from None
+        except rbd.Error as e:
+            raise translate(e, f"opening image '{src}'")
         if watchers:
             who = ', '.join(f"client.{w['id']} at {w['addr']}" for w in watchers)
             raise Busy(f"image '{src}' is open by {who}; stop those clients "
