@@ -139,7 +139,11 @@ def cluster_state(r: rados.Rados) -> Dict[Any, Any]:
         with r.open_ioctx(pool) as io:
             io.set_namespace(rados.LIBRADOS_ALL_NSPACES)
             objects = sorted((o.nspace, o.key) for o in io.list_objects())
-            state[pool] = [o for o in objects if o[1] not in BOOKKEEPING]
+            # rbd_info: librbd's pool marker, which librbd itself writes the
+            # first time it looks at a pool (the EC data pool, on the first
+            # prepare that names it), whatever the outcome; not ours.
+            state[pool] = [o for o in objects
+                           if o[1] not in BOOKKEEPING and o[1] != 'rbd_info']
             for ns in sorted({ns for ns, key in objects if key in BOOKKEEPING}):
                 io.set_namespace(ns)
                 for obj in BOOKKEEPING:
