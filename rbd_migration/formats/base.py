@@ -7,7 +7,7 @@ copies stay sparse) and lists snapshots oldest first.
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, TypeVar
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
 
 from ..context import SourceContext
 
@@ -144,3 +144,20 @@ def _merge_sorted(a: List[Extent], b: List[Extent]) -> Iterator[Extent]:
         else:
             yield b[j]
             j += 1
+
+
+def coalesce(extents: Iterable[Extent]) -> Iterator[Extent]:
+    """Adjacent extents of one kind fused into one (readers report them per
+    cluster or per object)."""
+    pending: Optional[Extent] = None
+    for ext in extents:
+        if pending is not None and pending.kind == ext.kind \
+                and pending.end == ext.offset:
+            pending = Extent(pending.offset, pending.length + ext.length,
+                             ext.kind)
+            continue
+        if pending is not None:
+            yield pending
+        pending = ext
+    if pending is not None:
+        yield pending

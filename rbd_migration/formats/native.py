@@ -28,7 +28,8 @@ import rbd
 from ..context import SourceContext
 from ..engine.librbd import translate
 from ..errors import MigrationError, NotFound
-from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
+from .base import (Extent, ExtentKind, Format, FormatFeatures, Snapshot,
+                   coalesce)
 
 #: ``diff_iterate`` runs over windows of this size, so the extents of a large
 #: image stream out (the copier starts early) and memory stays bounded by
@@ -308,7 +309,7 @@ class NativeFormat(Format):
                 data, zero = _diff_window(handle, start, end, from_name,
                                           self._failed)
                 yield from _extents(data, zero if zeros else [])
-        return _coalesce(windows())
+        return coalesce(windows())
 
 
 def _diff_window(handle: rbd.Image, start: int, end: int,
@@ -374,22 +375,6 @@ def _extents(data: Iterable[Interval],
     out += [Extent(lo, hi - lo, ExtentKind.ZERO) for lo, hi in zero_u]
     out.sort(key=lambda e: e.offset)
     return out
-
-
-def _coalesce(extents: Iterable[Extent]) -> Iterator[Extent]:
-    """Adjacent extents of one kind fused (librbd reports one per object)."""
-    pending: Optional[Extent] = None
-    for ext in extents:
-        if pending is not None and pending.kind == ext.kind \
-                and pending.end == ext.offset:
-            pending = Extent(pending.offset, pending.length + ext.length,
-                             ext.kind)
-            continue
-        if pending is not None:
-            yield pending
-        pending = ext
-    if pending is not None:
-        yield pending
 
 
 # -- opening ------------------------------------------------------------------

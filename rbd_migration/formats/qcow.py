@@ -29,7 +29,8 @@ from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
 from ..streams import open_stream
 from ..streams.base import Stream
-from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
+from .base import (Extent, ExtentKind, Format, FormatFeatures, Snapshot,
+                   coalesce)
 from .detect import QCOW_MAGIC, SNIFF_LENGTH, sniff
 
 # Header extensions (qcow2 only).
@@ -208,21 +209,6 @@ def _merge_runs(runs: Iterable[_Run]) -> Iterator[_Run]:
 _EXTENT_KIND = {_RunKind.DATA: ExtentKind.DATA,
                 _RunKind.COMPRESSED: ExtentKind.DATA,
                 _RunKind.ZERO: ExtentKind.ZERO}
-
-
-def _coalesce(extents: Iterable[Extent]) -> Iterator[Extent]:
-    pending: Optional[Extent] = None
-    for ext in extents:
-        if pending is not None and pending.kind == ext.kind \
-                and pending.end == ext.offset:
-            pending = Extent(pending.offset, pending.length + ext.length,
-                             ext.kind)
-            continue
-        if pending is not None:
-            yield pending
-        pending = ext
-    if pending is not None:
-        yield pending
 
 
 def _show_through(upper: Iterable[Extent], lower: Iterable[Extent],
@@ -739,7 +725,7 @@ class QcowFormat(Format):
         zeros.  Unallocated ranges are left out; they read from the backing
         file, or as zeros when there is none."""
         runs = self._runs(self._l1_for(snap), 0, self.size(snap))
-        return _coalesce(Extent(r.offset, r.length, _EXTENT_KIND[r.kind])
+        return coalesce(Extent(r.offset, r.length, _EXTENT_KIND[r.kind])
                          for r in runs if r.kind != _RunKind.UNALLOCATED)
 
     def extents(self, snap: Optional[Snapshot] = None) -> Iterator[Extent]:
@@ -750,7 +736,7 @@ class QcowFormat(Format):
             return own
         size = self.size(snap)
         lower = self.backing.extents()
-        return _coalesce(_show_through(own, lower, size))
+        return coalesce(_show_through(own, lower, size))
 
     def read(self, offset: int, length: int,
              snap: Optional[Snapshot] = None) -> bytes:
