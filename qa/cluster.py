@@ -15,6 +15,7 @@ files are under DIR and whose command line names DIR.
 Memstore OSDs keep data in RAM: size test images to ``--osd-size``.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -158,6 +159,58 @@ class Cluster:
 
     def ceph_json(self, *args: str) -> Any:
         return json.loads(self.ceph(*args, '--format', 'json'))
+
+    def rbd(self, *args: str) -> str:
+        """Run the rbd CLI against this cluster; return stdout."""
+        assert self.state
+        r = subprocess.run(['rbd', '--conf', self.state.conf, *args],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f'rbd {" ".join(args)}: {r.stderr.strip()}')
+        return r.stdout
+
+    def image_sha(self, spec: str) -> str:
+        """sha256 of an image (or image@snap) as `rbd export` streams it."""
+        assert self.state
+        proc = subprocess.Popen(['rbd', '--conf', self.state.conf, 'export',
+                                 '--no-progress', spec, '-'], stdout=subprocess.PIPE)
+        assert proc.stdout
+        h = hashlib.sha256()
+        for chunk in iter(lambda: proc.stdout.read(1 << 20), b''):  # type: ignore
+            h.update(chunk)
+        if proc.wait() != 0:
+            raise RuntimeError(f'rbd export {spec} failed')
+        return h.hexdigest()
+
+    def health_mentioning(self, text: str, present: bool = True,
+                          timeout: float = 30) -> Dict[str, Any]:
+        """Health checks once RBD_MIGRATION_FAILED's detail does (or no
+        longer does) mention ``text``, or at the timeout.  The mgr reports
+        health with its beacon, every few seconds; other tests' failed tasks
+        may be listed too, so a check is only ever about its own image."""
+        deadline = time.monotonic() + timeout
+        while True:
+            checks = dict(self.ceph_json('health', 'detail').get('checks', {}))
+            detail = ' '.join(d.get('message', '') for d in
+                              checks.get('RBD_MIGRATION_FAILED', {}).get('detail', []))
+            if (text in detail) == present or time.monotonic() > deadline:
+                return checks
+            time.sleep(0.5)
+
+    def task_end(self, task_id: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        """The final `task get` of a module task, riding out mgr restarts
+        (EAGAIN while active; EINVAL, EOPNOTSUPP, ETIMEDOUT while the module
+        (re)starts)."""
+        assert self.state
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r = subprocess.run(['ceph', '--conf', self.state.conf, 'rbd', 'migration',
+                                'task', 'get', task_id], capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode not in (11, 22, 95, 110):
+                return r
+            time.sleep(0.3)
+        raise AssertionError(f'task {task_id} still active after {timeout}s')
 
     def _run(self, *argv: str) -> None:
         r = subprocess.run(argv, capture_output=True, text=True)

@@ -188,23 +188,29 @@ class MigrationService:
     def commit(self, image: str, force: bool = False,
                verified: bool = False) -> Dict[str, Any]:
         info = self._find(image)
-        self._require_executed(info, 'commit')
+        _refuse_interrupted(info, 'commit')
+        if info.interrupted != 'commit':
+            self._require_executed(info, 'commit')
         self._refuse_other_action(info, 'commit')
         if verified and not self._passed_verify(info):
             raise InvalidArgument(
                 f'commit --verified: {info.dest} has no passed verify since its '
                 f'last execute; run ceph rbd migration verify {info.dest} first')
-        if not force and info.path != ADAPTER:
+        if not force and info.path != ADAPTER and not info.interrupted:
             children = self.engine.descendants(info.dest)
             if children:
                 raise Busy(f"{info.dest} has descendants ({', '.join(children)}); "
                            'make sure no client has them open read-only, then '
                            'commit with --force')
+        # The source is recorded so that a retry can still find it in the
+        # trash should librbd's commit stop half-way (see LibrbdEngine.commit).
+        source = asdict(info.source) if info.source is not None else None
         return self._submit('commit', info, f'Committing migration of {info.dest}',
-                            {'force': bool(force)})
+                            {'force': bool(force), 'source': source})
 
     def abort(self, image: str) -> Dict[str, Any]:
         info = self._find(image)
+        _refuse_interrupted(info, 'abort')
         active = self.queue.active_for(_key(info.dest))
         if active and active.action == 'commit':
             raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
@@ -250,7 +256,9 @@ class MigrationService:
         if task.action == 'execute':
             self.engine.execute(ref, progress)
         elif task.action == 'commit':
-            self.engine.commit(ref, progress, force=bool(task.options.get('force')))
+            source = task.options.get('source')
+            self.engine.commit(ref, progress, force=bool(task.options.get('force')),
+                               source=ImageRef(**source) if isinstance(source, dict) else None)
             self._unregister(ref)
         elif task.action == 'abort':
             self.engine.abort(ref, progress)
@@ -371,7 +379,15 @@ def _interruptible(task: Task) -> bool:
             or task.options.get('path') == ADAPTER)
 
 
+def _refuse_interrupted(info: MigrationInfo, action: str) -> None:
+    """A migration librbd stopped half-way through a commit or abort can
+    only go on with that same action."""
+    if info.interrupted and info.interrupted != action:
+        raise Busy(f'cannot {action} {info.dest}: {info.state_description}')
+
+
 def _refuse_unavailable(info: MigrationInfo, action: str) -> None:
+    _refuse_interrupted(info, action)
     if info.source_unavailable:
         raise SourceUnavailableError(
             f'cannot {action} {info.dest}: {info.state_description}')
@@ -390,6 +406,8 @@ def _migration_key(ref: ImageRef) -> str:
 
 
 def _state_text(info: MigrationInfo, task: Optional[Task]) -> str:
+    if info.interrupted and not (task and task.active):
+        return f'interrupted: {info.state_description}'
     if info.state == 'error':
         return f'error: {info.state_description or "librbd reports an error"}'
     if task is not None and task.state == FAILED and not task.superseded:

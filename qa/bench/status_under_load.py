@@ -146,7 +146,7 @@ def main() -> int:
                       f'measurement', flush=True)
         i50, i99 = pct(idle, 50) * 1e3, pct(idle, 99) * 1e3
         l50, l99 = pct(loaded, 50) * 1e3, pct(loaded, 99) * 1e3
-        print(f'\nstatus answer time, ms   p50      p99     (n)')
+        print('\nstatus answer time, ms   p50      p99     (n)')
         print(f'  idle                {i50:7.1f}  {i99:7.1f}   ({len(idle)})')
         print(f'  {args.executes} executes running {l50:7.1f}  {l99:7.1f}   ({len(loaded)})')
         print(f'  ratio loaded/idle   {l50 / i50:7.2f}x {l99 / i99:7.2f}x   '

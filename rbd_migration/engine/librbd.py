@@ -11,7 +11,7 @@ import errno
 import json
 import struct
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import rados
 import rbd
@@ -20,6 +20,7 @@ from ..errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
                       MigrationError, NotFound, PermissionDenied, Unsupported)
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
+from . import ondisk
 
 #: Called with (done, total); a non-zero return cancels the librbd operation.
 ProgressFn = Callable[[int, int], int]
@@ -36,10 +37,6 @@ STATES = {
 
 #: Image metadata on a target whose migration was prepared with --flatten.
 FLATTEN_KEY = 'rbd_migration.flatten'
-
-# cls_rbd's trash entry source for an image moved there by migration.
-_TRASH_SOURCE_MIGRATION = 2
-
 
 class TransientError(MigrationError):
     """The cluster could not do it now (timeout, full, connection lost)."""
@@ -109,6 +106,9 @@ class MigrationInfo:
     source_unavailable: bool = False
     #: Which engine serves it: librbd's live migration, or our adapters.
     path: str = 'librbd'
+    #: 'commit' or 'abort' when librbd stopped half-way through finishing
+    #: it; only running that action again gets out of it.
+    interrupted: Optional[str] = None
 
     @property
     def import_only(self) -> bool:
@@ -175,19 +175,43 @@ class LibrbdEngine:
         """The migration that ``spec`` (its source or its target) is part of."""
         with self.ioctx(spec.pool, spec.namespace) as io:
             try:
-                st = self.rbd.migration_status(io, spec.name)
+                st = self._migration_status(io, spec.name)
             except rbd.ImageNotFound:
-                image_id = _directory_id(io, spec.name)
-                if image_id is None:
+                image_id = ondisk.directory_id(io, spec.name)
+                if image_id is not None:
+                    return self._unavailable(ImageRef(io.get_pool_id(), spec.pool,
+                                                      spec.namespace, spec.name, image_id))
+                info = (self._interrupted_by_source_name(io, spec.name)
+                        or self._interrupted_for_target(io.get_pool_id(), name=spec.name,
+                                                        namespace=spec.namespace))
+                if info is None:
                     raise NotFound(f"image '{spec}' does not exist") from None
-                return self._unavailable(ImageRef(io.get_pool_id(), spec.pool,
-                                                  spec.namespace, spec.name, image_id))
+                return info
             except rbd.InvalidArgument:
-                raise NotMigrating(f"image '{spec}' is not being migrated; "
-                                   f'prepare a migration first') from None
+                image_id = ondisk.directory_id(io, spec.name)
+                info = (self._interrupted_for_target(io.get_pool_id(), image_id)
+                        if image_id else self._interrupted_by_source_name(io, spec.name))
+                if info is None:
+                    raise NotMigrating(f"image '{spec}' is not being migrated; "
+                                       f'prepare a migration first') from None
+                return info
             except rbd.Error as e:
                 raise translate(e, f'reading the migration status of {spec}')
         return self._info(st)
+
+    def _migration_status(self, io: rados.Ioctx, name: str) -> Dict[str, Any]:
+        """librbd's migration_status, kept away from what crashes it.
+
+        Given a name that only a trash entry still holds, librbd opens that
+        migration source; if a half-done commit already removed the
+        source's header, Pacific's librbd segfaults -- taking the whole mgr
+        with it.  Such a source is as good as gone: say so without asking.
+        """
+        if ondisk.directory_id(io, name) is None:
+            for src_id, src_name in ondisk.trashed_migration_sources(io):
+                if src_name == name and ondisk.migration_header(io, src_id) is None:
+                    raise rbd.ImageNotFound(f'{name}: a migration source being removed')
+        return dict(self.rbd.migration_status(io, name))
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -206,6 +230,11 @@ class LibrbdEngine:
                         st['dest_image_id'])
         info = MigrationInfo(dest=dest, state=STATES.get(st['state'], 'unknown'),
                              state_description=st.get('state_description') or '')
+        if info.state == 'unknown' and self._header_state(dest) == 'aborting':
+            # librbd reports an abort under way as "unknown"; if no task of
+            # ours runs it, it was interrupted.
+            info.state, info.interrupted = 'aborting', 'abort'
+            info.state_description = 'abort stopped half-way: run abort again'
         if st['source_pool_id'] >= 0:
             info.source = ImageRef(st['source_pool_id'],
                                    self._pool_name(st['source_pool_id']),
@@ -214,6 +243,14 @@ class LibrbdEngine:
         else:
             info.source_spec = self.source_spec(dest)
         return info
+
+    def _header_state(self, ref: ImageRef) -> Optional[str]:
+        try:
+            with self.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+                header = ondisk.migration_header(io, ref.id)
+        except NotFound:
+            return None
+        return header.state if header else None
 
     def verify_source_spec(self, info: MigrationInfo) -> Dict[str, Any]:
         """How our adapters read this migration's source: an in-cluster
@@ -238,7 +275,7 @@ class LibrbdEngine:
         for pool_id in pools:
             try:
                 with self.ioctx_by_id(pool_id, namespace) as io:
-                    if _directory_has(io, image_id):
+                    if ondisk.directory_has(io, image_id):
                         return pool_id
             except (MigrationError, rados.Error):
                 continue
@@ -275,16 +312,14 @@ class LibrbdEngine:
         leave no trash entry, so the caller names those it prepared.
         """
         found: Dict[str, MigrationInfo] = {}
-        for io_pool in self._rbd_pools():
-            for ns in [''] + self._namespaces(io_pool):
-                io_pool.set_namespace(ns)
-                for name in self._trashed_migration_sources(io_pool):
-                    try:
-                        info = self._info(self.rbd.migration_status(io_pool, name))
-                    except rbd.Error:
-                        continue  # committed or aborted meanwhile
-                    found[info.dest.id] = info
-            io_pool.close()
+        for io, src_id, name in self._trashed_sources():
+            try:
+                info: Optional[MigrationInfo] = self._info(
+                    self._migration_status(io, name))
+            except rbd.Error:
+                info = self._interrupted(io, src_id, name)
+            if info is not None:  # else committed or aborted meanwhile
+                found[info.dest.id] = info
         for ref in known:
             if ref.id in found:
                 continue
@@ -313,24 +348,127 @@ class LibrbdEngine:
         except rbd.Error:
             return []
 
-    def _trashed_migration_sources(self, io: rados.Ioctx) -> List[str]:
-        """Names of images in the trash because they are migration sources.
-
-        Read from the ``rbd_trash`` omap directly: Pacific's ``RBD.trash_list``
-        raises IndexError on entries whose source is "migration".
-        """
-        names = []
-        with rados.ReadOpCtx() as op:
-            it, _ = io.get_omap_vals(op, '', 'id_', 1024)
+    def _trashed_sources(self) -> Iterator[Tuple[rados.Ioctx, str, str]]:
+        """(ioctx, id, name) of every migration source in every rbd pool's
+        and namespace's trash; in-cluster migrations are found through
+        them."""
+        for io in self._rbd_pools():
             try:
-                io.operate_read_op(op, 'rbd_trash')
-            except rados.ObjectNotFound:
-                return []
-            for _key, value in it:
-                source, name = _decode_trash_spec(value)
-                if source == _TRASH_SOURCE_MIGRATION:
-                    names.append(name)
-        return names
+                for ns in [''] + self._namespaces(io):
+                    io.set_namespace(ns)
+                    for src_id, name in ondisk.trashed_migration_sources(io):
+                        yield io, src_id, name
+            finally:
+                io.close()
+
+    # -- interrupted commit and abort ----------------------------------------
+    def _interrupted(self, io: rados.Ioctx, src_id: str,
+                     src_name: str) -> Optional[MigrationInfo]:
+        """A migration librbd stopped half-way through finishing, if the
+        source ``src_id`` in ``io``'s trash is left over from one.
+
+        librbd's commit drops the target's migration header before it
+        removes the source; its abort removes the target before it restores
+        the source.  A mgr that fails over in between leaves the source in
+        the trash, read-only, where ``rbd migration`` no longer finds it and
+        ``rbd trash`` refuses it.  Its own migration header still names the
+        target, which tells the two cases apart.
+        """
+        header = ondisk.migration_header(io, src_id)
+        if header is None or header.header_type != ondisk.HEADER_SOURCE:
+            return None
+        source = ImageRef(io.get_pool_id(), io.get_pool_name(), io.nspace,
+                          src_name, src_id)
+        try:
+            with self.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
+                pool = dst_io.get_pool_name()
+                # An abort marks both headers "aborting" first, then removes
+                # the target (header object before directory entry); a
+                # commit drops the target's migration key, nothing else.
+                if header.state == 'aborting' or \
+                        not ondisk.directory_has(dst_io, header.image_id) or \
+                        not ondisk.header_exists(dst_io, header.image_id):
+                    action = 'abort'
+                elif ondisk.migration_header(dst_io, header.image_id) is None:
+                    action = 'commit'
+                else:
+                    return None  # a live migration; librbd answers for it
+        except NotFound:
+            pool, action = str(header.pool_id), 'abort'  # the target's pool is gone
+        dest = ImageRef(header.pool_id, pool, header.namespace, header.image_name,
+                        header.image_id)
+        if action == 'abort':
+            return MigrationInfo(
+                dest=dest, source=source, state='aborting', interrupted='abort',
+                state_description=f'abort stopped after removing the target; the '
+                                  f'source {source} is still in the trash: run '
+                                  f'abort again to restore it')
+        return MigrationInfo(
+            dest=dest, source=source, state='committing', interrupted='commit',
+            state_description=f'commit stopped after committing the target; the '
+                              f'source {source} is still in the trash: run commit '
+                              f'again to remove it')
+
+    def _interrupted_by_source_name(self, io: rados.Ioctx,
+                                    name: str) -> Optional[MigrationInfo]:
+        for src_id, src_name in ondisk.trashed_migration_sources(io):
+            if src_name == name:
+                return self._interrupted(io, src_id, name)
+        return None
+
+    def _interrupted_for_target(self, pool_id: int, image_id: Optional[str] = None,
+                                name: Optional[str] = None,
+                                namespace: str = '') -> Optional[MigrationInfo]:
+        """The interrupted migration into the target with this id (or, once
+        the target is gone, this name), found through its source."""
+        for io, src_id, src_name in self._trashed_sources():
+            h = ondisk.migration_header(io, src_id)
+            if h is None or h.pool_id != pool_id:
+                continue
+            if h.image_id == image_id or (name is not None and h.image_name == name
+                                          and h.namespace == namespace):
+                return self._interrupted(io, src_id, src_name)
+        return None
+
+    def _finish_commit(self, dst: ImageRef, source: Optional[ImageRef]) -> None:
+        """Remove a source an interrupted commit left in the trash.
+
+        The source is found through its header, or -- if a retry already
+        dropped the header -- as the one the task recorded when it was
+        queued, still in the trash as a migration source.
+        """
+        info = self._interrupted_for_target(dst.pool_id, dst.id)
+        if info is not None and info.interrupted == 'commit' and info.source:
+            source = info.source
+        if source is None:
+            return
+        with self.ioctx_by_id(source.pool_id, source.namespace) as io:
+            if (source.id, source.name) not in ondisk.trashed_migration_sources(io):
+                return
+            header = ondisk.migration_header(io, source.id)
+            if header is not None and (header.image_id, header.pool_id) != (dst.id, dst.pool_id):
+                return
+            try:
+                self._remove_source(io, source)
+            except rbd.Error as e:
+                raise translate(e, f'removing the source {source} of the committed '
+                                   f'migration to {dst}')
+
+    def _remove_source(self, io: rados.Ioctx, source: ImageRef) -> None:
+        """What librbd's commit does last: drop the source's migration
+        header (it keeps the image read-only), its snapshots, then the
+        image and its trash entry."""
+        if ondisk.migration_header(io, source.id) is not None:
+            io.execute(f'rbd_header.{source.id}', 'rbd', 'migration_remove', b'')
+        try:
+            with rbd.Image(io, image_id=source.id) as img:
+                for snap in list(img.list_snaps()):
+                    if img.is_protected_snap(snap['name']):
+                        img.unprotect_snap(snap['name'])
+                    img.remove_snap(snap['name'])
+        except rbd.ImageNotFound:
+            pass  # librbd got as far as removing the header
+        self.rbd.trash_remove(io, source.id, force=True)
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, src: ImageSpec, dst: ImageSpec, layout: Layout) -> MigrationInfo:
@@ -369,7 +507,7 @@ class LibrbdEngine:
         # Migration first: a migration's source sits in the trash, where
         # opening it by name would say it does not exist.
         try:
-            st = self.rbd.migration_status(io, src.name)
+            st = self._migration_status(io, src.name)
         except rbd.Error:
             st = None
         if st is not None:
@@ -423,8 +561,12 @@ class LibrbdEngine:
                 return [f"{d['pool']}/{d['pool_namespace'] + '/' if d['pool_namespace'] else ''}"
                         f"{d['image']}" for d in img.list_descendants()]
 
-    def commit(self, dst: ImageRef, progress: ProgressFn, force: bool = False) -> None:
+    def commit(self, dst: ImageRef, progress: ProgressFn, force: bool = False,
+               source: Optional[ImageRef] = None) -> None:
         """Commit; then, if prepared with --flatten, flatten the target.
+
+        A commit that librbd left half-done (target committed, source still
+        in the trash) is finished by removing the source.
 
         Pacific's python3-rbd cannot pass RBD_IMAGE_OPTION_FLATTEN to
         ``migration_prepare``, so a target prepared with --flatten keeps the
@@ -445,11 +587,13 @@ class LibrbdEngine:
                     self.rbd.migration_commit(io, dst.name, on_progress=progress)
                 except rbd.Error as e:
                     raise translate(e, f'committing the migration of {dst}')
+            else:
+                self._finish_commit(dst, source)
             self._flatten_if_asked(io, dst, progress)
 
     def _migrating(self, io: rados.Ioctx, dst: ImageRef) -> bool:
         try:
-            self.rbd.migration_status(io, dst.name)
+            self._migration_status(io, dst.name)
             return True
         except rbd.InvalidArgument:
             return False
@@ -473,11 +617,111 @@ class LibrbdEngine:
             raise translate(e, f'flattening {dst} after commit')
 
     def abort(self, dst: ImageRef, progress: ProgressFn) -> None:
-        with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
+        """Abort; idempotent, so a task retried after a failover finishes.
+
+        When librbd already removed the target, the abort goes on from the
+        source's side: librbd finds a migration source in the trash by name.
+        No target and no source left in the trash means the abort is done.
+        """
+        try:
+            self._abort_target(dst, progress)
+            return
+        except _TargetGone:
+            pass
+        info = self._interrupted_for_target(dst.pool_id, dst.id)
+        if info is not None and info.source is not None:
+            if info.interrupted != 'abort':
+                raise Busy(f'cannot abort {dst}: {info.state_description}')
+            src = info.source
+            with self.ioctx_by_id(src.pool_id, src.namespace) as io:
+                try:
+                    self.rbd.migration_abort(io, src.name, on_progress=progress)
+                except rbd.Error as e:
+                    raise translate(e, f'aborting the migration of {dst} from its '
+                                       f'source {src}')
+        self._drop_target_remnants(dst)
+
+    def _drop_target_remnants(self, dst: ImageRef) -> None:
+        """What a target removal cut short leaves once the header is gone:
+        its id object and directory entries (``rbd ls`` would list a ghost)
+        and its object map.  (Object maps of its snapshots are named by
+        snapshot ids that only the gone header held.)"""
+        try:
+            io = self.ioctx_by_id(dst.pool_id, dst.namespace)
+        except NotFound:
+            return
+        with io:
+            if ondisk.header_exists(io, dst.id):
+                return
+            if ondisk.directory_id(io, dst.name) == dst.id:
+                io.execute('rbd_directory', 'rbd', 'dir_remove_image',
+                           ondisk.encode_string(dst.name) + ondisk.encode_string(dst.id))
             try:
-                self.rbd.migration_abort(io, dst.name, on_progress=progress)
-            except rbd.Error as e:
-                raise translate(e, f'aborting the migration of {dst}')
+                if ondisk.read_id_object(io, dst.name) == dst.id:
+                    io.remove_object(f'rbd_id.{dst.name}')
+            except rados.ObjectNotFound:
+                pass
+            try:
+                io.remove_object(f'rbd_object_map.{dst.id}')
+            except rados.ObjectNotFound:
+                pass
+
+    def _abort_target(self, dst: ImageRef, progress: ProgressFn) -> None:
+        """librbd's abort, by the target; once more if it trips over what
+        its own interrupted run left.
+
+        Pacific's abort removes the target's snapshots by name; one whose
+        removal was cut short already sits in the snapshot trash under
+        another name, so every later abort fails with ENOENT on it.
+        """
+        try:
+            io = self.ioctx_by_id(dst.pool_id, dst.namespace)
+        except NotFound:
+            raise _TargetGone() from None
+        with io:
+            for attempt in (1, 2):
+                try:
+                    self.rbd.migration_abort(io, dst.name, on_progress=progress)
+                    return
+                except rbd.ImageNotFound as e:
+                    if not ondisk.directory_has(io, dst.id) or \
+                            not ondisk.header_exists(io, dst.id):
+                        raise _TargetGone() from None
+                    if attempt == 2 or not self._purge_trashed_snapshots(io, dst):
+                        raise translate(e, f'aborting the migration of {dst}')
+                except rbd.Error as e:
+                    raise translate(e, f'aborting the migration of {dst}')
+
+    def _purge_trashed_snapshots(self, io: rados.Ioctx, dst: ImageRef) -> bool:
+        """Finish removing the target's snapshots that sit in the snapshot
+        trash, as librbd's snapshot removal would: release the snapshot id
+        in the data pool, drop its object map, drop it from the header.
+        The image itself is read-only while aborting, so this goes below
+        librbd.  Whether there was any."""
+        try:
+            with rbd.Image(io, image_id=dst.id, read_only=True) as img:
+                trashed = [int(s['id']) for s in img.list_snaps()
+                           if s.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH]
+                data_pool = int(img.data_pool_id())
+        except rbd.Error:
+            return False
+        for snap_id in trashed:
+            with self.ioctx_by_id(data_pool, dst.namespace) as data_io:
+                try:
+                    data_io.remove_self_managed_snap(snap_id)
+                except rados.Error:
+                    pass  # already released
+            try:
+                io.remove_object(f'rbd_object_map.{dst.id}.{snap_id:016x}')
+            except rados.ObjectNotFound:
+                pass
+            io.execute(f'rbd_header.{dst.id}', 'rbd', 'snapshot_remove',
+                       struct.pack('<Q', snap_id))
+        return bool(trashed)
+
+
+class _TargetGone(Exception):
+    """librbd's abort cannot find the target: it removed it already."""
 
 
 def _migration_kwargs(layout: Layout) -> Dict[str, Any]:
@@ -494,42 +738,5 @@ class NotMigrating(InvalidArgument):
     """The image exists but takes part in no migration."""
 
 
-def _directory_get(io: rados.Ioctx, key: str) -> Optional[bytes]:
-    """A value of the pool's (namespace's) ``rbd_directory`` omap."""
-    with rados.ReadOpCtx() as op:
-        it, _ = io.get_omap_vals_by_keys(op, (key,))
-        try:
-            io.operate_read_op(op, 'rbd_directory')
-        except rados.ObjectNotFound:
-            return None
-        for _k, value in it:
-            return bytes(value)
-    return None
-
-
-def _directory_has(io: rados.Ioctx, image_id: str) -> bool:
-    return _directory_get(io, f'id_{image_id}') is not None
-
-
-def _directory_id(io: rados.Ioctx, name: str) -> Optional[str]:
-    """The id of the image named ``name``, without opening it."""
-    value = _directory_get(io, f'name_{name}')
-    if value is None or len(value) < 4:
-        return None
-    (length,) = struct.unpack_from('<I', value, 0)
-    return value[4:4 + length].decode()
-
-
 def _ns(io: rados.Ioctx) -> str:
     return f'{io.nspace}/' if io.nspace else ''
-
-
-def _decode_trash_spec(value: bytes) -> 'tuple[int, str]':
-    """(source, name) of an encoded cls::rbd::TrashImageSpec.
-
-    Layout: ENCODE_START header (u8 version, u8 compat, u32 length), then
-    u8 source, then the name as u32 length + bytes, then timestamps.
-    """
-    source = value[6]
-    (length,) = struct.unpack_from('<I', value, 7)
-    return source, value[11:11 + length].decode()

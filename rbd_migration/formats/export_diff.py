@@ -56,8 +56,7 @@ from ..errors import InvalidArgument
 from ..streams import open_stream
 from ..streams.base import Stream
 from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
-from .detect import (DIFF_BANNER_V1, DIFF_BANNER_V2, IMAGE_BANNER_V2,
-                     IMAGE_DIFFS_BANNER_V2)
+from .detect import DIFF_BANNER_V1, DIFF_BANNER_V2
 from .detect import SNIFF_LENGTH as SNIFF
 from .detect import sniff as known_type
 from .raw import EXTENT_PIECE

@@ -32,8 +32,8 @@ from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..streams import open_stream
 from ..streams.base import Stream
-from .export_diff import (DIFF_BANNER_V2, IMAGE_BANNER_V2,
-                          IMAGE_DIFFS_BANNER_V2, SNIFF, Layer, LayeredFormat,
+from .detect import IMAGE_BANNER_V2, IMAGE_DIFFS_BANNER_V2
+from .export_diff import (DIFF_BANNER_V2, SNIFF, Layer, LayeredFormat,
                           RecordReader, Where, known_type, normalize,
                           parse_diff)
 
@@ -150,7 +150,6 @@ def _parse_header(reader: RecordReader) -> ImageMeta:
     unknown ones skipped by their length; 'F', which rbd documents but never
     writes nor reads, is kept when it holds a le64."""
     meta = ImageMeta()
-    where = reader.where
     while True:
         at = reader.pos
         tag = reader.u8(at, 'an image header tag')

@@ -18,7 +18,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import pytest
 
@@ -33,37 +33,8 @@ def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def _rbd(cluster: Cluster, *args: str) -> str:
-    assert cluster.state
-    return subprocess.run(['rbd', '--conf', cluster.state.conf, *args],
-                          capture_output=True, text=True, check=True).stdout
-
-
 def _task(cluster: Cluster, *command: str) -> str:
     return str(cluster.ceph_json('rbd', 'migration', *command)['task']['id'])
-
-
-def _end(cluster: Cluster, task: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """The final `task get` of a task, riding out mgr restarts."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode not in (11, 22, 95, 110):  # active, or mgr (re)starting
-            return r
-        time.sleep(0.5)
-    raise AssertionError(f'task {task} still active after {timeout}s')
-
-
-def _sha(cluster: Cluster, spec: str) -> str:
-    assert cluster.state
-    proc = subprocess.Popen(['rbd', '--conf', cluster.state.conf, 'export', '--no-progress',
-                             spec, '-'], stdout=subprocess.PIPE)
-    assert proc.stdout
-    h = hashlib.sha256()
-    for chunk in iter(lambda: proc.stdout.read(1 << 20), b''):  # type: ignore
-        h.update(chunk)
-    assert proc.wait() == 0
-    return h.hexdigest()
 
 
 def _wait_running(cluster: Cluster, task: str, timeout: float = 60) -> None:
@@ -92,13 +63,13 @@ def slow(cluster: Cluster) -> Iterator[None]:
 
 
 def _source_image(cluster: Cluster, name: str, size_mb: int = 192) -> Dict[str, str]:
-    _rbd(cluster, 'create', '--size', f'{size_mb}M', f'rbd/{name}')
-    _rbd(cluster, 'bench', '--io-type', 'write', '--io-size', '4M', '--io-total',
+    cluster.rbd('create', '--size', f'{size_mb}M', f'rbd/{name}')
+    cluster.rbd('bench', '--io-type', 'write', '--io-size', '4M', '--io-total',
          f'{size_mb // 2}M', '--io-pattern', 'rand', f'rbd/{name}')
-    _rbd(cluster, 'snap', 'create', f'rbd/{name}@s1')
-    _rbd(cluster, 'bench', '--io-type', 'write', '--io-size', '4M', '--io-total',
+    cluster.rbd('snap', 'create', f'rbd/{name}@s1')
+    cluster.rbd('bench', '--io-type', 'write', '--io-size', '4M', '--io-total',
          f'{size_mb // 2}M', '--io-pattern', 'rand', f'rbd/{name}')
-    return {'s1': _sha(cluster, f'rbd/{name}@s1'), 'HEAD': _sha(cluster, f'rbd/{name}')}
+    return {'s1': cluster.image_sha(f'rbd/{name}@s1'), 'HEAD': cluster.image_sha(f'rbd/{name}')}
 
 
 def _cleanup(cluster: Cluster, *specs: str) -> None:
@@ -125,21 +96,21 @@ def test_mgr_killed_during_execute_commit_and_abort(cluster: Cluster) -> None:
             time.sleep(random.uniform(0.2, 1.0))
             cluster.kill_daemon('mgr.x')
             cluster.start_daemon('mgr.x')
-            assert _end(cluster, task).returncode == 0
+            assert cluster.task_end(task).returncode == 0
             if round_no % 2 == 0:
                 commit = _task(cluster, 'commit', f'rbd2/{name}')
                 cluster.ceph('mgr', 'fail')
                 cluster.wait_module()
-                assert _end(cluster, commit).returncode == 0
-                assert _sha(cluster, f'rbd2/{name}@s1') == sums['s1']
-                assert _sha(cluster, f'rbd2/{name}') == sums['HEAD']
+                assert cluster.task_end(commit).returncode == 0
+                assert cluster.image_sha(f'rbd2/{name}@s1') == sums['s1']
+                assert cluster.image_sha(f'rbd2/{name}') == sums['HEAD']
             else:
                 abort = _task(cluster, 'abort', f'rbd2/{name}')
                 cluster.ceph('mgr', 'fail')
                 cluster.wait_module()
-                assert _end(cluster, abort).returncode == 0
-                assert _sha(cluster, f'rbd/{name}@s1') == sums['s1']
-                assert _sha(cluster, f'rbd/{name}') == sums['HEAD']
+                assert cluster.task_end(abort).returncode == 0
+                assert cluster.image_sha(f'rbd/{name}@s1') == sums['s1']
+                assert cluster.image_sha(f'rbd/{name}') == sums['HEAD']
         finally:
             _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
 
@@ -165,11 +136,11 @@ def test_osd_frozen_and_marked_down_during_execute(cluster: Cluster, slow: None)
                 time.sleep(2)
             finally:
                 os.kill(pid, 18)  # SIGCONT
-            assert _end(cluster, task).returncode == 0
+            assert cluster.task_end(task).returncode == 0
             _wait_clean(cluster)
-            assert _end(cluster, _task(cluster, 'commit', f'rbd2/{name}')).returncode == 0
-            assert _sha(cluster, f'rbd2/{name}@s1') == sums['s1']
-            assert _sha(cluster, f'rbd2/{name}') == sums['HEAD']
+            assert cluster.task_end(_task(cluster, 'commit', f'rbd2/{name}')).returncode == 0
+            assert cluster.image_sha(f'rbd2/{name}@s1') == sums['s1']
+            assert cluster.image_sha(f'rbd2/{name}') == sums['HEAD']
         finally:
             _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
 
@@ -298,13 +269,13 @@ def test_http_source_faults_and_server_restarts(cluster: Cluster, slow: None,
             proxy.stop()
             time.sleep(random.uniform(2, 5))
             proxy.start()
-            r = _end(cluster, task)
+            r = cluster.task_end(task)
             proxy.faults = False
             assert r.returncode == 0, r.stderr
             tasks = cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
             assert next(t for t in tasks if t['id'] == task)['attempts'] >= 1
-            assert _end(cluster, _task(cluster, 'commit', f'rbd/{name}')).returncode == 0
-            assert _sha(cluster, f'rbd/{name}') == proxied_image['sha']
+            assert cluster.task_end(_task(cluster, 'commit', f'rbd/{name}')).returncode == 0
+            assert cluster.image_sha(f'rbd/{name}') == proxied_image['sha']
         finally:
             proxy.faults = False
             _cleanup(cluster, f'rbd/{name}')
@@ -344,7 +315,7 @@ def test_s3_credentials_revoked_then_restored(rgw: Cluster, slow: None, tmp_path
         _wait_running(rgw, task)
         subprocess.run([*admin, 'key', 'rm', f'--uid={uid}', f'--access-key={access}'],
                        check=True, capture_output=True)
-        r = _end(rgw, task)
+        r = rgw.task_end(task)
         assert r.returncode != 0
         line = r.stderr.strip()
         assert '\n' not in line and 'credentials' in line and secret not in line
@@ -352,9 +323,9 @@ def test_s3_credentials_revoked_then_restored(rgw: Cluster, slow: None, tmp_path
                         f'--access-key={access}', f'--secret={secret}'], check=True,
                        capture_output=True)
         retry = _task(rgw, 'execute', f'rbd/{name}')
-        assert _end(rgw, retry).returncode == 0
-        assert _end(rgw, _task(rgw, 'commit', f'rbd/{name}')).returncode == 0
-        assert _sha(rgw, f'rbd/{name}') == hashlib.sha256(data).hexdigest()
+        assert rgw.task_end(retry).returncode == 0
+        assert rgw.task_end(_task(rgw, 'commit', f'rbd/{name}')).returncode == 0
+        assert rgw.image_sha(f'rbd/{name}') == hashlib.sha256(data).hexdigest()
     finally:
         _cleanup(rgw, f'rbd/{name}')
         subprocess.run([*admin, 'user', 'rm', f'--uid={uid}', '--purge-data'],

@@ -30,17 +30,6 @@ def _task_end(cluster: Cluster, task_id: str, timeout: float = 120) -> subproces
     raise AssertionError(f'task {task_id} still active after {timeout}s')
 
 
-def _checks(cluster: Cluster, present: bool, timeout: float = 30) -> dict:
-    """Health checks once RBD_MIGRATION_FAILED is (or is not) there: the mgr
-    reports health to the monitors with its beacon, every few seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        checks = cluster.ceph_json('health', 'detail').get('checks', {})
-        if ('RBD_MIGRATION_FAILED' in checks) == present or time.monotonic() > deadline:
-            return checks
-        time.sleep(0.5)
-
-
 def _images(cluster: Cluster) -> str:
     assert cluster.state
     return subprocess.run(['rbd', '--conf', cluster.state.conf, 'ls', 'rbd'],
@@ -87,14 +76,15 @@ def test_failed_task_raises_health_until_abort(cluster: Cluster, roots: Path) ->
 
         mig = cluster.ceph_json('rbd', 'migration', 'status', f'rbd/{victim}')['migrations'][0]
         assert mig['state_text'].startswith('error: ')
-        checks = _checks(cluster, present=True)
+        checks = cluster.health_mentioning(f'rbd/{victim}')
         assert 'RBD_MIGRATION_FAILED' in checks
         detail = ' '.join(d['message'] for d in checks['RBD_MIGRATION_FAILED']['detail'])
         assert f'rbd/{victim}' in detail
 
         abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{victim}')['task']
         assert _task_end(cluster, abort['id']).returncode == 0
-        assert 'RBD_MIGRATION_FAILED' not in _checks(cluster, present=False)
+        checks = cluster.health_mentioning(f'rbd/{victim}', present=False)
+        assert f'rbd/{victim}' not in json.dumps(checks)
         assert victim not in _images(cluster)
         assert _task_end(cluster, first['id']).returncode == 0
     finally:

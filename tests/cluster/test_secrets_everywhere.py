@@ -78,15 +78,6 @@ def _wait_task(cluster: Cluster, task: str, timeout: float = 180) -> subprocess.
     raise AssertionError(f'task {task} still active after {timeout}s')
 
 
-def _health_checks(cluster: Cluster, present: bool, timeout: float = 30) -> Dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        checks = cluster.ceph_json('health', 'detail').get('checks', {})
-        if ('RBD_MIGRATION_FAILED' in checks) == present or time.monotonic() > deadline:
-            return dict(checks)
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope='module')
 def s3_user(rgw: Cluster) -> Iterator[Dict[str, Any]]:
     """An RGW user of our own, so that the keys are unique to this run, with
@@ -237,7 +228,7 @@ def transcript(cluster: Cluster, rgw: Cluster, s3_user: Dict[str, Any],
         failed = _wait_task(cluster, sc.execute(names['gone-adapter']))
         t.add('failed task get', failed.stdout + failed.stderr)
         assert failed.returncode == errno.ENOENT, (failed.returncode, failed.stderr)
-        checks = _health_checks(cluster, present=True)
+        checks = cluster.health_mentioning(names['gone-adapter'])
         assert 'RBD_MIGRATION_FAILED' in checks, checks
         t.add('health checks (failed)', json.dumps(checks))
         t.look('failed')
@@ -245,7 +236,7 @@ def transcript(cluster: Cluster, rgw: Cluster, s3_user: Dict[str, Any],
         sc.abort_all()
         (www / 'big.raw').unlink()
         www.rmdir()
-    _health_checks(cluster, present=False)
+    cluster.health_mentioning(names['gone-adapter'], present=False)
     t.look('aborted')
 
     # what is left to read: logs at the default level and crash reports
