@@ -182,17 +182,17 @@ class Cluster:
             raise RuntimeError(f'rbd export {spec} failed')
         return h.hexdigest()
 
-    def health_mentioning(self, text: str, present: bool = True,
-                          timeout: float = 30) -> Dict[str, Any]:
-        """Health checks once RBD_MIGRATION_FAILED's detail does (or no
-        longer does) mention ``text``, or at the timeout.  The mgr reports
-        health with its beacon, every few seconds; other tests' failed tasks
-        may be listed too, so a check is only ever about its own image."""
+    def health_mentioning(self, text: str, present: bool = True, timeout: float = 30,
+                          check: str = 'RBD_MIGRATION_FAILED') -> Dict[str, Any]:
+        """Health checks once ``check``'s detail does (or no longer does)
+        mention ``text``, or at the timeout.  The mgr reports health with
+        its beacon, every few seconds; other tests' tasks may be listed too,
+        so a test only ever looks for its own image."""
         deadline = time.monotonic() + timeout
         while True:
             checks = dict(self.ceph_json('health', 'detail').get('checks', {}))
             detail = ' '.join(d.get('message', '') for d in
-                              checks.get('RBD_MIGRATION_FAILED', {}).get('detail', []))
+                              checks.get(check, {}).get('detail', []))
             if (text in detail) == present or time.monotonic() > deadline:
                 return checks
             time.sleep(0.5)

@@ -84,6 +84,10 @@ class Module(MgrModule):
                runtime=True),
         Option('retry_max_backoff', type='float', default=300.0, min=0.0,
                desc='longest wait between two attempts, in seconds', runtime=True),
+        Option('stall_warning_after', type='float', default=300.0, min=0.0,
+               desc='seconds a running task may go without progress before it is '
+                    'reported stalled (RBD_MIGRATION_STALLED); 0 turns this off',
+               runtime=True),
         Option('adapter_concurrency', type='int', default=8, min=1, max=64,
                desc='chunks the adapter engine reads and writes at once, per task',
                runtime=True),

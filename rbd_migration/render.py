@@ -55,6 +55,8 @@ def _task_line(t: Dict[str, Any]) -> str:
             f", attempt {t['attempts']}")
     if t['state'] == 'running':
         line += f", {t['progress']:.0%}"
+        if t.get('stalled'):
+            line += f", stalled: {t['stalled']}"
     if t.get('last_error') and t['state'] != 'completed':
         line += f", last error: {t['last_error']}"
     return line

@@ -47,7 +47,9 @@ class MigrationService:
             max_concurrent=lambda: int(option('max_concurrent_tasks')),
             policy=lambda: RetryPolicy(int(option('retry_max_attempts')),
                                        float(option('retry_backoff')),
-                                       float(option('retry_max_backoff'))))
+                                       float(option('retry_max_backoff'))),
+            stall_after=lambda: float(option('stall_warning_after')),
+            diagnose=self.diagnose)
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,
@@ -62,6 +64,7 @@ class MigrationService:
         src = ImageSpec.parse(source, 'source_image_spec')
         dst = ImageSpec.parse(dest, 'dest_image_spec') if dest else src
         self._refuse_reserved(dst)
+        self._refuse_full(dst, layout)
         info = self.engine.prepare(src, dst, layout)
         self._register(info, layout)
         return self.describe(info)
@@ -86,6 +89,7 @@ class MigrationService:
             raise AlreadyExists(f"target image '{dst}' already exists; choose "
                                 'another name or remove it first')
         self._refuse_reserved(dst)
+        self._refuse_full(dst, layout)
         report = probe(spec, self.source_context())
         if report.path == ADAPTER:
             info = self.adapter.prepare_import(spec, dst, layout, report.size)
@@ -100,6 +104,17 @@ class MigrationService:
         if self.adapter.find(dst) is not None:
             raise AlreadyExists(f"target image '{dst}' is reserved by an import in "
                                 'progress; commit or abort it first')
+
+    def _refuse_full(self, dst: ImageSpec, layout: Layout) -> None:
+        """A full pool takes no writes: prepare would wait, and with it
+        every module command after it."""
+        full = self.engine.full_pools()
+        for pool in [dst.pool] + ([layout.data_pool] if layout.data_pool else []):
+            if pool in full:
+                what = ('reached its quota' if 'full_quota' in
+                        str(full[pool].get('flags_names', '')) else 'is full')
+                raise PoolFull(f'pool {pool} {what}; raise its quota (ceph osd pool '
+                               f'set-quota) or add space, then prepare again')
 
     def _find(self, image: str) -> MigrationInfo:
         """The migration ``image`` takes part in, on either path."""
@@ -295,6 +310,27 @@ class MigrationService:
                 return rbd.Image(io, image_id=ref.id, snapshot=snap, read_only=True)
             return verify_summary(run_verify(source, open_target, report, window))
 
+    def diagnose(self, task: Task) -> str:
+        """Why a running task may not move.  librbd's writes wait without a
+        word while the target pool (or its data pool) is full, so the pools'
+        flags are the first place to look."""
+        pools = self.engine.full_pools()
+        ref = ImageRef(task.pool_id, task.pool, task.namespace, task.image_name,
+                       task.image_id)
+        data_pool = self._registration(ref).get('layout', {}).get('data_pool')
+        for name in [task.pool] + ([data_pool] if data_pool else []):
+            pool = pools.get(name, {})
+            flags = set(str(pool.get('flags_names', '')).split(','))
+            if 'full_quota' in flags:
+                which = 'max_bytes' if pool.get('quota_max_bytes') else 'max_objects'
+                return (f'pool {name} reached its quota ({which} '
+                        f"{pool.get('quota_' + which)}); writes wait until it is "
+                        f'raised: ceph osd pool set-quota {name} {which} <more>')
+            if 'full' in flags:
+                return (f'pool {name} is full (its OSDs reached the full ratio); '
+                        'writes wait until space is added or freed: ceph health detail')
+        return ''
+
     def task_list(self) -> Dict[str, Any]:
         return {'tasks': [t.to_dict() for t in self.queue.list()]}
 
@@ -366,6 +402,10 @@ class MigrationService:
         return d
 
 
+class PoolFull(MigrationError):
+    errno = errno.ENOSPC
+
+
 class StillActive(MigrationError):
     errno = errno.EAGAIN
 
@@ -415,7 +455,8 @@ def _state_text(info: MigrationInfo, task: Optional[Task]) -> str:
     if info.state == 'executing' or (task and task.active and task.action == 'execute'):
         if task is not None and task.action == 'execute' and task.active:
             if task.state == RUNNING:
-                return f'executing ({task.progress:.0%} complete)'
+                stalled = f', stalled: {task.stalled}' if task.stalled else ''
+                return f'executing ({task.progress:.0%} complete{stalled})'
             return f'executing ({task.state})'
         return 'executing (interrupted; run execute to resume)'
     return info.state

@@ -61,6 +61,10 @@ class Task:
     superseded: bool = False
     #: What the last run reported (e.g. bytes read, written, skipped).
     result: Dict[str, Any] = field(default_factory=dict)
+    #: When the running task last moved forward.
+    moved: Optional[float] = None
+    #: Why a running task has not moved for a while; None while it moves.
+    stalled: Optional[str] = None
 
     @property
     def image_key(self) -> str:
@@ -119,7 +123,9 @@ class TaskQueue:
                  max_concurrent: Callable[[], int],
                  policy: Callable[[], RetryPolicy] = RetryPolicy,
                  keep_finished: int = 200,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 stall_after: Callable[[], float] = lambda: 0.0,
+                 diagnose: Callable[[Task], str] = lambda task: '') -> None:
         self.store = store
         self.runner = runner
         self.events = events
@@ -127,6 +133,8 @@ class TaskQueue:
         self.policy = policy
         self.keep_finished = keep_finished
         self.clock = clock
+        self.stall_after = stall_after
+        self.diagnose = diagnose
         self.tasks: Dict[str, Task] = {}
         self.cv = threading.Condition()
         self.stopping = False
@@ -232,6 +240,7 @@ class TaskQueue:
         task.state = state
         task.finished = self.clock()
         task.next_attempt = None
+        task.stalled = None
         if error is not None:
             task.last_error, task.errno = error, code
         self._save(task)
@@ -242,9 +251,37 @@ class TaskQueue:
         """The scheduler loop; returns when ``stop`` is set."""
         while not stop.is_set():
             self.schedule()
+            self.check_stalls()
             with self.cv:
                 self.cv.wait(tick)
         self.shutdown()
+
+    def check_stalls(self) -> None:
+        """Mark running tasks that have not moved for ``stall_after``
+        seconds as stalled, with the reason ``diagnose`` finds (a full
+        target pool makes librbd's writes wait without a word).  A task is
+        never stopped for it: it goes on by itself once the cause is gone."""
+        limit = self.stall_after()
+        if limit <= 0:
+            return
+        now = self.clock()
+        with self.cv:
+            idle = [t for t in self.tasks.values() if t.state == RUNNING
+                    and now - (t.moved or t.started or now) >= limit]
+        changed = False
+        for task in idle:
+            try:
+                reason = self.diagnose(task) or 'no progress'
+            except Exception:
+                log.warning('diagnosing task %s failed: %s', task.id, traceback.format_exc())
+                reason = 'no progress'
+            with self.cv:
+                if task.state == RUNNING and task.stalled != reason:
+                    task.stalled = reason
+                    self._save(task)
+                    changed = True
+        if changed:
+            self._emit(self.events.changed, self.list())
 
     def schedule(self) -> None:
         """Start every task that may run now."""
@@ -272,8 +309,9 @@ class TaskQueue:
     def _start(self, task: Task) -> None:
         task.state = RUNNING
         task.attempts += 1
-        task.started = self.clock()
+        task.started = task.moved = self.clock()
         task.next_attempt = None
+        task.stalled = None
         self._save(task)
         thread = threading.Thread(target=self._work, args=(task,),
                                   name=f'rbd_migration task {task.id}', daemon=True)
@@ -294,7 +332,15 @@ class TaskQueue:
         self._emit(self.events.changed, self.list())
 
         def report(done: int, total: int) -> bool:
-            task.progress = done / total if total else 0.0
+            progress = done / total if total else 0.0
+            if progress != task.progress or task.stalled:
+                task.moved = self.clock()
+            task.progress = progress
+            if task.stalled:
+                with self.cv:
+                    task.stalled = None
+                    self._save(task)
+                self._emit(self.events.changed, self.list())
             self._emit(self.events.progress, task)
             return task.id not in self._cancel and not self.stopping
 

@@ -157,12 +157,7 @@ class AdapterEngine:
         self._record(ref)
         with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io:
             try:
-                with rbd.Image(io, image_id=ref.id) as img:
-                    for snap in list(img.list_snaps()):
-                        if img.is_protected_snap(snap['name']):
-                            img.unprotect_snap(snap['name'])
-                        img.remove_snap(snap['name'])
-                self.rbd.trash_remove(io, ref.id, force=True, on_progress=progress)
+                self.librbd.remove_trashed(io, ref.id, progress)
             except rbd.ImageNotFound:
                 pass  # already gone
             except rbd.Error as e:

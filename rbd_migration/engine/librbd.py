@@ -10,6 +10,7 @@ applies client-side, and ``--flatten``, which Pacific's bindings cannot pass
 import errno
 import json
 import struct
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -124,6 +125,8 @@ class LibrbdEngine:
     def __init__(self, cluster: rados.Rados) -> None:
         self.rados = cluster
         self.rbd = rbd.RBD()
+        self._full: Dict[str, Dict[str, Any]] = {}
+        self._full_checked = -1e9
 
     # -- pools and images --------------------------------------------------
     def ioctx(self, pool: str, namespace: str = '', what: str = '') -> rados.Ioctx:
@@ -207,11 +210,55 @@ class LibrbdEngine:
         source's header, Pacific's librbd segfaults -- taking the whole mgr
         with it.  Such a source is as good as gone: say so without asking.
         """
-        if ondisk.directory_id(io, name) is None:
+        image_id = ondisk.directory_id(io, name)
+        if image_id is None:
             for src_id, src_name in ondisk.trashed_migration_sources(io):
                 if src_name == name and ondisk.migration_header(io, src_id) is None:
                     raise rbd.ImageNotFound(f'{name}: a migration source being removed')
+        if io.get_pool_name() in self.full_pools():
+            return self._status_from_headers(io, name, image_id)
         return dict(self.rbd.migration_status(io, name))
+
+    def full_pools(self) -> Dict[str, Dict[str, Any]]:
+        """Pools flagged full (quota or OSDs), by name, with their details;
+        asked of the monitors at most every few seconds."""
+        now = time.monotonic()
+        if now - self._full_checked > 3.0:
+            ret, out, _ = self.rados.mon_command(json.dumps(
+                {'prefix': 'osd pool ls', 'detail': 'detail', 'format': 'json'}), b'')
+            pools = json.loads(out) if ret == 0 else []
+            self._full = {p['pool_name']: p for p in pools
+                          if 'full' in str(p.get('flags_names', '')).split(',')}
+            self._full_checked = now
+        return self._full
+
+    def _status_from_headers(self, io: rados.Ioctx, name: str,
+                             image_id: Optional[str]) -> Dict[str, Any]:
+        """What migration_status says, read from the images' migration
+        headers.  On a full pool librbd's migration_status waits for a write
+        that cannot happen -- and a module command that waits stalls every
+        command after it."""
+        here = (io.get_pool_id(), io.nspace)
+        if image_id is not None:
+            header = ondisk.migration_header(io, image_id)
+            if header is None or header.header_type != ondisk.HEADER_TARGET:
+                raise rbd.InvalidArgument(f'{name}: not a migration target')
+            src = (header.pool_id, header.namespace, header.image_name, header.image_id)
+            dst = here + (name, image_id)
+        else:
+            ids = [i for i, n in ondisk.trashed_migration_sources(io) if n == name]
+            header = ondisk.migration_header(io, ids[0]) if ids else None
+            if header is None:
+                raise rbd.ImageNotFound(f'{name}: no such image')
+            src = here + (name, ids[0])
+            dst = (header.pool_id, header.namespace, header.image_name, header.image_id)
+        state = {v: k for k, v in STATES.items()}.get(header.state,
+                                                      rbd.RBD_IMAGE_MIGRATION_STATE_UNKNOWN)
+        return {'source_pool_id': src[0], 'source_pool_namespace': src[1],
+                'source_image_name': src[2], 'source_image_id': src[3],
+                'dest_pool_id': dst[0], 'dest_pool_namespace': dst[1],
+                'dest_image_name': dst[2], 'dest_image_id': dst[3],
+                'state': state, 'state_description': ''}
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -460,15 +507,21 @@ class LibrbdEngine:
         image and its trash entry."""
         if ondisk.migration_header(io, source.id) is not None:
             io.execute(f'rbd_header.{source.id}', 'rbd', 'migration_remove', b'')
+        self.remove_trashed(io, source.id)
+
+    def remove_trashed(self, io: rados.Ioctx, image_id: str,
+                       progress: Optional[ProgressFn] = None) -> None:
+        """Remove an image in the trash, with its snapshots (trash removal
+        refuses an image that has any)."""
         try:
-            with rbd.Image(io, image_id=source.id) as img:
+            with rbd.Image(io, image_id=image_id) as img:
                 for snap in list(img.list_snaps()):
                     if img.is_protected_snap(snap['name']):
                         img.unprotect_snap(snap['name'])
                     img.remove_snap(snap['name'])
         except rbd.ImageNotFound:
-            pass  # librbd got as far as removing the header
-        self.rbd.trash_remove(io, source.id, force=True)
+            pass  # the header is gone already: only the trash entry is left
+        self.rbd.trash_remove(io, image_id, force=True, on_progress=progress)
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, src: ImageSpec, dst: ImageSpec, layout: Layout) -> MigrationInfo:

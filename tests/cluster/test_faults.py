@@ -115,6 +115,77 @@ def test_mgr_killed_during_execute_commit_and_abort(cluster: Cluster) -> None:
             _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
 
 
+def _pool_objects(cluster: Cluster, pool: str) -> int:
+    stats = cluster.ceph_json('df')['pools']
+    return int(next(p for p in stats if p['name'] == pool)['stats']['objects'])
+
+
+def _quota_full(cluster: Cluster, pool: str) -> bool:
+    detail = cluster.ceph_json('osd', 'pool', 'ls', 'detail')
+    return 'full_quota' in next(p for p in detail if p['pool_name'] == pool)['flags_names']
+
+
+def _assert_stalled_on_quota(cluster: Cluster, spec: str) -> None:
+    checks = cluster.health_mentioning(spec, check='RBD_MIGRATION_STALLED', timeout=120)
+    detail = ' '.join(d['message'] for d in
+                      checks.get('RBD_MIGRATION_STALLED', {}).get('detail', []))
+    assert 'reached its quota (max_objects' in detail, checks
+    assert 'ceph osd pool set-quota rbd2 max_objects' in detail
+    tasks = cluster.ceph('rbd', 'migration', 'task', 'list')
+    assert 'stalled: pool rbd2 reached its quota' in tasks, tasks
+    mig = cluster.ceph_json('rbd', 'migration', 'status', spec)['migrations'][0]
+    assert 'stalled' in mig['state_text'], mig
+
+
+@pytest.mark.parametrize('path', ['librbd', 'adapter'])
+def test_target_pool_quota_reached(cluster: Cluster, path: str) -> None:
+    """Writes wait, without a word, while the target pool is at its quota:
+    the task is reported stalled, naming the quota and the command that
+    lifts it, and completes once the quota is raised.  librbd's copy is
+    faster than the monitors flag a pool full, so it meets a full pool at
+    its start; the adapter's, held to 5 MB/s, meets it mid-copy."""
+    assert cluster.state and cluster.state.http_root
+    opts = {'stall_warning_after': '3', 'adapter_bandwidth_mbps': '5'}
+    for k, v in opts.items():
+        cluster.ceph('config', 'set', 'mgr', f'mgr/rbd_migration/{k}', v)
+    name = f'fault-quota-{path}-{uuid.uuid4().hex[:4]}'
+    www = Path(cluster.state.http_root) / f'{name}.raw'
+    try:
+        if path == 'librbd':
+            sums = _source_image(cluster, name, 128)
+            cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
+            limit = _pool_objects(cluster, 'rbd2')
+        else:
+            data = os.urandom(96 << 20)
+            www.write_bytes(data)
+            sums = {'HEAD': hashlib.sha256(data).hexdigest()}
+            spec = {'type': 'raw', 'rbd_migration': {'engine': 'adapter'},
+                    'stream': {'type': 'http',
+                               'url': f'http://127.0.0.1:{cluster.state.http_port}/{www.name}'}}
+            cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd2/{name}',
+                         '--source-spec', json.dumps(spec))
+            limit = _pool_objects(cluster, 'rbd2') + 8
+        cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', str(limit))
+        if path == 'librbd':
+            cluster._wait('rbd2 at its quota', lambda: _quota_full(cluster, 'rbd2'), 60)
+        task = _task(cluster, 'execute', f'rbd2/{name}')
+        _assert_stalled_on_quota(cluster, f'rbd2/{name}')
+        cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', '0')
+        assert cluster.task_end(task).returncode == 0
+        cluster.health_mentioning(f'rbd2/{name}', check='RBD_MIGRATION_STALLED',
+                                  present=False)
+        assert cluster.task_end(_task(cluster, 'commit', f'rbd2/{name}')).returncode == 0
+        if 's1' in sums:
+            assert cluster.image_sha(f'rbd2/{name}@s1') == sums['s1']
+        assert cluster.image_sha(f'rbd2/{name}') == sums['HEAD']
+    finally:
+        cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', '0')
+        for k in opts:
+            cluster.ceph('config', 'rm', 'mgr', f'mgr/rbd_migration/{k}')
+        _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
+        www.unlink(missing_ok=True)
+
+
 def test_osd_frozen_and_marked_down_during_execute(cluster: Cluster, slow: None) -> None:
     """An OSD stops answering (SIGSTOP), is marked down, and comes back
     (SIGCONT): librbd's I/O waits and is resent; the execute completes.

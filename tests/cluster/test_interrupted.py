@@ -92,6 +92,22 @@ def _refused(cluster: Cluster, *command: str) -> str:
     return r.stderr
 
 
+def _finish(cluster: Cluster, action: str, spec: str, dst_id: str) -> None:
+    """Run ``action`` through the module; the migration is gone after it."""
+    task = cluster.ceph_json('rbd', 'migration', action, spec)['task']
+    assert cluster.task_end(str(task['id'])).returncode == 0
+    assert not [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
+                if m['dest']['id'] == dst_id]
+
+
+def _assert_kept(cluster: Cluster, kept: str, sums: Dict[str, str]) -> None:
+    """``kept`` holds the source's data, and no trash holds anything of it."""
+    assert cluster.image_sha(f'{kept}@s1') == sums['s1']
+    assert cluster.image_sha(kept) == sums['HEAD']
+    name = kept.split('/')[-1]
+    assert name not in _trash(cluster, 'rbd') + _trash(cluster, 'rbd2')
+
+
 def test_interrupted_abort_shows_and_finishes(cluster: Cluster, handle: rados.Rados) -> None:
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
@@ -109,13 +125,8 @@ def test_interrupted_abort_shows_and_finishes(cluster: Cluster, handle: rados.Ra
         assert 'run abort again' in _refused(cluster, 'rbd', 'migration', action,
                                              f'rbd2/{name}')
 
-    task = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{name}')['task']
-    assert cluster.task_end(str(task['id'])).returncode == 0
-    assert name not in _trash(cluster, 'rbd')
-    assert cluster.image_sha(f'rbd/{name}@s1') == sums['s1']
-    assert cluster.image_sha(f'rbd/{name}') == sums['HEAD']
-    assert not [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
-                if m['dest']['id'] == dst_id]
+    _finish(cluster, 'abort', f'rbd/{name}', dst_id)
+    _assert_kept(cluster, f'rbd/{name}', sums)
 
 
 def test_interrupted_commit_shows_and_finishes(cluster: Cluster, handle: rados.Rados) -> None:
@@ -130,13 +141,8 @@ def test_interrupted_commit_shows_and_finishes(cluster: Cluster, handle: rados.R
     assert mig['interrupted'] == 'commit' and mig['dest']['id'] == dst_id
     assert 'run commit again' in _refused(cluster, 'rbd', 'migration', 'abort', f'rbd2/{name}')
 
-    task = cluster.ceph_json('rbd', 'migration', 'commit', f'rbd2/{name}')['task']
-    assert cluster.task_end(str(task['id'])).returncode == 0
-    assert src_id not in _trash(cluster, 'rbd')
-    assert cluster.image_sha(f'rbd2/{name}@s1') == sums['s1']
-    assert cluster.image_sha(f'rbd2/{name}') == sums['HEAD']
-    assert not [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
-                if m['dest']['id'] == dst_id]
+    _finish(cluster, 'commit', f'rbd2/{name}', dst_id)
+    _assert_kept(cluster, f'rbd2/{name}', sums)
 
 
 def test_source_half_removed_does_not_crash_the_mgr(cluster: Cluster,
@@ -225,10 +231,8 @@ def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: ra
         else:
             engine.commit(dst, lambda done, total: 0, source=src)
             kept, gone = f'rbd2/{name}', f'rbd/{name}'
-        assert cluster.image_sha(f'{kept}@s1') == sums['s1']
-        assert cluster.image_sha(kept) == sums['HEAD']
+        _assert_kept(cluster, kept, sums)
         assert name not in cluster.rbd('ls', gone.split('/')[0]).split()
-        assert name not in _trash(cluster, 'rbd') + _trash(cluster, 'rbd2')
         gone_id = dst_id if action == 'abort' else src_id
         with handle.open_ioctx(gone.split('/')[0]) as io:
             assert not [o.key for o in io.list_objects() if gone_id in o.key]

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from rbd_migration.engine.librbd import ImageRef, MigrationInfo
-from rbd_migration.health import FAILED_CHECK, health_checks
+from rbd_migration.health import FAILED_CHECK, STALLED_CHECK, health_checks
 from rbd_migration.progress import ProgressEvents
 from rbd_migration.render import render
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
@@ -53,6 +53,23 @@ def test_failed_tasks_raise_rbd_migration_failed() -> None:
         'commit of rbd/ns/c failed (task 3): internal error: KeyError: 1; '
         'retry it or abort the migration']
     json.dumps(checks)  # what set_health_checks gets must serialise
+
+
+def test_stalled_running_tasks_raise_rbd_migration_stalled() -> None:
+    tasks = [task('1', state=RUNNING, image='a', progress=0.41,
+                  stalled='pool rbd2 reached its quota (max_bytes 1000)'),
+             task('2', state=RUNNING, image='b', progress=0.5),
+             task('3', state=FAILED, image='c', last_error='x'),
+             task('4', state=QUEUED, image='d', stalled='stale')]
+    checks = health_checks(tasks)
+    assert STALLED_CHECK == 'RBD_MIGRATION_STALLED'
+    assert sorted(checks) == [FAILED_CHECK, STALLED_CHECK]
+    check = checks[STALLED_CHECK]
+    assert check['count'] == 1 and check['severity'] == 'warning'
+    assert check['detail'] == ['execute of rbd/a (task 1) is stalled at 41%: '
+                               'pool rbd2 reached its quota (max_bytes 1000)']
+    rendered = render('rbd migration task list', {'tasks': [tasks[0].to_dict()]})
+    assert 'stalled: pool rbd2 reached its quota' in rendered
 
 
 def test_superseded_failures_are_not_reported() -> None:

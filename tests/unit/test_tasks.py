@@ -833,3 +833,70 @@ def test_a_failing_started_event_does_not_wedge_the_task(harnesses: List[Harness
         t.join(TIMEOUT)
     assert task.state != RUNNING
     assert store.task(task.id)['state'] != RUNNING
+
+
+# -- stalls -------------------------------------------------------------------
+
+def _stall_harness(after: float, diagnosis: List[str]) -> Harness:
+    h = make_harness()
+    h.queue.stall_after = lambda: after
+    h.queue.diagnose = lambda task: diagnosis[0]
+    return h
+
+
+def test_a_task_that_does_not_move_is_marked_stalled_with_the_reason() -> None:
+    diagnosis = ['pool rbd2 reached its quota']
+    h = _stall_harness(60.0, diagnosis)
+    task = h.submit('a')
+    call = h.start(task)
+    assert call.send_report(1, 4) is True
+    h.clock.advance(59)
+    h.queue.check_stalls()
+    assert task.stalled is None
+    h.clock.advance(2)
+    h.queue.check_stalls()
+    assert task.stalled == 'pool rbd2 reached its quota'
+    assert h.store.task(task.id)['stalled'] == task.stalled
+    changes = len(h.events.snapshots)
+    h.queue.check_stalls()                    # same reason: nothing written again
+    assert len(h.events.snapshots) == changes
+    diagnosis[0] = ''
+    h.clock.advance(10)
+    h.queue.check_stalls()
+    assert task.stalled == 'no progress'
+    assert call.send_report(1, 4) is True     # alive again: clears it
+    assert task.stalled is None and h.store.task(task.id)['stalled'] is None
+    h.clock.advance(59)
+    h.queue.check_stalls()
+    assert task.stalled is None               # the clock restarted at that report
+    call.finish()
+    assert task.stalled is None
+
+
+def test_stall_detection_off_and_failing_diagnosis() -> None:
+    h = _stall_harness(0.0, [''])
+    task = h.submit('a')
+    call = h.start(task)
+    h.clock.advance(10_000)
+    h.queue.check_stalls()
+    assert task.stalled is None
+    h.queue.stall_after = lambda: 5.0
+
+    def broken(task: Task) -> str:
+        raise RuntimeError('mon unreachable')
+    h.queue.diagnose = broken
+    h.queue.check_stalls()
+    assert task.stalled == 'no progress'
+    call.finish()
+    assert task.stalled is None
+
+
+def test_queued_tasks_never_stall() -> None:
+    h = _stall_harness(1.0, ['x'])
+    h.limit[0] = 1
+    first, second = h.submit('a'), h.submit('b')
+    call = h.start(first)
+    h.clock.advance(5)
+    h.queue.check_stalls()
+    assert first.stalled == 'x' and second.stalled is None
+    call.finish()
