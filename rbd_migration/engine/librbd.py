@@ -497,6 +497,12 @@ class LibrbdEngine:
                 return
             try:
                 self._remove_source(io, source)
+            except rbd.ImageBusy:
+                # Still watched by the client that was cut short (a failed
+                # mgr): its watch expires within a minute; retry then.
+                raise TransientError(f'the source {source} of the committed migration '
+                                     f'to {dst} is still open by a client that went '
+                                     'away; retrying once its watch expires') from None
             except rbd.Error as e:
                 raise translate(e, f'removing the source {source} of the committed '
                                    f'migration to {dst}')
@@ -512,10 +518,14 @@ class LibrbdEngine:
     def remove_trashed(self, io: rados.Ioctx, image_id: str,
                        progress: Optional[ProgressFn] = None) -> None:
         """Remove an image in the trash, with its snapshots (trash removal
-        refuses an image that has any)."""
+        refuses an image that has any) -- also those an interrupted removal
+        left in the snapshot trash, which only their id removes."""
         try:
             with rbd.Image(io, image_id=image_id) as img:
                 for snap in list(img.list_snaps()):
+                    if snap.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH:
+                        img.remove_snap_by_id(snap['id'])
+                        continue
                     if img.is_protected_snap(snap['name']):
                         img.unprotect_snap(snap['name'])
                     img.remove_snap(snap['name'])

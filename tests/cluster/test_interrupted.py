@@ -12,13 +12,14 @@ import random
 import subprocess
 import time
 import uuid
-from typing import Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Tuple
 
 import pytest
 import rados
 
 from qa.cluster import Cluster
 from rbd_migration.engine.librbd import ImageRef, LibrbdEngine
+from rbd_migration.errors import MigrationError
 
 ROUNDS = 5
 
@@ -208,6 +209,19 @@ def _kill_late(cluster: Cluster, action: str, name: str, delay: float) -> None:
     proc.wait()
 
 
+def _retrying(step: Callable[[], None], timeout: float = 90) -> None:
+    """``step`` retried on a transient error, as the task queue would: the
+    killed client's watch keeps its images busy until it expires."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return step()
+        except MigrationError as e:
+            if not e.transient or time.monotonic() > deadline:
+                raise
+            time.sleep(3)
+
+
 @pytest.mark.parametrize('action', ['abort', 'commit'])
 def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: rados.Rados,
                                                      action: str) -> None:
@@ -226,10 +240,10 @@ def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: ra
         with handle.open_ioctx('rbd2') as io:
             dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
         if action == 'abort':
-            engine.abort(dst, lambda done, total: 0)
+            _retrying(lambda: engine.abort(dst, lambda done, total: 0))
             kept, gone = f'rbd/{name}', f'rbd2/{name}'
         else:
-            engine.commit(dst, lambda done, total: 0, source=src)
+            _retrying(lambda: engine.commit(dst, lambda done, total: 0, source=src))
             kept, gone = f'rbd2/{name}', f'rbd/{name}'
         _assert_kept(cluster, kept, sums)
         assert name not in cluster.rbd('ls', gone.split('/')[0]).split()
