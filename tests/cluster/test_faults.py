@@ -126,10 +126,12 @@ def _quota_full(cluster: Cluster, pool: str) -> bool:
 
 
 def _assert_stalled_on_quota(cluster: Cluster, spec: str) -> None:
-    checks = cluster.health_mentioning(spec, check='RBD_MIGRATION_STALLED', timeout=120)
+    # "no progress" first, the cause once the pool's flags are re-read
+    checks = cluster.health_mentioning('reached its quota (max_objects',
+                                       check='RBD_MIGRATION_STALLED', timeout=120)
     detail = ' '.join(d['message'] for d in
                       checks.get('RBD_MIGRATION_STALLED', {}).get('detail', []))
-    assert 'reached its quota (max_objects' in detail, checks
+    assert f'{spec} (task' in detail and 'reached its quota (max_objects' in detail, checks
     assert 'ceph osd pool set-quota rbd2 max_objects' in detail
     tasks = cluster.ceph('rbd', 'migration', 'task', 'list')
     assert 'stalled: pool rbd2 reached its quota' in tasks, tasks
