@@ -211,10 +211,9 @@ class LibrbdEngine:
         with it.  Such a source is as good as gone: say so without asking.
         """
         image_id = ondisk.directory_id(io, name)
-        if image_id is None:
-            for src_id, src_name in ondisk.trashed_migration_sources(io):
-                if src_name == name and ondisk.migration_header(io, src_id) is None:
-                    raise rbd.ImageNotFound(f'{name}: a migration source being removed')
+        src_id = ondisk.trashed_source_id(io, name) if image_id is None else None
+        if src_id is not None and ondisk.migration_header(io, src_id) is None:
+            raise rbd.ImageNotFound(f'{name}: a migration source being removed')
         if io.get_pool_name() in self.full_pools():
             return self._status_from_headers(io, name, image_id)
         return dict(self.rbd.migration_status(io, name))
@@ -246,11 +245,11 @@ class LibrbdEngine:
             src = (header.pool_id, header.namespace, header.image_name, header.image_id)
             dst = here + (name, image_id)
         else:
-            ids = [i for i, n in ondisk.trashed_migration_sources(io) if n == name]
-            header = ondisk.migration_header(io, ids[0]) if ids else None
-            if header is None:
+            src_id = ondisk.trashed_source_id(io, name)
+            header = ondisk.migration_header(io, src_id) if src_id else None
+            if header is None or src_id is None:
                 raise rbd.ImageNotFound(f'{name}: no such image')
-            src = here + (name, ids[0])
+            src = here + (name, src_id)
             dst = (header.pool_id, header.namespace, header.image_name, header.image_id)
         state = {v: k for k, v in STATES.items()}.get(header.state,
                                                       rbd.RBD_IMAGE_MIGRATION_STATE_UNKNOWN)
@@ -458,10 +457,8 @@ class LibrbdEngine:
 
     def _interrupted_by_source_name(self, io: rados.Ioctx,
                                     name: str) -> Optional[MigrationInfo]:
-        for src_id, src_name in ondisk.trashed_migration_sources(io):
-            if src_name == name:
-                return self._interrupted(io, src_id, name)
-        return None
+        src_id = ondisk.trashed_source_id(io, name)
+        return self._interrupted(io, src_id, name) if src_id else None
 
     def _interrupted_for_target(self, pool_id: int, image_id: Optional[str] = None,
                                 name: Optional[str] = None,

@@ -139,6 +139,11 @@ def trashed_migration_sources(io: rados.Ioctx) -> List[Tuple[str, str]]:
             if source == TRASH_SOURCE_MIGRATION]
 
 
+def trashed_source_id(io: rados.Ioctx, name: str) -> Optional[str]:
+    """The id of the migration source named ``name`` in the trash, if any."""
+    return next((i for i, n in trashed_migration_sources(io) if n == name), None)
+
+
 def _trash(io: rados.Ioctx) -> Iterator[Tuple[str, Tuple[int, str]]]:
     start = ''
     while True:
