@@ -1,5 +1,5 @@
 """Health checks derived from the task queue."""
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from .tasks import FAILED, RUNNING, Task
 
@@ -7,7 +7,8 @@ FAILED_CHECK = 'RBD_MIGRATION_FAILED'
 STALLED_CHECK = 'RBD_MIGRATION_STALLED'
 
 
-def health_checks(tasks: List[Task]) -> Dict[str, Dict[str, Any]]:
+def health_checks(tasks: List[Task],
+                  other_failures: Optional[List[str]] = None) -> Dict[str, Dict[str, Any]]:
     """``RBD_MIGRATION_FAILED`` while a failed task is the latest word on its
     image (a retry, commit or abort of that image supersedes it);
     ``RBD_MIGRATION_STALLED`` while a running task has not moved for a
@@ -17,7 +18,7 @@ def health_checks(tasks: List[Task]) -> Dict[str, Dict[str, Any]]:
     checks = {
         FAILED_CHECK: _check('failed', [
             f'{t.action} of {t.image_spec} failed (task {t.id}): {t.last_error}; '
-            'retry it or abort the migration' for t in failed]),
+            'retry it or abort the migration' for t in failed] + list(other_failures or [])),
         STALLED_CHECK: _check('make no progress', [
             f'{t.action} of {t.image_spec} (task {t.id}) is stalled at '
             f'{t.progress:.0%}: {t.stalled}' for t in stalled]),

@@ -13,7 +13,9 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from mgr_module import MgrModule, NotifyType, Option
 
+from .batch import Batch
 from .errors import InvalidArgument, MigrationError
+from .fleet import Fleet
 from .health import health_checks
 from .images import Layout
 from .progress import ProgressEvents
@@ -63,6 +65,27 @@ class Module(MgrModule):
         {'cmd': 'rbd migration status name=image_spec,type=CephString,req=false',
          'desc': 'Show migrations (all, or the one an image is part of) and tasks',
          'perm': 'r'},
+        {'cmd': 'rbd migration batch prepare '
+                'name=source_pool_spec,type=CephString '
+                'name=dest_pool_spec,type=CephString '
+                'name=pattern,type=CephString,req=false '
+                'name=dry_run,type=CephBool,req=false '
+                'name=auto_commit,type=CephBool,req=false '
+                'name=verify_before_commit,type=CephBool,req=false ' + _LAYOUT_ARGS,
+         'desc': 'Migrate many images from pool[/namespace] to another: all, those '
+                 'matching --pattern GLOB, or those listed one a line with -i FILE; '
+                 '--dry-run prints the plan and changes nothing',
+         'perm': 'w'},
+        {'cmd': 'rbd migration batch status name=batch_id,type=CephString,req=false',
+         'desc': 'Show batches, or one batch image by image', 'perm': 'r'},
+        {'cmd': 'rbd migration batch cancel name=batch_id,type=CephString',
+         'desc': 'Start no more images of a batch; abort those not yet executing',
+         'perm': 'w'},
+        {'cmd': 'rbd migration batch commit name=batch_id,type=CephString',
+         'desc': 'Commit every executed image of a batch', 'perm': 'w'},
+        {'cmd': 'rbd migration metrics',
+         'desc': 'Task counts, bytes copied and copy rates (for graphs: -f json)',
+         'perm': 'r'},
         {'cmd': 'rbd migration task list',
          'desc': 'List migration tasks', 'perm': 'r'},
         {'cmd': 'rbd migration task cancel name=task_id,type=CephString',
@@ -75,6 +98,20 @@ class Module(MgrModule):
     MODULE_OPTIONS = [
         Option('max_concurrent_tasks', type='int', default=2, min=1, max=64,
                desc='tasks (execute, commit, abort) that run at once; at most one per image',
+               runtime=True),
+        Option('max_concurrent_executes_per_pool', type='int', default=0, min=0, max=64,
+               desc='executes (and verifies) that run at once in any one pool, source '
+                    'or target; 0 for no limit beyond max_concurrent_tasks',
+               runtime=True),
+        Option('max_bandwidth_mbps', type='float', default=0.0, min=0.0,
+               desc='MB/s all running executes copy together; no execute starts '
+                    'while they copy this much (librbd executes cannot be slowed '
+                    'once started; adapter-engine tasks share it); 0 for no limit',
+               runtime=True),
+        Option('execute_window', type='str', default='',
+               desc='daily times in which executes and verifies may run, e.g. '
+                    '"22:00-06:00" (mgr host local time) or "22:00-06:00 UTC", '
+                    'several separated by commas; empty for any time',
                runtime=True),
         Option('retry_max_attempts', type='int', default=8, min=1, max=1000,
                desc='attempts of a task that fails transiently before it is failed',
@@ -105,6 +142,7 @@ class Module(MgrModule):
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.service: Optional[MigrationService] = None
+        self.fleet: Optional[Fleet] = None
         self._handlers: Dict[str, Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]] = {
             'rbd migration prepare': self._prepare,
             'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
@@ -112,7 +150,15 @@ class Module(MgrModule):
                 c['image_spec'], bool(c.get('force')), bool(c.get('verified'))),
             'rbd migration verify': lambda c, _: self._svc().verify(c['image_spec']),
             'rbd migration abort': lambda c, _: self._svc().abort(c['image_spec']),
-            'rbd migration status': lambda c, _: self._svc().status(c.get('image_spec')),
+            'rbd migration status': lambda c, _: self._fleet().status(c.get('image_spec')),
+            'rbd migration batch prepare': self._batch_prepare,
+            'rbd migration batch status': lambda c, _: self._fleet().batch_status(
+                c.get('batch_id')),
+            'rbd migration batch cancel': lambda c, _: self._fleet().batch_cancel(
+                c['batch_id']),
+            'rbd migration batch commit': lambda c, _: self._fleet().batch_commit(
+                c['batch_id']),
+            'rbd migration metrics': lambda c, _: self._fleet().metrics(),
             'rbd migration task list': lambda c, _: self._svc().task_list(),
             'rbd migration task cancel': lambda c, _: self._svc().task_cancel(c['task_id']),
             'rbd migration task get': lambda c, _: self._svc().task_get(c['task_id']),
@@ -123,11 +169,13 @@ class Module(MgrModule):
         events = ModuleEvents(self)
         self.service = MigrationService(self.rados, self, events,
                                         self.get_module_option)
+        self.fleet = Fleet(self.service, events.batch_progress)
         self.service.queue.load()
+        self.fleet.load()
         self._ready.set()
-        self.log.info('rbd_migration ready: %d task(s) restored',
-                      len(self.service.queue.list()))
-        self.service.queue.run(self._stop)
+        self.log.info('rbd_migration ready: %d task(s), %d batch(es) restored',
+                      len(self.service.queue.list()), len(self.fleet.book.batches))
+        self.service.queue.run(self._stop, before=self.fleet.tick)
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -139,6 +187,11 @@ class Module(MgrModule):
         if not self._ready.wait(10) or self.service is None:
             raise NotReady('the rbd_migration module is starting; try again')
         return self.service
+
+    def _fleet(self) -> Fleet:
+        self._svc()
+        assert self.fleet is not None
+        return self.fleet
 
     # -- commands ----------------------------------------------------------
     def handle_command(self, inbuf: Optional[str], cmd: Dict[str, Any]) -> HandlerResult:
@@ -169,6 +222,16 @@ class Module(MgrModule):
         return self._svc().prepare(cmd.get('source_image_spec'), cmd.get('dest_image_spec'),
                                    layout, import_only=bool(cmd.get('import_only')),
                                    source_spec=cmd.get('source_spec') or inbuf)
+
+    def _batch_prepare(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> Dict[str, Any]:
+        layout = {k: cmd.get(k) for k in ('object_size', 'order', 'features', 'stripe_unit',
+                                          'stripe_count', 'data_pool')}
+        layout['flatten'] = bool(cmd.get('flatten'))
+        return self._fleet().batch_prepare(
+            cmd['source_pool_spec'], cmd['dest_pool_spec'], layout,
+            pattern=cmd.get('pattern'), listed=inbuf if inbuf else None,
+            dry_run=bool(cmd.get('dry_run')), auto_commit=bool(cmd.get('auto_commit')),
+            verify=bool(cmd.get('verify_before_commit')))
 
     @staticmethod
     def _mask(text: str, cmd: Dict[str, Any], inbuf: Optional[str]) -> str:
@@ -207,4 +270,8 @@ class ModuleEvents:
         self.progress_events.finished(task)
 
     def changed(self, tasks: List[Task]) -> None:
-        self.module.set_health_checks(health_checks(tasks))
+        fleet = self.module.fleet
+        self.module.set_health_checks(health_checks(tasks, fleet.failures() if fleet else []))
+
+    def batch_progress(self, batch: Batch, fraction: Optional[float], message: str) -> None:
+        self.progress_events.batch(batch.id, fraction, message)

@@ -3,7 +3,7 @@
 second each."""
 import logging
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from .tasks import FAILED, Task
 
@@ -64,3 +64,14 @@ class ProgressEvents:
             self._call('update', self.event_id(task), task.message, task.progress,
                        refs=self._refs(task))
             self._call('complete', self.event_id(task))
+
+    def batch(self, batch_id: str, fraction: Optional[float], message: str) -> None:
+        """The batch as a whole: one event, completed when the batch ends."""
+        event = f'rbd_migration/batch/{batch_id}'
+        if fraction is None:
+            self._call('update', event, message, 1.0, refs={'origin': 'rbd_migration'})
+            self._call('complete', event)
+        else:
+            self._call('update', event, f'{message} ({fraction:.0%})', fraction,
+                       refs={'origin': 'rbd_migration', 'batch': batch_id},
+                       add_to_ceph_s=True)

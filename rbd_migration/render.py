@@ -5,6 +5,14 @@ from typing import Any, Dict, List, Optional
 def render(prefix: str, result: Dict[str, Any]) -> str:
     if 'migrations' in result:
         return _status(result)
+    if 'plan' in result:
+        return _plan(result)
+    if 'items' in result:
+        return _batch(result)
+    if 'batches' in result and prefix.endswith('batch status'):
+        return '\n'.join(_batch_line(b) for b in result['batches']) or 'no batches'
+    if prefix.endswith('metrics'):
+        return _metrics(result)
     if prefix.endswith('task list'):
         return _tasks(result['tasks']) or 'no tasks'
     if prefix.endswith('prepare'):
@@ -64,3 +72,73 @@ def _task_line(t: Dict[str, Any]) -> str:
 
 def _tasks(tasks: List[Dict[str, Any]]) -> str:
     return '\n'.join('  ' + _task_line(t) for t in tasks)
+
+
+def _size(n: Optional[int]) -> str:
+    if n is None:
+        return '?'
+    value = float(n)
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if value < 1024 or unit == 'TiB':
+            return f'{value:.0f} {unit}' if unit == 'B' else f'{value:.1f} {unit}'
+        value /= 1024
+    return f'{n} B'
+
+
+def _plan(result: Dict[str, Any]) -> str:
+    lines = [f"{result['source']} -> {result['dest']}: {result['to_migrate']} image(s), "
+             f"{_size(result['bytes'])} to migrate, {result['to_skip']} skipped"]
+    for i in result['plan']:
+        what = f"{i['order']:>4}. {i['image']} -> {i['target']}"
+        if i['action'] == 'skip':
+            lines.append(f"{what}: SKIP: {i['reason']}")
+            continue
+        extra = [_size(i['size']), f"{i['snapshots']} snapshot(s)"]
+        if i['parent']:
+            extra.append(f"clone of {i['parent']}"
+                         + (f" (after {i['after']})" if i['after'] else ''))
+        if i['clones']:
+            extra.append(f"{len(i['clones'])} clone(s): {', '.join(i['clones'])}")
+        extra.append(f"commit {i['commit']}")
+        lines.append(f"{what}: {', '.join(extra)}")
+    if 'batch' in result:
+        lines.append(result['message'])
+    else:
+        lines.append(result.get('message', ''))
+    return '\n'.join(lines)
+
+
+def _batch_line(b: Dict[str, Any]) -> str:
+    counts = ', '.join(f'{n} {state}' for state, n in sorted(b['counts'].items()))
+    return (f"{b['id']} {b['source_pool']}{'/' + b['source_namespace'] if b['source_namespace'] else ''}"
+            f" -> {b['dest_pool']}{'/' + b['dest_namespace'] if b['dest_namespace'] else ''}: "
+            f"{b['state']}, {b['progress']:.0%} of {_size(b['bytes_total'])} ({counts})")
+
+
+def _batch(result: Dict[str, Any]) -> str:
+    lines = [_batch_line(result['batch'])]
+    for i in result['items']:
+        line = f"  {i['index'] + 1:>4}. {i['image']} -> {i['target']}: {i['state']}"
+        task = i.get('task')
+        if task and task['state'] in ('queued', 'running', 'waiting to retry'):
+            line += f" ({task['action']} task {task['id']} {task['state']}, {task['progress']:.0%})"
+        if i.get('waiting'):
+            line += f" (waiting: {i['waiting']})"
+        if i.get('reason'):
+            line += f": {i['reason']}"
+        lines.append(line)
+    return '\n'.join(lines)
+
+
+def _metrics(m: Dict[str, Any]) -> str:
+    lines = [f"tasks: {m['running']} running, {m['queued']} queued, {m['failed']} failed; "
+             f"copying {_size(int(m['rate_bytes_per_sec']))}/s"]
+    for t in m['running_tasks']:
+        lines.append(f"  {t['id']} {t['action']} {t['image_spec']}: "
+                     f"{_size(t['bytes_done'])} of {_size(t['bytes_total'])}, "
+                     f"{_size(int(t['rate_bytes_per_sec']))}/s")
+    for task_id, why in sorted(m['waiting'].items()):
+        lines.append(f'  {task_id} waits: {why}')
+    for b in m['batches']:
+        lines.append(f"  batch {b['id']}: {b['state']}, {b['progress']:.0%}")
+    return '\n'.join(lines)

@@ -21,7 +21,10 @@ from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
 from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError
 from .formats import open_format
 from .images import ImageSpec, Layout
+from .metrics import MeteredEvents, RateMeter
+from .metrics import summary as metrics_summary
 from .probe import ADAPTER, probe
+from .schedule import Limits, Window, must_pause, wait_reason
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
@@ -42,14 +45,25 @@ class MigrationService:
         self.adapter = AdapterEngine(self.engine, store)
         self.store = store
         self.option = option
+        self.meter = RateMeter()
         self.queue = TaskQueue(
-            store, self._run, events,
+            store, self._run, MeteredEvents(events, self.meter),
             max_concurrent=lambda: int(option('max_concurrent_tasks')),
             policy=lambda: RetryPolicy(int(option('retry_max_attempts')),
                                        float(option('retry_backoff')),
                                        float(option('retry_max_backoff'))),
             stall_after=lambda: float(option('stall_warning_after')),
-            diagnose=self.diagnose)
+            diagnose=self.diagnose,
+            gate=lambda task, running: wait_reason(task, running, self.limits(),
+                                                   time.time(), self.meter.rate),
+            pause=lambda task: _interruptible(task) and must_pause(
+                task, self.limits(), time.time()))
+
+    def limits(self) -> Limits:
+        """The scheduling options, read afresh (they change at run time)."""
+        return Limits(executes_per_pool=int(self.option('max_concurrent_executes_per_pool')),
+                      bandwidth=float(self.option('max_bandwidth_mbps')) * 1e6,
+                      window=Window.parse(str(self.option('execute_window') or '')))
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,
@@ -122,8 +136,16 @@ class MigrationService:
         return self.adapter.find(spec) or self.engine.status(spec)
 
     def copy_options(self) -> CopyOptions:
+        """Per-task bandwidth: ``adapter_bandwidth_mbps``, and at most an
+        equal share of ``max_bandwidth_mbps`` among the running executes."""
+        bandwidth = float(self.option('adapter_bandwidth_mbps')) * 1e6
+        total = float(self.option('max_bandwidth_mbps')) * 1e6
+        if total > 0:
+            running = sum(1 for t in self.queue.running_tasks() if t.action == 'execute')
+            share = total / max(1, running)
+            bandwidth = min(bandwidth, share) if bandwidth > 0 else share
         return CopyOptions(window=int(self.option('adapter_concurrency')),
-                           bandwidth=float(self.option('adapter_bandwidth_mbps')) * 1e6)
+                           bandwidth=bandwidth)
 
     def source_context(self) -> SourceContext:
         """How the mgr may read sources: file streams only under
@@ -164,14 +186,26 @@ class MigrationService:
         return refs
 
     # -- tasks -------------------------------------------------------------
-    def execute(self, image: str) -> Dict[str, Any]:
+    def execute(self, image: str, batch: Optional[str] = None) -> Dict[str, Any]:
         info = self._find(image)
         _refuse_unavailable(info, 'execute')
         if info.state == 'executed':
             return {'message': f'the migration of {info.dest} is already executed; '
                                'commit it', 'task': None}
         self._refuse_other_action(info, 'execute')
-        return self._submit('execute', info, self._execute_message(info))
+        options: Dict[str, Any] = {'size': self._size(info.dest), 'batch': batch}
+        if info.source is not None:
+            options['source_pool'] = info.source.pool
+        return self._submit('execute', info, self._execute_message(info), options)
+
+    def _size(self, ref: ImageRef) -> Optional[int]:
+        """The target's size, for bytes-copied metrics; None if unknown."""
+        try:
+            with self.engine.ioctx_by_id(ref.pool_id, ref.namespace) as io, \
+                    rbd.Image(io, image_id=ref.id, read_only=True) as img:
+                return int(img.size())
+        except (rbd.Error, rados.Error, MigrationError):
+            return None
 
     def _require_executed(self, info: MigrationInfo, action: str) -> None:
         _refuse_unavailable(info, action)
@@ -187,11 +221,12 @@ class MigrationService:
             f'the migration of {info.dest} is not executed yet (state: '
             f'{info.state}); run ceph rbd migration execute {info.dest} first')
 
-    def verify(self, image: str) -> Dict[str, Any]:
+    def verify(self, image: str, batch: Optional[str] = None) -> Dict[str, Any]:
         info = self._find(image)
         self._require_executed(info, 'verify')
         self._refuse_other_action(info, 'verify')
-        return self._submit('verify', info, f'Verifying migration of {info.dest}')
+        return self._submit('verify', info, f'Verifying migration of {info.dest}',
+                            {'size': self._size(info.dest), 'batch': batch})
 
     def _passed_verify(self, info: MigrationInfo) -> bool:
         """A verify completed after the last execute of this migration."""
@@ -201,7 +236,7 @@ class MigrationService:
         return bool(verified) and (verified[-1].started or 0) >= max(executed, default=0)
 
     def commit(self, image: str, force: bool = False,
-               verified: bool = False) -> Dict[str, Any]:
+               verified: bool = False, batch: Optional[str] = None) -> Dict[str, Any]:
         info = self._find(image)
         _refuse_interrupted(info, 'commit')
         if info.interrupted != 'commit':
@@ -221,7 +256,7 @@ class MigrationService:
         # trash should librbd's commit stop half-way (see LibrbdEngine.commit).
         source = asdict(info.source) if info.source is not None else None
         return self._submit('commit', info, f'Committing migration of {info.dest}',
-                            {'force': bool(force), 'source': source})
+                            {'force': bool(force), 'source': source, 'batch': batch})
 
     def abort(self, image: str) -> Dict[str, Any]:
         info = self._find(image)

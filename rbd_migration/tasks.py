@@ -125,7 +125,9 @@ class TaskQueue:
                  keep_finished: int = 200,
                  clock: Callable[[], float] = time.time,
                  stall_after: Callable[[], float] = lambda: 0.0,
-                 diagnose: Callable[[Task], str] = lambda task: '') -> None:
+                 diagnose: Callable[[Task], str] = lambda task: '',
+                 gate: Callable[[Task, List[Task]], Optional[str]] = lambda t, r: None,
+                 pause: Callable[[Task], bool] = lambda task: False) -> None:
         self.store = store
         self.runner = runner
         self.events = events
@@ -135,10 +137,17 @@ class TaskQueue:
         self.clock = clock
         self.stall_after = stall_after
         self.diagnose = diagnose
+        #: Why a task may not start now (scheduling limits); None: it may.
+        self.gate = gate
+        #: Whether a running task must stop at its next step and wait.
+        self.pause = pause
+        #: Why each waiting task waits, as of the last scheduling pass.
+        self.waiting: Dict[str, str] = {}
         self.tasks: Dict[str, Task] = {}
         self.cv = threading.Condition()
         self.stopping = False
         self._cancel: set = set()
+        self._paused: set = set()
         self._threads: Dict[str, threading.Thread] = {}
 
     # -- persistence -------------------------------------------------------
@@ -247,10 +256,14 @@ class TaskQueue:
         self.cv.notify_all()
 
     # -- scheduling --------------------------------------------------------
-    def run(self, stop: threading.Event, tick: float = 1.0) -> None:
-        """The scheduler loop; returns when ``stop`` is set."""
+    def run(self, stop: threading.Event, tick: float = 1.0,
+            before: Callable[[], None] = lambda: None) -> None:
+        """The scheduler loop; returns when ``stop`` is set.  ``before``
+        runs at the start of every pass (the batch driver)."""
         while not stop.is_set():
+            self._emit(before)
             self.schedule()
+            self.check_pauses()
             self.check_stalls()
             with self.cv:
                 self.cv.wait(tick)
@@ -292,9 +305,8 @@ class TaskQueue:
             running = [t for t in self.tasks.values() if t.state == RUNNING]
             busy = {t.image_key for t in running}
             slots = self.max_concurrent() - len(running)
+            waiting: Dict[str, str] = {}
             for task in self.list():
-                if slots <= 0:
-                    break
                 if task.image_key in busy:
                     continue
                 if task.state == RETRYING and (task.next_attempt or 0) > now:
@@ -302,9 +314,44 @@ class TaskQueue:
                     continue
                 if task.state not in (QUEUED, RETRYING):
                     continue
+                if slots <= 0:
+                    waiting[task.id] = (f'{len(running)} task(s) running '
+                                        f'(max_concurrent_tasks {self.max_concurrent()})')
+                    continue
+                reason = self._gate(task, running)
+                if reason:
+                    waiting[task.id] = reason
+                    busy.add(task.image_key)
+                    continue
                 busy.add(task.image_key)
                 slots -= 1
                 self._start(task)
+                running.append(task)
+            self.waiting = waiting
+
+    def _gate(self, task: Task, running: List[Task]) -> Optional[str]:
+        try:
+            return self.gate(task, running)
+        except MigrationError as e:  # a bad option value: say so, start nothing heavy
+            return str(e)
+
+    def running_tasks(self) -> List[Task]:
+        with self.cv:
+            return [t for t in self.tasks.values() if t.state == RUNNING]
+
+    def check_pauses(self) -> None:
+        """Ask running tasks that must pause (the execute window closed) to
+        stop at their next step; they go back to the queue, not to failed."""
+        with self.cv:
+            for task in self.tasks.values():
+                if task.state != RUNNING or task.id in self._paused:
+                    continue
+                try:
+                    stop = self.pause(task)
+                except MigrationError:
+                    stop = False
+                if stop:
+                    self._paused.add(task.id)
 
     def _start(self, task: Task) -> None:
         task.state = RUNNING
@@ -342,7 +389,8 @@ class TaskQueue:
                     self._save(task)
                 self._emit(self.events.changed, self.list())
             self._emit(self.events.progress, task)
-            return task.id not in self._cancel and not self.stopping
+            return (task.id not in self._cancel and task.id not in self._paused
+                    and not self.stopping)
 
         try:
             result = self.runner(task, report)
@@ -360,6 +408,7 @@ class TaskQueue:
         finally:
             with self.cv:
                 self._cancel.discard(task.id)
+                self._paused.discard(task.id)
                 self._threads.pop(task.id, None)
                 self._prune()
                 self.cv.notify_all()
@@ -370,8 +419,9 @@ class TaskQueue:
         with self.cv:
             if task.id in self._cancel:
                 self._finish(task, CANCELLED, 'cancelled by request')
-            elif self.stopping and isinstance(e, Cancelled):
-                # The mgr is going away: the next one resumes this task.
+            elif (self.stopping or task.id in self._paused) and isinstance(e, Cancelled):
+                # The mgr is going away, or the execute window closed: the
+                # task waits in the queue and resumes from its checkpoint.
                 task.state = QUEUED
                 task.attempts -= 1
                 self._save(task)

@@ -1,0 +1,280 @@
+"""The batch commands and the batch driver's steps over ``MigrationService``.
+
+Each step a batch takes is the same command an operator could type
+(prepare, execute, verify, commit), with the same checks, so a batch never
+does what a single command would refuse.
+"""
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from .batch import (EXECUTED, Batch, BatchBook, BatchDriver, BatchItem, ImageFacts,
+                    parse_pool_spec, plan, select)
+from .errors import InvalidArgument, MigrationError, NotFound
+from .images import ImageSpec, Layout
+from .inventory import describe as describe_image
+from .inventory import image_names
+from .metrics import summary as metrics_summary
+from .schedule import HEAVY
+from .service import MigrationService
+from .tasks import RUNNING, Task
+
+log = logging.getLogger(__name__)
+
+#: (batch id, fraction, message) to the progress module; None when finished.
+BatchProgress = Callable[[Batch, Optional[float], str], None]
+
+
+class Fleet:
+    def __init__(self, service: MigrationService,
+                 progress: BatchProgress = lambda b, f, m: None) -> None:
+        self.service = service
+        self.queue = service.queue
+        self.book = BatchBook(service.store)
+        self.driver = BatchDriver(self.book, self)
+        self.report_progress = progress
+        self._reported: Dict[str, float] = {}
+        self._failures: List[str] = []
+
+    def load(self) -> None:
+        self.book.load()
+
+    def tick(self) -> None:
+        """One pass of the batch driver, then the batches' progress events."""
+        self.driver.advance()
+        failures = self.failures()
+        if failures != self._failures:
+            self._failures = failures
+            self.queue.events.changed(self.queue.list())   # health
+        now = time.monotonic()
+        for batch in self.book.list():
+            if batch.id not in self._reported and batch.finished is not None:
+                continue
+            if batch.finished is not None:
+                self._reported.pop(batch.id, None)
+                self.report_progress(batch, None, self._message(batch))
+            elif now - self._reported.get(batch.id, 0.0) >= 1.0:
+                self._reported[batch.id] = now
+                self.report_progress(batch, self.driver.progress(batch), self._message(batch))
+
+    @staticmethod
+    def _message(batch: Batch) -> str:
+        counts = batch.counts()
+        done = counts.get('done', 0) + counts.get(EXECUTED, 0)
+        return (f'Migrating batch {batch.id} from {batch.source} to {batch.dest} '
+                f'({done}/{len(batch.items)} images)')
+
+    # -- commands ------------------------------------------------------------
+    def batch_prepare(self, source: str, dest: str, layout_args: Dict[str, Any],
+                      pattern: Optional[str] = None, listed: Optional[str] = None,
+                      dry_run: bool = False, auto_commit: bool = False,
+                      verify: bool = False) -> Dict[str, Any]:
+        src_pool, src_ns = parse_pool_spec(source, 'source_pool_spec')
+        dst_pool, dst_ns = parse_pool_spec(dest, 'dest_pool_spec')
+        if (src_pool, src_ns) == (dst_pool, dst_ns):
+            raise InvalidArgument('dest_pool_spec: the same as the source; a batch moves '
+                                  'images to another pool or namespace')
+        if verify and not auto_commit:
+            raise InvalidArgument('--verify-before-commit goes with --auto-commit '
+                                  '(without it, verify each image before you commit it)')
+        Layout.parse(**layout_args)    # refuse bad layout options before anything
+        engine = self.service.engine
+        with engine.ioctx(src_pool, src_ns, 'source_pool_spec') as src_io, \
+                engine.ioctx(dst_pool, dst_ns, 'dest_pool_spec') as dst_io:
+            names = select(image_names(src_io), pattern, listed)
+            if not names:
+                raise NotFound(f'no image in {source} matches'
+                               + (f' --pattern {pattern!r}' if pattern else ''))
+            taken = set(image_names(dst_io))
+            facts = [describe_image(src_io, n, taken, dest) for n in names]
+        batch = Batch(id='', source_pool=src_pool, source_namespace=src_ns,
+                      dest_pool=dst_pool, dest_namespace=dst_ns, layout=layout_args,
+                      auto_commit=auto_commit, verify=verify,
+                      items=plan(facts, src_pool, src_ns))
+        result = self._plan_result(batch, facts)
+        if dry_run:
+            result['message'] = 'dry run: nothing was changed'
+            return result
+        self.book.create(batch)
+        result['batch'] = batch.summary(0.0)
+        result['message'] = (f'batch {batch.id}: {len(batch.items)} image(s) from '
+                             f'{batch.source} to {batch.dest}; follow it with '
+                             f'ceph rbd migration batch status {batch.id}')
+        return result
+
+    @staticmethod
+    def _plan_result(batch: Batch, facts: List[ImageFacts]) -> Dict[str, Any]:
+        by_name = {f.name: f for f in facts}
+        images = []
+        for item in batch.items:
+            f = by_name[item.name]
+            images.append({
+                'order': item.index + 1, 'image': batch.source_spec(item.name),
+                'target': batch.dest_spec(item.name), 'size': item.size,
+                'snapshots': item.snapshots, 'parent': item.parent,
+                'after': item.parent_item, 'clones': f.clones, 'in_use': f.watchers,
+                'action': 'skip' if item.state == 'skipped' else 'migrate',
+                'reason': item.reason,
+                'commit': ('with --force (it has clones)' if item.needs_force
+                           else 'plain') if batch.auto_commit else 'by the operator'})
+        migrate = [i for i in images if i['action'] == 'migrate']
+        return {'plan': images, 'source': batch.source, 'dest': batch.dest,
+                'auto_commit': batch.auto_commit, 'verify_before_commit': batch.verify,
+                'to_migrate': len(migrate), 'to_skip': len(images) - len(migrate),
+                'bytes': sum(i['size'] for i in migrate)}
+
+    def batch_status(self, batch_id: Optional[str]) -> Dict[str, Any]:
+        if not batch_id:
+            return {'batches': [b.summary(self.driver.progress(b)) for b in self.book.list()]}
+        batch = self.book.get(batch_id)
+        items = []
+        for item in batch.items:
+            d = item.__dict__.copy()
+            d['image'], d['target'] = batch.source_spec(item.name), batch.dest_spec(item.name)
+            task = self.task(item.task_id) if item.task_id else None
+            d['task'] = ({'id': task.id, 'action': task.action, 'state': task.state,
+                          'progress': task.progress} if task else None)
+            waiting = self.driver.waiting.get((batch.id, item.index))
+            if task is not None and task.active and task.state != RUNNING:
+                waiting = self.queue.waiting.get(task.id, waiting)
+            d['waiting'] = waiting
+            items.append(d)
+        return {'batch': batch.summary(self.driver.progress(batch)), 'items': items}
+
+    def batch_cancel(self, batch_id: str) -> Dict[str, Any]:
+        batch = self.book.get(batch_id)
+        if batch.finished is not None:
+            return {'message': f'batch {batch.id} has already ended ({batch.state})',
+                    'batch': batch.summary(1.0)}
+        left = self.driver.cancel(batch)
+        running = [i.name for i in batch.items if i.state in ('executing', 'committing')]
+        message = f'batch {batch.id} cancelled: no image starts any more'
+        if running:
+            message += ('; librbd cannot interrupt what it runs, so these end on their own '
+                        f"and stay executed (commit or abort them): {', '.join(running)}")
+        if left:
+            message += '; not cancelled: ' + '; '.join(left)
+        return {'message': message, 'batch': batch.summary(self.driver.progress(batch))}
+
+    def batch_commit(self, batch_id: str) -> Dict[str, Any]:
+        batch = self.book.get(batch_id)
+        executed = [i for i in batch.items if i.state == EXECUTED]
+        if not executed:
+            raise InvalidArgument(f'batch {batch.id} has no executed image to commit '
+                                  f'(states: {batch.counts()})')
+        held = self.driver.commit_all(batch)
+        message = f'batch {batch.id}: commit queued for {len(executed) - len(held)} image(s)'
+        if held:
+            message += '; held: ' + '; '.join(held)
+        return {'message': message, 'batch': batch.summary(self.driver.progress(batch))}
+
+    def metrics(self) -> Dict[str, Any]:
+        tasks = self.queue.list()
+        out = metrics_summary(tasks, self.service.meter, self.queue.waiting)
+        out['batches'] = [{'id': b.id, 'state': b.state, 'counts': b.counts(),
+                           'progress': round(self.driver.progress(b), 4)}
+                          for b in self.book.list()]
+        return out
+
+    def status(self, image: Optional[str]) -> Dict[str, Any]:
+        result = self.service.status(image)
+        if not image:
+            result['metrics'] = self.metrics()
+        return result
+
+    def failures(self) -> List[str]:
+        """Batch images that failed outside any task (e.g. prepare), for
+        RBD_MIGRATION_FAILED; failed tasks are reported by themselves."""
+        out = []
+        for batch in self.book.list():
+            for item in batch.items:
+                if item.state == 'failed' and item.task_id is None:
+                    out.append(f'batch {batch.id}: {batch.source_spec(item.name)} '
+                               f'failed: {item.reason}')
+        return out
+
+    # -- the driver's steps (batch.Actions) --------------------------------------
+    def start_reason(self, batch: Batch, item: BatchItem) -> Optional[str]:
+        """Why the item's execute could not start now.  Prepared only when it
+        can, so the queue never holds a heap of prepared, idle migrations."""
+        active = [t for t in self.queue.list() if t.active]
+        running = [t for t in active if t.state == RUNNING]
+        if any(t.action in HEAVY and t.state != RUNNING for t in active):
+            return 'waiting for queued tasks to start first'
+        limit = int(self.service.option('max_concurrent_tasks'))
+        if len(running) >= limit:
+            return f'{len(running)} task(s) running (max_concurrent_tasks {limit})'
+        probe = Task(id='', action='execute', pool_id=-1, pool=batch.dest_pool,
+                     namespace=batch.dest_namespace, image_id='', image_name=item.name,
+                     sequence=0, message='', options={'source_pool': batch.source_pool})
+        try:
+            return self.queue.gate(probe, running)
+        except MigrationError as e:
+            return str(e)
+
+    def prepare(self, batch: Batch, item: BatchItem) -> str:
+        layout = Layout.parse(**batch.layout)
+        d = self.service.prepare(batch.source_spec(item.name), batch.dest_spec(item.name),
+                                 layout)['dest']
+        return f"{d['pool_id']}/{d['namespace']}/{d['id']}"
+
+    def execute(self, batch: Batch, item: BatchItem) -> Optional[Task]:
+        return self._task(self.service.execute(batch.dest_spec(item.name), batch.id))
+
+    def verify(self, batch: Batch, item: BatchItem) -> Task:
+        return self._required(self.service.verify(batch.dest_spec(item.name), batch.id))
+
+    def commit_blocker(self, batch: Batch, item: BatchItem) -> Optional[str]:
+        """A clone open by a client: committing its parent with --force would
+        pull the parent from under that client."""
+        info = self.service._find(batch.dest_spec(item.name))
+        children = self.service.engine.descendants(info.dest)
+        engine = self.service.engine
+        for child in children:
+            spec = ImageSpec.parse(child)
+            with engine.ioctx(spec.pool, spec.namespace) as io:
+                facts = describe_image(io, spec.name, set(), '')
+            if facts.watchers:
+                return (f"waiting to commit: its clone {child} is open by "
+                        f"{', '.join(facts.watchers)}")
+        return None
+
+    def commit(self, batch: Batch, item: BatchItem) -> Task:
+        spec = batch.dest_spec(item.name)
+        info = self.service._find(spec)
+        force = bool(self.service.engine.descendants(info.dest))
+        return self._required(self.service.commit(spec, force=force, verified=batch.verify,
+                                                  batch=batch.id))
+
+    def task(self, task_id: str) -> Optional[Task]:
+        return self.queue.tasks.get(task_id)
+
+    def latest(self, key: str) -> Optional[Task]:
+        return self.queue.latest_for(key)
+
+    def cancel(self, batch: Batch, item: BatchItem) -> None:
+        """Queued (not yet running) executes are cancelled and their
+        migrations aborted, so the source is as it was; a running verify
+        stops; what librbd runs ends on its own."""
+        task = self.task(item.task_id) if item.task_id else None
+        if task is None or not task.active:
+            return
+        if task.state == RUNNING and task.action != 'verify':
+            return
+        self.queue.cancel(task.id)
+        if task.action == 'execute':
+            self.service.abort(batch.dest_spec(item.name))
+            item.state, item.reason = 'cancelled', 'the batch was cancelled; aborted'
+            item.finished = time.time()
+            self.book.save_item(batch, item)
+
+    @staticmethod
+    def _task(result: Dict[str, Any]) -> Optional[Task]:
+        data = result.get('task')
+        return Task(**{k: v for k, v in data.items() if k != 'image_spec'}) if data else None
+
+    def _required(self, result: Dict[str, Any]) -> Task:
+        task = self._task(result)
+        if task is None:
+            raise MigrationError(result.get('message') or 'no task was queued')
+        return self.queue.get(task.id)
