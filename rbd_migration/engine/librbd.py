@@ -10,6 +10,7 @@ applies client-side, and ``--flatten``, which Pacific's bindings cannot pass
 import errno
 import json
 import struct
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -127,6 +128,9 @@ class LibrbdEngine:
         self.rbd = rbd.RBD()
         self._full: Dict[str, Dict[str, Any]] = {}
         self._full_checked = -1e9
+        #: Per (pool id, namespace): set once a migration_status call that
+        #: outlived its patience there returns.
+        self._waiting: Dict[Tuple[int, str], threading.Event] = {}
 
     # -- pools and images --------------------------------------------------
     def ioctx(self, pool: str, namespace: str = '', what: str = '') -> rados.Ioctx:
@@ -214,9 +218,44 @@ class LibrbdEngine:
         src_id = ondisk.trashed_source_id(io, name) if image_id is None else None
         if src_id is not None and ondisk.migration_header(io, src_id) is None:
             raise rbd.ImageNotFound(f'{name}: a migration source being removed')
-        if io.get_pool_name() in self.full_pools():
+        waiting = self._waiting.get((io.get_pool_id(), io.nspace))
+        if io.get_pool_name() in self.full_pools() or (waiting and not waiting.is_set()):
             return self._status_from_headers(io, name, image_id)
-        return dict(self.rbd.migration_status(io, name))
+        return self._patient_status(io, name, image_id)
+
+    #: Seconds a command waits for librbd's migration_status.
+    STATUS_PATIENCE = 5.0
+
+    def _patient_status(self, io: rados.Ioctx, name: str,
+                        image_id: Optional[str]) -> Dict[str, Any]:
+        """librbd's migration_status, given ``STATUS_PATIENCE`` seconds.
+
+        On a pool that filled up since its flags were read, librbd waits
+        for a write that cannot happen.  The command then answers from the
+        headers, and the pool is not asked again until that call returns.
+        The call gets its own I/O context: the caller's is closed on return.
+        """
+        where = (io.get_pool_id(), io.nspace)
+        box: Dict[str, Any] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                with self.rados.open_ioctx2(where[0]) as own:
+                    own.set_namespace(where[1])
+                    box['status'] = dict(self.rbd.migration_status(own, name))
+            except (rbd.Error, rados.Error) as e:
+                box['error'] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f'migration_status {name}', daemon=True).start()
+        if not done.wait(self.STATUS_PATIENCE):
+            self._waiting[where] = done
+            return self._status_from_headers(io, name, image_id)
+        if 'error' in box:
+            raise box['error']
+        return box['status']
 
     def full_pools(self) -> Dict[str, Dict[str, Any]]:
         """Pools flagged full (quota or OSDs), by name, with their details;
@@ -257,7 +296,7 @@ class LibrbdEngine:
                 'source_image_name': src[2], 'source_image_id': src[3],
                 'dest_pool_id': dst[0], 'dest_pool_namespace': dst[1],
                 'dest_image_name': dst[2], 'dest_image_id': dst[3],
-                'state': state, 'state_description': ''}
+                'state': state, 'state_description': header.state_description}
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -306,10 +345,7 @@ class LibrbdEngine:
             s = info.source
             return {'type': 'native', 'pool_id': s.pool_id, 'pool_namespace': s.namespace,
                     'image_name': s.name, 'image_id': s.id}
-        with self.ioctx_by_id(info.dest.pool_id, info.dest.namespace) as io:
-            with rbd.Image(io, image_id=info.dest.id, read_only=True) as img:
-                spec = img.migration_source_spec()
-        return dict(json.loads(spec) if isinstance(spec, str) else spec)
+        return self._source_spec(info.dest)
 
     def _pool_holding(self, image_id: str, namespace: str, hint: int) -> int:
         """The pool whose image directory lists ``image_id``.
@@ -341,14 +377,23 @@ class LibrbdEngine:
             return f'#{pool_id}'
 
     def source_spec(self, dest: ImageRef) -> Optional[Dict[str, Any]]:
+        """An import's source-spec, secrets masked."""
+        try:
+            return mask_spec(self._source_spec(dest))
+        except (rbd.Error, ValueError, NotFound):
+            return None
+
+    def _source_spec(self, dest: ImageRef) -> Dict[str, Any]:
+        """An import's source-spec, read from the target's migration
+        header: opening the image would wait on a full pool."""
         with self.ioctx_by_id(dest.pool_id, dest.namespace) as io:
-            try:
-                with rbd.Image(io, image_id=dest.id, read_only=True) as img:
-                    spec = img.migration_source_spec()
-                # python3-rbd returns it parsed; older bindings return text.
-                return mask_spec(json.loads(spec) if isinstance(spec, str) else spec)
-            except (rbd.Error, ValueError):
-                return None
+            header = ondisk.migration_header(io, dest.id)
+            if header is not None and header.source_spec:
+                return dict(json.loads(header.source_spec))
+            with rbd.Image(io, image_id=dest.id, read_only=True) as img:
+                spec = img.migration_source_spec()
+        # python3-rbd returns it parsed; older bindings return text.
+        return dict(json.loads(spec) if isinstance(spec, str) else spec)
 
     def list_migrations(self, known: Iterator[ImageRef] = iter(())) -> List[MigrationInfo]:
         """Every migration in every rbd pool and namespace.

@@ -33,6 +33,10 @@ class MigrationHeader:
     image_name: str
     image_id: str
     state: str
+    #: Why the migration is in its state (librbd's execute errors, say).
+    state_description: str = ''
+    #: An import's source-spec JSON (empty for an in-cluster migration).
+    source_spec: str = ''
 
 
 class _Reader:
@@ -75,8 +79,14 @@ def decode_migration_header(value: bytes) -> MigrationHeader:
         r.pos += 16
     r.pos += 8 + 1 + 1  # overlap, flatten, mirroring
     state = r.take('<B')
+    description = source_spec = ''
+    if r.pos < len(r.data):  # since v2
+        description = r.string()
+        if r.pos < len(r.data):  # since v3, after the mirror image mode
+            r.pos += 1
+            source_spec = r.string()
     return MigrationHeader(header_type, pool_id, namespace, name, image_id,
-                           MIGRATION_STATES.get(state, 'unknown'))
+                           MIGRATION_STATES.get(state, 'unknown'), description, source_spec)
 
 
 def _omap_get(io: rados.Ioctx, oid: str, key: str) -> Optional[bytes]:

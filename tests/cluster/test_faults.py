@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import pytest
+import rados
 
 from qa.cluster import Cluster
+from rbd_migration.engine.librbd import LibrbdEngine
+from rbd_migration.images import ImageSpec
 
 ROUNDS = 3
 
@@ -143,14 +146,14 @@ def _assert_stalled_on_quota(cluster: Cluster, spec: str) -> None:
     assert 'stalled' in mig['state_text'], mig
 
 
-@pytest.mark.parametrize('path', ['adapter'])
+@pytest.mark.parametrize('path', ['adapter', 'librbd'])
 def test_target_pool_quota_reached(cluster: Cluster, path: str) -> None:
     """Writes wait, without a word, while the target pool is at its quota:
     the task is reported stalled, naming the quota and the command that
     lifts it, and completes once the quota is raised.  The adapter's copy,
-    held to 5 MB/s, meets the quota mid-copy.  (librbd's copy is faster than
-    the monitors flag a pool full; queuing its execute on a pool already
-    full does not answer yet -- a known gap, see README.)"""
+    held to 5 MB/s, meets the quota mid-copy; librbd's copy is faster than
+    the monitors flag a pool full, so its execute is queued on a pool
+    already full."""
     assert cluster.state and cluster.state.http_root
     opts = {'stall_warning_after': '3', 'adapter_bandwidth_mbps': '5'}
     for k, v in opts.items():
@@ -192,6 +195,32 @@ def test_target_pool_quota_reached(cluster: Cluster, path: str) -> None:
         _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
         www.unlink(missing_ok=True)
 
+
+def test_status_answers_on_a_pool_that_just_filled(cluster: Cluster) -> None:
+    """librbd's migration_status waits for a write on a full pool.  The
+    engine reads the pool flags at most every few seconds, so a pool can
+    fill up unseen: the status then comes from the image headers after a
+    few seconds, and at once while that librbd call still waits."""
+    assert cluster.state
+    name = f'fault-justfull-{uuid.uuid4().hex[:4]}'
+    _source_image(cluster, name, 16)
+    cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
+    try:
+        cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', '1')
+        cluster._wait('rbd2 at its quota', lambda: _quota_full(cluster, 'rbd2'), 60)
+        with rados.Rados(conffile=cluster.state.conf) as conn:
+            engine = LibrbdEngine(conn)
+            engine.STATUS_PATIENCE = 2.0
+            engine._full_checked = float('inf')  # flags "read" just before
+            for _ in range(2):
+                started = time.monotonic()
+                info = engine.status(ImageSpec('rbd2', '', name))
+                assert time.monotonic() - started < 30
+                assert (info.state, str(info.source)) == ('prepared', f'rbd/{name}')
+            assert engine._waiting, 'librbd answered on a full pool: nothing tested'
+    finally:
+        cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', '0')
+        _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
 
 def test_osd_frozen_and_marked_down_during_execute(cluster: Cluster, slow: None) -> None:
     """An OSD stops answering (SIGSTOP), is marked down, and comes back

@@ -33,6 +33,7 @@ def test_source_header_written_by_pacific() -> None:
     h = decode_migration_header(value)
     assert (h.header_type, h.pool_id, h.namespace, h.image_name, h.image_id,
             h.state) == (HEADER_SOURCE, 2, '', 'c18-29703', '12764db55fa4', 'executed')
+    assert (h.state_description, h.source_spec) == ('', '')
 
 
 @pytest.mark.parametrize('state,text', [(0, 'error'), (2, 'prepared'), (5, 'aborting'),
@@ -43,6 +44,7 @@ def test_target_header_with_snapshots(state: int, text: str) -> None:
     h = decode_migration_header(value)
     assert (h.header_type, h.pool_id, h.namespace, h.image_name, h.image_id,
             h.state) == (HEADER_TARGET, 7, 'ns1', 'vm-disk', 'abc123', text)
+    assert (h.state_description, h.source_spec) == ('why', '{"type": "raw"}')
 
 
 def test_truncated_header_is_refused() -> None:
