@@ -31,10 +31,11 @@ BATCH_SEQUENCE_KEY = 'batch_sequence'
 KEEP_FINISHED = 20
 
 # Item states.
-PENDING, EXECUTING, VERIFYING, COMMITTING = 'pending', 'executing', 'verifying', 'committing'
+PENDING, PREPARING = 'pending', 'preparing'
+EXECUTING, VERIFYING, COMMITTING = 'executing', 'verifying', 'committing'
 EXECUTED, DONE = 'executed', 'done'
 SKIPPED, ITEM_FAILED, ITEM_CANCELLED = 'skipped', 'failed', 'cancelled'
-IN_FLIGHT = (EXECUTING, VERIFYING, COMMITTING)
+IN_FLIGHT = (PREPARING, EXECUTING, VERIFYING, COMMITTING)
 FINAL = (DONE, SKIPPED, ITEM_FAILED, ITEM_CANCELLED)
 
 
@@ -221,6 +222,8 @@ class Actions(Protocol):
     def start_reason(self, batch: Batch, item: BatchItem) -> Optional[str]: ...
     #: Prepares the migration; returns the target's image key.
     def prepare(self, batch: Batch, item: BatchItem) -> str: ...
+    #: The target's image key if the item's migration is prepared, else None.
+    def prepared(self, batch: Batch, item: BatchItem) -> Optional[str]: ...
     #: The execute task, or None when the migration is already executed.
     def execute(self, batch: Batch, item: BatchItem) -> Optional[Task]: ...
     def verify(self, batch: Batch, item: BatchItem) -> Task: ...
@@ -350,6 +353,8 @@ class BatchDriver:
                     self.waiting[key] = reason
                 return
             self._start(batch, item)
+        elif item.state == PREPARING:
+            self._recover_prepare(batch, item)
         elif item.state in IN_FLIGHT:
             self._follow(batch, item)
         elif item.state == EXECUTED:
@@ -386,14 +391,26 @@ class BatchDriver:
         return f'waiting for its parent {item.parent_item} to be committed'
 
     def _start(self, batch: Batch, item: BatchItem) -> None:
+        # Saved before librbd acts: a mgr that fails during prepare leaves
+        # an item that says to look at the cluster, not to prepare again.
         item.started = self.book.clock()
+        item.state, item.reason = PREPARING, None
+        self.book.save_item(batch, item)
         try:
             item.key = self.actions.prepare(batch, item)
         except Busy as e:   # opened since the plan: skipped, as the plan would have
             item.state, item.reason = SKIPPED, str(e)
             return
-        item.state, item.reason = EXECUTING, None
+        item.state = EXECUTING
         self._executed_or_follow(batch, item)
+
+    def _recover_prepare(self, batch: Batch, item: BatchItem) -> None:
+        key = self.actions.prepared(batch, item)
+        if key is None:
+            item.state = PENDING     # librbd never prepared it: start over
+        else:
+            item.key, item.state = key, EXECUTING
+            self._executed_or_follow(batch, item)
 
     def _executed_or_follow(self, batch: Batch, item: BatchItem) -> None:
         task = self.actions.execute(batch, item)

@@ -6,7 +6,9 @@ does what a single command would refuse.
 """
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import rbd
 
 from .batch import (EXECUTED, Batch, BatchBook, BatchDriver, BatchItem, ImageFacts,
                     parse_pool_spec, plan, select)
@@ -16,7 +18,7 @@ from .inventory import describe as describe_image
 from .inventory import image_names
 from .metrics import summary as metrics_summary
 from .schedule import HEAVY
-from .service import MigrationService
+from .service import NAMESPACED_PARENT, MigrationService
 from .tasks import RUNNING, Task
 
 log = logging.getLogger(__name__)
@@ -87,6 +89,10 @@ class Fleet:
                                + (f' --pattern {pattern!r}' if pattern else ''))
             taken = set(image_names(dst_io))
             facts = [describe_image(src_io, n, taken, dest) for n in names]
+        for f in facts:
+            if f.clones and src_ns and not f.blocked:
+                f.blocked = NAMESPACED_PARENT.format(image=f'{source}/{f.name}',
+                                                     clones=len(f.clones))
         batch = Batch(id='', source_pool=src_pool, source_namespace=src_ns,
                       dest_pool=dst_pool, dest_namespace=dst_ns, layout=layout_args,
                       auto_commit=auto_commit, verify=verify,
@@ -199,24 +205,38 @@ class Fleet:
         can, so the queue never holds a heap of prepared, idle migrations."""
         active = [t for t in self.queue.list() if t.active]
         running = [t for t in active if t.state == RUNNING]
+        probe = Task(id='', action='execute', pool_id=-1, pool=batch.dest_pool,
+                     namespace=batch.dest_namespace, image_id='', image_name=item.name,
+                     sequence=0, message='', options={'source_pool': batch.source_pool})
+        try:
+            reason = self.queue.gate(probe, running)
+        except MigrationError as e:
+            reason = str(e)
+        if reason:
+            return reason
         if any(t.action in HEAVY and t.state != RUNNING for t in active):
             return 'waiting for queued tasks to start first'
         limit = int(self.service.option('max_concurrent_tasks'))
         if len(running) >= limit:
             return f'{len(running)} task(s) running (max_concurrent_tasks {limit})'
-        probe = Task(id='', action='execute', pool_id=-1, pool=batch.dest_pool,
-                     namespace=batch.dest_namespace, image_id='', image_name=item.name,
-                     sequence=0, message='', options={'source_pool': batch.source_pool})
-        try:
-            return self.queue.gate(probe, running)
-        except MigrationError as e:
-            return str(e)
+        return None
 
     def prepare(self, batch: Batch, item: BatchItem) -> str:
         layout = Layout.parse(**batch.layout)
         d = self.service.prepare(batch.source_spec(item.name), batch.dest_spec(item.name),
                                  layout)['dest']
         return f"{d['pool_id']}/{d['namespace']}/{d['id']}"
+
+    def prepared(self, batch: Batch, item: BatchItem) -> Optional[str]:
+        try:
+            info = self.service._find(batch.dest_spec(item.name))
+        except MigrationError:
+            return None      # not migrating (NotMigrating is a MigrationError)
+        src = info.source
+        if src is None or (src.pool, src.namespace, src.name) != (
+                batch.source_pool, batch.source_namespace, item.name):
+            return None
+        return f'{info.dest.pool_id}/{info.dest.namespace}/{info.dest.id}'
 
     def execute(self, batch: Batch, item: BatchItem) -> Optional[Task]:
         return self._task(self.service.execute(batch.dest_spec(item.name), batch.id))
@@ -227,22 +247,40 @@ class Fleet:
     def commit_blocker(self, batch: Batch, item: BatchItem) -> Optional[str]:
         """A clone open by a client: committing its parent with --force would
         pull the parent from under that client."""
-        info = self.service._find(batch.dest_spec(item.name))
-        children = self.service.engine.descendants(info.dest)
-        engine = self.service.engine
-        for child in children:
-            spec = ImageSpec.parse(child)
-            with engine.ioctx(spec.pool, spec.namespace) as io:
-                facts = describe_image(io, spec.name, set(), '')
-            if facts.watchers:
-                return (f"waiting to commit: its clone {child} is open by "
-                        f"{', '.join(facts.watchers)}")
+        for child, watchers in self._descendants(batch, item):
+            if watchers:
+                return f"waiting to commit: its clone {child} is open by {', '.join(watchers)}"
         return None
+
+    def _descendants(self, batch: Batch, item: BatchItem) -> List[Tuple[str, List[str]]]:
+        """The target's descendants outside the trash, with their watchers.
+        Trashed ones (a clone's own migration source) are never opened:
+        librbd 16.2 can abort the whole process opening a migration source
+        whose parent moved."""
+        engine = self.service.engine
+        info = self.service._find(batch.dest_spec(item.name))
+        with engine.ioctx_by_id(info.dest.pool_id, info.dest.namespace) as io, \
+                rbd.Image(io, image_id=info.dest.id, read_only=True) as img:
+            found = [d for d in img.list_descendants() if not d.get('trash')]
+        out = []
+        for d in found:
+            spec = ImageSpec(d['pool'], d['pool_namespace'], d['image'])
+            try:
+                with engine.ioctx(spec.pool, spec.namespace) as cio, \
+                        rbd.Image(cio, image_id=d['id'], read_only=True) as child:
+                    watchers = [f"client.{w['id']} at {w['addr']}"
+                                for w in child.watchers_list()]
+            except rbd.ImageNotFound:
+                continue
+            except rbd.Error as e:
+                raise MigrationError(f'reading the clone {spec}: {e}') from None
+            out.append((str(spec), watchers))
+        return out
 
     def commit(self, batch: Batch, item: BatchItem) -> Task:
         spec = batch.dest_spec(item.name)
         info = self.service._find(spec)
-        force = bool(self.service.engine.descendants(info.dest))
+        force = bool(self.service.engine.descendants(info.dest))   # trashed ones too
         return self._required(self.service.commit(spec, force=force, verified=batch.verify,
                                                   batch=batch.id))
 

@@ -18,7 +18,7 @@ from .context import SourceContext
 from .engine.adapter import AdapterEngine
 from .engine.copier import CopyOptions
 from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
-from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError
+from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, Unsupported
 from .formats import open_format
 from .images import ImageSpec, Layout
 from .metrics import MeteredEvents, RateMeter
@@ -33,6 +33,10 @@ from .verify import summary as verify_summary
 from .verify import verify as run_verify
 
 MIGRATION_PREFIX = 'migration/'
+
+NAMESPACED_PARENT = ('{image} has {clones} clone(s), and librbd 16.2 crashes migrating a '
+                     'parent out of a namespace; flatten its clones (rbd flatten) '
+                     'first, or migrate it with a Ceph release that has this fixed')
 
 #: Reads a module option by name.
 OptionGetter = Callable[[str], Any]
@@ -79,6 +83,7 @@ class MigrationService:
         dst = ImageSpec.parse(dest, 'dest_image_spec') if dest else src
         self._refuse_reserved(dst)
         self._refuse_full(dst, layout)
+        self._refuse_namespaced_parent(src)
         info = self.engine.prepare(src, dst, layout)
         self._register(info, layout)
         return self.describe(info)
@@ -113,6 +118,23 @@ class MigrationService:
         result = self.describe(info)
         result['probe'] = report.to_dict()
         return result
+
+    def _refuse_namespaced_parent(self, src: ImageSpec) -> None:
+        """librbd 16.2 aborts the whole process (an assertion in
+        cls_client::remove_child) when it prepares the migration of an
+        image that has clones and lives in a namespace: that would take the
+        mgr down, so it is refused here.  Clones in namespaces, and parents
+        moving into one, migrate fine."""
+        if not src.namespace:
+            return
+        try:
+            with self.engine.ioctx(src.pool, src.namespace, 'source_image_spec') as io, \
+                    rbd.Image(io, src.name, read_only=True) as img:
+                clones = [c for c in img.list_children2() if not c.get('trash')]
+        except rbd.Error:
+            return  # the engine's own checks name what is wrong
+        if clones:
+            raise Unsupported(NAMESPACED_PARENT.format(image=src, clones=len(clones)))
 
     def _refuse_reserved(self, dst: ImageSpec) -> None:
         if self.adapter.find(dst) is not None:

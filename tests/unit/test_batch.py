@@ -96,6 +96,7 @@ class FakeActions:
         self.busy: Set[str] = set()       # prepare says the image is open
         self.blocked_commit: Dict[str, str] = {}
         self.max_executing = 0
+        self.prepared_names: Set[str] = set()
 
     def _new(self, action: str, item: BatchItem) -> Task:
         tid = str(next(self.ids))
@@ -117,7 +118,11 @@ class FakeActions:
         if item.name in self.busy:
             raise Busy(f"image 'rbd/{item.name}' is open by client.9")
         self.log.append(f'prepare {item.name}')
+        self.prepared_names.add(item.name)
         return f'2//id-{item.name}'
+
+    def prepared(self, batch: Batch, item: BatchItem) -> Optional[str]:
+        return f'2//id-{item.name}' if item.name in self.prepared_names else None
 
     def execute(self, batch: Batch, item: BatchItem) -> Optional[Task]:
         return self._new('execute', item)
@@ -326,3 +331,23 @@ def test_progress_counts_bytes_of_executed_and_running_images() -> None:
     actions.end('execute', 'a')
     d.advance()
     assert d.progress(batch) == pytest.approx(0.5)
+
+
+def test_a_mgr_failing_during_prepare_neither_prepares_twice_nor_loses_the_image() -> None:
+    store, actions = MemStore(), FakeActions(slots=4)
+    d = new_batch(store, actions, [facts('a'), facts('b')])
+    batch = d.book.list()[0]
+    a, b = batch.items
+    # As saved just before librbd was asked: a was prepared, b was not.
+    for it in (a, b):
+        it.state = 'preparing'
+        d.book.save_item(batch, it)
+    actions.prepared_names.add('a')
+    book = BatchBook(store)
+    book.load()
+    d2 = BatchDriver(book, actions)
+    d2.advance()
+    assert states(d2) == {'a': EXECUTING, 'b': PENDING}
+    d2.advance()
+    assert states(d2) == {'a': EXECUTING, 'b': EXECUTING}
+    assert actions.log == ['execute a', 'prepare b', 'execute b']
