@@ -70,7 +70,7 @@ def start_round(c: Cluster, n: int, size: int, round_no: int, work: str) -> List
     for i in range(n):
         name = f'load-{round_no}-{i}'
         if i % 2 == 0:
-            sh('rbd', '--conf', conf, 'create', '--size', str(size), f'rbd/{name}')
+            sh('rbd', '--conf', conf, 'create', '--size', f'{size >> 20}M', f'rbd/{name}')
             sh('rbd', '--conf', conf, 'bench', '--io-type', 'write', '--io-size', '4M',
                '--io-total', str(size), f'rbd/{name}')
             c.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')

@@ -74,9 +74,31 @@ def translate(e: Exception, doing: str) -> MigrationError:
     return err
 
 
+def _in_use(doing: str, image: object) -> 'TransientError':
+    """librbd refuses to remove an image some client watches.  Often that
+    is a passing one (a status query opens both images of a migration, a
+    failed mgr's watch lingers for a while): retried, with the reason."""
+    return TransientError(f'{doing}: {image} is open by another client '
+                          f"(see 'rbd status {image}'); retrying until it is closed",
+                          errno.EBUSY)
+
+
 def _strerror(code: int) -> str:
     import os
     return os.strerror(code).lower()
+
+
+def _status(header: 'ondisk.MigrationHeader', src: Tuple[int, str, str, str],
+            dst: Tuple[int, str, str, str]) -> Dict[str, Any]:
+    """A migration_status dict: state from ``header``; source and target
+    as (pool id, namespace, name, id)."""
+    state = {v: k for k, v in STATES.items()}.get(header.state,
+                                                  rbd.RBD_IMAGE_MIGRATION_STATE_UNKNOWN)
+    return {'source_pool_id': src[0], 'source_pool_namespace': src[1],
+            'source_image_name': src[2], 'source_image_id': src[3],
+            'dest_pool_id': dst[0], 'dest_pool_namespace': dst[1],
+            'dest_image_name': dst[2], 'dest_image_id': dst[3],
+            'state': state, 'state_description': header.state_description}
 
 
 @dataclass(frozen=True)
@@ -281,22 +303,37 @@ class LibrbdEngine:
             header = ondisk.migration_header(io, image_id)
             if header is None or header.header_type != ondisk.HEADER_TARGET:
                 raise rbd.InvalidArgument(f'{name}: not a migration target')
-            src = (header.pool_id, header.namespace, header.image_name, header.image_id)
-            dst = here + (name, image_id)
-        else:
-            src_id = ondisk.trashed_source_id(io, name)
-            header = ondisk.migration_header(io, src_id) if src_id else None
-            if header is None or src_id is None:
-                raise rbd.ImageNotFound(f'{name}: no such image')
-            src = here + (name, src_id)
-            dst = (header.pool_id, header.namespace, header.image_name, header.image_id)
-        state = {v: k for k, v in STATES.items()}.get(header.state,
-                                                      rbd.RBD_IMAGE_MIGRATION_STATE_UNKNOWN)
-        return {'source_pool_id': src[0], 'source_pool_namespace': src[1],
-                'source_image_name': src[2], 'source_image_id': src[3],
-                'dest_pool_id': dst[0], 'dest_pool_namespace': dst[1],
-                'dest_image_name': dst[2], 'dest_image_id': dst[3],
-                'state': state, 'state_description': header.state_description}
+            return _status(header, (header.pool_id, header.namespace, header.image_name,
+                                    header.image_id), here + (name, image_id))
+        src_id = ondisk.trashed_source_id(io, name)
+        header = ondisk.migration_header(io, src_id) if src_id else None
+        if header is None or src_id is None:
+            raise rbd.ImageNotFound(f'{name}: no such image')
+        return _status(header, here + (name, src_id), (header.pool_id, header.namespace,
+                                                       header.image_name, header.image_id))
+
+    def _listed(self, io: rados.Ioctx, src_id: str, name: str) -> Optional[MigrationInfo]:
+        """The migration of a source found in the trash, from the headers
+        alone.  librbd's migration_status opens both images; while copies
+        run, each open waits behind their I/O, and listing a few migrations
+        took seconds.  None if it was committed or aborted meanwhile."""
+        info = self._interrupted(io, src_id, name)
+        if info is not None:
+            return info
+        header = ondisk.migration_header(io, src_id)
+        if header is None:
+            return None
+        try:
+            with self.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
+                target = ondisk.migration_header(dst_io, header.image_id)
+        except NotFound:
+            return None
+        if target is None:
+            return None
+        here = (io.get_pool_id(), io.nspace)
+        return self._info(_status(target, here + (name, src_id),
+                                  (header.pool_id, header.namespace, header.image_name,
+                                   header.image_id)))
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -404,12 +441,8 @@ class LibrbdEngine:
         """
         found: Dict[str, MigrationInfo] = {}
         for io, src_id, name in self._trashed_sources():
-            try:
-                info: Optional[MigrationInfo] = self._info(
-                    self._migration_status(io, name))
-            except rbd.Error:
-                info = self._interrupted(io, src_id, name)
-            if info is not None:  # else committed or aborted meanwhile
+            info = self._listed(io, src_id, name)
+            if info is not None:
                 found[info.dest.id] = info
         for ref in known:
             if ref.id in found:
@@ -690,6 +723,8 @@ class LibrbdEngine:
                                    'then commit with --force')
                 try:
                     self.rbd.migration_commit(io, dst.name, on_progress=progress)
+                except rbd.ImageBusy:
+                    raise _in_use(f'committing the migration of {dst}', dst) from None
                 except rbd.Error as e:
                     raise translate(e, f'committing the migration of {dst}')
             else:
@@ -794,6 +829,8 @@ class LibrbdEngine:
                         raise _TargetGone() from None
                     if attempt == 2 or not self._purge_trashed_snapshots(io, dst):
                         raise translate(e, f'aborting the migration of {dst}')
+                except rbd.ImageBusy:
+                    raise _in_use(f'aborting the migration of {dst}', dst) from None
                 except rbd.Error as e:
                     raise translate(e, f'aborting the migration of {dst}')
 
