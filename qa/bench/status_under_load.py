@@ -20,12 +20,16 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from typing import Dict, List
 
 import rados
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster import Cluster, parse_size  # noqa: E402
+
+#: Names differ between runs: a run cut short leaves its images behind.
+RUN = uuid.uuid4().hex[:6]
 
 
 def mgr_rss(cluster: Cluster) -> int:
@@ -68,7 +72,7 @@ def start_round(c: Cluster, n: int, size: int, round_no: int, work: str) -> List
     conf = c.state.conf
     targets = []
     for i in range(n):
-        name = f'load-{round_no}-{i}'
+        name = f'load-{RUN}-{round_no}-{i}'
         if i % 2 == 0:
             sh('rbd', '--conf', conf, 'create', '--size', f'{size >> 20}M', f'rbd/{name}')
             sh('rbd', '--conf', conf, 'bench', '--io-type', 'write', '--io-size', '4M',

@@ -83,6 +83,14 @@ def _in_use(doing: str, image: object) -> 'TransientError':
                           errno.EBUSY)
 
 
+def _name_taken(doing: str) -> MigrationError:
+    """The source's name is free while it sits in the trash, and nothing
+    stops a client from creating an image under it."""
+    return AlreadyExists(f'{doing}: the source cannot get its name back, another image '
+                         'was created under it since prepare; rename that image '
+                         "('rbd rename'), then run abort again")
+
+
 def _strerror(code: int) -> str:
     import os
     return os.strerror(code).lower()
@@ -216,14 +224,18 @@ class LibrbdEngine:
                 if info is None:
                     raise NotFound(f"image '{spec}' does not exist") from None
                 return info
-            except rbd.InvalidArgument:
+            except (rbd.InvalidArgument, rbd.ReadOnlyImage) as e:
+                # ReadOnlyImage: librbd cannot open a target whose abort
+                # stopped after marking it "aborting".
                 image_id = ondisk.directory_id(io, spec.name)
                 info = (self._interrupted_for_target(io.get_pool_id(), image_id)
                         if image_id else self._interrupted_by_source_name(io, spec.name))
-                if info is None:
-                    raise NotMigrating(f"image '{spec}' is not being migrated; "
-                                       f'prepare a migration first') from None
-                return info
+                if info is not None:
+                    return info
+                if isinstance(e, rbd.ReadOnlyImage):
+                    raise translate(e, f'reading the migration status of {spec}')
+                raise NotMigrating(f"image '{spec}' is not being migrated; "
+                                   f'prepare a migration first') from None
             except rbd.Error as e:
                 raise translate(e, f'reading the migration status of {spec}')
         return self._info(st)
@@ -509,24 +521,24 @@ class LibrbdEngine:
                 # An abort marks both headers "aborting" first, then removes
                 # the target (header object before directory entry); a
                 # commit drops the target's migration key, nothing else.
-                if header.state == 'aborting' or \
-                        not ondisk.directory_has(dst_io, header.image_id) or \
-                        not ondisk.header_exists(dst_io, header.image_id):
+                gone = not ondisk.directory_has(dst_io, header.image_id) or \
+                    not ondisk.header_exists(dst_io, header.image_id)
+                if header.state == 'aborting' or gone:
                     action = 'abort'
                 elif ondisk.migration_header(dst_io, header.image_id) is None:
                     action = 'commit'
                 else:
                     return None  # a live migration; librbd answers for it
         except NotFound:
-            pool, action = str(header.pool_id), 'abort'  # the target's pool is gone
+            pool, action, gone = str(header.pool_id), 'abort', True  # its pool is gone
         dest = ImageRef(header.pool_id, pool, header.namespace, header.image_name,
                         header.image_id)
         if action == 'abort':
+            where = 'after removing the target' if gone else 'half-way'
             return MigrationInfo(
                 dest=dest, source=source, state='aborting', interrupted='abort',
-                state_description=f'abort stopped after removing the target; the '
-                                  f'source {source} is still in the trash: run '
-                                  f'abort again to restore it')
+                state_description=f'abort stopped {where}; the source {source} is '
+                                  f'still in the trash: run abort again to restore it')
         return MigrationInfo(
             dest=dest, source=source, state='committing', interrupted='commit',
             state_description=f'commit stopped after committing the target; the '
@@ -774,6 +786,8 @@ class LibrbdEngine:
                 raise Busy(f'cannot abort {dst}: {info.state_description}')
             src = info.source
             with self.ioctx_by_id(src.pool_id, src.namespace) as io:
+                if ondisk.directory_id(io, src.name) is not None:
+                    raise _name_taken(f'aborting the migration of {dst}')
                 try:
                     self.rbd.migration_abort(io, src.name, on_progress=progress)
                 except rbd.Error as e:
@@ -831,6 +845,8 @@ class LibrbdEngine:
                         raise translate(e, f'aborting the migration of {dst}')
                 except rbd.ImageBusy:
                     raise _in_use(f'aborting the migration of {dst}', dst) from None
+                except rbd.ImageExists:
+                    raise _name_taken(f'aborting the migration of {dst}') from None
                 except rbd.Error as e:
                     raise translate(e, f'aborting the migration of {dst}')
 
