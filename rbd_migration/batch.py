@@ -98,6 +98,8 @@ class Batch:
     created: float = 0.0
     finished: Optional[float] = None
     cancelled: bool = False
+    #: Its failures were acknowledged (batch cancel after it ended).
+    acknowledged: bool = False
     items: List[BatchItem] = field(default_factory=list)
 
     def source_spec(self, name: str) -> str:

@@ -5,6 +5,7 @@ Each step a batch takes is the same command an operator could type
 does what a single command would refuse.
 """
 import logging
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -37,13 +38,16 @@ class Fleet:
         self.report_progress = progress
         self._reported: Dict[str, float] = {}
         self._failures: List[str] = []
+        #: Serialises changes to batches: the driver's passes and commands.
+        self.lock = threading.RLock()
 
     def load(self) -> None:
         self.book.load()
 
     def tick(self) -> None:
         """One pass of the batch driver, then the batches' progress events."""
-        self.driver.advance()
+        with self.lock:
+            self.driver.advance()
         failures = self.failures()
         if failures != self._failures:
             self._failures = failures
@@ -101,7 +105,8 @@ class Fleet:
         if dry_run:
             result['message'] = 'dry run: nothing was changed'
             return result
-        self.book.create(batch)
+        with self.lock:
+            self.book.create(batch)
         result['batch'] = batch.summary(0.0)
         result['message'] = (f'batch {batch.id}: {len(batch.items)} image(s) from '
                              f'{batch.source} to {batch.dest}; follow it with '
@@ -150,9 +155,15 @@ class Fleet:
     def batch_cancel(self, batch_id: str) -> Dict[str, Any]:
         batch = self.book.get(batch_id)
         if batch.finished is not None:
-            return {'message': f'batch {batch.id} has already ended ({batch.state})',
+            # Acknowledges its failures: they leave RBD_MIGRATION_FAILED.
+            with self.lock:
+                batch.acknowledged = True
+                self.book.save(batch)
+            return {'message': f'batch {batch.id} had already ended; its failures are '
+                               'no longer reported in health',
                     'batch': batch.summary(1.0)}
-        left = self.driver.cancel(batch)
+        with self.lock:
+            left = self.driver.cancel(batch)
         running = [i.name for i in batch.items if i.state in ('executing', 'committing')]
         message = f'batch {batch.id} cancelled: no image starts any more'
         if running:
@@ -168,7 +179,8 @@ class Fleet:
         if not executed:
             raise InvalidArgument(f'batch {batch.id} has no executed image to commit '
                                   f'(states: {batch.counts()})')
-        held = self.driver.commit_all(batch)
+        with self.lock:
+            held = self.driver.commit_all(batch)
         message = f'batch {batch.id}: commit queued for {len(executed) - len(held)} image(s)'
         if held:
             message += '; held: ' + '; '.join(held)
@@ -193,10 +205,13 @@ class Fleet:
         RBD_MIGRATION_FAILED; failed tasks are reported by themselves."""
         out = []
         for batch in self.book.list():
+            if batch.acknowledged:
+                continue    # with batch cancel, after it ended
             for item in batch.items:
                 if item.state == 'failed' and item.task_id is None:
                     out.append(f'batch {batch.id}: {batch.source_spec(item.name)} '
-                               f'failed: {item.reason}')
+                               f'failed: {item.reason}; once handled, acknowledge '
+                               f'with ceph rbd migration batch cancel {batch.id}')
         return out
 
     # -- the driver's steps (batch.Actions) --------------------------------------

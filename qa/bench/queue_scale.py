@@ -207,9 +207,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(task_series(cluster, r, k, args.repeat))
             print(f"{k} queued executes: status {cell(rows[-1]['status'])}", flush=True)
     finally:
-        if old:
-            cluster.ceph('config', 'set', 'mgr', WINDOW, old[0])
-        else:
+        # A running Pacific mgr keeps serving a removed module option's last
+        # value: set the old value (or the default) first.
+        cluster.ceph('config', 'set', 'mgr', WINDOW, old[0] if old else '')
+        if not old:
             cluster.ceph('config', 'rm', 'mgr', WINDOW)
         r.shutdown()
         if started and not args.keep:

@@ -8,6 +8,7 @@ so other tests' images are never part of a batch, and removes them at the
 end.  Images are small with 16 KiB objects: librbd copies object by object,
 so an execute lasts long enough to be seen running without costing memory.
 """
+import contextlib
 import hashlib
 import random
 import time
@@ -19,8 +20,7 @@ import rados
 import rbd
 
 from qa.cluster import Cluster
-from test_lifecycle import (ACTIVE, mig, mig_refused, module_option, rados_handle,  # noqa: F401
-                            wait_module)
+from test_lifecycle import ACTIVE, mig, mig_refused, rados_handle, wait_module  # noqa: F401
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -28,6 +28,29 @@ ORDER = 14
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF
             | rbd.RBD_FEATURE_DEEP_FLATTEN)
+
+
+DEFAULTS = {'execute_window': '', 'max_concurrent_executes_per_pool': '0',
+            'max_concurrent_tasks': '2'}
+
+
+@contextlib.contextmanager
+def module_option(cluster: Cluster, name: str, value: str) -> Iterator[None]:
+    """Set mgr/rbd_migration/NAME, restoring it after.  Restoring an unset
+    option sets its default before removing it: a running Pacific mgr keeps
+    serving a removed module option's last value to the module."""
+    key = f'mgr/rbd_migration/{name}'
+    old = [e['value'] for e in cluster.ceph_json('config', 'dump')
+           if e['name'] == key and e['section'] == 'mgr']
+    cluster.ceph('config', 'set', 'mgr', key, value)
+    time.sleep(1)  # the mgr learns of config changes asynchronously
+    try:
+        yield
+    finally:
+        cluster.ceph('config', 'set', 'mgr', key, old[0] if old else DEFAULTS[name])
+        if not old:
+            cluster.ceph('config', 'rm', 'mgr', key)
+        time.sleep(1)
 
 
 class Place:
@@ -415,3 +438,30 @@ def test_parent_with_clones_in_a_namespace_is_skipped(cluster: Cluster,
     code, err = mig_refused(cluster, 'prepare', src.image('base'), dst.image('base'))
     assert code == 95 and 'flatten its clones' in err, (code, err)
     assert dst.names() == []
+
+
+def test_an_image_failing_outside_a_task_raises_health_until_acknowledged(
+        cluster: Cluster, places: Tuple[Place, Place]) -> None:
+    src, dst = places
+    for i, name in enumerate(('keep', 'gone')):
+        write_image(src.io, name, seed=400 + i, snaps=0)
+    keep_before = digests(src.io, 'keep')
+    hour = time.gmtime().tm_hour
+    closed = f'{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00 UTC'
+    with module_option(cluster, 'execute_window', closed):
+        batch_id = mig(cluster, 'batch', 'prepare', src.spec, dst.spec,
+                       '--auto-commit')['batch']['id']
+        rbd.RBD().remove(src.io, 'gone')        # removed after the plan
+    final = watch_batch(cluster, batch_id, 120)
+    items = {i['name']: i for i in final['items']}
+    assert items['keep']['state'] == 'done', items
+    assert items['gone']['state'] == 'failed' and 'does not exist' in items['gone']['reason']
+    checks = cluster.health_mentioning(src.image('gone'))
+    detail = str(checks.get('RBD_MIGRATION_FAILED'))
+    assert f'batch {batch_id}' in detail and 'batch cancel' in detail, checks
+    answer = mig(cluster, 'batch', 'cancel', batch_id)
+    assert 'no longer reported' in answer['message'], answer
+    checks = cluster.health_mentioning(src.image('gone'), present=False)
+    assert src.image('gone') not in str(checks.get('RBD_MIGRATION_FAILED')), checks
+    assert digests(dst.io, 'keep') == keep_before
+    assert dst.names() == ['keep']

@@ -351,3 +351,16 @@ def test_a_mgr_failing_during_prepare_neither_prepares_twice_nor_loses_the_image
     d2.advance()
     assert states(d2) == {'a': EXECUTING, 'b': EXECUTING}
     assert actions.log == ['execute a', 'prepare b', 'execute b']
+
+
+def test_acknowledged_flag_survives_a_restart() -> None:
+    store, actions = MemStore(), FakeActions(slots=1)
+    d = new_batch(store, actions, [facts('a')])
+    batch = d.book.list()[0]
+    batch.acknowledged = True
+    d.book.save(batch)
+    book = BatchBook(store)
+    book.load()
+    assert book.get('b1').acknowledged
+    with pytest.raises(NotFound, match="batch 'b9' does not exist"):
+        book.get('b9')
