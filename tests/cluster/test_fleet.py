@@ -388,6 +388,9 @@ def test_execute_window_holds_and_releases(cluster: Cluster,
                 [i['waiting'] for i in pending]
             metrics = mig(cluster, 'metrics')
             assert any(b['id'] == batch_id for b in metrics['batches']), metrics
+            events = cluster.ceph_json('progress', 'json').get('events', [])
+            assert any(f'Migrating batch {batch_id} ' in e.get('message', '')
+                       for e in events), f'no progress event for the batch: {events}'
             # Bad option values: the module says what is wrong, nothing starts.
             with module_option(cluster, 'execute_window', 'tonight'):
                 time.sleep(2)
