@@ -90,20 +90,33 @@ def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Exten
 
 
 _ZERO_BLOCK = bytes(BLOCK)
+_ZERO_CHUNK = bytes(CopyOptions.chunk)
+#: A block whose first bytes are not all zero needs no full comparison.
+_PROBE = 16
+_ZERO_PROBE = bytes(_PROBE)
+
+
+def _all_zero(data: bytes) -> bool:
+    if len(data) == len(_ZERO_CHUNK):
+        return data == _ZERO_CHUNK
+    return data == bytes(len(data))
 
 
 def _runs(data: bytes, base: int) -> List[Tuple[int, bytes]]:
     """Non-zero runs of ``data`` at BLOCK granularity, as (offset, bytes).
 
-    Comparisons are of ``bytes`` slices (a C memcmp), not memoryviews, which
-    CPython compares element by element."""
-    if data == bytes(len(data)):
+    This runs under the GIL, which every command of the mgr waits for, so
+    it does as little as it can: comparisons are of ``bytes`` (a C memcmp,
+    where memoryviews compare element by element), against constants (no
+    4 MiB of zeros allocated per chunk), and a block is compared whole only
+    when its first bytes are zero (dense data never copies a block)."""
+    if _all_zero(data):
         return []
     runs: List[Tuple[int, bytes]] = []
     start = None
     for pos in range(0, len(data), BLOCK):
-        block = data[pos:pos + BLOCK]
-        empty = block == _ZERO_BLOCK[:len(block)]
+        empty = (data[pos:pos + _PROBE] == _ZERO_PROBE[:min(_PROBE, len(data) - pos)]
+                 and data[pos:pos + BLOCK] == _ZERO_BLOCK[:min(BLOCK, len(data) - pos)])
         if not empty and start is None:
             start = pos
         elif empty and start is not None:

@@ -2,6 +2,7 @@
 never passes a chunk whose write failed.  (Behaviour against real RBD
 images is tested on the cluster, tests/cluster/test_adapter.py.)"""
 import os
+import random
 import threading
 import time
 from typing import Iterator, List, Optional
@@ -34,6 +35,35 @@ def test_runs_find_non_zero_blocks() -> None:
     dense = os.urandom(MiB)
     assert _runs(dense, 7) == [(7, dense)]
 
+
+
+def _naive_runs(data: bytes, base: int) -> List[tuple]:
+    blocks = [(pos, data[pos:pos + BLOCK]) for pos in range(0, len(data), BLOCK)]
+    runs: List[tuple] = []
+    for pos, block in blocks:
+        if any(block):
+            if runs and runs[-1][0] + len(runs[-1][1]) == base + pos:
+                runs[-1] = (runs[-1][0], runs[-1][1] + block)
+            else:
+                runs.append((base + pos, block))
+    return runs
+
+
+@pytest.mark.parametrize('seed', range(40))
+def test_runs_match_a_byte_by_byte_scan(seed: int) -> None:
+    """Zeros only in a block's first bytes, or only after them, or a short
+    tail: the fast comparisons find the same runs as looking at every byte."""
+    rng = random.Random(seed)
+    length = rng.choice([4 * MiB, 4 * MiB - 4096, BLOCK * 3 + 17, 5])
+    data = bytearray(length)
+    for _ in range(rng.randrange(0, 12)):
+        at = rng.randrange(length)
+        if rng.random() < 0.5:
+            data[at] = rng.randrange(1, 256)  # one byte, anywhere in a block
+        else:
+            n = min(rng.randrange(1, 2 * BLOCK), length - at)
+            data[at:at + n] = os.urandom(n)
+    assert _runs(bytes(data), 512) == _naive_runs(bytes(data), 512)
 
 def test_checkpoint_is_parse_safe() -> None:
     assert Checkpoint.decode(Checkpoint(3, 4096).encode()) == Checkpoint(3, 4096)
