@@ -16,6 +16,7 @@ import rbd
 
 from .context import SourceContext
 from .engine.adapter import AdapterEngine
+from .engine.buffers import keep_copy_buffers
 from .engine.copier import CopyOptions
 from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
 from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, Unsupported
@@ -321,6 +322,8 @@ class MigrationService:
         def progress(done: int, total: int) -> int:
             return 0 if report(done, total) else -errno.ECANCELED
 
+        if task.action in ('execute', 'verify') and self.option('keep_copy_buffers'):
+            keep_copy_buffers()
         if task.action == 'verify':
             return self._run_verify(ref, task.options.get('path'), report)
         if task.options.get('path') == ADAPTER:
