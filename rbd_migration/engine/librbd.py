@@ -329,9 +329,6 @@ class LibrbdEngine:
         alone.  librbd's migration_status opens both images; while copies
         run, each open waits behind their I/O, and listing a few migrations
         took seconds.  None if it was committed or aborted meanwhile."""
-        info = self._interrupted(io, src_id, name)
-        if info is not None:
-            return info
         header = ondisk.migration_header(io, src_id)
         if header is None:
             return None
@@ -339,9 +336,9 @@ class LibrbdEngine:
             with self.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
                 target = ondisk.migration_header(dst_io, header.image_id)
         except NotFound:
-            return None
-        if target is None:
-            return None
+            target = None
+        if target is None or header.state == 'aborting':
+            return self._interrupted(io, src_id, name)
         here = (io.get_pool_id(), io.nspace)
         return self._info(_status(target, here + (name, src_id),
                                   (header.pool_id, header.namespace, header.image_name,
