@@ -15,6 +15,7 @@ files are under DIR and whose command line names DIR.
 Memstore OSDs keep data in RAM: size test images to ``--osd-size``.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_SRC = os.path.join(REPO, 'rbd_migration')
@@ -52,6 +53,12 @@ _PROBES = {'ceph-mon': '/usr/bin/ceph-mon', 'ceph-mgr': '/usr/bin/ceph-mgr',
 S3_ACCESS_KEY = 'rbdmigrationtest'
 S3_SECRET_KEY = 'rbdmigrationtestsecret0123456789'
 S3_BUCKET = 'images'
+
+
+def _option_text(value: Any) -> str:
+    """A default from ``ceph mgr dump`` as ``ceph config set`` takes it."""
+    text = str(value)
+    return text.lower() if text in ('True', 'False') else text
 
 
 def log(msg: str) -> None:
@@ -159,6 +166,43 @@ class Cluster:
 
     def ceph_json(self, *args: str) -> Any:
         return json.loads(self.ceph(*args, '--format', 'json'))
+
+    def module_defaults(self) -> Dict[str, str]:
+        """rbd_migration's option defaults, as the running mgr declares them."""
+        for module in self.ceph_json('mgr', 'dump')['available_modules']:
+            if module['name'] == 'rbd_migration':
+                return {name: _option_text(opt.get('default_value', ''))
+                        for name, opt in module['module_options'].items()}
+        return {}
+
+    def reset_module_option(self, name: str) -> None:
+        """mgr/rbd_migration/NAME back to its default, for the running module
+        too: a running Pacific mgr keeps serving a removed module option's
+        last value, so the default is set before the option is removed."""
+        key = f'mgr/rbd_migration/{name}'
+        self.ceph('config', 'set', 'mgr', key, self.module_defaults().get(name, ''))
+        self.ceph('config', 'rm', 'mgr', key)
+
+    @contextlib.contextmanager
+    def module_option(self, name: str, value: Optional[str]) -> Iterator[None]:
+        """mgr/rbd_migration/NAME set to ``value`` (None: its default) while
+        in the block, then as it was."""
+        key = f'mgr/rbd_migration/{name}'
+        old = [e['value'] for e in self.ceph_json('config', 'dump')
+               if e['name'] == key and e['section'] == 'mgr']
+        if value is None:
+            self.reset_module_option(name)
+        else:
+            self.ceph('config', 'set', 'mgr', key, value)
+        time.sleep(1)  # the mgr learns of config changes asynchronously
+        try:
+            yield
+        finally:
+            if old:
+                self.ceph('config', 'set', 'mgr', key, old[0])
+            else:
+                self.reset_module_option(name)
+            time.sleep(1)
 
     def rbd(self, *args: str) -> str:
         """Run the rbd CLI against this cluster; return stdout."""

@@ -164,7 +164,7 @@ def main() -> int:
         print(f'  mean status p50 idle {statistics.mean(idle) * 1e3:.1f} ms')
     finally:
         for opt in ('file_source_roots', 'max_concurrent_tasks', 'adapter_bandwidth_mbps'):
-            c.ceph('config', 'rm', 'mgr', f'mgr/rbd_migration/{opt}', check=False)
+            c.reset_module_option(opt)
         if started:
             c.stop(purge=True)
     return 0

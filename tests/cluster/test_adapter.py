@@ -78,7 +78,7 @@ def images(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     d = tmp_path_factory.mktemp('adapter-images')
     cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
     yield d
-    cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+    cluster.reset_module_option('file_source_roots')
 
 
 def _prepare(cluster: Cluster, name: str, spec: Dict[str, Any]) -> Dict[str, Any]:
@@ -263,7 +263,7 @@ def test_execute_resumes_from_checkpoint_after_mgr_fail(cluster: Cluster, images
                     _ceph(cluster, 'rbd', 'migration', 'task', 'get', task).returncode in (0, 11):
                 break
             time.sleep(0.5)
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/adapter_bandwidth_mbps')
+        cluster.reset_module_option('adapter_bandwidth_mbps')
         _wait(cluster, task)
         status = cluster.ceph_json('rbd', 'migration', 'status', f'rbd/{name}')
         stats = status['migrations'][0]
@@ -275,7 +275,7 @@ def test_execute_resumes_from_checkpoint_after_mgr_fail(cluster: Cluster, images
         written = _written_by_last_run(cluster, name)
         assert written is not None and written < 384 << 20, written
     finally:
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/adapter_bandwidth_mbps')
+        cluster.reset_module_option('adapter_bandwidth_mbps')
         _remove(cluster, name)
 
 

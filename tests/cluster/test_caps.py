@@ -91,7 +91,7 @@ def migration(cluster: Cluster,
         r = _ceph(cluster, 'rbd', 'migration', 'abort', name, '-f', 'json')
         if r.returncode == 0:
             _wait(cluster, json.loads(r.stdout)['task']['id'])
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+        cluster.reset_module_option('file_source_roots')
 
 
 def test_read_only_client_reads(cluster: Cluster, clients: Dict[str, Tuple[str, str]],

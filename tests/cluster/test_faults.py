@@ -62,7 +62,7 @@ def slow(cluster: Cluster) -> Iterator[None]:
         cluster.ceph('config', 'set', 'mgr', f'mgr/rbd_migration/{k}', v)
     yield
     for k in opts:
-        cluster.ceph('config', 'rm', 'mgr', f'mgr/rbd_migration/{k}')
+        cluster.reset_module_option(k)
 
 
 def _source_image(cluster: Cluster, name: str, size_mb: int = 192) -> Dict[str, str]:
@@ -191,7 +191,7 @@ def test_target_pool_quota_reached(cluster: Cluster, path: str) -> None:
     finally:
         cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', '0')
         for k in opts:
-            cluster.ceph('config', 'rm', 'mgr', f'mgr/rbd_migration/{k}')
+            cluster.reset_module_option(k)
         _cleanup(cluster, f'rbd2/{name}', f'rbd/{name}')
         www.unlink(missing_ok=True)
 

@@ -8,7 +8,6 @@ so other tests' images are never part of a batch, and removes them at the
 end.  Images are small with 16 KiB objects: librbd copies object by object,
 so an execute lasts long enough to be seen running without costing memory.
 """
-import contextlib
 import hashlib
 import random
 import time
@@ -28,29 +27,6 @@ ORDER = 14
 FEATURES = (rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
             | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF
             | rbd.RBD_FEATURE_DEEP_FLATTEN)
-
-
-DEFAULTS = {'execute_window': '', 'max_concurrent_executes_per_pool': '0',
-            'max_concurrent_tasks': '2'}
-
-
-@contextlib.contextmanager
-def module_option(cluster: Cluster, name: str, value: str) -> Iterator[None]:
-    """Set mgr/rbd_migration/NAME, restoring it after.  Restoring an unset
-    option sets its default before removing it: a running Pacific mgr keeps
-    serving a removed module option's last value to the module."""
-    key = f'mgr/rbd_migration/{name}'
-    old = [e['value'] for e in cluster.ceph_json('config', 'dump')
-           if e['name'] == key and e['section'] == 'mgr']
-    cluster.ceph('config', 'set', 'mgr', key, value)
-    time.sleep(1)  # the mgr learns of config changes asynchronously
-    try:
-        yield
-    finally:
-        cluster.ceph('config', 'set', 'mgr', key, old[0] if old else DEFAULTS[name])
-        if not old:
-            cluster.ceph('config', 'rm', 'mgr', key)
-        time.sleep(1)
 
 
 class Place:
@@ -299,8 +275,8 @@ def test_a_pool_moves_in_one_plan(cluster: Cluster, pools: Tuple[Place, Place]) 
             assert plan[child]['order'] > plan[parent]['order']
         order = [p['image'].rsplit('/', 1)[1] for p in dry['plan']]
 
-        with module_option(cluster, 'max_concurrent_tasks', '4'), \
-                module_option(cluster, 'max_concurrent_executes_per_pool', '2'):
+        with cluster.module_option('max_concurrent_tasks', '4'), \
+                cluster.module_option('max_concurrent_executes_per_pool', '2'):
             created = mig(cluster, 'batch', 'prepare', src.spec, dst.spec,
                           '--auto-commit', '--verify-before-commit')
             batch_id = created['batch']['id']
@@ -361,8 +337,8 @@ def test_execute_window_holds_and_releases(cluster: Cluster,
     open_now = f'{(now.tm_hour + 23) % 24:02d}:00-{(now.tm_hour + 2) % 24:02d}:00 UTC'
     closed_now = f'{(now.tm_hour + 2) % 24:02d}:00-{(now.tm_hour + 3) % 24:02d}:00 UTC'
 
-    with module_option(cluster, 'max_concurrent_tasks', '1'), \
-            module_option(cluster, 'execute_window', open_now):
+    with cluster.module_option('max_concurrent_tasks', '1'), \
+            cluster.module_option('execute_window', open_now):
         batch_id = mig(cluster, 'batch', 'prepare', src.spec, dst.spec,
                        '--auto-commit')['batch']['id']
         deadline = time.monotonic() + 60
@@ -373,7 +349,7 @@ def test_execute_window_holds_and_releases(cluster: Cluster,
             time.sleep(0.2)
         else:
             raise AssertionError('no image was done within 60s with the window open')
-        with module_option(cluster, 'execute_window', closed_now):
+        with cluster.module_option('execute_window', closed_now):
             time.sleep(3)    # what librbd runs now ends on its own
             held = mig(cluster, 'batch', 'status', batch_id)
             frozen = held['batch']['counts']
@@ -392,7 +368,7 @@ def test_execute_window_holds_and_releases(cluster: Cluster,
             assert any(f'Migrating batch {batch_id} ' in e.get('message', '')
                        for e in events), f'no progress event for the batch: {events}'
             # Bad option values: the module says what is wrong, nothing starts.
-            with module_option(cluster, 'execute_window', 'tonight'):
+            with cluster.module_option('execute_window', 'tonight'):
                 time.sleep(2)
                 bad = mig(cluster, 'batch', 'status', batch_id)
                 assert bad['batch']['counts'] == frozen
@@ -451,7 +427,7 @@ def test_an_image_failing_outside_a_task_raises_health_until_acknowledged(
     keep_before = digests(src.io, 'keep')
     hour = time.gmtime().tm_hour
     closed = f'{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00 UTC'
-    with module_option(cluster, 'execute_window', closed):
+    with cluster.module_option('execute_window', closed):
         batch_id = mig(cluster, 'batch', 'prepare', src.spec, dst.spec,
                        '--auto-commit')['batch']['id']
         rbd.RBD().remove(src.io, 'gone')        # removed after the plan

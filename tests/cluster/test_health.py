@@ -42,7 +42,7 @@ def roots(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
     d.mkdir()
     cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
     yield d
-    cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+    cluster.reset_module_option('file_source_roots')
 
 
 def _import(cluster: Cluster, path: Path, name: str) -> None:
@@ -88,7 +88,7 @@ def test_failed_task_raises_health_until_abort(cluster: Cluster, roots: Path) ->
         assert victim not in _images(cluster)
         assert _task_end(cluster, first['id']).returncode == 0
     finally:
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/max_concurrent_tasks')
+        cluster.reset_module_option('max_concurrent_tasks')
         for name in (busy, victim):
             _ceph(cluster, 'rbd', 'migration', 'abort', f'rbd/{name}')
         time.sleep(1)

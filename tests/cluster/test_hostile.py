@@ -745,7 +745,7 @@ def mgr_roots(cluster: Cluster, world: Dict[str, Any]) -> Iterator[Path]:
     try:
         yield world['roots']
     finally:
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+        cluster.reset_module_option('file_source_roots')
 
 
 def _no_nul(s: Optional[str]) -> bool:

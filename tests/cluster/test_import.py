@@ -99,7 +99,7 @@ def images(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
     yield {'dir': d, 'raw': raw, 'qcow': qcow, 'compressed': compressed,
            'overlay': overlay, 'orphan': orphan, 'external': external, 'www': www}
-    cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+    cluster.reset_module_option('file_source_roots')
     shutil.rmtree(www, ignore_errors=True)
 
 

@@ -265,27 +265,6 @@ def cluster_state(cluster: Cluster) -> Dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def module_option(cluster: Cluster, name: str, value: Optional[str]) -> Iterator[None]:
-    """Set (or, with None, remove) mgr/rbd_migration/NAME, restoring it after."""
-    key = f'mgr/rbd_migration/{name}'
-    old = [e['value'] for e in cluster.ceph_json('config', 'dump')
-           if e['name'] == key and e['section'] == 'mgr']
-    if value is None:
-        cluster.ceph('config', 'rm', 'mgr', key)
-    else:
-        cluster.ceph('config', 'set', 'mgr', key, value)
-    time.sleep(1)  # the mgr learns of config changes asynchronously
-    try:
-        yield
-    finally:
-        if old:
-            cluster.ceph('config', 'set', 'mgr', key, old[0])
-        else:
-            cluster.ceph('config', 'rm', 'mgr', key)
-        time.sleep(1)
-
-
 # -- fixtures ------------------------------------------------------------------
 
 
@@ -632,7 +611,7 @@ def test_import_only_from_a_raw_file(cluster: Cluster, janitor: Janitor,
     inline = janitor.name('rbd', 'import-inline')
     from_file = janitor.name('rbd2', 'import-file')
 
-    with module_option(cluster, 'file_source_roots', directory):
+    with cluster.module_option('file_source_roots', directory):
         for target, how in ((f'rbd/{inline}', ['--source-spec', spec]),
                             (f'rbd2/{from_file}', ['-i', str(spec_file)])):
             prepared = mig(cluster, 'prepare', '--import-only', target, *how)
@@ -655,7 +634,7 @@ def test_import_only_file_refused_without_roots(cluster: Cluster, janitor: Janit
     _, path = source_file
     spec = json.dumps({'type': 'raw', 'stream': {'type': 'file', 'file_path': path}})
     target = janitor.name('rbd', 'import-refused')
-    with module_option(cluster, 'file_source_roots', None):
+    with cluster.module_option('file_source_roots', None):
         before = cluster_state(cluster)
         _, err = mig_refused(cluster, 'prepare', '--import-only', f'rbd/{target}',
                              '--source-spec', spec)
@@ -786,7 +765,7 @@ def test_concurrency_limit_and_progress_events(cluster: Cluster, janitor: Janito
         mig(cluster, 'prepare', f'rbd/{a}', f'rbd2/{b}')
         pairs.append((a, b))
 
-    with module_option(cluster, 'max_concurrent_tasks', '1'):
+    with cluster.module_option('max_concurrent_tasks', '1'):
         submitted = [mig(cluster, 'execute', f'rbd2/{b}')['task'] for _, b in pairs]
         ids = [t['id'] for t in submitted]
         assert len(set(ids)) == 3, ids
@@ -871,7 +850,7 @@ def test_cancel_a_queued_execute(cluster: Cluster, janitor: Janitor) -> None:
         assert again['id'] != queued['id']
         assert wait_task(cluster, again['id'])['state'] == 'completed'
     finally:
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/max_concurrent_tasks')
+        cluster.reset_module_option('max_concurrent_tasks')
 
 
 # -- bad input -----------------------------------------------------------------

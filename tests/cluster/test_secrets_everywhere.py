@@ -209,7 +209,7 @@ def transcript(cluster: Cluster, rgw: Cluster, s3_user: Dict[str, Any],
                 t.look('running')
             assert r.returncode == 0, r.stderr
         finally:
-            cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/adapter_bandwidth_mbps')
+            cluster.reset_module_option('adapter_bandwidth_mbps')
         assert seen_running, 'the running import never showed in ceph progress json'
         assert _wait_task(cluster, sc.execute(names['s3'])).returncode == 0
         t.look('executed')

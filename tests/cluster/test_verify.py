@@ -118,6 +118,6 @@ def test_verify_an_adapter_import(cluster: Cluster, tmp_path: Path) -> None:
         assert _finish(cluster, _task(cluster, 'commit', '--verified',
                                       f'rbd/{name}')).returncode == 0
     finally:
-        cluster.ceph('config', 'rm', 'mgr', 'mgr/rbd_migration/file_source_roots')
+        cluster.reset_module_option('file_source_roots')
         subprocess.run(['rbd', '--conf', cluster.state.conf, 'rm', '--no-progress',  # type: ignore
                         f'rbd/{name}'], capture_output=True)
