@@ -434,8 +434,13 @@ class MigrationService:
         infos = self.engine.list_migrations(iter(self._registered()))
         self._forget_finished(infos)
         infos += self.adapter.list()
-        return {'migrations': [self.describe(i) for i in infos],
-                'tasks': [t.to_dict() for t in self.queue.list()]}
+        tasks = self.queue.list()
+        latest: Dict[str, Task] = {}
+        for t in tasks:  # one pass, not one per migration: queues run long
+            if t.image_key not in latest or t.sequence > latest[t.image_key].sequence:
+                latest[t.image_key] = t
+        return {'migrations': [self.describe(i, latest) for i in infos],
+                'tasks': [t.to_dict() for t in tasks]}
 
     def _forget_finished(self, infos: List[MigrationInfo]) -> None:
         """Drop registry entries of migrations committed or aborted by other
@@ -450,11 +455,15 @@ class MigrationService:
                 except MigrationError:
                     pass
 
-    def describe(self, info: MigrationInfo) -> Dict[str, Any]:
+    def describe(self, info: MigrationInfo,
+                 latest: Optional[Dict[str, Task]] = None) -> Dict[str, Any]:
+        """A migration as status shows it, with its latest task (from
+        ``latest``, each image's latest task, when given)."""
         d = info.to_dict()
         if d['source_spec'] is not None:
             d['source_spec'] = mask_spec(d['source_spec'])
-        task = self.queue.latest_for(_key(info.dest))
+        key = _key(info.dest)
+        task = latest.get(key) if latest is not None else self.queue.latest_for(key)
         d['task'] = task.to_dict() if task else None
         reg = self._registration(info.dest)
         d['layout'] = reg.get('layout', {})

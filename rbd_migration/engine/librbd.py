@@ -12,6 +12,7 @@ import json
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -26,6 +27,9 @@ from . import ondisk
 
 #: Called with (done, total); a non-zero return cancels the librbd operation.
 ProgressFn = Callable[[int, int], int]
+
+#: Migrations whose headers a status listing reads at once.
+LIST_CONCURRENCY = 8
 
 STATES = {
     rbd.RBD_IMAGE_MIGRATION_STATE_UNKNOWN: 'unknown',
@@ -448,19 +452,35 @@ class LibrbdEngine:
         the pool's trash with source "migration"; import-only migrations
         leave no trash entry, so the caller names those it prepared.
         """
-        found: Dict[str, MigrationInfo] = {}
-        for io, src_id, name in self._trashed_sources():
-            info = self._listed(io, src_id, name)
-            if info is not None:
-                found[info.dest.id] = info
-        for ref in known:
-            if ref.id in found:
-                continue
+        sources = [(io.get_pool_id(), io.nspace, src_id, name)
+                   for io, src_id, name in self._trashed_sources()]
+
+        def listed(item: Tuple[int, str, str, str]) -> Optional[MigrationInfo]:
+            pool_id, namespace, src_id, name = item
             try:
-                info = self.status(ref.spec)
+                with self.ioctx_by_id(pool_id, namespace) as io:
+                    return self._listed(io, src_id, name)
+            except NotFound:
+                return None  # its pool went away meanwhile
+
+        def known_status(ref: ImageRef) -> Optional[MigrationInfo]:
+            try:
+                return self.status(ref.spec)
             except MigrationError:
-                continue
-            found[info.dest.id] = info
+                return None
+
+        # Each migration costs a few small reads that wait on the OSDs;
+        # several at once keep a long list quick.
+        found: Dict[str, MigrationInfo] = {}
+        with ThreadPoolExecutor(max_workers=LIST_CONCURRENCY,
+                                thread_name_prefix='rbd_migration list') as pool:
+            for info in pool.map(listed, sources):
+                if info is not None:
+                    found[info.dest.id] = info
+            rest = [ref for ref in known if ref.id not in found]
+            for info in pool.map(known_status, rest):
+                if info is not None:
+                    found[info.dest.id] = info
         return sorted(found.values(), key=lambda i: (str(i.dest)))
 
     def _rbd_pools(self) -> Iterator[rados.Ioctx]:
