@@ -16,6 +16,7 @@ past the end of the file read as zeros too, as in QEMU, while metadata (L1
 and L2 tables, the snapshot table) past the end is reported as corruption.
 """
 import array
+import bisect
 import struct
 import sys
 import threading
@@ -71,6 +72,7 @@ MAX_BACKING_NAME = 1023
 L1_CACHE_BYTES = 64 << 20          # snapshot L1 tables
 L2_CACHE_BYTES = 32 << 20
 CLUSTER_CACHE_BYTES = 16 << 20     # decompressed clusters
+RUNS_CACHE_BYTES = 32 << 20        # L2 tables decoded into runs
 
 _V1_HEADER = struct.Struct('>4sIQIIQBBHIQ')
 _V2_HEADER = struct.Struct('>4sIQIIQIIQQIIQ')
@@ -372,6 +374,7 @@ class QcowFormat(Format):
         self._l1_cache = _LruCache(L1_CACHE_BYTES)
         self._l2_cache = _LruCache(L2_CACHE_BYTES)
         self._cluster_cache = _LruCache(CLUSTER_CACHE_BYTES)
+        self._runs_cache = _LruCache(RUNS_CACHE_BYTES)
         self._file_size = stream.size()
         self.header = self._read_header()
         self.extensions = self._read_extensions()
@@ -818,25 +821,45 @@ class QcowFormat(Format):
     def _runs(self, l1: 'array.array[int]', start: int,
               end: int) -> Iterator[_Run]:
         """What guest bytes ``[start, end)`` are, in order."""
-        h = self.header
-        span, cs = h.l2_span, h.cluster_size
+        span = self.header.l2_span
         pos = start
         while pos < end:
             l1_index = pos // span
-            table_end = min(end, (l1_index + 1) * span)
+            base = l1_index * span
+            table_end = min(end, base + span)
             l2_offset = self._l2_offset(l1, l1_index)
             if not l2_offset:
                 yield _Run(pos, table_end - pos, _RunKind.UNALLOCATED)
                 pos = table_end
                 continue
+            offsets, runs = self._table_runs(l2_offset, base)
+            i = max(0, bisect.bisect_right(offsets, pos) - 1)
+            while i < len(runs) and runs[i].offset < table_end:
+                if runs[i].end > pos:
+                    yield runs[i].clip(pos, table_end)
+                i += 1
+            pos = table_end
+
+    def _table_runs(self, l2_offset: int, base: int) -> Tuple[List[int], List[_Run]]:
+        """The L2 table at ``l2_offset``, mapping guest bytes from ``base``,
+        decoded once into merged runs (with their offsets, for bisecting):
+        a read or an extent listing then costs a lookup, not Python work
+        per cluster -- which bounded the copy of a qcow2 chain.  Entries
+        past the largest virtual size are not decoded."""
+        def load() -> Tuple[Any, int]:
             table = self._l2_table(l2_offset)
-            while pos < table_end:
-                cluster = pos - pos % cs
-                index = (pos // cs) % (1 << h.l2_bits)
-                for run in self._decode(table, index, cluster):
-                    if run.end > pos and run.offset < table_end:
-                        yield run.clip(pos, table_end)
-                pos = min(cluster + cs, table_end)
+            cs = self.header.cluster_size
+            used = -(-(self._largest_size - base) // cs)
+            count = max(0, min(1 << self.header.l2_bits, used))
+            runs = list(_merge_runs(run for index in range(count)
+                                    for run in self._decode(table, index, base + index * cs)))
+            return ([r.offset for r in runs], runs), 64 + 160 * len(runs)
+        found: Tuple[List[int], List[_Run]] = self._runs_cache.get((l2_offset, base), load)
+        return found
+
+    @property
+    def _largest_size(self) -> int:
+        return max([self.header.size] + [s.disk_size for s in self._snapshots])
 
     def _decode(self, table: 'array.array[int]', index: int,
                 cluster: int) -> Iterator[_Run]:
