@@ -40,17 +40,20 @@ def _task(cluster: Cluster, *command: str) -> str:
     return str(cluster.ceph_json('rbd', 'migration', *command)['task']['id'])
 
 
-def _wait_running(cluster: Cluster, task: str, timeout: float = 60) -> None:
+def _wait_running(cluster: Cluster, task: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         tasks = cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
         t = next(t for t in tasks if t['id'] == task)
         if t['state'] == 'running' and t['progress'] > 0.02:
             return
         if t['state'] in ('completed', 'failed', 'cancelled'):
             raise AssertionError(f'task {task} ended before the fault: {t}')
+        if time.monotonic() > deadline:
+            others = [(o['id'], o['action'], o['image_spec'], o['state'])
+                      for o in tasks if o['state'] in ('running', 'queued', 'waiting to retry')]
+            raise AssertionError(f'task {task} did not get going: {t}; active tasks: {others}')
         time.sleep(0.2)
-    raise AssertionError(f'task {task} did not start')
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import pytest
 import rados
@@ -131,14 +131,34 @@ def _omap(io: rados.Ioctx, obj: str) -> Dict[str, bytes]:
 BOOKKEEPING = ('rbd_directory', 'rbd_trash', 'rbd_children')
 
 
+def _settling(listed: Dict[str, List[Tuple[str, str]]]) -> Set[Tuple[str, str]]:
+    """Data objects of images that no longer have a header (in any of the
+    pools: a data pool holds no headers): what the OSDs still hold of images
+    other tests removed, until they trim the removed snapshots' clones in
+    the background.  They vanish at any moment."""
+    headers = {(ns, key.split('.', 1)[1]) for objects in listed.values()
+               for ns, key in objects if key.startswith('rbd_header.')}
+    return {(ns, key) for objects in listed.values() for ns, key in objects
+            if key.startswith('rbd_data.') and (ns, key.split('.')[1]) not in headers}
+
+
 def cluster_state(r: rados.Rados) -> Dict[Any, Any]:
-    """Every object (all namespaces) of the pools images go to, and the image
-    directory, trash and children omaps of every namespace."""
-    state: Dict[Any, Any] = {}
+    """Every object of the pools images go to, in the namespaces these tests
+    use, and the image directory, trash and children omaps of those
+    namespaces.  Left out: the data objects of images already removed
+    (see ``_settling``) and other namespaces, where other tests' leftovers
+    settle."""
+    listed: Dict[str, List[Tuple[str, str]]] = {}
     for pool in POOLS:
         with r.open_ioctx(pool) as io:
             io.set_namespace(rados.LIBRADOS_ALL_NSPACES)
-            objects = sorted((o.nspace, o.key) for o in io.list_objects())
+            listed[pool] = sorted((o.nspace, o.key) for o in io.list_objects()
+                                  if o.nspace in ('', NAMESPACE))
+    settling = _settling(listed)
+    state: Dict[Any, Any] = {}
+    for pool in POOLS:
+        with r.open_ioctx(pool) as io:
+            objects = [o for o in listed[pool] if o not in settling]
             # rbd_info: librbd's pool marker, which librbd itself writes the
             # first time it looks at a pool (the EC data pool, on the first
             # prepare that names it), whatever the outcome; not ours.
