@@ -143,10 +143,21 @@ def _assert_stalled_on_quota(cluster: Cluster, spec: str) -> None:
                       checks.get('RBD_MIGRATION_STALLED', {}).get('detail', []))
     assert f'{spec} (task' in detail and 'reached its quota (max_objects' in detail, checks
     assert 'ceph osd pool set-quota rbd2 max_objects' in detail
-    tasks = cluster.ceph('rbd', 'migration', 'task', 'list')
-    assert 'stalled: pool rbd2 reached its quota' in tasks, tasks
-    mig = cluster.ceph_json('rbd', 'migration', 'status', spec)['migrations'][0]
-    assert 'stalled' in mig['state_text'], mig
+    # Objects of images earlier tests removed may still be going (snapshot
+    # trimming runs in the background), so the pool can drop below its
+    # quota for a moment and the task move on a little: look until it shows.
+    shown: Dict[str, str] = {}
+
+    def stalled_everywhere() -> bool:
+        shown['tasks'] = cluster.ceph('rbd', 'migration', 'task', 'list')
+        mig = cluster.ceph_json('rbd', 'migration', 'status', spec)['migrations'][0]
+        shown['state_text'] = mig['state_text']
+        return ('stalled: pool rbd2 reached its quota' in shown['tasks']
+                and 'stalled' in shown['state_text'])
+    try:
+        cluster._wait(f'{spec} shown stalled on the quota', stalled_everywhere, 90)
+    except RuntimeError as e:
+        raise AssertionError(f'{e}; last seen: {shown}') from None
 
 
 @pytest.mark.parametrize('path', ['adapter', 'librbd'])
