@@ -319,14 +319,12 @@ class LibrbdEngine:
             header = ondisk.migration_header(io, image_id)
             if header is None or header.header_type != ondisk.HEADER_TARGET:
                 raise rbd.InvalidArgument(f'{name}: not a migration target')
-            return _status(header, (header.pool_id, header.namespace, header.image_name,
-                                    header.image_id), here + (name, image_id))
+            return _status(header, header.names, here + (name, image_id))
         src_id = ondisk.trashed_source_id(io, name)
         header = ondisk.migration_header(io, src_id) if src_id else None
         if header is None or src_id is None:
             raise rbd.ImageNotFound(f'{name}: no such image')
-        return _status(header, here + (name, src_id), (header.pool_id, header.namespace,
-                                                       header.image_name, header.image_id))
+        return _status(header, here + (name, src_id), header.names)
 
     def _listed(self, io: rados.Ioctx, src_id: str, name: str) -> Optional[MigrationInfo]:
         """The migration of a source found in the trash, from the headers
@@ -344,9 +342,7 @@ class LibrbdEngine:
         if target is None or header.state == 'aborting':
             return self._interrupted(io, src_id, name)
         here = (io.get_pool_id(), io.nspace)
-        return self._info(_status(target, here + (name, src_id),
-                                  (header.pool_id, header.namespace, header.image_name,
-                                   header.image_id)))
+        return self._info(_status(target, here + (name, src_id), header.names))
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration

@@ -38,6 +38,11 @@ class MigrationHeader:
     #: An import's source-spec JSON (empty for an in-cluster migration).
     source_spec: str = ''
 
+    @property
+    def names(self) -> Tuple[int, str, str, str]:
+        """The other image, as (pool id, namespace, name, id)."""
+        return (self.pool_id, self.namespace, self.image_name, self.image_id)
+
 
 class _Reader:
     def __init__(self, data: bytes) -> None:
