@@ -247,14 +247,16 @@ class Cluster:
         (re)starts)."""
         assert self.state
         deadline = time.monotonic() + timeout
+        last = ''
         while time.monotonic() < deadline:
             r = subprocess.run(['ceph', '--conf', self.state.conf, 'rbd', 'migration',
                                 'task', 'get', task_id], capture_output=True, text=True,
                                timeout=120)
             if r.returncode not in (11, 22, 95, 110):
                 return r
+            last = (r.stdout + r.stderr).strip() or last
             time.sleep(0.3)
-        raise AssertionError(f'task {task_id} still active after {timeout}s')
+        raise AssertionError(f'task {task_id} still active after {timeout}s; last said: {last}')
 
     def _run(self, *argv: str) -> None:
         r = subprocess.run(argv, capture_output=True, text=True)

@@ -413,7 +413,8 @@ class MigrationService:
         task = self.queue.get(task_id)
         what = f'task {task.id} ({task.action} of {task.image_spec})'
         if task.active:
-            raise StillActive(f'{what} is {task.state} ({task.progress:.0%})')
+            raise StillActive(f'{what} is {task.state} ({task.progress:.0%})'
+                              + _why_not_done(task, self.queue.waiting.get(task.id)))
         if task.state == FAILED:
             err = MigrationError(f'{what} failed: {task.last_error}')
             err.errno = task.errno or errno.EIO
@@ -477,6 +478,16 @@ class PoolFull(MigrationError):
 
 class StillActive(MigrationError):
     errno = errno.EAGAIN
+
+
+def _why_not_done(task: Task, waiting: Optional[str]) -> str:
+    """What an active task waits on, for scripts that poll it and for
+    the operator reading their log."""
+    why = [f'attempt {task.attempts}'] if task.attempts > 1 else []
+    why += [f'waiting: {waiting}'] if waiting else []
+    why += [f'stalled: {task.stalled}'] if task.stalled else []
+    why += [f'last error: {task.last_error}'] if task.last_error else []
+    return f"; {'; '.join(why)}" if why else ''
 
 
 def _interruptible(task: Task) -> bool:

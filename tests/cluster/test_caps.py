@@ -42,16 +42,6 @@ def _state(cluster: Cluster) -> Tuple[Any, ...]:
     return images, trash, status
 
 
-def _wait(cluster: Cluster, task: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode != errno.EAGAIN:
-            return r
-        time.sleep(0.2)
-    raise AssertionError(f'task {task} still active after {timeout}s')
-
-
 @pytest.fixture(scope='module')
 def clients(cluster: Cluster,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dict[str, Tuple[str, str]]]:
@@ -85,12 +75,12 @@ def migration(cluster: Cluster,
         cluster.ceph('rbd', 'migration', 'prepare', '--import-only', name,
                      '--source-spec', spec)
         task = cluster.ceph_json('rbd', 'migration', 'execute', name)['task']['id']
-        assert _wait(cluster, task).returncode == 0
+        assert cluster.task_end(task).returncode == 0
         yield {'image': name, 'task': str(task), 'spec': spec, 'dir': str(d)}
     finally:
         r = _ceph(cluster, 'rbd', 'migration', 'abort', name, '-f', 'json')
         if r.returncode == 0:
-            _wait(cluster, json.loads(r.stdout)['task']['id'])
+            cluster.task_end(json.loads(r.stdout)['task']['id'])
         cluster.reset_module_option('file_source_roots')
 
 
@@ -174,12 +164,12 @@ def test_read_write_client_may_change(cluster: Cluster, clients: Dict[str, Tuple
         task = json.loads(r.stdout)['task']['id']
         r = _ceph(cluster, 'rbd', 'migration', 'task', 'cancel', task, who=rw)
         assert r.returncode == 0, r.stderr   # cancelled, or already done
-        _wait(cluster, task)
+        cluster.task_end(task)
         r = _ceph(cluster, 'rbd', 'migration', 'status', name, '-f', 'json', who=rw)
         assert r.returncode == 0 and json.loads(r.stdout)['migrations'], r.stderr
     finally:
         r = _ceph(cluster, 'rbd', 'migration', 'abort', name, '-f', 'json', who=rw)
         assert r.returncode == 0, r.stderr
-        assert _wait(cluster, json.loads(r.stdout)['task']['id']).returncode == 0
+        assert cluster.task_end(json.loads(r.stdout)['task']['id']).returncode == 0
     r = _ceph(cluster, 'rbd', 'migration', 'status', name, who=rw)
     assert r.returncode == errno.ENOENT, (r.returncode, r.stderr)

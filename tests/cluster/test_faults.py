@@ -27,7 +27,7 @@ from qa.cluster import Cluster
 from rbd_migration.engine.librbd import LibrbdEngine
 from rbd_migration.images import ImageSpec
 
-ROUNDS = 3
+ROUNDS = int(os.environ.get('RBD_MIGRATION_TEST_ROUNDS', '3'))
 
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:

@@ -20,16 +20,6 @@ def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def _task_end(cluster: Cluster, task_id: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task_id)
-        if r.returncode != 11:  # EAGAIN while the task is active
-            return r
-        time.sleep(0.3)
-    raise AssertionError(f'task {task_id} still active after {timeout}s')
-
-
 def _images(cluster: Cluster) -> str:
     assert cluster.state
     return subprocess.run(['rbd', '--conf', cluster.state.conf, 'ls', 'rbd'],
@@ -69,7 +59,7 @@ def test_failed_task_raises_health_until_abort(cluster: Cluster, roots: Path) ->
         second = cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/{victim}')['task']
         assert second['state'] == 'queued'
         (roots / 'victim.raw').unlink()  # its source vanishes while it waits
-        r = _task_end(cluster, second['id'])
+        r = cluster.task_end(second['id'])
         assert r.returncode != 0
         assert r.stderr.strip().count('\n') == 0 and 'Traceback' not in r.stderr
         assert f'rbd/{victim}' in r.stderr and 'failed' in r.stderr
@@ -82,11 +72,11 @@ def test_failed_task_raises_health_until_abort(cluster: Cluster, roots: Path) ->
         assert f'rbd/{victim}' in detail
 
         abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{victim}')['task']
-        assert _task_end(cluster, abort['id']).returncode == 0
+        assert cluster.task_end(abort['id']).returncode == 0
         checks = cluster.health_mentioning(f'rbd/{victim}', present=False)
         assert f'rbd/{victim}' not in json.dumps(checks)
         assert victim not in _images(cluster)
-        assert _task_end(cluster, first['id']).returncode == 0
+        assert cluster.task_end(first['id']).returncode == 0
     finally:
         cluster.reset_module_option('max_concurrent_tasks')
         for name in (busy, victim):
@@ -106,5 +96,5 @@ def test_vanished_source_is_named_and_abort_recovers(cluster: Cluster, roots: Pa
     ours = [m for m in status['migrations'] if m['dest']['name'] == name]
     assert ours and ours[0]['state'] == 'error'
     abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{name}')['task']
-    assert _task_end(cluster, abort['id']).returncode == 0
+    assert cluster.task_end(abort['id']).returncode == 0
     assert name not in _images(cluster)

@@ -68,16 +68,6 @@ class Transcript:
                 for label, text in self.texts for secret in secrets if secret in text]
 
 
-def _wait_task(cluster: Cluster, task: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode != errno.EAGAIN:
-            return r
-        time.sleep(0.3)
-    raise AssertionError(f'task {task} still active after {timeout}s')
-
-
 @pytest.fixture(scope='module')
 def s3_user(rgw: Cluster) -> Iterator[Dict[str, Any]]:
     """An RGW user of our own, so that the keys are unique to this run, with
@@ -146,7 +136,7 @@ class Scenario:
                            ok=(0, errno.ENOENT))
             if r.returncode == 0:
                 task = json.loads(r.stdout)['task']['id']
-                self.t.add(f'abort {image} task', _wait_task(self.cluster, task).stderr)
+                self.t.add(f'abort {image} task', self.cluster.task_end(task).stderr)
 
 
 @pytest.fixture(scope='module')
@@ -211,7 +201,7 @@ def transcript(cluster: Cluster, rgw: Cluster, s3_user: Dict[str, Any],
         finally:
             cluster.reset_module_option('adapter_bandwidth_mbps')
         assert seen_running, 'the running import never showed in ceph progress json'
-        assert _wait_task(cluster, sc.execute(names['s3'])).returncode == 0
+        assert cluster.task_end(sc.execute(names['s3'])).returncode == 0
         t.look('executed')
 
         # the S3 objects go away: the librbd path cannot even open the target,
@@ -223,9 +213,9 @@ def transcript(cluster: Cluster, rgw: Cluster, s3_user: Dict[str, Any],
                   ok=(0, errno.ENOENT, errno.EIO))
         assert r.stderr.strip().count('\n') == 0, r.stderr
         if r.returncode == 0:   # queued after all: let it end
-            gone = _wait_task(cluster, json.loads(r.stdout)['task']['id'])
+            gone = cluster.task_end(json.loads(r.stdout)['task']['id'])
             t.add('librbd gone task', gone.stdout + gone.stderr)
-        failed = _wait_task(cluster, sc.execute(names['gone-adapter']))
+        failed = cluster.task_end(sc.execute(names['gone-adapter']))
         t.add('failed task get', failed.stdout + failed.stderr)
         assert failed.returncode == errno.ENOENT, (failed.returncode, failed.stderr)
         checks = cluster.health_mentioning(names['gone-adapter'])

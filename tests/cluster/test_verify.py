@@ -25,16 +25,6 @@ def _rbd(cluster: Cluster, *args: str) -> None:
                    capture_output=True)
 
 
-def _finish(cluster: Cluster, task: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode != 11:
-            return r
-        time.sleep(0.3)
-    raise AssertionError(f'task {task} still active')
-
-
 def _task(cluster: Cluster, *command: str) -> str:
     return str(cluster.ceph_json('rbd', 'migration', *command)['task']['id'])
 
@@ -58,16 +48,16 @@ def test_in_cluster_verify_passes_then_commit_verified(cluster: Cluster) -> None
         assert r.returncode == 22 and 'not executed yet' in r.stderr
         r = _ceph(cluster, 'rbd', 'migration', 'commit', '--verified', f'rbd2/{name}')
         assert r.returncode == 22
-        assert _finish(cluster, _task(cluster, 'execute', f'rbd2/{name}')).returncode == 0
+        assert cluster.task_end(_task(cluster, 'execute', f'rbd2/{name}')).returncode == 0
         r = _ceph(cluster, 'rbd', 'migration', 'commit', '--verified', f'rbd2/{name}')
         assert r.returncode == 22 and 'no passed verify' in r.stderr
         verify = _task(cluster, 'verify', f'rbd2/{name}')
-        assert _finish(cluster, verify).returncode == 0
+        assert cluster.task_end(verify).returncode == 0
         tasks = cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
         result = next(t for t in tasks if t['id'] == verify)['result']
         assert result['equal'] and [l['name'] for l in result['layers']] == ['a', 'b', 'HEAD']
         assert result['bytes_compared'] > 0
-        assert _finish(cluster, _task(cluster, 'commit', '--verified',
+        assert cluster.task_end(_task(cluster, 'commit', '--verified',
                                       f'rbd2/{name}')).returncode == 0
     finally:
         _ceph(cluster, 'rbd', 'migration', 'abort', f'rbd2/{name}')
@@ -79,12 +69,12 @@ def test_verify_names_a_difference(cluster: Cluster, tmp_path: Path) -> None:
     _image_with_snapshots(cluster, name)
     cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
     try:
-        assert _finish(cluster, _task(cluster, 'execute', f'rbd2/{name}')).returncode == 0
+        assert cluster.task_end(_task(cluster, 'execute', f'rbd2/{name}')).returncode == 0
         assert cluster.state
         with rados.Rados(conffile=cluster.state.conf) as conn, \
                 conn.open_ioctx('rbd2') as io, rbd.Image(io, name) as img:
             img.write(os.urandom(4096), 20 << 20)
-        r = _finish(cluster, _task(cluster, 'verify', f'rbd2/{name}'))
+        r = cluster.task_end(_task(cluster, 'verify', f'rbd2/{name}'))
         assert r.returncode == 74  # EBADMSG
         line = r.stderr.strip()
         assert '\n' not in line and 'HEAD: differs at 20971520+' in line
@@ -97,7 +87,7 @@ def test_verify_names_a_difference(cluster: Cluster, tmp_path: Path) -> None:
             health = cluster.ceph_json('health', 'detail')
         assert 'RBD_MIGRATION_FAILED' in health['checks']
     finally:
-        _finish(cluster, _task(cluster, 'abort', f'rbd2/{name}'))
+        cluster.task_end(_task(cluster, 'abort', f'rbd2/{name}'))
 
 
 def test_verify_an_adapter_import(cluster: Cluster, tmp_path: Path) -> None:
@@ -113,9 +103,9 @@ def test_verify_an_adapter_import(cluster: Cluster, tmp_path: Path) -> None:
                      '--source-spec', json.dumps({
                          'type': 'raw', 'stream': {'type': 'file', 'file_path': str(src)},
                          'rbd_migration': {'engine': 'adapter'}}))
-        assert _finish(cluster, _task(cluster, 'execute', f'rbd/{name}')).returncode == 0
-        assert _finish(cluster, _task(cluster, 'verify', f'rbd/{name}')).returncode == 0
-        assert _finish(cluster, _task(cluster, 'commit', '--verified',
+        assert cluster.task_end(_task(cluster, 'execute', f'rbd/{name}')).returncode == 0
+        assert cluster.task_end(_task(cluster, 'verify', f'rbd/{name}')).returncode == 0
+        assert cluster.task_end(_task(cluster, 'commit', '--verified',
                                       f'rbd/{name}')).returncode == 0
     finally:
         cluster.reset_module_option('file_source_roots')

@@ -900,3 +900,20 @@ def test_queued_tasks_never_stall() -> None:
     h.queue.check_stalls()
     assert first.stalled == 'x' and second.stalled is None
     call.finish()
+
+
+# -- what `task get` says about an active task --------------------------------
+
+def test_an_active_task_says_what_it_waits_on() -> None:
+    from rbd_migration.service import _why_not_done
+    task = Task(id='7', action='execute', pool_id=2, pool='rbd2', namespace='',
+                image_id='abc', image_name='img', sequence=7, message='m')
+    assert _why_not_done(task, None) == ''
+    task.state, task.attempts = RETRYING, 3
+    task.last_error = 'executing the migration of rbd2/img: connection timed out (ETIMEDOUT)'
+    assert _why_not_done(task, None) == (
+        '; attempt 3; last error: executing the migration of rbd2/img: '
+        'connection timed out (ETIMEDOUT)')
+    task.state, task.attempts, task.last_error = QUEUED, 0, None
+    assert _why_not_done(task, '2 task(s) running (max_concurrent_tasks 2)') == (
+        '; waiting: 2 task(s) running (max_concurrent_tasks 2)')
