@@ -11,6 +11,7 @@ import threading
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+import rados
 from mgr_module import MgrModule, NotifyType, Option
 
 from .batch import Batch
@@ -148,6 +149,7 @@ class Module(MgrModule):
         self._ready = threading.Event()
         self.service: Optional[MigrationService] = None
         self.fleet: Optional[Fleet] = None
+        self._bulk: Optional[rados.Rados] = None
         self._handlers: Dict[str, Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]] = {
             'rbd migration prepare': self._prepare,
             'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
@@ -172,8 +174,9 @@ class Module(MgrModule):
     # -- lifecycle ---------------------------------------------------------
     def serve(self) -> None:
         events = ModuleEvents(self)
+        self._bulk = self._bulk_client()
         self.service = MigrationService(self.rados, self, events,
-                                        self.get_module_option)
+                                        self.get_module_option, bulk=self._bulk)
         self.fleet = Fleet(self.service, events.batch_progress)
         self.service.queue.load()
         self.fleet.load()
@@ -184,9 +187,22 @@ class Module(MgrModule):
 
     def shutdown(self) -> None:
         self._stop.set()
-        if self.service is not None:
-            self.service.queue.shutdown()
+        stopped = self.service.queue.shutdown() if self.service is not None else True
+        if self._bulk is not None and stopped:  # else a task still copies through it
+            addrs = self._bulk.get_addrs()
+            self._bulk.shutdown()
+            self._ceph_unregister_client(addrs)
+            self._bulk = None
         super().shutdown()
+
+    def _bulk_client(self) -> rados.Rados:
+        """The librados client the tasks copy through, apart from the one
+        commands use.  Registered like the mgr's own, so a failover
+        blocklists it and the next mgr takes over the images' locks at once."""
+        client = rados.Rados(context=self.get_context())
+        client.connect()
+        self._ceph_register_client(client.get_addrs())
+        return client
 
     def _svc(self) -> MigrationService:
         if not self._ready.wait(10) or self.service is None:

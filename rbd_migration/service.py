@@ -45,9 +45,14 @@ OptionGetter = Callable[[str], Any]
 
 class MigrationService:
     def __init__(self, cluster: rados.Rados, store: Store, events: Events,
-                 option: OptionGetter) -> None:
+                 option: OptionGetter, bulk: Optional[rados.Rados] = None) -> None:
         self.engine = LibrbdEngine(cluster)
         self.adapter = AdapterEngine(self.engine, store)
+        # Tasks move data on ``bulk``, a client of their own: a status read
+        # sent on the client an execute writes through queues behind
+        # megabytes of its writes on every OSD connection.
+        self.bulk = LibrbdEngine(bulk) if bulk is not None else self.engine
+        self.bulk_adapter = AdapterEngine(self.bulk, store)
         self.store = store
         self.option = option
         self.meter = RateMeter()
@@ -329,14 +334,14 @@ class MigrationService:
         if task.options.get('path') == ADAPTER:
             return self._run_adapter(task.action, ref, progress)
         if task.action == 'execute':
-            self.engine.execute(ref, progress)
+            self.bulk.execute(ref, progress)
         elif task.action == 'commit':
             source = task.options.get('source')
-            self.engine.commit(ref, progress, force=bool(task.options.get('force')),
-                               source=ImageRef(**source) if isinstance(source, dict) else None)
+            self.bulk.commit(ref, progress, force=bool(task.options.get('force')),
+                             source=ImageRef(**source) if isinstance(source, dict) else None)
             self._unregister(ref)
         elif task.action == 'abort':
-            self.engine.abort(ref, progress)
+            self.bulk.abort(ref, progress)
             self._unregister(ref)
         else:
             raise InvalidArgument(f'unknown task action {task.action!r}')
@@ -345,12 +350,12 @@ class MigrationService:
     def _run_adapter(self, action: str, ref: ImageRef,
                      progress: Callable[[int, int], int]) -> Optional[Dict[str, Any]]:
         if action == 'execute':
-            return self.adapter.execute(ref, progress, self.source_context(),
-                                        self.copy_options())
+            return self.bulk_adapter.execute(ref, progress, self.source_context(),
+                                             self.copy_options())
         if action == 'commit':
-            self.adapter.commit(ref)
+            self.bulk_adapter.commit(ref)
         elif action == 'abort':
-            self.adapter.abort(ref, progress)
+            self.bulk_adapter.abort(ref, progress)
         else:
             raise InvalidArgument(f'unknown task action {action!r}')
         return None
@@ -365,7 +370,7 @@ class MigrationService:
             spec = self.engine.verify_source_spec(info)
         window = int(self.option('adapter_concurrency'))
         with open_format(spec, ctx) as source, \
-                self.engine.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+                self.bulk.ioctx_by_id(ref.pool_id, ref.namespace) as io:
             def open_target(snap: Optional[str]) -> Any:
                 return rbd.Image(io, image_id=ref.id, snapshot=snap, read_only=True)
             return verify_summary(run_verify(source, open_target, report, window))

@@ -433,9 +433,10 @@ class TaskQueue:
             else:
                 self._finish(task, FAILED, str(e), e.errno)
 
-    def shutdown(self, timeout: float = 10.0) -> None:
+    def shutdown(self, timeout: float = 10.0) -> bool:
         """Stop running tasks at their next progress report, leaving them
-        queued for the next mgr."""
+        queued for the next mgr.  False if one still runs after ``timeout``
+        (librbd's own execute does not stop half-way)."""
         with self.cv:
             self.stopping = True
             threads = list(self._threads.values())
@@ -443,3 +444,4 @@ class TaskQueue:
         deadline = time.monotonic() + timeout
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in threads)

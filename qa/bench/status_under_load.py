@@ -4,7 +4,8 @@
     qa/bench/status_under_load.py [--dir DIR] [--executes 4] [--size 768M] [--rounds 3]
 
 Measures the mgr's answer time for ``rbd migration status`` (through a
-persistent librados client, so the CLI's own start-up is not counted) with
+persistent librados client, so the CLI's own start-up is not counted), and
+as its peer the same reads from a client outside the mgr, with
 no migration running, then while N executes run (half in-cluster moves on
 librbd's path, half adapter-engine imports), and the mgr's resident memory
 before, during and after, over several rounds of migrations (growth across
@@ -21,12 +22,14 @@ import sys
 import threading
 import time
 import uuid
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import rados
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from cluster import Cluster, parse_size  # noqa: E402
+from rbd_migration.engine.librbd import LibrbdEngine  # noqa: E402
 
 #: Names differ between runs: a run cut short leaves its images behind.
 RUN = uuid.uuid4().hex[:6]
@@ -43,9 +46,14 @@ def mgr_rss(cluster: Cluster) -> int:
     return 0
 
 
-def status_times(conn: rados.Rados, seconds: float, stop: threading.Event) -> List[float]:
+def status_times(conn: rados.Rados, seconds: float,
+                 stop: threading.Event) -> Tuple[List[float], List[float]]:
+    """Answer times of the module's status and, as the peer, of the same
+    reads (pools, trash, migration headers) made by a client outside the
+    mgr: what the OSDs' load alone costs."""
     cmd = json.dumps({'prefix': 'rbd migration status', 'format': 'json'})
-    times = []
+    peer = LibrbdEngine(conn)
+    times, peer_times = [], []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not stop.is_set():
         t = time.perf_counter()
@@ -53,8 +61,11 @@ def status_times(conn: rados.Rados, seconds: float, stop: threading.Event) -> Li
         if ret != 0:
             raise RuntimeError(f'status failed: {err}')
         times.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        peer.list_migrations()
+        peer_times.append(time.perf_counter() - t)
         time.sleep(0.05)
-    return times
+    return times, peer_times
 
 
 def pct(values: List[float], p: float) -> float:
@@ -134,13 +145,16 @@ def main() -> int:
     try:
         with rados.Rados(conffile=c.state.conf) as conn:
             stop = threading.Event()
-            idle = status_times(conn, args.seconds, stop)
+            idle, peer_idle = status_times(conn, args.seconds, stop)
             rss: Dict[str, List[int]] = {'before': [], 'during': [], 'after': []}
             loaded: List[float] = []
+            peer_loaded: List[float] = []
             for r in range(args.rounds):
                 rss['before'].append(mgr_rss(c))
                 targets = start_round(c, args.executes, args.size, r, work)
-                loaded += status_times(conn, args.seconds, stop)
+                times, peer_times = status_times(conn, args.seconds, stop)
+                loaded += times
+                peer_loaded += peer_times
                 rss['during'].append(mgr_rss(c))
                 running = [t for t in c.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
                            if t['state'] == 'running']
@@ -155,6 +169,13 @@ def main() -> int:
         print(f'  {args.executes} executes running {l50:7.1f}  {l99:7.1f}   ({len(loaded)})')
         print(f'  ratio loaded/idle   {l50 / i50:7.2f}x {l99 / i99:7.2f}x   '
               f'(target: p99 <= 250 ms and <= 5x idle p99)')
+        pi50, pi99 = pct(peer_idle, 50) * 1e3, pct(peer_idle, 99) * 1e3
+        pl50, pl99 = pct(peer_loaded, 50) * 1e3, pct(peer_loaded, 99) * 1e3
+        print('peer: the same reads from a client outside the mgr')
+        print(f'  idle                {pi50:7.1f}  {pi99:7.1f}   ({len(peer_idle)})')
+        print(f'  {args.executes} executes running {pl50:7.1f}  {pl99:7.1f}   ({len(peer_loaded)})')
+        print(f'  ratio loaded/idle   {pl50 / pi50:7.2f}x {pl99 / pi99:7.2f}x')
+        print(f'  module/peer p99     idle {i99 / pi99:.2f}x, loaded {l99 / pl99:.2f}x')
         print('\nmgr RSS, MiB   ' + '  '.join(f'round {i + 1}' for i in range(args.rounds)))
         for phase, values in rss.items():
             print(f'  {phase:7s}     ' + '  '.join(f'{v / 2**20:7.1f}' for v in values))

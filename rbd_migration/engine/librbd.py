@@ -448,9 +448,6 @@ class LibrbdEngine:
         the pool's trash with source "migration"; import-only migrations
         leave no trash entry, so the caller names those it prepared.
         """
-        sources = [(io.get_pool_id(), io.nspace, src_id, name)
-                   for io, src_id, name in self._trashed_sources()]
-
         def listed(item: Tuple[int, str, str, str]) -> Optional[MigrationInfo]:
             pool_id, namespace, src_id, name = item
             try:
@@ -465,11 +462,14 @@ class LibrbdEngine:
             except MigrationError:
                 return None
 
-        # Each migration costs a few small reads that wait on the OSDs;
-        # several at once keep a long list quick.
+        # Each pool and each migration costs a few small reads that wait on
+        # the OSDs, behind whatever else they are busy with; several at once
+        # keep the answer quick while migrations copy.
         found: Dict[str, MigrationInfo] = {}
         with ThreadPoolExecutor(max_workers=LIST_CONCURRENCY,
                                 thread_name_prefix='rbd_migration list') as pool:
+            sources = [source for sources in pool.map(self._pool_sources, self._rbd_pool_ids())
+                       for source in sources]
             for info in pool.map(listed, sources):
                 if info is not None:
                     found[info.dest.id] = info
@@ -496,6 +496,20 @@ class LibrbdEngine:
             return list(self.rbd.namespace_list(io))
         except rbd.Error:
             return []
+
+    def _pool_sources(self, pool_id: int) -> List[Tuple[int, str, str, str]]:
+        """(pool id, namespace, id, name) of the migration sources in the
+        trash of one pool's namespaces."""
+        try:
+            with self.rados.open_ioctx2(pool_id) as io:
+                found = []
+                for ns in [''] + self._namespaces(io):
+                    io.set_namespace(ns)
+                    found += [(pool_id, ns, src_id, name)
+                              for src_id, name in ondisk.trashed_migration_sources(io)]
+                return found
+        except rados.ObjectNotFound:
+            return []  # the pool went away meanwhile
 
     def _trashed_sources(self) -> Iterator[Tuple[rados.Ioctx, str, str]]:
         """(ioctx, id, name) of every migration source in every rbd pool's
