@@ -342,7 +342,8 @@ class LibrbdEngine:
         if target is None or header.state == 'aborting':
             return self._interrupted(io, src_id, name)
         here = (io.get_pool_id(), io.nspace)
-        return self._info(_status(target, here + (name, src_id), header.names))
+        return self._info(_status(target, here + (name, src_id), header.names),
+                          exact_pools=True)
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -353,9 +354,11 @@ class LibrbdEngine:
                               'file, image or object); restore the source or abort '
                               'the migration')
 
-    def _info(self, st: Dict[str, Any]) -> MigrationInfo:
-        dest_pool = self._pool_holding(st['dest_image_id'], st['dest_pool_namespace'],
-                                       st['dest_pool_id'])
+    def _info(self, st: Dict[str, Any], exact_pools: bool = False) -> MigrationInfo:
+        """``st`` as a MigrationInfo; ``exact_pools`` when its pool ids come
+        from the migration headers, not from librbd (one read less)."""
+        dest_pool = st['dest_pool_id'] if exact_pools else self._pool_holding(
+            st['dest_image_id'], st['dest_pool_namespace'], st['dest_pool_id'])
         dest = ImageRef(dest_pool, self._pool_name(dest_pool),
                         st['dest_pool_namespace'], st['dest_image_name'],
                         st['dest_image_id'])
