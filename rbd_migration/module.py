@@ -132,10 +132,11 @@ class Module(MgrModule):
         Option('adapter_bandwidth_mbps', type='float', default=0.0, min=0.0,
                desc='MB/s each adapter-engine task writes at most; 0 for no limit',
                runtime=True),
-        Option('keep_copy_buffers', type='bool', default=True,
+        Option('keep_copy_buffers', type='bool', default=False,
                desc='let copies running in this mgr reuse freed 4 MiB buffers (raises '
-                    "glibc's mmap and trim thresholds for the mgr process); turning it "
-                    'off takes a mgr restart',
+                    "glibc's mmap and trim thresholds for the mgr process): fewer page "
+                    "faults, but the mgr's memory keeps growing over many migrations; "
+                    'turning it off takes a mgr restart',
                runtime=True),
         Option('file_source_roots', type='str', default='',
                desc='directories (separated by ":") under which file sources may '
