@@ -23,7 +23,6 @@ from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, Unsupp
 from .formats import open_format
 from .images import ImageSpec, Layout
 from .metrics import MeteredEvents, RateMeter
-from .metrics import summary as metrics_summary
 from .probe import ADAPTER, probe
 from .schedule import Limits, Window, must_pause, wait_reason
 from .secrets import mask_spec

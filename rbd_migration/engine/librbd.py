@@ -518,14 +518,14 @@ class LibrbdEngine:
         """(ioctx, id, name) of every migration source in every rbd pool's
         and namespace's trash; in-cluster migrations are found through
         them."""
-        for io in self._rbd_pools():
-            try:
-                for ns in [''] + self._namespaces(io):
-                    io.set_namespace(ns)
-                    for src_id, name in ondisk.trashed_migration_sources(io):
-                        yield io, src_id, name
-            finally:
-                io.close()
+        for pool_id in self._rbd_pool_ids():
+            for _, ns, src_id, name in self._pool_sources(pool_id):
+                try:
+                    io = self.ioctx_by_id(pool_id, ns)
+                except NotFound:
+                    break  # the pool went away meanwhile
+                with io:
+                    yield io, src_id, name
 
     # -- interrupted commit and abort ----------------------------------------
     def _interrupted(self, io: rados.Ioctx, src_id: str,

@@ -58,7 +58,7 @@ def test_in_cluster_verify_passes_then_commit_verified(cluster: Cluster) -> None
         assert result['equal'] and [l['name'] for l in result['layers']] == ['a', 'b', 'HEAD']
         assert result['bytes_compared'] > 0
         assert cluster.task_end(_task(cluster, 'commit', '--verified',
-                                      f'rbd2/{name}')).returncode == 0
+                                            f'rbd2/{name}')).returncode == 0
     finally:
         _ceph(cluster, 'rbd', 'migration', 'abort', f'rbd2/{name}')
 
@@ -106,7 +106,7 @@ def test_verify_an_adapter_import(cluster: Cluster, tmp_path: Path) -> None:
         assert cluster.task_end(_task(cluster, 'execute', f'rbd/{name}')).returncode == 0
         assert cluster.task_end(_task(cluster, 'verify', f'rbd/{name}')).returncode == 0
         assert cluster.task_end(_task(cluster, 'commit', '--verified',
-                                      f'rbd/{name}')).returncode == 0
+                                            f'rbd/{name}')).returncode == 0
     finally:
         cluster.reset_module_option('file_source_roots')
         subprocess.run(['rbd', '--conf', cluster.state.conf, 'rm', '--no-progress',  # type: ignore
