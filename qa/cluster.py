@@ -258,6 +258,24 @@ class Cluster:
             time.sleep(0.3)
         raise AssertionError(f'task {task_id} still active after {timeout}s; last said: {last}')
 
+    def task_running(self, task_id: str, past: float = 0.02, timeout: float = 120) -> None:
+        """Wait until a module task runs and is ``past`` that far along;
+        fail if it ends first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            tasks = self.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
+            t = next(t for t in tasks if t['id'] == task_id)
+            if t['state'] == 'running' and t['progress'] > past:
+                return
+            if t['state'] in ('completed', 'failed', 'cancelled'):
+                raise AssertionError(f'task {task_id} ended too soon: {t}')
+            if time.monotonic() > deadline:
+                others = [(o['id'], o['action'], o['image_spec'], o['state']) for o in tasks
+                          if o['state'] in ('running', 'queued', 'waiting to retry')]
+                raise AssertionError(f'task {task_id} did not get going: {t}; '
+                                     f'active tasks: {others}')
+            time.sleep(0.2)
+
     def _run(self, *argv: str) -> None:
         r = subprocess.run(argv, capture_output=True, text=True)
         if r.returncode != 0:

@@ -7,6 +7,7 @@ one line.
 """
 import errno
 import json
+import os
 import threading
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -138,6 +139,11 @@ class Module(MgrModule):
                     "faults, but the mgr's memory keeps growing over many migrations; "
                     'turning it off takes a mgr restart',
                runtime=True),
+        Option('status_max_age', type='float', default=2.0, min=0.0,
+               desc='while tasks run, seconds old the migration listing of status may '
+                    "be (it is refreshed in the background; the module's own changes "
+                    'show at once); 0 lists afresh every time',
+               runtime=True),
         Option('file_source_roots', type='str', default='',
                desc='directories (separated by ":") under which file sources may '
                     'be read; empty refuses file sources',
@@ -184,7 +190,12 @@ class Module(MgrModule):
         self._ready.set()
         self.log.info('rbd_migration ready: %d task(s), %d batch(es) restored',
                       len(self.service.queue.list()), len(self.fleet.book.batches))
-        self.service.queue.run(self._stop, before=self.fleet.tick)
+        self.service.queue.run(self._stop, before=self._tick)
+
+    def _tick(self) -> None:
+        assert self.fleet is not None and self.service is not None
+        self.fleet.tick()
+        self.service.keep_listing_warm()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -200,8 +211,18 @@ class Module(MgrModule):
         """The librados client the tasks copy through, apart from the one
         commands use.  Registered like the mgr's own, so a failover
         blocklists it and the next mgr takes over the images' locks at once."""
-        client = rados.Rados(context=self.get_context())
-        client.connect()
+        conf = {k: str(v) for k, v in ((k, self.get_ceph_option(k))
+                                       for k in OWN_CONTEXT_OPTIONS) if v not in (None, '')}
+        conf['admin_socket'] = ''  # the mgr's socket stays the mgr's
+        try:
+            client = rados.Rados(name=f'mgr.{self.get_mgr_id()}', conffile=os.devnull,
+                                 conf=conf)
+            client.connect()
+        except rados.Error as e:
+            self.log.warning("tasks share the mgr's messenger threads (%s): commands may "
+                             'answer slowly while tasks copy', e)
+            client = rados.Rados(context=self.get_context())
+            client.connect()
         self._ceph_register_client(client.get_addrs())
         return client
 
@@ -268,6 +289,12 @@ class Module(MgrModule):
             except (ValueError, RecursionError):
                 continue
         return mask_text(text, secrets)
+
+
+#: What the tasks' client takes from the mgr's configuration; the rest comes
+#: from the monitors' configuration database, as for any client.
+OWN_CONTEXT_OPTIONS = ('mon_host', 'keyring', 'auth_client_required', 'ms_client_mode',
+                       'ms_mon_client_mode', 'ms_bind_ipv4', 'ms_bind_ipv6')
 
 
 class NotReady(MigrationError):

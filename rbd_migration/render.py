@@ -55,6 +55,9 @@ def _status(result: Dict[str, Any]) -> str:
     tasks = _tasks(result['tasks'])
     if tasks:
         parts.append('tasks:\n' + tasks)
+    age = (result.get('listed') or {}).get('age', 0.0)
+    if age >= 1.0:  # answered from the listing kept while tasks run
+        parts.append(f'(migrations as listed {age:.0f} s ago; tasks are running)')
     return '\n\n'.join(parts)
 
 

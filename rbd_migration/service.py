@@ -16,12 +16,13 @@ import rbd
 
 from .context import SourceContext
 from .engine.adapter import AdapterEngine
-from .engine.buffers import keep_copy_buffers
+from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
 from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
-from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, Unsupported
+from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound, Unsupported
 from .formats import open_format
 from .images import ImageSpec, Layout
+from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
 from .schedule import Limits, Window, must_pause, wait_reason
@@ -55,6 +56,7 @@ class MigrationService:
         self.store = store
         self.option = option
         self.meter = RateMeter()
+        self.listing = Listing(self._scan)
         self.queue = TaskQueue(
             store, self._run, MeteredEvents(events, self.meter),
             max_concurrent=lambda: int(option('max_concurrent_tasks')),
@@ -91,6 +93,7 @@ class MigrationService:
         self._refuse_namespaced_parent(src)
         info = self.engine.prepare(src, dst, layout)
         self._register(info, layout)
+        self.listing.replace(info.dest.id, info)
         return self.describe(info)
 
     def _prepare_import(self, source: Optional[str], dest: Optional[str],
@@ -120,6 +123,7 @@ class MigrationService:
         else:
             info = self.engine.prepare_import(json.dumps(spec), dst, layout)
             self._register(info, layout, report.to_dict())
+            self.listing.replace(info.dest.id, info)
         result = self.describe(info)
         result['probe'] = report.to_dict()
         return result
@@ -328,10 +332,26 @@ class MigrationService:
 
         if task.action in ('execute', 'verify') and self.option('keep_copy_buffers'):
             keep_copy_buffers()
+        try:
+            return self._run_action(task, ref, progress, report)
+        finally:
+            if task.action in ('execute', 'verify'):
+                give_back_free_memory()
+
+    def _run_action(self, task: Task, ref: ImageRef, progress: Callable[[int, int], int],
+                    report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
         if task.action == 'verify':
             return self._run_verify(ref, task.options.get('path'), report)
         if task.options.get('path') == ADAPTER:
             return self._run_adapter(task.action, ref, progress)
+        try:
+            self._run_librbd(task, ref, progress)
+        finally:
+            self._relist(ref)
+        return None
+
+    def _run_librbd(self, task: Task, ref: ImageRef,
+                    progress: Callable[[int, int], int]) -> None:
         if task.action == 'execute':
             self.bulk.execute(ref, progress)
         elif task.action == 'commit':
@@ -344,7 +364,21 @@ class MigrationService:
             self._unregister(ref)
         else:
             raise InvalidArgument(f'unknown task action {task.action!r}')
-        return None
+
+    def _relist(self, ref: ImageRef) -> None:
+        """Put the migration a librbd task changed, read afresh, in the
+        listing before the task is seen to end (adapter-engine imports are
+        listed from their records, always current)."""
+        try:
+            info: Optional[MigrationInfo] = self.engine.status(ref.spec)
+        except (NotMigrating, NotFound):
+            info = None
+        except (MigrationError, rados.Error, rbd.Error):
+            self.listing.changed()  # the next status lists afresh
+            return
+        if info is not None and info.dest.id != ref.id:
+            info = None  # the name now stands for another migration's image
+        self.listing.replace(ref.id, info)
 
     def _run_adapter(self, action: str, ref: ImageRef,
                      progress: Callable[[int, int], int]) -> Optional[Dict[str, Any]]:
@@ -436,16 +470,35 @@ class MigrationService:
             tasks = [t for t in self.queue.list() if t.image_key == _key(info.dest)]
             return {'migrations': [self.describe(info)],
                     'tasks': [t.to_dict() for t in tasks]}
-        infos = self.engine.list_migrations(iter(self._registered()))
-        self._forget_finished(infos)
-        infos += self.adapter.list()
+        # Tasks first: one seen ended has put its change in the listing.
         tasks = self.queue.list()
+        max_age = float(self.option('status_max_age'))
+        if max_age > 0 and any(t.state == RUNNING for t in tasks):
+            listed = self.listing.recent(max_age)
+        else:
+            listed = self.listing.fresh()
+        infos = listed.infos + self.adapter.list()
         latest: Dict[str, Task] = {}
         for t in tasks:  # one pass, not one per migration: queues run long
             if t.image_key not in latest or t.sequence > latest[t.image_key].sequence:
                 latest[t.image_key] = t
         return {'migrations': [self.describe(i, latest) for i in infos],
-                'tasks': [t.to_dict() for t in tasks]}
+                'tasks': [t.to_dict() for t in tasks],
+                'listed': {'at': listed.began_wall,
+                           'age': round(listed.age(time.monotonic()), 3)}}
+
+    def keep_listing_warm(self) -> None:
+        """While tasks run, keep the listing young enough for status to
+        answer from it, even when nobody has asked for a while."""
+        max_age = float(self.option('status_max_age'))
+        if max_age > 0 and any(t.state == RUNNING for t in self.queue.list()):
+            self.listing.warm(max_age)
+
+    def _scan(self) -> List[MigrationInfo]:
+        """Every migration librbd's path holds, read from the cluster."""
+        infos = self.engine.list_migrations(iter(self._registered()))
+        self._forget_finished(infos)
+        return infos
 
     def _forget_finished(self, infos: List[MigrationInfo]) -> None:
         """Drop registry entries of migrations committed or aborted by other

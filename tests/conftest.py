@@ -8,6 +8,7 @@ always stops it.
 """
 import os
 import sys
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -43,3 +44,13 @@ def rgw(cluster: Cluster) -> Cluster:
     first use, since most cluster tests never touch S3."""
     cluster.ensure_rgw()
     return cluster
+
+
+@pytest.fixture
+def roots(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
+    """A directory file sources may be read from (``file_source_roots``)."""
+    d = tmp_path / 'images'
+    d.mkdir()
+    cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
+    yield d
+    cluster.reset_module_option('file_source_roots')

@@ -40,22 +40,6 @@ def _task(cluster: Cluster, *command: str) -> str:
     return str(cluster.ceph_json('rbd', 'migration', *command)['task']['id'])
 
 
-def _wait_running(cluster: Cluster, task: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        tasks = cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
-        t = next(t for t in tasks if t['id'] == task)
-        if t['state'] == 'running' and t['progress'] > 0.02:
-            return
-        if t['state'] in ('completed', 'failed', 'cancelled'):
-            raise AssertionError(f'task {task} ended before the fault: {t}')
-        if time.monotonic() > deadline:
-            others = [(o['id'], o['action'], o['image_spec'], o['state'])
-                      for o in tasks if o['state'] in ('running', 'queued', 'waiting to retry')]
-            raise AssertionError(f'task {task} did not get going: {t}; active tasks: {others}')
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def slow(cluster: Cluster) -> Iterator[None]:
     """Executes that take seconds, not milliseconds, so faults land mid-copy;
@@ -386,7 +370,7 @@ def test_http_source_faults_and_server_restarts(cluster: Cluster, slow: None,
         try:
             proxy.faults = True
             task = _task(cluster, 'execute', f'rbd/{name}')
-            _wait_running(cluster, task)
+            cluster.task_running(task)
             proxy.stop()
             time.sleep(random.uniform(2, 5))
             proxy.start()
@@ -433,7 +417,7 @@ def test_s3_credentials_revoked_then_restored(rgw: Cluster, slow: None, tmp_path
         rgw.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/{name}',
                  '--source-spec', json.dumps(spec))
         task = _task(rgw, 'execute', f'rbd/{name}')
-        _wait_running(rgw, task)
+        rgw.task_running(task)
         subprocess.run([*admin, 'key', 'rm', f'--uid={uid}', f'--access-key={access}'],
                        check=True, capture_output=True)
         r = rgw.task_end(task)

@@ -7,9 +7,6 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
-
-import pytest
 
 from qa.cluster import Cluster
 
@@ -24,15 +21,6 @@ def _images(cluster: Cluster) -> str:
     assert cluster.state
     return subprocess.run(['rbd', '--conf', cluster.state.conf, 'ls', 'rbd'],
                           capture_output=True, text=True, check=True).stdout
-
-
-@pytest.fixture
-def roots(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
-    d = tmp_path / 'images'
-    d.mkdir()
-    cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
-    yield d
-    cluster.reset_module_option('file_source_roots')
 
 
 def _import(cluster: Cluster, path: Path, name: str) -> None:
