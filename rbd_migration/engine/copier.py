@@ -4,15 +4,18 @@ Snapshots are reproduced oldest first, then HEAD; for each, only what the
 format says changed since the previous one is considered, and of that only
 what differs from what the target already holds is written.  All-zero data
 is never written on a fresh layer, so the target stays as sparse as the
-data allows.  Chunks are read and written by a small pool of workers (librbd
-releases the GIL and is thread-safe on one image handle), with at most
-``window`` chunks in memory, so memory is bounded whatever the image size.
+data allows.  A few reader threads read chunks and hand their data to
+librbd's asynchronous writes, with at most ``window`` chunks read and not
+yet on the target: memory is bounded whatever the image size, and many
+writes are in flight without a thread waiting on each (reading a qcow2
+chain is Python work, and more threads than cores only contend for the
+GIL).
 A checkpoint (layer, offset below which everything is written) is handed to
 the caller every few seconds, so an interrupted copy resumes there.
 """
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
@@ -29,7 +32,10 @@ BLOCK = 64 << 10
 @dataclass
 class CopyOptions:
     chunk: int = 4 << 20
+    #: Chunks read and not yet written, at most.
     window: int = 8
+    #: Threads that read chunks (never more than ``window``).
+    readers: int = 4
     #: Bytes per second written at most; 0 for no limit.
     bandwidth: float = 0.0
     checkpoint_interval: float = 5.0
@@ -163,9 +169,7 @@ class Copier:
         if self.image.size() != size:
             self.image.resize(size)
         fresh = index == 0  # the target holds nothing yet: zeros are free
-        pending: Set[Future] = set()
-        in_flight: Set[int] = set()
-        done_to = offset
+        landing = _Landing(self.opts.window)
         last_saved = time.monotonic()
 
         def report(pos: int) -> None:
@@ -178,65 +182,64 @@ class Copier:
                 last_saved = now
                 self.save_checkpoint(Checkpoint(index, pos))
 
-        with ThreadPoolExecutor(max_workers=self.opts.window,
-                                thread_name_prefix='rbd_migration copy') as pool:
-            try:
-                for ext in _chunks(self.fmt.changed_extents(prev, snap),
-                                   self.opts.chunk, offset):
-                    while len(pending) >= self.opts.window:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in done:
-                            f.result()
-                    with self._lock:
-                        in_flight.add(ext.offset)
-                    fut = pool.submit(self._copy_chunk, ext, snap, fresh, in_flight)
-                    pending.add(fut)
-                    with self._lock:
-                        done_to = min(in_flight) if in_flight else ext.end
-                    report(done_to)
-                for f in pending:
-                    f.result()
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=max(1, min(self.opts.readers, self.opts.window)),
+                                  thread_name_prefix='rbd_migration copy')
+        try:
+            for ext in _chunks(self.fmt.changed_extents(prev, snap), self.opts.chunk, offset):
+                landing.enter(ext.offset)  # room for one more; the first error
+                pool.submit(self._copy_chunk, ext, snap, fresh, landing)
+                report(landing.low(ext.end))
+            landing.drain()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            landing.quiesce()  # no write may land after the caller moves on
         report(size)
 
     def _copy_chunk(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
-                    in_flight: Set[int]) -> None:
-        self._copy(ext, snap, fresh)
-        # Only a chunk that landed leaves the set: a failed one holds the
-        # checkpoint below it until the error surfaces and the copy stops.
-        with self._lock:
-            in_flight.discard(ext.offset)
+                    landing: '_Landing') -> None:
+        try:
+            self._copy(ext, snap, fresh, landing)
+        except BaseException as e:
+            landing.failed(e)
 
-    def _copy(self, ext: Extent, snap: Optional[Snapshot], fresh: bool) -> None:
+    def _copy(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
+              landing: '_Landing') -> None:
+        """Read a chunk and write what the target lacks of it; the chunk has
+        landed (``landing.landed``) once all its writes completed."""
         try:
             if ext.kind is ExtentKind.ZERO:
                 if not fresh:
                     self.image.write_zeroes(ext.offset, ext.length)
                     self._count(zeroed=ext.length)
-                return
+                return landing.landed(ext.offset)
             data = self.fmt.read(ext.offset, ext.length, snap)
             self._count(read=len(data))
             if not fresh and not self.fmt.exact_diffs:
                 if self.image.read(ext.offset, ext.length) == data:
                     self._count(skipped=len(data))
-                    return
+                    return landing.landed(ext.offset)
             runs = _runs(data, ext.offset)
             if not fresh:
                 # Not a fresh layer: what is zero now must be zero on the target.
                 if not runs:
                     self.image.write_zeroes(ext.offset, ext.length)
                     self._count(zeroed=ext.length)
-                    return
+                    return landing.landed(ext.offset)
                 runs = [(ext.offset, data)]
+            if not runs:
+                return landing.landed(ext.offset)
+            chunk = _ChunkWrites(ext.offset, len(runs), landing, self._count)
             for off, run in runs:
                 self.limiter.take(len(run))
-                self.image.write(run, off)
-                self._count(written=len(run))
+                landing.issued()
+                try:
+                    self.image.aio_write(run, off, chunk.callback(off, len(run)))
+                except BaseException:
+                    landing.completed()
+                    raise
         except rbd.Error as e:
             raise translate(e, f'writing the target at offset {ext.offset}')
+        return None
 
     def _count(self, read: int = 0, written: int = 0, zeroed: int = 0,
                skipped: int = 0) -> None:
@@ -245,3 +248,101 @@ class Copier:
             self.stats.bytes_written += written
             self.stats.bytes_zeroed += zeroed
             self.stats.bytes_skipped += skipped
+
+
+class _Landing:
+    """Chunks read and not yet on the target: at most ``window`` of them
+    (what bounds memory); the lowest (below it everything landed: the
+    checkpoint); the first error of a read or write, which stops the copy;
+    and librbd writes issued but not completed, which must all have
+    completed before the copy returns."""
+
+    def __init__(self, window: int) -> None:
+        self.window = max(1, window)
+        self.cv = threading.Condition()
+        self.in_flight: Set[int] = set()
+        self.outstanding = 0
+        self.error: Optional[BaseException] = None
+
+    def enter(self, offset: int) -> None:
+        with self.cv:
+            while len(self.in_flight) >= self.window and self.error is None:
+                self.cv.wait()
+            self._raise()
+            self.in_flight.add(offset)
+
+    def landed(self, offset: int) -> None:
+        with self.cv:
+            self.in_flight.discard(offset)
+            self.cv.notify_all()
+
+    def failed(self, error: BaseException) -> None:
+        """A chunk that failed stays in flight: the checkpoint holds below
+        it until the error surfaces and the copy stops."""
+        with self.cv:
+            if self.error is None:
+                self.error = error
+            self.cv.notify_all()
+
+    def low(self, default: int) -> int:
+        with self.cv:
+            self._raise()
+            return min(self.in_flight) if self.in_flight else default
+
+    def drain(self) -> None:
+        with self.cv:
+            while self.in_flight and self.error is None:
+                self.cv.wait()
+            self._raise()
+
+    def issued(self) -> None:
+        with self.cv:
+            self.outstanding += 1
+
+    def completed(self) -> None:
+        with self.cv:
+            self.outstanding -= 1
+            self.cv.notify_all()
+
+    def quiesce(self) -> None:
+        with self.cv:
+            while self.outstanding:
+                self.cv.wait()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class _ChunkWrites:
+    """The librbd writes of one chunk; it has landed when all completed
+    without error.  Callbacks run on librbd's completion thread: short."""
+
+    def __init__(self, offset: int, writes: int, landing: _Landing,
+                 count: Callable[..., None]) -> None:
+        self.offset = offset
+        self.left = writes
+        self.ok = True
+        self.landing = landing
+        self.count = count
+        self.lock = threading.Lock()
+
+    def callback(self, offset: int, length: int) -> Callable[[rbd.Completion], None]:
+        def done(completion: rbd.Completion) -> None:
+            try:
+                ret = completion.get_return_value()
+                if ret < 0:
+                    self.ok = False
+                    self.landing.failed(translate(
+                        rbd.OSError('write failed', errno=-ret),
+                        f'writing the target at offset {offset}'))
+                else:
+                    self.count(written=length)
+                with self.lock:
+                    self.left -= 1
+                    last = self.left == 0
+                if last and self.ok:
+                    self.landing.landed(self.offset)
+            finally:
+                self.landing.completed()
+        return done

@@ -5,10 +5,9 @@ import os
 import random
 import threading
 import time
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import pytest
-import rbd
 
 from rbd_migration.engine.copier import (BLOCK, Checkpoint, Copier, CopyOptions,
                                          _chunks, _runs)
@@ -107,16 +106,29 @@ class FailingTarget:
     def list_snaps(self) -> List[dict]:
         return []
 
-    def write(self, data: bytes, offset: int) -> None:
+    def aio_write(self, data: bytes, offset: int,
+                  oncomplete: Callable[['Completion'], None]) -> None:
         if offset in (0, 4 * MiB):
-            time.sleep(0.05)
+            delay, ret = 0.05, 0
         elif offset == 8 * MiB:
-            time.sleep(0.045)
-            raise rbd.IOError('write failed', errno=5)
+            delay, ret = 0.045, -5
         else:
-            time.sleep(0.3)
-        with self.lock:
-            self.written.append(offset)
+            delay, ret = 0.3, 0
+
+        def complete() -> None:
+            if ret == 0:
+                with self.lock:
+                    self.written.append(offset)
+            oncomplete(Completion(ret))
+        threading.Timer(delay, complete).start()
+
+
+class Completion:
+    def __init__(self, ret: int) -> None:
+        self.ret = ret
+
+    def get_return_value(self) -> int:
+        return self.ret
 
 
 @pytest.mark.parametrize('attempt', range(3))
@@ -133,3 +145,42 @@ def test_checkpoint_never_passes_a_failed_chunk(attempt: int) -> None:
         copier.run(Checkpoint())
     assert saved, 'the race needs checkpoints to be taken'
     assert all(c.offset <= 8 * MiB for c in saved if c.layer == 0), saved
+
+
+class SlowTarget:
+    """Writes that take a while: how many are in flight at once."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.in_flight = 0
+        self.most = 0
+        self.written = 0
+
+    def size(self) -> int:
+        return 64 * MiB
+
+    def list_snaps(self) -> List[dict]:
+        return []
+
+    def aio_write(self, data: bytes, offset: int,
+                  oncomplete: Callable[[Completion], None]) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+
+        def complete() -> None:
+            with self.lock:
+                self.in_flight -= 1
+                self.written += len(data)
+            oncomplete(Completion(0))
+        threading.Timer(0.05, complete).start()
+
+
+def test_one_reader_keeps_the_window_of_writes_in_flight() -> None:
+    target = SlowTarget()
+    copier = Copier(OnesFormat(), target,  # type: ignore[arg-type]
+                    CopyOptions(window=6, readers=1), lambda done, total: True,
+                    lambda c: None)
+    copier.run(Checkpoint())
+    assert target.written == 64 * MiB and target.in_flight == 0
+    assert target.most == 6
