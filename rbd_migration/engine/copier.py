@@ -13,6 +13,7 @@ GIL).
 A checkpoint (layer, offset below which everything is written) is handed to
 the caller every few seconds, so an interrupted copy resumes there.
 """
+import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +144,8 @@ class Copier:
         self.progress = progress
         self.save_checkpoint = checkpoint
         self.limiter = RateLimiter(options.bandwidth)
+        # A failed write's buffer may stay with librbd; the copy stops then.
+        self.buffers = _Buffers(options.chunk, options.window + options.readers)
         self.stats = CopyStats()
         self._lock = threading.Lock()
 
@@ -212,34 +215,54 @@ class Copier:
                     self.image.write_zeroes(ext.offset, ext.length)
                     self._count(zeroed=ext.length)
                 return landing.landed(ext.offset)
-            data = self.fmt.read(ext.offset, ext.length, snap)
-            self._count(read=len(data))
-            if not fresh and not self.fmt.exact_diffs:
-                if self.image.read(ext.offset, ext.length) == data:
-                    self._count(skipped=len(data))
-                    return landing.landed(ext.offset)
-            runs = _runs(data, ext.offset)
-            if not fresh:
-                # Not a fresh layer: what is zero now must be zero on the target.
-                if not runs:
-                    self.image.write_zeroes(ext.offset, ext.length)
-                    self._count(zeroed=ext.length)
-                    return landing.landed(ext.offset)
-                runs = [(ext.offset, data)]
-            if not runs:
-                return landing.landed(ext.offset)
-            chunk = _ChunkWrites(ext.offset, len(runs), landing, self._count)
-            for off, run in runs:
-                self.limiter.take(len(run))
-                landing.issued()
-                try:
-                    self.image.aio_write(run, off, chunk.callback(off, len(run)))
-                except BaseException:
-                    landing.completed()
-                    raise
+            buf = self.buffers.take()
+            try:
+                self._copy_data(ext, snap, fresh, landing, buf)
+            except BaseException:
+                self.buffers.forget()  # a write issued may still hold it
+                raise
         except rbd.Error as e:
             raise translate(e, f'writing the target at offset {ext.offset}')
         return None
+
+    def _copy_data(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
+                   landing: '_Landing', buf: bytearray) -> None:
+        """The data of a chunk read into ``buf``, which goes back to the
+        pool once nothing refers to it any more."""
+        with memoryview(buf) as view:
+            self.fmt.read_into(ext.offset, view[:ext.length], snap)
+        data = buf if ext.length == len(buf) else buf[:ext.length]
+        self._count(read=ext.length)
+        if not fresh and not self.fmt.exact_diffs:
+            if self.image.read(ext.offset, ext.length) == data:
+                self._count(skipped=ext.length)
+                return self._done(buf, landing, ext.offset)
+        runs = _runs(data, ext.offset)
+        if not fresh:
+            # Not a fresh layer: what is zero now must be zero on the target.
+            if not runs:
+                self.image.write_zeroes(ext.offset, ext.length)
+                self._count(zeroed=ext.length)
+                return self._done(buf, landing, ext.offset)
+            runs = [(ext.offset, data)]
+        if not runs:
+            return self._done(buf, landing, ext.offset)
+        chunk = _ChunkWrites(ext.offset, len(runs), landing, self._count,
+                             lambda: self.buffers.give(buf))
+        for off, run in runs:
+            self.limiter.take(len(run))
+            landing.issued()
+            try:
+                self.image.aio_write(run, off, chunk.callback(off, len(run)))
+            except BaseException:
+                landing.completed()
+                chunk.abandon()
+                raise
+        return None
+
+    def _done(self, buf: bytearray, landing: '_Landing', offset: int) -> None:
+        self.buffers.give(buf)
+        landing.landed(offset)
 
     def _count(self, read: int = 0, written: int = 0, zeroed: int = 0,
                skipped: int = 0) -> None:
@@ -248,6 +271,35 @@ class Copier:
             self.stats.bytes_written += written
             self.stats.bytes_zeroed += zeroed
             self.stats.bytes_skipped += skipped
+
+
+class _Buffers:
+    """The chunk buffers of one copy: at most ``count``, made on first use
+    and reused, so a copy does not allocate (and fault in) 4 MiB per chunk."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size = size
+        self.count = max(1, count)
+        self.made = 0
+        self.lock = threading.Lock()
+        self.free: 'queue.SimpleQueue[bytearray]' = queue.SimpleQueue()
+
+    def take(self) -> bytearray:
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            with self.lock:
+                make = self.made < self.count
+                self.made += make
+            return bytearray(self.size) if make else self.free.get()
+
+    def give(self, buf: bytearray) -> None:
+        self.free.put(buf)
+
+    def forget(self) -> None:
+        """One buffer will not come back: another may be made instead."""
+        with self.lock:
+            self.made -= 1
 
 
 class _Landing:
@@ -316,16 +368,25 @@ class _Landing:
 
 class _ChunkWrites:
     """The librbd writes of one chunk; it has landed when all completed
-    without error.  Callbacks run on librbd's completion thread: short."""
+    without error, and its buffer is free once all completed.  Callbacks run
+    on librbd's completion thread: short."""
 
     def __init__(self, offset: int, writes: int, landing: _Landing,
-                 count: Callable[..., None]) -> None:
+                 count: Callable[..., None], release: Callable[[], None]) -> None:
         self.offset = offset
         self.left = writes
         self.ok = True
         self.landing = landing
         self.count = count
+        self.release = release
         self.lock = threading.Lock()
+
+    def abandon(self) -> None:
+        """A write could not be issued: the chunk never lands, and its
+        buffer is left to whichever write still holds it."""
+        with self.lock:
+            self.ok = False
+            self.left = -1
 
     def callback(self, offset: int, length: int) -> Callable[[rbd.Completion], None]:
         def done(completion: rbd.Completion) -> None:
@@ -341,8 +402,10 @@ class _ChunkWrites:
                 with self.lock:
                     self.left -= 1
                     last = self.left == 0
-                if last and self.ok:
-                    self.landing.landed(self.offset)
+                if last:
+                    self.release()
+                    if self.ok:
+                        self.landing.landed(self.offset)
             finally:
                 self.landing.completed()
         return done

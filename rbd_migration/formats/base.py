@@ -79,6 +79,14 @@ class Format(abc.ABC):
              snap: Optional[Snapshot] = None) -> bytes:
         """``length`` bytes of virtual disk at ``offset``."""
 
+    def read_into(self, offset: int, view: memoryview,
+                  snap: Optional[Snapshot] = None) -> None:
+        """Fill ``view`` with what ``read(offset, len(view), snap)`` returns.
+        Formats that can read straight into it override this: the copier
+        reuses its buffers, and a qcow2 chain's layers then fill one buffer
+        without a copy or a join per layer."""
+        view[:] = self.read(offset, len(view), snap)
+
     #: True when ``changed_extents`` names only ranges that really changed;
     #: otherwise the copier compares each range with what the target holds.
     exact_diffs: bool = False
@@ -112,6 +120,16 @@ class Format(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ZEROS = memoryview(bytes(4 << 20))
+
+
+def zero_fill(view: memoryview) -> None:
+    """Zeros over all of ``view``, from a shared buffer (no allocation)."""
+    for pos in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - pos)
+        view[pos:pos + n] = _ZEROS[:n]
 
 
 def _uncovered(before: List[Extent], now: List[Extent]) -> List[Extent]:

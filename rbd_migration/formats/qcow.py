@@ -31,7 +31,7 @@ from ..errors import InvalidArgument, Unsupported
 from ..streams import open_stream
 from ..streams.base import Stream
 from .base import (Extent, ExtentKind, Format, FormatFeatures, Snapshot,
-                   coalesce)
+                   coalesce, zero_fill)
 from .detect import QCOW_MAGIC, SNIFF_LENGTH, sniff
 
 # Header extensions (qcow2 only).
@@ -744,13 +744,7 @@ class QcowFormat(Format):
     def read(self, offset: int, length: int,
              snap: Optional[Snapshot] = None) -> bytes:
         """Past the virtual size reads as zeros, as for a raw image."""
-        if offset < 0 or length < 0:
-            raise ValueError(f'bad read: offset={offset} length={length}')
-        if self.header.crypt_method:
-            raise Unsupported(
-                f'{self._where}: the image is encrypted '
-                f'({CRYPT_METHODS[self.header.crypt_method]}), which is not '
-                f'supported; decrypt it with `qemu-img convert` first')
+        self._check_read(offset, length)
         end = min(offset + length, self.size(snap))
         parts: List[bytes] = []
         if offset < end:
@@ -761,6 +755,29 @@ class QcowFormat(Format):
         if tail:
             parts.append(bytes(tail))
         return parts[0] if len(parts) == 1 else b''.join(parts)
+
+    def read_into(self, offset: int, view: memoryview,
+                  snap: Optional[Snapshot] = None) -> None:
+        """As ``read``, each run straight into its part of ``view``; the
+        layers underneath fill their parts the same way."""
+        self._check_read(offset, len(view))
+        end = min(offset + len(view), self.size(snap))
+        pos = 0
+        if offset < end:
+            l1 = self._l1_for(snap)
+            for run in _merge_runs(self._runs(l1, offset, end)):
+                self._read_run_into(run, view[pos:pos + run.length])
+                pos += run.length
+        zero_fill(view[pos:])
+
+    def _check_read(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError(f'bad read: offset={offset} length={length}')
+        if self.header.crypt_method:
+            raise Unsupported(
+                f'{self._where}: the image is encrypted '
+                f'({CRYPT_METHODS[self.header.crypt_method]}), which is not '
+                f'supported; decrypt it with `qemu-img convert` first')
 
     def close(self) -> None:
         with self._lock:
@@ -959,6 +976,27 @@ class QcowFormat(Format):
         if len(data) < run.length:
             data += bytes(run.length - len(data))
         return data
+
+    def _read_run_into(self, run: _Run, view: memoryview) -> None:
+        if run.kind == _RunKind.ZERO:
+            zero_fill(view)
+        elif run.kind == _RunKind.UNALLOCATED:
+            self._read_lower_into(run.offset, view)
+        elif run.kind == _RunKind.COMPRESSED:
+            within = run.offset % self.header.cluster_size
+            data = memoryview(self._decompressed(run.host, run.csize))
+            view[:] = data[within:within + run.length]
+        else:
+            n = self._data().read_into(run.host, view)
+            zero_fill(view[n:])  # past the end of the file: zeros, as QEMU
+
+    def _read_lower_into(self, offset: int, view: memoryview) -> None:
+        if self.backing is None:
+            view[:] = self._read_lower(offset, len(view))  # zeros, or refused
+            return
+        n = max(0, min(offset + len(view), self.backing.size()) - offset)
+        self.backing.read_into(offset, view[:n])
+        zero_fill(view[n:])
 
     def _read_lower(self, offset: int, length: int) -> bytes:
         """What shows through where this layer maps nothing."""

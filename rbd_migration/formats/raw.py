@@ -11,7 +11,7 @@ from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..streams import open_stream
 from ..streams.base import Stream
-from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
+from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot, zero_fill
 
 #: Extents are cut at this size so the copier can spread one large image over
 #: its workers and report progress without asking for a huge range at once.
@@ -74,6 +74,13 @@ class RawFormat(Format):
         if len(data) < length:
             data += bytes(length - len(data))
         return data
+
+    def read_into(self, offset: int, view: memoryview,
+                  snap: Optional[Snapshot] = None) -> None:
+        if offset < 0:
+            raise ValueError(f'bad read: offset={offset}')
+        n = self._stream(snap).read_into(offset, view)
+        zero_fill(view[n:])
 
     def _stream(self, snap: Optional[Snapshot]) -> Stream:
         if snap is None:

@@ -29,6 +29,15 @@ class Stream(abc.ABC):
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` (fewer only past the end)."""
 
+    def read_into(self, offset: int, view: memoryview) -> int:
+        """What ``read(offset, len(view))`` returns, put in ``view``; the
+        count of bytes put there (fewer only past the end).  Streams that can
+        fill the caller's buffer directly override it: the copier reuses its
+        buffers instead of allocating 4 MiB per chunk."""
+        data = self.read(offset, len(view))
+        view[:len(data)] = data
+        return len(data)
+
     def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
         """Ranges within [offset, offset+length) that may hold data; holes
         between them read as zeros.  By default, all of it."""

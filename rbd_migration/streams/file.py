@@ -174,14 +174,31 @@ class FileStream(Stream):
             try:
                 chunk = os.pread(fd, length - done, offset + done)
             except OSError as e:
-                raise SourceUnavailable(
-                    f'{self.description}: read of {length} bytes at '
-                    f'{offset + done} failed ({e.strerror})') from None
+                raise self._failed(e, length, offset + done) from None
             if not chunk:
                 break  # end of file
             chunks.append(chunk)
             done += len(chunk)
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+
+    def read_into(self, offset: int, view: memoryview) -> int:
+        if offset < 0:
+            raise ValueError(f'bad read: offset={offset}')
+        fd = self._checked_fd()
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as e:
+                raise self._failed(e, len(view), offset + done) from None
+            if not n:
+                break  # end of file
+            done += n
+        return done
+
+    def _failed(self, e: OSError, length: int, at: int) -> SourceUnavailable:
+        return SourceUnavailable(f'{self.description}: read of {length} bytes at '
+                                 f'{at} failed ({e.strerror})')
 
     def _checked_fd(self) -> int:
         fd = self._fd
