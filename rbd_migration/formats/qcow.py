@@ -868,11 +868,55 @@ class QcowFormat(Format):
             cs = self.header.cluster_size
             used = -(-(self._largest_size - base) // cs)
             count = max(0, min(1 << self.header.l2_bits, used))
-            runs = list(_merge_runs(run for index in range(count)
-                                    for run in self._decode(table, index, base + index * cs)))
+            h = self.header
+            if h.version >= 2 and not h.extended_l2 and not h.has_data_file:
+                runs = self._plain_table_runs(table, count, base)
+            else:
+                runs = list(_merge_runs(run for index in range(count) for run in
+                                        self._decode(table, index, base + index * cs)))
             return ([r.offset for r in runs], runs), 64 + 160 * len(runs)
         found: Tuple[List[int], List[_Run]] = self._runs_cache.get((l2_offset, base), load)
         return found
+
+    def _plain_table_runs(self, table: 'array.array[int]', count: int,
+                          base: int) -> List[_Run]:
+        """``_decode`` and ``_merge_runs`` over a whole L2 table in one loop,
+        for the common layout (v2/v3, 64-bit entries, no external data
+        file): the same runs without a Python object per cluster, since
+        every layer of a chain decodes its tables once per copy."""
+        cs = self.header.cluster_size
+        zero_ok = self.header.version >= 3
+        runs: List[_Run] = []
+        kind: Optional[str] = None   # the run being built
+        start = host0 = 0
+        for index in range(count):
+            entry = table[index]
+            cluster = base + index * cs
+            if entry & OFLAG_COMPRESSED:
+                if kind is not None:
+                    runs.append(_Run(start, cluster - start, kind, host0))
+                    kind = None
+                runs.extend(self._decode(table, index, cluster))
+                continue
+            host = entry & OFFSET_MASK
+            if host:
+                if host % cs:
+                    raise self._corrupt(f'cluster offset {host:#x} is not cluster aligned')
+                new, at = _RunKind.DATA, host
+            else:
+                new, at = _RunKind.UNALLOCATED, 0
+            if entry & OFLAG_ZERO:
+                if not zero_ok:
+                    raise self._corrupt('a zero cluster in a version 2 image')
+                new, at = _RunKind.ZERO, 0
+            if kind == new and (new != _RunKind.DATA or host0 + (cluster - start) == at):
+                continue
+            if kind is not None:
+                runs.append(_Run(start, cluster - start, kind, host0))
+            kind, start, host0 = new, cluster, at
+        if kind is not None:
+            runs.append(_Run(start, base + count * cs - start, kind, host0))
+        return runs
 
     @property
     def _largest_size(self) -> int:
