@@ -342,13 +342,13 @@ def proxied_image(cluster: Cluster) -> Iterator[Dict[str, object]]:
     assert cluster.state and cluster.state.http_root
     www = Path(cluster.state.http_root) / f'faults-{uuid.uuid4().hex[:6]}'
     www.mkdir()
-    data = bytearray(96 << 20)
-    for mib in range(0, 96, 3):
-        data[mib << 20:(mib + 1) << 20] = os.urandom(1 << 20)
-    (www / 'disk.raw').write_bytes(bytes(data))
+    # Dense: at the slow fixture's 10 MB/s the copy takes about 10 s, so the
+    # fault lands mid-copy even when a first read is held up for a while.
+    data = os.urandom(96 << 20)
+    (www / 'disk.raw').write_bytes(data)
     proxy = FaultyProxy(f'http://127.0.0.1:{cluster.state.http_port}')
     yield {'proxy': proxy, 'url': f'http://127.0.0.1:{proxy.port}/{www.name}/disk.raw',
-           'sha': hashlib.sha256(bytes(data)).hexdigest()}
+           'sha': hashlib.sha256(data).hexdigest()}
     proxy.stop()
     for f in www.iterdir():
         f.unlink()
