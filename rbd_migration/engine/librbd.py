@@ -729,11 +729,25 @@ class LibrbdEngine:
 
     # -- execute, commit, abort -------------------------------------------
     def execute(self, dst: ImageRef, progress: ProgressFn) -> None:
+        """Execute; idempotent, so a task run again after a failover that
+        cut it between librbd's end and the task's record of it completes
+        (librbd refuses to execute an executed migration: EINVAL)."""
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
             try:
                 self.rbd.migration_execute(io, dst.name, on_progress=progress)
+            except rbd.InvalidArgument as e:
+                if self._executed(io, dst):
+                    return
+                raise translate(e, f'executing the migration of {dst}')
             except rbd.Error as e:
                 raise translate(e, f'executing the migration of {dst}')
+
+    def _executed(self, io: rados.Ioctx, dst: ImageRef) -> bool:
+        try:
+            st = self._migration_status(io, dst.name)
+        except rbd.Error:
+            return False
+        return bool(st.get('state') == rbd.RBD_IMAGE_MIGRATION_STATE_EXECUTED)
 
     def descendants(self, dst: ImageRef) -> List[str]:
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:

@@ -8,6 +8,7 @@ and ``rbd trash`` refuses.  Each test builds that state exactly as librbd
 leaves it, with rados, then checks that status shows it, that only the
 interrupted action may go on, and that running it again finishes the job.
 """
+import json
 import os
 import random
 import subprocess
@@ -17,8 +18,10 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import pytest
 import rados
+import rbd
 
 from qa.cluster import Cluster
+from rbd_migration.engine import ondisk
 from rbd_migration.engine.librbd import ImageRef, LibrbdEngine
 from rbd_migration.errors import MigrationError
 
@@ -264,3 +267,76 @@ def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: ra
         gone_id = dst_id if action == 'abort' else src_id
         with handle.open_ioctx(gone.split('/')[0]) as io:
             _assert_no_objects(io, gone_id)
+
+
+def _spread_source(cluster: Cluster, handle: rados.Rados, name: str) -> Dict[str, str]:
+    """A source whose removal takes a while: a snapshot and a few hundred
+    objects, so that librbd's commit spends a good part of a second
+    between committing the target and removing the source."""
+    with handle.open_ioctx('rbd') as io:
+        rbd.RBD().create(io, name, 1 << 30)
+    with handle.open_ioctx('rbd') as io, rbd.Image(io, name) as img:
+        for index in range(256):
+            img.write(os.urandom(4096), index << 22)
+        img.create_snap('s1')
+        for index in range(0, 256, 2):
+            img.write(os.urandom(4096), (index << 22) + 8192)
+    return {'s1': cluster.image_sha(f'rbd/{name}@s1'), 'HEAD': cluster.image_sha(f'rbd/{name}')}
+
+
+def _fail_over_once_committed(handle: rados.Rados, dst_id: str, src_id: str) -> bool:
+    """``mgr fail`` as soon as librbd has committed the target and before
+    it removed the source; False if the commit ended unseen in between."""
+    with handle.open_ioctx('rbd2') as dst_io, handle.open_ioctx('rbd') as src_io:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if ondisk.migration_header(dst_io, dst_id) is None:
+                hit = src_id in dict(ondisk.trashed_migration_sources(src_io))
+                ret, _, err = handle.mon_command(json.dumps({'prefix': 'mgr fail'}), b'')
+                assert ret == 0, err
+                return hit
+            time.sleep(0.002)
+    raise AssertionError('the commit did not reach the target within 60 s')
+
+
+def test_mgr_failed_over_between_target_and_source_finishes_the_commit(
+        cluster: Cluster, handle: rados.Rados) -> None:
+    """The failover the state above comes from: the module's commit task,
+    cut after librbd committed the target, runs again on the next mgr and
+    removes the source."""
+    hits = 0
+    for round_no in range(3):
+        name = f'intr-fo-{round_no}-{uuid.uuid4().hex[:6]}'
+        sums = _spread_source(cluster, handle, name)
+        cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
+        task = cluster.ceph_json('rbd', 'migration', 'execute', f'rbd2/{name}')['task']
+        assert cluster.task_end(str(task['id'])).returncode == 0
+        src_id, dst_id = _ids(cluster, name)
+        commit = cluster.ceph_json('rbd', 'migration', 'commit', f'rbd2/{name}')['task']
+        hits += _fail_over_once_committed(handle, dst_id, src_id)
+        cluster.wait_module()
+        end = cluster.task_end(str(commit['id']))
+        assert end.returncode == 0 and 'completed' in end.stdout, end.stdout + end.stderr
+        assert not [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
+                    if m['dest']['id'] == dst_id]
+        _assert_kept(cluster, f'rbd2/{name}', sums)
+    assert hits, 'no round failed the mgr over between the target and the source'
+
+
+def test_execute_run_again_on_an_executed_migration_completes(
+        cluster: Cluster, handle: rados.Rados) -> None:
+    """A failover between librbd's end of an execute and the task's record
+    of it runs the task again: that run completes (librbd alone would
+    refuse, EINVAL), and a migration not yet executed is still executed."""
+    engine = LibrbdEngine(handle)
+    name, sums = _migration(cluster)
+    src_id, dst_id = _ids(cluster, name)
+    with handle.open_ioctx('rbd2') as io:
+        dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
+    with pytest.raises(rbd.InvalidArgument):
+        with handle.open_ioctx('rbd2') as io:
+            rbd.RBD().migration_execute(io, name)
+    engine.execute(dst, lambda done, total: 0)
+    assert engine.status(dst.spec).state == 'executed'
+    _finish(cluster, 'commit', f'rbd2/{name}', dst_id)
+    _assert_kept(cluster, f'rbd2/{name}', sums)
