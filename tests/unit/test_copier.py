@@ -184,3 +184,45 @@ def test_one_reader_keeps_the_window_of_writes_in_flight() -> None:
     copier.run(Checkpoint())
     assert target.written == 64 * MiB and target.in_flight == 0
     assert target.most == 6
+
+
+def test_options_fit_whole_objects_and_a_streams_request_size() -> None:
+    base = CopyOptions(chunk=4 * MiB, window=8, readers=4)
+    assert base.fitted(4 * MiB) == base
+    # Larger objects: whole objects per chunk, as many bytes in flight.
+    big = base.fitted(8 * MiB)
+    assert (big.chunk, big.window, big.readers) == (8 * MiB, 4, 4)
+    # A source whose requests are worth 16 MiB: fewer, larger chunks, about
+    # the same bytes in flight, never fewer readers than the window allows.
+    s3 = base.fitted(4 * MiB, 16 * MiB)
+    assert (s3.chunk, s3.window, s3.readers) == (16 * MiB, 2, 2)
+    assert s3.chunk * s3.window == base.chunk * base.window
+    # Rounded up to whole objects.
+    odd = base.fitted(4 * MiB, 10 * MiB)
+    assert odd.chunk == 12 * MiB and odd.window == 2
+    assert CopyOptions(window=1, readers=4).fitted(4 * MiB, 16 * MiB).window == 2
+
+
+def test_raw_read_size_is_its_streams() -> None:
+    from rbd_migration.formats.raw import RawFormat
+    from rbd_migration.streams.base import Stream
+
+    class Remote(Stream):
+        request_size = 16 * MiB
+
+        @classmethod
+        def from_spec(cls, spec, ctx):  # type: ignore[no-untyped-def]
+            return cls()
+
+        def size(self) -> int:
+            return MiB
+
+        def read(self, offset: int, length: int) -> bytes:
+            return bytes(length)
+
+    class Local(Remote):
+        request_size = 0
+
+    assert RawFormat(Local()).read_size == 0
+    assert RawFormat(Local(), [Remote()], ['s1']).read_size == 16 * MiB
+    assert RawFormat(Remote()).read_size == 16 * MiB
