@@ -107,6 +107,14 @@ def test_size_and_random_reads(image: Tuple[str, bytes]) -> None:
             assert stream.read(offset, length) == data[offset:offset + length]
         assert stream.read(len(data), 10) == b''
         assert stream.read(0, 0) == b''
+        # read_into, the copier's way, puts the same bytes in its buffer.
+        buf = bytearray(1 << 20)
+        for offset, length in random_reads(len(data), 40, random.Random(3)):
+            view = memoryview(buf)[:length]
+            assert stream.read_into(offset, view) == len(data[offset:offset + length])
+            assert buf[:len(data[offset:offset + length])] == data[offset:offset + length]
+        assert stream.read_into(len(data) - 5, memoryview(buf)[:10]) == 5
+        assert buf[:5] == data[-5:]
     with pytest.raises(ValueError, match='closed'):
         stream.read(0, 10)
 
