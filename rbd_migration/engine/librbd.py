@@ -9,6 +9,7 @@ applies client-side, and ``--flatten``, which Pacific's bindings cannot pass
 """
 import errno
 import json
+import logging
 import struct
 import threading
 import time
@@ -24,6 +25,8 @@ from ..errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from . import ondisk
+
+log = logging.getLogger(__name__)
 
 #: Called with (done, total); a non-zero return cancels the librbd operation.
 ProgressFn = Callable[[int, int], int]
@@ -620,7 +623,9 @@ class LibrbdEngine:
                 raise TransientError(f'the source {source} of the committed migration '
                                      f'to {dst} is still open by a client that went '
                                      'away; retrying once its watch expires') from None
-            except rbd.Error as e:
+            except (rbd.Error, rados.Error) as e:
+                if (source.id, source.name) not in ondisk.trashed_migration_sources(io):
+                    return  # gone meanwhile: what was left to do is done
                 raise translate(e, f'removing the source {source} of the committed '
                                    f'migration to {dst}')
 
@@ -779,10 +784,17 @@ class LibrbdEngine:
                                    'then commit with --force')
                 try:
                     self.rbd.migration_commit(io, dst.name, on_progress=progress)
-                except rbd.ImageBusy:
-                    raise _in_use(f'committing the migration of {dst}', dst) from None
                 except rbd.Error as e:
-                    raise translate(e, f'committing the migration of {dst}')
+                    if self._migrating(io, dst):  # nothing committed yet
+                        if isinstance(e, rbd.ImageBusy):
+                            raise _in_use(f'committing the migration of {dst}',
+                                          dst) from None
+                        raise translate(e, f'committing the migration of {dst}')
+                    # librbd committed the target, then failed removing the
+                    # source: finish that now rather than leave it half-done.
+                    log.warning('commit of %s stopped after committing the target '
+                                '(%s); removing the source', dst, e)
+                    self._finish_commit(dst, source)
             else:
                 self._finish_commit(dst, source)
             self._flatten_if_asked(io, dst, progress)

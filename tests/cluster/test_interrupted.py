@@ -340,3 +340,38 @@ def test_execute_run_again_on_an_executed_migration_completes(
     assert engine.status(dst.spec).state == 'executed'
     _finish(cluster, 'commit', f'rbd2/{name}', dst_id)
     _assert_kept(cluster, f'rbd2/{name}', sums)
+
+
+class _CommitStopsAfterTheTarget:
+    """librbd as it behaves when its commit fails after committing the
+    target (the source cannot be removed): the target's migration header
+    is dropped, then the call fails."""
+
+    def __init__(self, real: rbd.RBD, handle: rados.Rados, dst_id: str) -> None:
+        self.real, self.handle, self.dst_id = real, handle, dst_id
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.real, name)
+
+    def migration_commit(self, io: rados.Ioctx, name: str, **kwargs: object) -> None:
+        _drop_migration_header(self.handle, 'rbd2', self.dst_id)
+        raise rbd.IOError('removing the source failed', errno=5)
+
+
+def test_commit_that_fails_after_the_target_removes_the_source(
+        cluster: Cluster, handle: rados.Rados) -> None:
+    """Whatever error librbd's commit ends with once the target is
+    committed, the same attempt removes the source: nothing is left half
+    done for another attempt (or an operator) to find."""
+    engine = LibrbdEngine(handle)
+    name, sums = _migration(cluster)
+    src_id, dst_id = _ids(cluster, name)
+    with handle.open_ioctx('rbd2') as io:
+        dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
+    with handle.open_ioctx('rbd') as io:
+        src = ImageRef(io.get_pool_id(), 'rbd', '', name, src_id)
+    engine.rbd = _CommitStopsAfterTheTarget(engine.rbd, handle, dst_id)  # type: ignore[assignment]
+    engine.commit(dst, lambda done, total: 0, source=src)
+    _assert_kept(cluster, f'rbd2/{name}', sums)
+    assert name not in cluster.rbd('ls', 'rbd').split()
+    cluster.ceph('rbd', 'migration', 'status')   # and the module lists nothing stale
