@@ -504,10 +504,12 @@ class Bench:
                 raise BenchError(f'task {task_id} still active after {timeout:.0f}s')
             time.sleep(0.2)
 
-    def module_task(self, action: str, target: str) -> Dict[str, Any]:
+    def module_task(self, action: str, target: str) -> Tuple[Dict[str, Any], float]:
         """``ceph rbd migration <action> <target>``, sent over the same
         librados connection as the polls: the ceph CLI's own start-up (see
-        the note under the table) is not the module's speed."""
+        the note under the table) is not the module's speed.  The task, and
+        the seconds from sending the command to the end the task records."""
+        t0, sent = time.monotonic(), time.time()
         cmd = json.dumps({'prefix': f'rbd migration {action}', 'image_spec': target,
                           'format': 'json'})
         ret, out, err = self.rados.mgr_command(cmd, b'', timeout=60)
@@ -515,7 +517,9 @@ class Bench:
         if not answer.get('task'):
             raise BenchError(f'ceph rbd migration {action} {target}: no task '
                              f'({answer.get("message") or err.strip() or ret})')
-        return self.wait_task(str(answer['task']['id']))
+        task = self.wait_task(str(answer['task']['id']))
+        return task, (task['finished'] - sent if task.get('finished')
+                      else time.monotonic() - t0)
 
     def mgr_pid(self) -> int:
         pids = {n: p for n, p in self.cluster.pids().items() if n.startswith('mgr.')}
@@ -593,17 +597,12 @@ class Bench:
         res.path = str(prepared.get('path', '?'))
         mgr = self.mgr_pid()
         u0 = proc_usage(mgr)
-        t0, sent = time.monotonic(), time.time()
-        task = self.module_task('execute', target)
-        res.execute = (task['finished'] - sent if task.get('finished')
-                       else time.monotonic() - t0)
+        task, res.execute = self.module_task('execute', target)
         res.cpu, res.faults = usage_delta(u0, proc_usage(mgr))
         if task.get('started') and task.get('finished'):
             res.task = task['finished'] - task['started']
         res.stats = dict(task.get('result') or {})
-        sent = time.time()
-        done = self.module_task('commit', target)
-        res.commit = done['finished'] - sent if done.get('finished') else None
+        _, res.commit = self.module_task('commit', target)
 
     def qemu(self, res: Result, name: str) -> None:
         dst = f'rbd:{POOL}/{name}:conf={self.conf}'

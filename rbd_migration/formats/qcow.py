@@ -892,23 +892,20 @@ class QcowFormat(Format):
         for index in range(count):
             entry = table[index]
             cluster = base + index * cs
-            if entry & OFLAG_COMPRESSED:
+            host = entry & OFFSET_MASK
+            if entry & OFLAG_COMPRESSED or host % cs or (entry & OFLAG_ZERO and not zero_ok):
+                # Compressed, or corrupt: ``_decode`` has the run or the error.
                 if kind is not None:
                     runs.append(_Run(start, cluster - start, kind, host0))
                     kind = None
                 runs.extend(self._decode(table, index, cluster))
                 continue
-            host = entry & OFFSET_MASK
-            if host:
-                if host % cs:
-                    raise self._corrupt(f'cluster offset {host:#x} is not cluster aligned')
+            if entry & OFLAG_ZERO:
+                new, at = _RunKind.ZERO, 0
+            elif host:
                 new, at = _RunKind.DATA, host
             else:
                 new, at = _RunKind.UNALLOCATED, 0
-            if entry & OFLAG_ZERO:
-                if not zero_ok:
-                    raise self._corrupt('a zero cluster in a version 2 image')
-                new, at = _RunKind.ZERO, 0
             if kind == new and (new != _RunKind.DATA or host0 + (cluster - start) == at):
                 continue
             if kind is not None:

@@ -152,13 +152,9 @@ class S3Stream(Stream):
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise ValueError(f'bad read: offset={offset} length={length}')
-        self._check_open()
-        end = min(offset + length, self._size)
-        if end <= offset:
-            return b''
-        return with_retries(self._attempts, self._what,
-                            lambda: self._get(offset, end - offset),
-                            self._text)
+        buf = bytearray(max(0, min(length, self._size - offset)))
+        self.read_into(offset, memoryview(buf))
+        return bytes(buf)
 
     def read_into(self, offset: int, view: memoryview) -> int:
         if offset < 0:
@@ -191,11 +187,6 @@ class S3Stream(Stream):
         except bce.BotoCoreError as e:
             raise self._failure(e) from None
         return int(answer['ContentLength'])
-
-    def _get(self, offset: int, want: int) -> bytes:
-        buf = bytearray(want)
-        self._get_into(offset, memoryview(buf))
-        return bytes(buf)
 
     def _get_into(self, offset: int, view: memoryview) -> None:
         """One ranged GetObject for ``len(view)`` bytes, put in ``view``; a
