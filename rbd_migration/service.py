@@ -298,7 +298,11 @@ class MigrationService:
                        'it cannot be aborted')
         if active and active.action in ('execute', 'verify') and _interruptible(active):
             self.queue.cancel(active.id)
-        return self._submit('abort', info, f'Aborting migration of {info.dest}')
+        # As for commit: a retry finishes an abort that librbd stopped after
+        # restoring the source, which no trash entry leads to any more.
+        source = asdict(info.source) if info.source is not None else None
+        return self._submit('abort', info, f'Aborting migration of {info.dest}',
+                            {'source': source})
 
     def _refuse_other_action(self, info: MigrationInfo, action: str) -> None:
         active = self.queue.active_for(_key(info.dest))
@@ -355,12 +359,11 @@ class MigrationService:
         if task.action == 'execute':
             self.bulk.execute(ref, progress)
         elif task.action == 'commit':
-            source = task.options.get('source')
             self.bulk.commit(ref, progress, force=bool(task.options.get('force')),
-                             source=ImageRef(**source) if isinstance(source, dict) else None)
+                             source=_recorded_source(task))
             self._unregister(ref)
         elif task.action == 'abort':
-            self.bulk.abort(ref, progress)
+            self.bulk.abort(ref, progress, source=_recorded_source(task))
             self._unregister(ref)
         else:
             raise InvalidArgument(f'unknown task action {task.action!r}')
@@ -554,6 +557,12 @@ def _interruptible(task: Task) -> bool:
     engine's tasks stop at their next step."""
     return (task.state != RUNNING or task.action == 'verify'
             or task.options.get('path') == ADAPTER)
+
+
+def _recorded_source(task: Task) -> Optional[ImageRef]:
+    """The source a commit or abort task recorded when it was queued."""
+    source = task.options.get('source')
+    return ImageRef(**source) if isinstance(source, dict) else None
 
 
 def _refuse_interrupted(info: MigrationInfo, action: str) -> None:

@@ -98,6 +98,18 @@ def _name_taken(doing: str) -> MigrationError:
                          "('rbd rename'), then run abort again")
 
 
+def _name_holder(io: rados.Ioctx, name: str) -> Optional[str]:
+    """The id that ``name`` stands for in ``io``: by its directory entry,
+    else by its id object (a restore cut short may have made either)."""
+    image_id = ondisk.directory_id(io, name)
+    if image_id is not None:
+        return image_id
+    try:
+        return ondisk.read_id_object(io, name)
+    except rados.ObjectNotFound:
+        return None
+
+
 def _strerror(code: int) -> str:
     import os
     return os.strerror(code).lower()
@@ -223,8 +235,9 @@ class LibrbdEngine:
             except rbd.ImageNotFound:
                 image_id = ondisk.directory_id(io, spec.name)
                 if image_id is not None:
-                    return self._unavailable(ImageRef(io.get_pool_id(), spec.pool,
-                                                      spec.namespace, spec.name, image_id))
+                    ref = ImageRef(io.get_pool_id(), spec.pool, spec.namespace,
+                                   spec.name, image_id)
+                    return self._restored_source(io, ref) or self._unavailable(ref)
                 info = (self._interrupted_by_source_name(io, spec.name)
                         or self._interrupted_for_target(io.get_pool_id(), name=spec.name,
                                                         namespace=spec.namespace))
@@ -347,6 +360,28 @@ class LibrbdEngine:
         here = (io.get_pool_id(), io.nspace)
         return self._info(_status(target, here + (name, src_id), header.names),
                           exact_pools=True)
+
+    def _restored_source(self, io: rados.Ioctx, source: ImageRef) -> Optional[MigrationInfo]:
+        """The interrupted abort of a source already back under its name
+        whose target is gone: only its migration header is left (see
+        ``_finish_abort``)."""
+        header = ondisk.migration_header(io, source.id)
+        if header is None or header.header_type != ondisk.HEADER_SOURCE:
+            return None
+        try:
+            with self.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
+                if ondisk.header_exists(dst_io, header.image_id):
+                    return None
+                pool = dst_io.get_pool_name()
+        except NotFound:
+            pool = str(header.pool_id)
+        dest = ImageRef(header.pool_id, pool, header.namespace, header.image_name,
+                        header.image_id)
+        return MigrationInfo(
+            dest=dest, source=source, state='aborting', interrupted='abort',
+            state_description=f'abort stopped after restoring the source {source}; it '
+                              'stays read-only until its migration header is dropped: '
+                              'run abort again to finish')
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -824,12 +859,15 @@ class LibrbdEngine:
         except rbd.Error as e:
             raise translate(e, f'flattening {dst} after commit')
 
-    def abort(self, dst: ImageRef, progress: ProgressFn) -> None:
+    def abort(self, dst: ImageRef, progress: ProgressFn,
+              source: Optional[ImageRef] = None) -> None:
         """Abort; idempotent, so a task retried after a failover finishes.
 
         When librbd already removed the target, the abort goes on from the
         source's side: librbd finds a migration source in the trash by name.
-        No target and no source left in the trash means the abort is done.
+        A source already out of the trash (``source``, recorded when the
+        task was queued) only lacks the last step.  No target and no source
+        left with a migration header means the abort is done.
         """
         try:
             self._abort_target(dst, progress)
@@ -842,14 +880,42 @@ class LibrbdEngine:
                 raise Busy(f'cannot abort {dst}: {info.state_description}')
             src = info.source
             with self.ioctx_by_id(src.pool_id, src.namespace) as io:
-                if ondisk.directory_id(io, src.name) is not None:
+                if _name_holder(io, src.name) not in (None, src.id):
                     raise _name_taken(f'aborting the migration of {dst}')
                 try:
                     self.rbd.migration_abort(io, src.name, on_progress=progress)
                 except rbd.Error as e:
                     raise translate(e, f'aborting the migration of {dst} from its '
                                        f'source {src}')
+        elif source is not None:
+            self._finish_abort(dst, source)
         self._drop_target_remnants(dst)
+
+    def _finish_abort(self, dst: ImageRef, source: ImageRef) -> None:
+        """Drop the migration header of a source that an abort restored
+        from the trash and then stopped.
+
+        librbd cannot finish that abort itself: it restores the source from
+        the trash first, finds no trash entry, and fails (ENOENT) on every
+        try, leaving the source read-only for good.  The header is the only
+        thing left; the class method that librbd's last step calls drops it
+        and the image's "migrating" feature with it.
+        """
+        try:
+            io = self.ioctx_by_id(source.pool_id, source.namespace)
+        except NotFound:
+            return
+        with io:
+            header = ondisk.migration_header(io, source.id)
+            if header is None or header.header_type != ondisk.HEADER_SOURCE or \
+                    (header.pool_id, header.image_id) != (dst.pool_id, dst.id):
+                return
+            log.warning('abort of %s stopped after restoring the source %s; '
+                        'dropping its migration header', dst, source)
+            try:
+                io.execute(f'rbd_header.{source.id}', 'rbd', 'migration_remove', b'')
+            except rados.Error as e:
+                raise translate(e, f'finishing the abort of {dst} on its source {source}')
 
     def _drop_target_remnants(self, dst: ImageRef) -> None:
         """What a target removal cut short leaves once the header is gone:

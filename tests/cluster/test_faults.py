@@ -416,14 +416,17 @@ def test_s3_credentials_revoked_then_restored(rgw: Cluster, slow: None, tmp_path
     try:
         rgw.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/{name}',
                  '--source-spec', json.dumps(spec))
-        task = _task(rgw, 'execute', f'rbd/{name}')
-        rgw.task_running(task)
+        # Revoked between prepare and execute: a 64 MiB import ends in well
+        # under a second, before a revocation during it could land.
         subprocess.run([*admin, 'key', 'rm', f'--uid={uid}', f'--access-key={access}'],
                        check=True, capture_output=True)
-        r = rgw.task_end(task)
+        r = rgw.task_end(_task(rgw, 'execute', f'rbd/{name}'))
         assert r.returncode != 0
         line = r.stderr.strip()
         assert '\n' not in line and 'credentials' in line and secret not in line
+        checks = rgw.health_mentioning(f'rbd/{name}')
+        detail = str(checks.get('RBD_MIGRATION_FAILED'))
+        assert f'rbd/{name}' in detail and secret not in detail, checks
         subprocess.run([*admin, 'key', 'create', f'--uid={uid}', '--key-type=s3',
                         f'--access-key={access}', f'--secret={secret}'], check=True,
                        capture_output=True)

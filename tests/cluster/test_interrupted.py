@@ -109,6 +109,8 @@ def _assert_kept(cluster: Cluster, kept: str, sums: Dict[str, str]) -> None:
     """``kept`` holds the source's data, and no trash holds anything of it."""
     assert cluster.image_sha(f'{kept}@s1') == sums['s1']
     assert cluster.image_sha(kept) == sums['HEAD']
+    features = json.loads(cluster.rbd('info', '--format', 'json', kept))['features']
+    assert 'migrating' not in features, f'{kept} still migrating: {features}'
     name = kept.split('/')[-1]
     assert name not in _trash(cluster, 'rbd') + _trash(cluster, 'rbd2')
 
@@ -257,7 +259,7 @@ def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: ra
         with handle.open_ioctx('rbd2') as io:
             dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
         if action == 'abort':
-            _retrying(lambda: engine.abort(dst, lambda done, total: 0))
+            _retrying(lambda: engine.abort(dst, lambda done, total: 0, source=src))
             kept, gone = f'rbd/{name}', f'rbd2/{name}'
         else:
             _retrying(lambda: engine.commit(dst, lambda done, total: 0, source=src))
@@ -267,6 +269,43 @@ def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: ra
         gone_id = dst_id if action == 'abort' else src_id
         with handle.open_ioctx(gone.split('/')[0]) as io:
             _assert_no_objects(io, gone_id)
+
+
+def _restore_source_partly(handle: rados.Rados, name: str, src_id: str,
+                           out_of_trash: bool) -> None:
+    """What librbd's abort has done when stopped while restoring the
+    source: its id object and directory entry are back, its trash entry is
+    still there unless ``out_of_trash``, and its migration header is."""
+    with handle.open_ioctx('rbd') as io:
+        io.write_full(f'rbd_id.{name}', ondisk.encode_string(src_id))
+        io.execute('rbd_directory', 'rbd', 'dir_add_image',
+                   ondisk.encode_string(name) + ondisk.encode_string(src_id))
+        if out_of_trash:
+            io.execute('rbd_trash', 'rbd', 'trash_remove', ondisk.encode_string(src_id))
+
+
+@pytest.mark.parametrize('out_of_trash', [False, True], ids=['in-trash', 'out-of-trash'])
+def test_abort_stopped_while_restoring_the_source_finishes(cluster: Cluster,
+                                                           handle: rados.Rados,
+                                                           out_of_trash: bool) -> None:
+    """The source's name already taken by the source itself is no name
+    clash; a source out of the trash but still carrying its migration
+    header, which librbd's own abort fails on for good, is found by its
+    name and finished."""
+    name, sums = _migration(cluster)
+    src_id, dst_id = _ids(cluster, name)
+    _remove_target(handle, name, dst_id)
+    _restore_source_partly(handle, name, src_id, out_of_trash)
+    if out_of_trash:
+        assert src_id not in _trash(cluster, 'rbd')
+        with pytest.raises(RuntimeError, match='No such file'):
+            cluster.rbd('migration', 'abort', f'rbd/{name}')  # librbd alone
+    mig = cluster.ceph_json('rbd', 'migration', 'status', f'rbd/{name}')['migrations'][0]
+    assert mig['interrupted'] == 'abort', mig
+    assert (mig['source']['id'], mig['dest']['id']) == (src_id, dst_id), mig
+    _finish(cluster, 'abort', f'rbd/{name}' if out_of_trash else f'rbd2/{name}', dst_id)
+    _assert_kept(cluster, f'rbd/{name}', sums)
+    assert name not in cluster.rbd('ls', 'rbd2').split()
 
 
 def _spread_source(cluster: Cluster, handle: rados.Rados, name: str) -> Dict[str, str]:
