@@ -12,13 +12,14 @@ import os
 import random
 import socket
 import socketserver
+import struct
 import subprocess
 import threading
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Set
 
 import pytest
 import rados
@@ -267,6 +268,7 @@ class FaultyProxy:
         self.counts = {'503': 0, 'reset': 0, 'truncated': 0, 'ok': 0}
         self.port = _free_port()
         self.server: Optional[socketserver.ThreadingTCPServer] = None
+        self.connections: Set[socket.socket] = set()
         self.start()
 
     def start(self) -> None:
@@ -278,6 +280,30 @@ class FaultyProxy:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                proxy.connections.add(self.connection)
+
+            def finish(self) -> None:
+                proxy.connections.discard(self.connection)
+                try:
+                    super().finish()
+                except (OSError, ValueError):
+                    pass  # reset, or cut by stop()
+
+            def _reset(self) -> None:
+                """A TCP reset, at once.  (Closing the socket alone would
+                not: its reader and writer keep it open, the client waits
+                for an answer until its timeout, and the fault turns into a
+                stall of the whole copy.)"""
+                proxy.counts['reset'] += 1
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack('ii', 1, 0))
+                self.close_connection = True
+                for f in (self.wfile, self.rfile):
+                    f.close()
+                self.connection.close()
+
             def _forward(self, head: bool) -> None:
                 fault = random.random() if proxy.faults else 1.0
                 if fault < 0.1:
@@ -287,10 +313,7 @@ class FaultyProxy:
                     self.end_headers()
                     return
                 if fault < 0.15:
-                    proxy.counts['reset'] += 1
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                               b'\x01\x00\x00\x00\x00\x00\x00\x00')
-                    self.connection.close()
+                    self._reset()
                     return
                 req = urllib.request.Request(proxy.upstream + self.path,
                                              method='HEAD' if head else 'GET')
@@ -325,10 +348,17 @@ class FaultyProxy:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def stop(self) -> None:
+        """No new connections, and the open ones cut, as when a server goes
+        away."""
         if self.server:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
+        for conn in list(self.connections):
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def _free_port() -> int:
