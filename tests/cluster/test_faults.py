@@ -12,7 +12,6 @@ import os
 import random
 import socket
 import socketserver
-import struct
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ import rados
 from qa.cluster import Cluster
 from rbd_migration.engine.librbd import LibrbdEngine
 from rbd_migration.images import ImageSpec
+from tests.netfaults import reset
 
 ROUNDS = int(os.environ.get('RBD_MIGRATION_TEST_ROUNDS', '3'))
 
@@ -291,18 +291,6 @@ class FaultyProxy:
                 except (OSError, ValueError):
                     pass  # reset, or cut by stop()
 
-            def _reset(self) -> None:
-                """A TCP reset, at once.  (Closing the socket alone would
-                not: its reader and writer keep it open, the client waits
-                for an answer until its timeout, and the fault turns into a
-                stall of the whole copy.)"""
-                proxy.counts['reset'] += 1
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                           struct.pack('ii', 1, 0))
-                self.close_connection = True
-                for f in (self.wfile, self.rfile):
-                    f.close()
-                self.connection.close()
 
             def _forward(self, head: bool) -> None:
                 fault = random.random() if proxy.faults else 1.0
@@ -313,7 +301,8 @@ class FaultyProxy:
                     self.end_headers()
                     return
                 if fault < 0.15:
-                    self._reset()
+                    proxy.counts['reset'] += 1
+                    reset(self)
                     return
                 req = urllib.request.Request(proxy.upstream + self.path,
                                              method='HEAD' if head else 'GET')

@@ -7,7 +7,6 @@ import random
 import shutil
 import socket
 import ssl
-import struct
 import subprocess
 import threading
 import time
@@ -25,6 +24,7 @@ from rbd_migration.errors import (InvalidArgument, NotFound,
                                   Unsupported)
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.http import HttpStream
+from tests.netfaults import reset
 
 PASSWORD = 's3cr3t-Pa55word'
 
@@ -267,13 +267,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _reset(self) -> None:
-        """Close with a TCP reset, no FIN first."""
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                   struct.pack('ii', 1, 0))
-        self.close_connection = True
-        for f in (self.wfile, self.rfile):
-            f.close()
-        self.connection.close()
+        reset(self)
 
 
 class Faulty(ThreadingHTTPServer):

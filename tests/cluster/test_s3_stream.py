@@ -4,7 +4,6 @@ import concurrent.futures
 import http.client
 import random
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from rbd_migration.errors import (InvalidArgument, NotFound,
                                   PermissionDenied, SourceUnavailable)
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.s3 import S3Stream
+from tests.netfaults import reset
 
 OTHER_USER = 'rbdmigration-other'
 OTHER_ACCESS_KEY = 'rbdmigrationother'
@@ -327,12 +327,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _reset(self) -> None:
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                   struct.pack('ii', 1, 0))
-        self.close_connection = True
-        for f in (self.wfile, self.rfile):
-            f.close()
-        self.connection.close()
+        reset(self)
 
 
 class FaultyProxy(ThreadingHTTPServer):
