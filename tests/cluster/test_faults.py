@@ -291,7 +291,6 @@ class FaultyProxy:
                 except (OSError, ValueError):
                     pass  # reset, or cut by stop()
 
-
             def _forward(self, head: bool) -> None:
                 fault = random.random() if proxy.faults else 1.0
                 if fault < 0.1:
