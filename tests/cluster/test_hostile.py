@@ -200,9 +200,18 @@ class Baseline:
     example's 'after' is the next one's 'before'.  After a failure it moves
     on, so that one leftover fails one example, not every later one."""
 
-    def __init__(self, r: rados.Rados) -> None:
+    def __init__(self, r: rados.Rados, settle: float = 60) -> None:
+        """Starts from a state that held still for a second: what earlier
+        tests removed without waiting must not count against an example."""
         self.r = r
         self.state = cluster_state(r)
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            time.sleep(1)
+            now = cluster_state(r)
+            if now == self.state:
+                break
+            self.state = now
 
     def check(self, what: str) -> None:
         before = self.state
