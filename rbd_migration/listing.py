@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 import rados
 import rbd
 
-from .engine.librbd import MigrationInfo
+from .engine.migration import MigrationInfo
 from .errors import MigrationError
 
 log = logging.getLogger(__name__)

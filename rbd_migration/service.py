@@ -18,7 +18,8 @@ from .context import SourceContext
 from .engine.adapter import AdapterEngine
 from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
-from .engine.librbd import ImageRef, LibrbdEngine, MigrationInfo, NotMigrating
+from .engine.librbd import LibrbdEngine, NotMigrating
+from .engine.migration import ImageRef, MigrationInfo
 from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound, Unsupported
 from .formats import open_format
 from .images import ImageSpec, Layout

@@ -25,7 +25,9 @@ from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from .copier import Checkpoint, Copier, CopyOptions
 from ..tasks import Store
-from .librbd import ImageRef, LibrbdEngine, MigrationInfo, ProgressFn, translate
+from .librbd import LibrbdEngine
+from .migration import ImageRef, MigrationInfo, ProgressFn
+from .rbd_errors import translate
 
 RECORD_PREFIX = 'adapter/'
 CHECKPOINT_KEY = 'rbd_migration.checkpoint'

@@ -2,34 +2,31 @@
 
 Clients of the target get librbd's live semantics (reads of uncopied extents
 redirect to the source, writes copy up).  This module adds what the API does
-not: checks that turn librbd's bare errnos into one-line errors naming the
-image and the fix, the commit guard for descendants that the ``rbd`` CLI
-applies client-side, and ``--flatten``, which Pacific's bindings cannot pass
-(see ``commit``).
+not: checks that name the image and the fix before librbd answers with a bare
+errno, a status that holds up on full pools and under load, the commit guard
+for descendants that the ``rbd`` CLI applies client-side, ``--flatten``, which
+Pacific's bindings cannot pass (see ``commit``), and -- through
+``interrupted`` -- commits and aborts that librbd stopped half-way.
 """
-import errno
 import json
 import logging
-import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import rados
 import rbd
 
-from ..errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
-                      MigrationError, NotFound, PermissionDenied, Unsupported)
+from ..errors import AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from . import ondisk
+from .interrupted import Interrupted
+from .migration import ImageRef, MigrationInfo, ProgressFn
+from .rbd_errors import in_use, name_taken, translate
 
 log = logging.getLogger(__name__)
-
-#: Called with (done, total); a non-zero return cancels the librbd operation.
-ProgressFn = Callable[[int, int], int]
 
 #: Migrations whose headers a status listing reads at once.
 LIST_CONCURRENCY = 8
@@ -47,74 +44,6 @@ STATES = {
 #: Image metadata on a target whose migration was prepared with --flatten.
 FLATTEN_KEY = 'rbd_migration.flatten'
 
-class TransientError(MigrationError):
-    """The cluster could not do it now (timeout, full, connection lost)."""
-
-    transient = True
-
-    def __init__(self, message: str, code: int = errno.EAGAIN) -> None:
-        super().__init__(message)
-        self.errno = code
-
-
-_KINDS = {
-    errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists, errno.EBUSY: Busy,
-    errno.EINVAL: InvalidArgument, errno.ERANGE: InvalidArgument,
-    errno.EDOM: InvalidArgument, errno.EROFS: InvalidArgument,
-    errno.ENAMETOOLONG: InvalidArgument,
-    errno.EOPNOTSUPP: Unsupported, errno.ENOSYS: Unsupported,
-    errno.EACCES: PermissionDenied, errno.EPERM: PermissionDenied,
-    errno.ECANCELED: Cancelled,
-}
-
-
-def translate(e: Exception, doing: str) -> MigrationError:
-    """A librbd/librados exception as an operator-facing error."""
-    code = abs(getattr(e, 'errno', None) or errno.EIO)
-    reason = errno.errorcode.get(code, str(code))
-    text = f'{doing}: {_strerror(code)} ({reason})'
-    kind = _KINDS.get(code)
-    if kind is None:
-        return TransientError(text, code)
-    err = kind(text)
-    err.errno = code
-    return err
-
-
-def _in_use(doing: str, image: object) -> 'TransientError':
-    """librbd refuses to remove an image some client watches.  Often that
-    is a passing one (a status query opens both images of a migration, a
-    failed mgr's watch lingers for a while): retried, with the reason."""
-    return TransientError(f'{doing}: {image} is open by another client '
-                          f"(see 'rbd status {image}'); retrying until it is closed",
-                          errno.EBUSY)
-
-
-def _name_taken(doing: str) -> MigrationError:
-    """The source's name is free while it sits in the trash, and nothing
-    stops a client from creating an image under it."""
-    return AlreadyExists(f'{doing}: the source cannot get its name back, another image '
-                         'was created under it since prepare; rename that image '
-                         "('rbd rename'), then run abort again")
-
-
-def _name_holder(io: rados.Ioctx, name: str) -> Optional[str]:
-    """The id that ``name`` stands for in ``io``: by its directory entry,
-    else by its id object (a restore cut short may have made either)."""
-    image_id = ondisk.directory_id(io, name)
-    if image_id is not None:
-        return image_id
-    try:
-        return ondisk.read_id_object(io, name)
-    except rados.ObjectNotFound:
-        return None
-
-
-def _strerror(code: int) -> str:
-    import os
-    return os.strerror(code).lower()
-
-
 def _status(header: 'ondisk.MigrationHeader', src: Tuple[int, str, str, str],
             dst: Tuple[int, str, str, str]) -> Dict[str, Any]:
     """A migration_status dict: state from ``header``; source and target
@@ -128,49 +57,6 @@ def _status(header: 'ondisk.MigrationHeader', src: Tuple[int, str, str, str],
             'state': state, 'state_description': header.state_description}
 
 
-@dataclass(frozen=True)
-class ImageRef:
-    pool_id: int
-    pool: str
-    namespace: str
-    name: str
-    id: str
-
-    @property
-    def spec(self) -> ImageSpec:
-        return ImageSpec(self.pool, self.namespace, self.name)
-
-    def __str__(self) -> str:
-        return str(self.spec)
-
-
-@dataclass
-class MigrationInfo:
-    dest: ImageRef
-    state: str
-    state_description: str
-    source: Optional[ImageRef] = None
-    #: For import-only migrations: the source-spec with secrets masked.
-    source_spec: Optional[Dict[str, Any]] = None
-    #: librbd cannot open the source, so it cannot open the target either;
-    #: only abort (or restoring the source) gets out of this.
-    source_unavailable: bool = False
-    #: Which engine serves it: librbd's live migration, or our adapters.
-    path: str = 'librbd'
-    #: 'commit' or 'abort' when librbd stopped half-way through finishing
-    #: it; only running that action again gets out of it.
-    interrupted: Optional[str] = None
-
-    @property
-    def import_only(self) -> bool:
-        return self.source is None
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d['import_only'] = self.import_only
-        return d
-
-
 class LibrbdEngine:
     def __init__(self, cluster: rados.Rados) -> None:
         self.rados = cluster
@@ -180,6 +66,7 @@ class LibrbdEngine:
         #: Per (pool id, namespace): set once a migration_status call that
         #: outlived its patience there returns.
         self._waiting: Dict[Tuple[int, str], threading.Event] = {}
+        self.interrupted = Interrupted(self)
 
     # -- pools and images --------------------------------------------------
     def ioctx(self, pool: str, namespace: str = '', what: str = '') -> rados.Ioctx:
@@ -237,9 +124,9 @@ class LibrbdEngine:
                 if image_id is not None:
                     ref = ImageRef(io.get_pool_id(), spec.pool, spec.namespace,
                                    spec.name, image_id)
-                    return self._restored_source(io, ref) or self._unavailable(ref)
-                info = (self._interrupted_by_source_name(io, spec.name)
-                        or self._interrupted_for_target(io.get_pool_id(), name=spec.name,
+                    return self.interrupted.restored_source(io, ref) or self._unavailable(ref)
+                info = (self.interrupted.by_source_name(io, spec.name)
+                        or self.interrupted.for_target(io.get_pool_id(), name=spec.name,
                                                         namespace=spec.namespace))
                 if info is None:
                     raise NotFound(f"image '{spec}' does not exist") from None
@@ -248,8 +135,8 @@ class LibrbdEngine:
                 # ReadOnlyImage: librbd cannot open a target whose abort
                 # stopped after marking it "aborting".
                 image_id = ondisk.directory_id(io, spec.name)
-                info = (self._interrupted_for_target(io.get_pool_id(), image_id)
-                        if image_id else self._interrupted_by_source_name(io, spec.name))
+                info = (self.interrupted.for_target(io.get_pool_id(), image_id)
+                        if image_id else self.interrupted.by_source_name(io, spec.name))
                 if info is not None:
                     return info
                 if isinstance(e, rbd.ReadOnlyImage):
@@ -356,32 +243,10 @@ class LibrbdEngine:
         except NotFound:
             target = None
         if target is None or header.state == 'aborting':
-            return self._interrupted(io, src_id, name)
+            return self.interrupted.find(io, src_id, name)
         here = (io.get_pool_id(), io.nspace)
         return self._info(_status(target, here + (name, src_id), header.names),
                           exact_pools=True)
-
-    def _restored_source(self, io: rados.Ioctx, source: ImageRef) -> Optional[MigrationInfo]:
-        """The interrupted abort of a source already back under its name
-        whose target is gone: only its migration header is left (see
-        ``_finish_abort``)."""
-        header = ondisk.migration_header(io, source.id)
-        if header is None or header.header_type != ondisk.HEADER_SOURCE:
-            return None
-        try:
-            with self.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
-                if ondisk.header_exists(dst_io, header.image_id):
-                    return None
-                pool = dst_io.get_pool_name()
-        except NotFound:
-            pool = str(header.pool_id)
-        dest = ImageRef(header.pool_id, pool, header.namespace, header.image_name,
-                        header.image_id)
-        return MigrationInfo(
-            dest=dest, source=source, state='aborting', interrupted='abort',
-            state_description=f'abort stopped after restoring the source {source}; it '
-                              'stays read-only until its migration header is dropped: '
-                              'run abort again to finish')
 
     def _unavailable(self, dest: ImageRef) -> MigrationInfo:
         """A target that exists but that librbd cannot open: its migration
@@ -440,7 +305,7 @@ class LibrbdEngine:
         Pacific's python3-rbd ``migration_status`` reports the source's pool
         id as ``dest_pool_id``, so the reported id is only a first guess.
         """
-        pools = [hint] + [p for p in self._rbd_pool_ids() if p != hint]
+        pools = [hint] + [p for p in self.rbd_pool_ids() if p != hint]
         for pool_id in pools:
             try:
                 with self.ioctx_by_id(pool_id, namespace) as io:
@@ -450,7 +315,7 @@ class LibrbdEngine:
                 continue
         return hint
 
-    def _rbd_pool_ids(self) -> List[int]:
+    def rbd_pool_ids(self) -> List[int]:
         ids = []
         for io in self._rbd_pools():
             ids.append(io.get_pool_id())
@@ -509,7 +374,7 @@ class LibrbdEngine:
         found: Dict[str, MigrationInfo] = {}
         with ThreadPoolExecutor(max_workers=LIST_CONCURRENCY,
                                 thread_name_prefix='rbd_migration list') as pool:
-            sources = [source for sources in pool.map(self._pool_sources, self._rbd_pool_ids())
+            sources = [source for sources in pool.map(self.pool_sources, self.rbd_pool_ids())
                        for source in sources]
             for info in pool.map(listed, sources):
                 if info is not None:
@@ -538,7 +403,7 @@ class LibrbdEngine:
         except rbd.Error:
             return []
 
-    def _pool_sources(self, pool_id: int) -> List[Tuple[int, str, str, str]]:
+    def pool_sources(self, pool_id: int) -> List[Tuple[int, str, str, str]]:
         """(pool id, namespace, id, name) of the migration sources in the
         trash of one pool's namespaces."""
         try:
@@ -551,126 +416,6 @@ class LibrbdEngine:
                 return found
         except rados.ObjectNotFound:
             return []  # the pool went away meanwhile
-
-    def _trashed_sources(self) -> Iterator[Tuple[rados.Ioctx, str, str]]:
-        """(ioctx, id, name) of every migration source in every rbd pool's
-        and namespace's trash; in-cluster migrations are found through
-        them."""
-        for pool_id in self._rbd_pool_ids():
-            for _, ns, src_id, name in self._pool_sources(pool_id):
-                try:
-                    io = self.ioctx_by_id(pool_id, ns)
-                except NotFound:
-                    break  # the pool went away meanwhile
-                with io:
-                    yield io, src_id, name
-
-    # -- interrupted commit and abort ----------------------------------------
-    def _interrupted(self, io: rados.Ioctx, src_id: str,
-                     src_name: str) -> Optional[MigrationInfo]:
-        """A migration librbd stopped half-way through finishing, if the
-        source ``src_id`` in ``io``'s trash is left over from one.
-
-        librbd's commit drops the target's migration header before it
-        removes the source; its abort removes the target before it restores
-        the source.  A mgr that fails over in between leaves the source in
-        the trash, read-only, where ``rbd migration`` no longer finds it and
-        ``rbd trash`` refuses it.  Its own migration header still names the
-        target, which tells the two cases apart.
-        """
-        header = ondisk.migration_header(io, src_id)
-        if header is None or header.header_type != ondisk.HEADER_SOURCE:
-            return None
-        source = ImageRef(io.get_pool_id(), io.get_pool_name(), io.nspace,
-                          src_name, src_id)
-        try:
-            with self.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
-                pool = dst_io.get_pool_name()
-                # An abort marks both headers "aborting" first, then removes
-                # the target (header object before directory entry); a
-                # commit drops the target's migration key, nothing else.
-                gone = not ondisk.directory_has(dst_io, header.image_id) or \
-                    not ondisk.header_exists(dst_io, header.image_id)
-                if header.state == 'aborting' or gone:
-                    action = 'abort'
-                elif ondisk.migration_header(dst_io, header.image_id) is None:
-                    action = 'commit'
-                else:
-                    return None  # a live migration; librbd answers for it
-        except NotFound:
-            pool, action, gone = str(header.pool_id), 'abort', True  # its pool is gone
-        dest = ImageRef(header.pool_id, pool, header.namespace, header.image_name,
-                        header.image_id)
-        if action == 'abort':
-            where = 'after removing the target' if gone else 'half-way'
-            return MigrationInfo(
-                dest=dest, source=source, state='aborting', interrupted='abort',
-                state_description=f'abort stopped {where}; the source {source} is '
-                                  f'still in the trash: run abort again to restore it')
-        return MigrationInfo(
-            dest=dest, source=source, state='committing', interrupted='commit',
-            state_description=f'commit stopped after committing the target; the '
-                              f'source {source} is still in the trash: run commit '
-                              f'again to remove it')
-
-    def _interrupted_by_source_name(self, io: rados.Ioctx,
-                                    name: str) -> Optional[MigrationInfo]:
-        src_id = ondisk.trashed_source_id(io, name)
-        return self._interrupted(io, src_id, name) if src_id else None
-
-    def _interrupted_for_target(self, pool_id: int, image_id: Optional[str] = None,
-                                name: Optional[str] = None,
-                                namespace: str = '') -> Optional[MigrationInfo]:
-        """The interrupted migration into the target with this id (or, once
-        the target is gone, this name), found through its source."""
-        for io, src_id, src_name in self._trashed_sources():
-            h = ondisk.migration_header(io, src_id)
-            if h is None or h.pool_id != pool_id:
-                continue
-            if h.image_id == image_id or (name is not None and h.image_name == name
-                                          and h.namespace == namespace):
-                return self._interrupted(io, src_id, src_name)
-        return None
-
-    def _finish_commit(self, dst: ImageRef, source: Optional[ImageRef]) -> None:
-        """Remove a source an interrupted commit left in the trash.
-
-        The source is found through its header, or -- if a retry already
-        dropped the header -- as the one the task recorded when it was
-        queued, still in the trash as a migration source.
-        """
-        info = self._interrupted_for_target(dst.pool_id, dst.id)
-        if info is not None and info.interrupted == 'commit' and info.source:
-            source = info.source
-        if source is None:
-            return
-        with self.ioctx_by_id(source.pool_id, source.namespace) as io:
-            if (source.id, source.name) not in ondisk.trashed_migration_sources(io):
-                return
-            header = ondisk.migration_header(io, source.id)
-            if header is not None and (header.image_id, header.pool_id) != (dst.id, dst.pool_id):
-                return
-            try:
-                self._remove_source(io, source)
-            except rbd.ImageBusy:
-                # Still watched by the client that was cut short (a failed
-                # mgr): its watch expires within a minute; retry then.
-                raise TransientError(f'the source {source} of the committed migration '
-                                     f'to {dst} is still open by a client that went '
-                                     'away; retrying once its watch expires') from None
-            except (rbd.Error, rados.Error) as e:
-                if (source.id, source.name) not in ondisk.trashed_migration_sources(io):
-                    return  # gone meanwhile: what was left to do is done
-                raise translate(e, f'removing the source {source} of the committed '
-                                   f'migration to {dst}')
-
-    def _remove_source(self, io: rados.Ioctx, source: ImageRef) -> None:
-        """What librbd's commit does last: drop the source's migration
-        header (it keeps the image read-only), its snapshots, then the
-        image and its trash entry."""
-        if ondisk.migration_header(io, source.id) is not None:
-            io.execute(f'rbd_header.{source.id}', 'rbd', 'migration_remove', b'')
-        self.remove_trashed(io, source.id)
 
     def remove_trashed(self, io: rados.Ioctx, image_id: str,
                        progress: Optional[ProgressFn] = None) -> None:
@@ -822,16 +567,16 @@ class LibrbdEngine:
                 except rbd.Error as e:
                     if self._migrating(io, dst):  # nothing committed yet
                         if isinstance(e, rbd.ImageBusy):
-                            raise _in_use(f'committing the migration of {dst}',
+                            raise in_use(f'committing the migration of {dst}',
                                           dst) from None
                         raise translate(e, f'committing the migration of {dst}')
                     # librbd committed the target, then failed removing the
                     # source: finish that now rather than leave it half-done.
                     log.warning('commit of %s stopped after committing the target '
                                 '(%s); removing the source', dst, e)
-                    self._finish_commit(dst, source)
+                    self.interrupted.finish_commit(dst, source)
             else:
-                self._finish_commit(dst, source)
+                self.interrupted.finish_commit(dst, source)
             self._flatten_if_asked(io, dst, progress)
 
     def _migrating(self, io: rados.Ioctx, dst: ImageRef) -> bool:
@@ -862,85 +607,14 @@ class LibrbdEngine:
     def abort(self, dst: ImageRef, progress: ProgressFn,
               source: Optional[ImageRef] = None) -> None:
         """Abort; idempotent, so a task retried after a failover finishes.
-
-        When librbd already removed the target, the abort goes on from the
-        source's side: librbd finds a migration source in the trash by name.
-        A source already out of the trash (``source``, recorded when the
-        task was queued) only lacks the last step.  No target and no source
-        left with a migration header means the abort is done.
-        """
+        ``source``, recorded when the task was queued, is what is left to
+        restore once librbd removed the target and lost track of it."""
         try:
             self._abort_target(dst, progress)
             return
         except _TargetGone:
             pass
-        info = self._interrupted_for_target(dst.pool_id, dst.id)
-        if info is not None and info.source is not None:
-            if info.interrupted != 'abort':
-                raise Busy(f'cannot abort {dst}: {info.state_description}')
-            src = info.source
-            with self.ioctx_by_id(src.pool_id, src.namespace) as io:
-                if _name_holder(io, src.name) not in (None, src.id):
-                    raise _name_taken(f'aborting the migration of {dst}')
-                try:
-                    self.rbd.migration_abort(io, src.name, on_progress=progress)
-                except rbd.Error as e:
-                    raise translate(e, f'aborting the migration of {dst} from its '
-                                       f'source {src}')
-        elif source is not None:
-            self._finish_abort(dst, source)
-        self._drop_target_remnants(dst)
-
-    def _finish_abort(self, dst: ImageRef, source: ImageRef) -> None:
-        """Drop the migration header of a source that an abort restored
-        from the trash and then stopped.
-
-        librbd cannot finish that abort itself: it restores the source from
-        the trash first, finds no trash entry, and fails (ENOENT) on every
-        try, leaving the source read-only for good.  The header is the only
-        thing left; the class method that librbd's last step calls drops it
-        and the image's "migrating" feature with it.
-        """
-        try:
-            io = self.ioctx_by_id(source.pool_id, source.namespace)
-        except NotFound:
-            return
-        with io:
-            header = ondisk.migration_header(io, source.id)
-            if header is None or header.header_type != ondisk.HEADER_SOURCE or \
-                    (header.pool_id, header.image_id) != (dst.pool_id, dst.id):
-                return
-            log.warning('abort of %s stopped after restoring the source %s; '
-                        'dropping its migration header', dst, source)
-            try:
-                io.execute(f'rbd_header.{source.id}', 'rbd', 'migration_remove', b'')
-            except rados.Error as e:
-                raise translate(e, f'finishing the abort of {dst} on its source {source}')
-
-    def _drop_target_remnants(self, dst: ImageRef) -> None:
-        """What a target removal cut short leaves once the header is gone:
-        its id object and directory entries (``rbd ls`` would list a ghost)
-        and its object map.  (Object maps of its snapshots are named by
-        snapshot ids that only the gone header held.)"""
-        try:
-            io = self.ioctx_by_id(dst.pool_id, dst.namespace)
-        except NotFound:
-            return
-        with io:
-            if ondisk.header_exists(io, dst.id):
-                return
-            if ondisk.directory_id(io, dst.name) == dst.id:
-                io.execute('rbd_directory', 'rbd', 'dir_remove_image',
-                           ondisk.encode_string(dst.name) + ondisk.encode_string(dst.id))
-            try:
-                if ondisk.read_id_object(io, dst.name) == dst.id:
-                    io.remove_object(f'rbd_id.{dst.name}')
-            except rados.ObjectNotFound:
-                pass
-            try:
-                io.remove_object(f'rbd_object_map.{dst.id}')
-            except rados.ObjectNotFound:
-                pass
+        self.interrupted.finish_abort(dst, progress, source)
 
     def _abort_target(self, dst: ImageRef, progress: ProgressFn) -> None:
         """librbd's abort, by the target; once more if it trips over what
@@ -963,42 +637,14 @@ class LibrbdEngine:
                     if not ondisk.directory_has(io, dst.id) or \
                             not ondisk.header_exists(io, dst.id):
                         raise _TargetGone() from None
-                    if attempt == 2 or not self._purge_trashed_snapshots(io, dst):
+                    if attempt == 2 or not self.interrupted.purge_trashed_snapshots(io, dst):
                         raise translate(e, f'aborting the migration of {dst}')
                 except rbd.ImageBusy:
-                    raise _in_use(f'aborting the migration of {dst}', dst) from None
+                    raise in_use(f'aborting the migration of {dst}', dst) from None
                 except rbd.ImageExists:
-                    raise _name_taken(f'aborting the migration of {dst}') from None
+                    raise name_taken(f'aborting the migration of {dst}') from None
                 except rbd.Error as e:
                     raise translate(e, f'aborting the migration of {dst}')
-
-    def _purge_trashed_snapshots(self, io: rados.Ioctx, dst: ImageRef) -> bool:
-        """Finish removing the target's snapshots that sit in the snapshot
-        trash, as librbd's snapshot removal would: release the snapshot id
-        in the data pool, drop its object map, drop it from the header.
-        The image itself is read-only while aborting, so this goes below
-        librbd.  Whether there was any."""
-        try:
-            with rbd.Image(io, image_id=dst.id, read_only=True) as img:
-                trashed = [int(s['id']) for s in img.list_snaps()
-                           if s.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH]
-                data_pool = int(img.data_pool_id())
-        except rbd.Error:
-            return False
-        for snap_id in trashed:
-            with self.ioctx_by_id(data_pool, dst.namespace) as data_io:
-                try:
-                    data_io.remove_self_managed_snap(snap_id)
-                except rados.Error:
-                    pass  # already released
-            try:
-                io.remove_object(f'rbd_object_map.{dst.id}.{snap_id:016x}')
-            except rados.ObjectNotFound:
-                pass
-            io.execute(f'rbd_header.{dst.id}', 'rbd', 'snapshot_remove',
-                       struct.pack('<Q', snap_id))
-        return bool(trashed)
-
 
 class _TargetGone(Exception):
     """librbd's abort cannot find the target: it removed it already."""

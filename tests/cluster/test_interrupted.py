@@ -22,7 +22,8 @@ import rbd
 
 from qa.cluster import Cluster
 from rbd_migration.engine import ondisk
-from rbd_migration.engine.librbd import ImageRef, LibrbdEngine
+from rbd_migration.engine.librbd import LibrbdEngine
+from rbd_migration.engine.migration import ImageRef
 from rbd_migration.errors import MigrationError
 
 ROUNDS = int(os.environ.get('RBD_MIGRATION_TEST_ROUNDS', '5'))

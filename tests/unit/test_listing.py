@@ -3,7 +3,7 @@ that the module's own changes always show."""
 import threading
 from typing import Callable, List, Tuple
 
-from rbd_migration.engine.librbd import ImageRef, MigrationInfo
+from rbd_migration.engine.migration import ImageRef, MigrationInfo
 from rbd_migration.listing import Listing
 
 

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 
-from rbd_migration.engine.librbd import ImageRef, MigrationInfo
+from rbd_migration.engine.migration import ImageRef, MigrationInfo
 from rbd_migration.health import FAILED_CHECK, STALLED_CHECK, health_checks
 from rbd_migration.progress import ProgressEvents
 from rbd_migration.render import render

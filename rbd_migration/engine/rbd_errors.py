@@ -1,0 +1,66 @@
+"""librbd's and librados' errnos as operator-facing errors.
+
+librbd raises bare errno exceptions; an operator needs the image, what was
+being done and, where there is one, the fix.  Errnos with no kind of their
+own are taken for passing cluster trouble, which the task queue retries.
+"""
+import errno
+import os
+
+from ..errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
+                      MigrationError, NotFound, PermissionDenied, Unsupported)
+
+
+class TransientError(MigrationError):
+    """The cluster could not do it now (timeout, full, connection lost)."""
+
+    transient = True
+
+    def __init__(self, message: str, code: int = errno.EAGAIN) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+_KINDS = {
+    errno.ENOENT: NotFound, errno.EEXIST: AlreadyExists, errno.EBUSY: Busy,
+    errno.EINVAL: InvalidArgument, errno.ERANGE: InvalidArgument,
+    errno.EDOM: InvalidArgument, errno.EROFS: InvalidArgument,
+    errno.ENAMETOOLONG: InvalidArgument,
+    errno.EOPNOTSUPP: Unsupported, errno.ENOSYS: Unsupported,
+    errno.EACCES: PermissionDenied, errno.EPERM: PermissionDenied,
+    errno.ECANCELED: Cancelled,
+}
+
+
+def _strerror(code: int) -> str:
+    return os.strerror(code).lower()
+
+
+def translate(e: Exception, doing: str) -> MigrationError:
+    """A librbd/librados exception as an operator-facing error."""
+    code = abs(getattr(e, 'errno', None) or errno.EIO)
+    reason = errno.errorcode.get(code, str(code))
+    text = f'{doing}: {_strerror(code)} ({reason})'
+    kind = _KINDS.get(code)
+    if kind is None:
+        return TransientError(text, code)
+    err = kind(text)
+    err.errno = code
+    return err
+
+
+def in_use(doing: str, image: object) -> TransientError:
+    """librbd refuses to remove an image some client watches.  Often that
+    is a passing one (a status query opens both images of a migration, a
+    failed mgr's watch lingers for a while): retried, with the reason."""
+    return TransientError(f'{doing}: {image} is open by another client '
+                          f"(see 'rbd status {image}'); retrying until it is closed",
+                          errno.EBUSY)
+
+
+def name_taken(doing: str) -> MigrationError:
+    """The source's name is free while it sits in the trash, and nothing
+    stops a client from creating an image under it."""
+    return AlreadyExists(f'{doing}: the source cannot get its name back, another image '
+                         'was created under it since prepare; rename that image '
+                         "('rbd rename'), then run abort again")
