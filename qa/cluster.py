@@ -322,9 +322,9 @@ class Cluster:
         self._timed(self._start_mon)
         self._timed(self._start_mgr)
         with ThreadPoolExecutor(max_workers=4) as pool:
-            osds = pool.submit(self._timed, self._start_osds)
+            osds_up = pool.submit(self._timed, self._start_osds)
             self._timed(self._create_pools)
-            osds.result()
+            osds_up.result()
             later = [pool.submit(self._timed, self._init_rbd_pools)]
             if rgw:
                 later.append(pool.submit(self._timed, self._start_rgw))
@@ -557,7 +557,8 @@ rgw dns name = 127.0.0.1
 
     def _start_nginx(self) -> None:
         s = self.state
-        assert s and s.http_root
+        assert s and s.http_root and s.http_port
+        port = s.http_port
         os.makedirs(s.http_root, exist_ok=True)
         tmp = self.path('nginx')
         os.makedirs(tmp)
@@ -592,7 +593,7 @@ http {{
         self._run('nginx', '-c', conf, '-p', tmp)
 
         def answers() -> bool:
-            with socket.create_connection(('127.0.0.1', s.http_port), 1):
+            with socket.create_connection(('127.0.0.1', port), 1):
                 return True
         self._wait('nginx', lambda: self._try(answers))
 
@@ -679,7 +680,7 @@ http {{
 
     def pids(self) -> Dict[str, int]:
         """Live processes started for this cluster, by daemon name."""
-        out = {}
+        out: Dict[str, int] = {}
         run = self.path('run')
         if not os.path.isdir(run):
             return out

@@ -61,7 +61,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -219,7 +219,8 @@ def raw_allocation(path: str) -> Tuple[int, int]:
 def qemu_allocation(path: str) -> Tuple[int, int]:
     """Data extents of the whole backing chain per ``qemu-img map``."""
     out = run(['qemu-img', 'map', '--output', 'json', path], timeout=300).stdout
-    data, objects = 0, set()
+    data = 0
+    objects: Set[int] = set()
     for ext in json.loads(out):
         if ext.get('data'):
             data += ext['length']
@@ -840,10 +841,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         def set_option(name: str, value: str) -> None:
             opt = f'mgr/rbd_migration/{name}'
-            r = bench.ceph('config', 'get', 'mgr', opt, check=False)  # type: ignore
+            r = bench.ceph('config', 'get', 'mgr', opt, check=False)
             old = r.stdout.strip() if r.returncode == 0 else None
             restore.append((opt, old))
-            bench.ceph('config', 'set', 'mgr', opt, value)  # type: ignore
+            bench.ceph('config', 'set', 'mgr', opt, value)
 
         r = bench.ceph('config', 'get', 'mgr', ROOTS_OPTION, check=False)
         old_roots = r.stdout.strip() if r.returncode == 0 else ''
@@ -863,7 +864,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if s.key == 'http':
                 served.append(s.path)
 
-        _, cli = timed(lambda: bench.ceph('rbd', 'migration', 'task', 'list'))  # type: ignore
+        _, cli = timed(lambda: bench.ceph('rbd', 'migration', 'task', 'list'))
         log('measuring the write ceiling (rbd bench)')
         ceilings = [bench.ceiling()]
         results: List[Result] = []
@@ -889,16 +890,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         for s in sources:
             if s.note and s.key != 's3':
                 notes.append(f'{s.label}: {s.note}')
-        for r in results:
-            st = r.stats
+        for res in results:
+            st = res.stats
             if st:
-                notes.append(f'{r.source.label} / {r.peer}: read {human(st.get("bytes_read"))}, '
+                notes.append(f'{res.source.label} / {res.peer}: '
+                             f'read {human(st.get("bytes_read"))}, '
                              f'wrote {human(st.get("bytes_written"))}, zeroed '
                              f'{human(st.get("bytes_zeroed"))}, skipped '
                              f'{human(st.get("bytes_skipped"))}')
-            if len(r.runs) > 1:
-                notes.append(f'{r.source.label} / {r.peer}: exec runs '
-                             + ', '.join(f'{t:.2f}' for t in r.runs) + ' s')
+            if len(res.runs) > 1:
+                notes.append(f'{res.source.label} / {res.peer}: exec runs '
+                             + ', '.join(f'{t:.2f}' for t in res.runs) + ' s')
         notes.append(f'one ceph CLI command takes {cli:.2f}s here (not in ours\' exec s: the '
                      'execute command is sent over librados; an operator pays it once)')
         notes.append('alloc@4M: the source\'s allocation counted in whole 4 MiB objects, '

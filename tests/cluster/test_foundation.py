@@ -47,6 +47,7 @@ def test_survives_mgr_fail(cluster: Cluster) -> None:
 
 def test_second_cluster_side_by_side(cluster: Cluster, tmp_path) -> None:
     """A second cluster starts, answers and stops without touching ours."""
+    assert cluster.state
     ours = cluster.pids()
     other = Cluster(str(tmp_path / 'second'))
     try:

@@ -410,7 +410,7 @@ def test_commit_that_fails_after_the_target_removes_the_source(
         dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
     with handle.open_ioctx('rbd') as io:
         src = ImageRef(io.get_pool_id(), 'rbd', '', name, src_id)
-    engine.rbd = _CommitStopsAfterTheTarget(engine.rbd, handle, dst_id)  # type: ignore[assignment]
+    engine.rbd = _CommitStopsAfterTheTarget(engine.rbd, handle, dst_id)
     engine.commit(dst, lambda done, total: 0, source=src)
     _assert_kept(cluster, f'rbd2/{name}', sums)
     assert name not in cluster.rbd('ls', 'rbd').split()

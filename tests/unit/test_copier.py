@@ -76,7 +76,7 @@ class OnesFormat(Format):
     exact_diffs = True
 
     @classmethod
-    def from_spec(cls, spec, ctx):  # type: ignore[no-untyped-def]
+    def from_spec(cls, spec, ctx):
         return cls()
 
     def size(self, snap: Optional[Snapshot] = None) -> int:
@@ -139,7 +139,7 @@ def test_checkpoint_never_passes_a_failed_chunk(attempt: int) -> None:
         time.sleep(0.02)  # a progress update's round trip
         return True
 
-    copier = Copier(OnesFormat(), FailingTarget(),  # type: ignore[arg-type]
+    copier = Copier(OnesFormat(), FailingTarget(),
                     CopyOptions(window=4, checkpoint_interval=0.0), progress, saved.append)
     with pytest.raises(Exception):
         copier.run(Checkpoint())
@@ -178,7 +178,7 @@ class SlowTarget:
 
 def test_one_reader_keeps_the_window_of_writes_in_flight() -> None:
     target = SlowTarget()
-    copier = Copier(OnesFormat(), target,  # type: ignore[arg-type]
+    copier = Copier(OnesFormat(), target,
                     CopyOptions(window=6, readers=1), lambda done, total: True,
                     lambda c: None)
     copier.run(Checkpoint())
@@ -211,7 +211,7 @@ def test_raw_read_size_is_its_streams() -> None:
         request_size = 16 * MiB
 
         @classmethod
-        def from_spec(cls, spec, ctx):  # type: ignore[no-untyped-def]
+        def from_spec(cls, spec, ctx):
             return cls()
 
         def size(self) -> int:
