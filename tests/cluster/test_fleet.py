@@ -257,7 +257,7 @@ def test_a_pool_moves_in_one_plan(cluster: Cluster, pools: Tuple[Place, Place]) 
     before = {n: digests(src.io, n) for n in names}
     start = time.monotonic()
 
-    with rbd.Image(src.io, busy_name) as busy:   # a client holds it open
+    with rbd.Image(src.io, busy_name):   # a client holds it open
         dry = mig(cluster, 'batch', 'prepare', src.spec, dst.spec, '--dry-run',
                   '--auto-commit', '--verify-before-commit')
         assert dst.names() == [], 'the dry run changed the target'
