@@ -36,6 +36,8 @@ EXECUTING, VERIFYING, COMMITTING = 'executing', 'verifying', 'committing'
 EXECUTED, DONE = 'executed', 'done'
 SKIPPED, ITEM_FAILED, ITEM_CANCELLED = 'skipped', 'failed', 'cancelled'
 IN_FLIGHT = (PREPARING, EXECUTING, VERIFYING, COMMITTING)
+#: How an item's reason starts while a step waits to be tried again.
+RETRYING = 'retrying: '
 FINAL = (DONE, SKIPPED, ITEM_FAILED, ITEM_CANCELLED)
 
 
@@ -231,6 +233,10 @@ class Actions(Protocol):
     def verify(self, batch: Batch, item: BatchItem) -> Task: ...
     def commit_blocker(self, batch: Batch, item: BatchItem) -> Optional[str]: ...
     def commit(self, batch: Batch, item: BatchItem) -> Task: ...
+    #: Whether the item's commit already ran, as the cluster shows it:
+    #: 'committed' (the target stands alone), 'commit' (librbd stopped
+    #: half-way), else None.
+    def committed(self, batch: Batch, item: BatchItem) -> Optional[str]: ...
     def task(self, task_id: str) -> Optional[Task]: ...
     def latest(self, key: str) -> Optional[Task]: ...
     def cancel(self, batch: Batch, item: BatchItem) -> None: ...
@@ -321,11 +327,20 @@ class BatchDriver:
         states = {i.name: i.state for i in batch.items}
         for item in batch.items:
             before = (item.state, item.reason, item.task_id)
+            if item.reason and item.reason.startswith(RETRYING):
+                item.reason = None
             try:
                 self._step(batch, item, states)
             except MigrationError as e:
-                self._fail(item, str(e))
+                if e.transient:
+                    # The cluster could not answer (a mgr being failed over
+                    # finds its clients blocklisted): the same step next pass.
+                    item.reason = f'{RETRYING}{e}'
+                else:
+                    self._fail(item, str(e))
             if (item.state, item.reason, item.task_id) != before:
+                log.info('batch %s %s: %s -> %s, task %s%s', batch.id, item.name, before[0],
+                         item.state, item.task_id, f' ({item.reason})' if item.reason else '')
                 if item.state in FINAL and item.finished is None:
                     item.finished = self.book.clock()
                 self.book.save_item(batch, item)
@@ -412,7 +427,8 @@ class BatchDriver:
             item.state = PENDING     # librbd never prepared it: start over
         else:
             item.key, item.state = key, EXECUTING
-            self._executed_or_follow(batch, item)
+            if not self._committed_meanwhile(batch, item):
+                self._executed_or_follow(batch, item)
 
     def _executed_or_follow(self, batch: Batch, item: BatchItem) -> None:
         task = self.actions.execute(batch, item)
@@ -443,6 +459,8 @@ class BatchDriver:
                 item.state, item.reason = DONE, None
 
     def _resubmit(self, batch: Batch, item: BatchItem) -> None:
+        if item.state in (EXECUTING, VERIFYING) and self._committed_meanwhile(batch, item):
+            return
         if item.state == EXECUTING:
             self._executed_or_follow(batch, item)
         elif item.state == VERIFYING:
@@ -453,14 +471,29 @@ class BatchDriver:
             except NotFound:   # committed meanwhile: nothing migrates any more
                 item.state, item.reason = DONE, None
 
+    def _committed_meanwhile(self, batch: Batch, item: BatchItem) -> bool:
+        """After the driver lost track of an item's task: whether a commit
+        already ran, which a mgr that failed over before saving the item
+        leaves behind.  Executing again would be refused; the commit is
+        finished instead."""
+        found = self.actions.committed(batch, item)
+        if found == 'committed':
+            item.state, item.reason = DONE, None
+        elif found == 'commit':
+            task = self.actions.commit(batch, item)
+            item.state, item.reason, item.task_id = COMMITTING, None, task.id
+        return found is not None
+
     def _after_execute(self, batch: Batch, item: BatchItem) -> None:
+        # Each state is set once its task is queued: a step that fails
+        # leaves the item as it was, to be tried again.
         if not batch.auto_commit or batch.cancelled:
             item.state, item.task_id = EXECUTED, None
             item.reason = ('executed; commit it (ceph rbd migration batch commit '
                            f'{batch.id}) or abort it')
         elif batch.verify:
-            item.state, item.reason = VERIFYING, None
-            item.task_id = self.actions.verify(batch, item).id
+            task = self.actions.verify(batch, item)
+            item.state, item.reason, item.task_id = VERIFYING, None, task.id
         else:
             self._commit(batch, item)
 
@@ -469,8 +502,8 @@ class BatchDriver:
         if blocker:
             item.state, item.reason, item.task_id = EXECUTED, blocker, None
             return
-        item.state, item.reason = COMMITTING, None
-        item.task_id = self.actions.commit(batch, item).id
+        task = self.actions.commit(batch, item)
+        item.state, item.reason, item.task_id = COMMITTING, None, task.id
 
     def commit_all(self, batch: Batch) -> List[str]:
         """Commit every executed item now (``batch commit``); returns what

@@ -19,6 +19,7 @@ from .inventory import describe as describe_image
 from .inventory import image_names
 from .metrics import summary as metrics_summary
 from .schedule import HEAVY
+from .engine.librbd import NotMigrating
 from .service import NAMESPACED_PARENT, MigrationService
 from .tasks import RUNNING, Task
 
@@ -251,7 +252,12 @@ class Fleet:
         if src is None or (src.pool, src.namespace, src.name) != (
                 batch.source_pool, batch.source_namespace, item.name):
             return None
-        return f'{info.dest.pool_id}/{info.dest.namespace}/{info.dest.id}'
+        if info.interrupted == 'prepare':
+            # The old mgr stopped inside librbd's prepare: undone here (the
+            # target holds no data yet), and prepared afresh.
+            self.service.engine.abort(info.dest, lambda done, total: 0, source=src)
+            return None
+        return info.dest.key
 
     def execute(self, batch: Batch, item: BatchItem) -> Optional[Task]:
         return self._task(self.service.execute(batch.dest_spec(item.name), batch.id))
@@ -298,6 +304,19 @@ class Fleet:
         force = bool(self.service.engine.descendants(info.dest))   # trashed ones too
         return self._required(self.service.commit(spec, force=force, verified=batch.verify,
                                                   batch=batch.id))
+
+    def committed(self, batch: Batch, item: BatchItem) -> Optional[str]:
+        spec = batch.dest_spec(item.name)
+        try:
+            info = self.service._find(spec)
+        except NotMigrating:
+            # Committed, if the image standing there is the target prepared.
+            with self.service.engine.ioctx(batch.dest_pool, batch.dest_namespace) as io:
+                ref = self.service.engine.ref(io, item.name)
+            return 'committed' if item.key == ref.key else None
+        except NotFound:
+            return None
+        return 'commit' if info.interrupted == 'commit' else None
 
     def task(self, task_id: str) -> Optional[Task]:
         return self.queue.tasks.get(task_id)

@@ -568,8 +568,10 @@ def _recorded_source(task: Task) -> Optional[ImageRef]:
 
 def _refuse_interrupted(info: MigrationInfo, action: str) -> None:
     """A migration librbd stopped half-way through a commit or abort can
-    only go on with that same action."""
-    if info.interrupted and info.interrupted != action:
+    only go on with that same action; one stopped half-way through its
+    prepare only with abort."""
+    way_out = 'abort' if info.interrupted == 'prepare' else info.interrupted
+    if info.interrupted and way_out != action:
         raise Busy(f'cannot {action} {info.dest}: {info.state_description}')
 
 
@@ -585,7 +587,7 @@ class SourceUnavailableError(MigrationError):
 
 
 def _key(ref: ImageRef) -> str:
-    return f'{ref.pool_id}/{ref.namespace}/{ref.id}'
+    return ref.key
 
 
 def _migration_key(ref: ImageRef) -> str:

@@ -253,6 +253,9 @@ class TaskQueue:
         if error is not None:
             task.last_error, task.errno = error, code
         self._save(task)
+        (log.info if state == COMPLETED else log.warning)(
+            'task %s %s %s: %s%s', task.id, task.action, task.image_spec, state,
+            f': {error}' if error else '')
         self.cv.notify_all()
 
     # -- scheduling --------------------------------------------------------
@@ -360,6 +363,8 @@ class TaskQueue:
         task.next_attempt = None
         task.stalled = None
         self._save(task)
+        log.info('task %s %s %s: attempt %d started', task.id, task.action,
+                 task.image_spec, task.attempts)
         thread = threading.Thread(target=self._work, args=(task,),
                                   name=f'rbd_migration task {task.id}', daemon=True)
         self._threads[task.id] = thread
@@ -430,6 +435,9 @@ class TaskQueue:
                 task.last_error, task.errno = str(e), e.errno
                 task.next_attempt = self.clock() + self.policy().delay(task.attempts)
                 self._save(task)
+                log.info('task %s %s %s: attempt %d failed, retrying in %.0f s: %s',
+                         task.id, task.action, task.image_spec, task.attempts,
+                         task.next_attempt - self.clock(), e)
             else:
                 self._finish(task, FAILED, str(e), e.errno)
 

@@ -1,13 +1,16 @@
-"""Commits and aborts that librbd stopped half-way, found and finished.
+"""Prepares, commits and aborts that librbd stopped half-way, found and
+finished.
 
-librbd's commit drops the target's migration header before it removes the
-source; its abort removes the target, restores the source from the trash
-(id object, directory entry, then trash entry) and drops the source's
-migration header last.  A client cut short anywhere in there (a mgr that
-fails over during a commit or abort task) leaves a source that ``rbd
-migration`` no longer finds, or that librbd's own abort fails on for good.
-The source's migration header still names the target: that is what tells
-the states apart, and what this module reads.
+librbd's prepare moves the source to the trash and gives it its migration
+header before it creates the target, which gets its own header last.  Its
+commit drops the target's migration header before it removes the source;
+its abort removes the target, restores the source from the trash (id
+object, directory entry, then trash entry) and drops the source's migration
+header last.  A client cut short anywhere in there (a mgr that fails over
+during a prepare command or a commit or abort task) leaves a source that
+``rbd migration`` no longer finds, or that librbd's own abort fails on for
+good.  The source's migration header still names the target: that and its
+state ("preparing" until the target is whole) tell the cases apart.
 """
 import logging
 import struct
@@ -73,12 +76,20 @@ class Interrupted:
                 if header.state == 'aborting' or gone:
                     action = 'abort'
                 elif ondisk.migration_header(dst_io, header.image_id) is None:
-                    action = 'commit'
+                    # A target without its header: a prepare stopped before
+                    # writing it, or a commit after dropping it.
+                    action = 'prepare' if header.state == 'preparing' else 'commit'
                 else:
                     return None  # a live migration; librbd answers for it
         except NotFound:
             pool, action, gone = None, 'abort', True
         dest = _target(header, pool)
+        if action == 'prepare':
+            return MigrationInfo(
+                dest=dest, source=source, state='preparing', interrupted='prepare',
+                state_description=f'prepare stopped before the target was whole; the '
+                                  f'source {source} is still in the trash: run abort to '
+                                  f'restore it')
         if action == 'abort':
             where = 'after removing the target' if gone else 'half-way'
             return MigrationInfo(
@@ -195,7 +206,7 @@ class Interrupted:
         """
         info = self.for_target(dst.pool_id, dst.id)
         if info is not None and info.source is not None:
-            if info.interrupted != 'abort':
+            if info.interrupted not in ('abort', 'prepare'):
                 raise Busy(f'cannot abort {dst}: {info.state_description}')
             src = info.source
             with self.engine.ioctx_by_id(src.pool_id, src.namespace) as io:
@@ -209,6 +220,32 @@ class Interrupted:
         elif source is not None:
             self._drop_source_header(dst, source)
         self._drop_target_remnants(dst)
+
+    def remove_unprepared_target(self, io: rados.Ioctx, dst: ImageRef) -> bool:
+        """Remove a target whose prepare stopped before librbd gave it its
+        migration header, so that the abort goes on from the source's side
+        (librbd's abort cannot open such a target).  It holds no data yet,
+        only the snapshots and metadata copied from the source.  Whether it
+        was one."""
+        info = self.for_target(dst.pool_id, dst.id)
+        if info is None or info.interrupted != 'prepare':
+            return False
+        log.warning('prepare of %s stopped before the target was whole; removing it', dst)
+        try:
+            with rbd.Image(io, image_id=dst.id) as img:
+                for snap in list(img.list_snaps()):
+                    if snap.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH:
+                        img.remove_snap_by_id(snap['id'])
+                        continue
+                    if img.is_protected_snap(snap['name']):
+                        img.unprotect_snap(snap['name'])
+                    img.remove_snap(snap['name'])
+            self.engine.rbd.remove(io, dst.name)
+        except rbd.ImageNotFound:
+            pass  # cut short while librbd created it: its remnants are dropped
+        except rbd.Error as e:
+            raise translate(e, f'removing the target {dst} of a prepare that stopped')
+        return True
 
     def _drop_source_header(self, dst: ImageRef, source: ImageRef) -> None:
         """Drop the migration header of a source that an abort restored

@@ -639,6 +639,12 @@ class LibrbdEngine:
                         raise _TargetGone() from None
                     if attempt == 2 or not self.interrupted.purge_trashed_snapshots(io, dst):
                         raise translate(e, f'aborting the migration of {dst}')
+                except rbd.InvalidArgument as e:
+                    # Not a migration target: its prepare may have stopped
+                    # before librbd marked it one.
+                    if self.interrupted.remove_unprepared_target(io, dst):
+                        raise _TargetGone() from None
+                    raise translate(e, f'aborting the migration of {dst}')
                 except rbd.ImageBusy:
                     raise in_use(f'aborting the migration of {dst}', dst) from None
                 except rbd.ImageExists:

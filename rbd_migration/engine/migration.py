@@ -22,6 +22,11 @@ class ImageRef:
     def spec(self) -> ImageSpec:
         return ImageSpec(self.pool, self.namespace, self.name)
 
+    @property
+    def key(self) -> str:
+        """What tasks and batches know the image by: ids survive renames."""
+        return f'{self.pool_id}/{self.namespace}/{self.id}'
+
     def __str__(self) -> str:
         return str(self.spec)
 

@@ -11,6 +11,7 @@ interrupted action may go on, and that running it again finishes the job.
 import json
 import os
 import random
+import struct
 import subprocess
 import time
 import uuid
@@ -135,6 +136,38 @@ def test_interrupted_abort_shows_and_finishes(cluster: Cluster, handle: rados.Ra
 
     _finish(cluster, 'abort', f'rbd/{name}', dst_id)
     _assert_kept(cluster, f'rbd/{name}', sums)
+
+
+def test_prepare_stopped_before_the_target_was_whole_is_aborted(
+        cluster: Cluster, handle: rados.Rados) -> None:
+    """librbd's prepare gives the target its migration header last: a mgr
+    that fails over just before leaves the source in the trash, marked
+    "preparing", and a target librbd's abort cannot open.  Only abort goes
+    on, and it restores the source."""
+    name, sums = _migration(cluster, execute=False)
+    src_id, dst_id = _ids(cluster, name)
+    _drop_migration_header(handle, 'rbd2', dst_id)
+    with handle.open_ioctx('rbd') as io:
+        io.execute(f'rbd_header.{src_id}', 'rbd', 'migration_set_state',
+                   struct.pack('<B', 1) + ondisk.encode_string(''))   # preparing
+    with pytest.raises(RuntimeError, match='Invalid argument'):
+        cluster.rbd('migration', 'abort', f'rbd2/{name}')   # librbd alone
+
+    for spec in (f'rbd/{name}', f'rbd2/{name}'):
+        mig = cluster.ceph_json('rbd', 'migration', 'status', spec)['migrations'][0]
+        assert mig['interrupted'] == 'prepare', (spec, mig)
+        assert (mig['source']['id'], mig['dest']['id']) == (src_id, dst_id), mig
+    listed = [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
+              if m['dest']['id'] == dst_id]
+    assert [m['interrupted'] for m in listed] == ['prepare'], listed
+    for action in ('commit', 'execute'):
+        assert 'run abort' in _refused(cluster, 'rbd', 'migration', action, f'rbd2/{name}')
+
+    _finish(cluster, 'abort', f'rbd2/{name}', dst_id)
+    _assert_kept(cluster, f'rbd/{name}', sums)
+    assert name not in cluster.rbd('ls', 'rbd2').split()
+    with handle.open_ioctx('rbd2') as io:
+        _assert_no_objects(io, dst_id)
 
 
 def test_interrupted_commit_shows_and_finishes(cluster: Cluster, handle: rados.Rados) -> None:

@@ -9,6 +9,7 @@ import pytest
 from rbd_migration.batch import (DONE, EXECUTED, EXECUTING, ITEM_CANCELLED, ITEM_FAILED,
                                  PENDING, SKIPPED, Batch, BatchBook, BatchDriver, BatchItem,
                                  ImageFacts, parse_pool_spec, plan, select)
+from rbd_migration.engine.rbd_errors import TransientError
 from rbd_migration.errors import Busy, InvalidArgument, NotFound
 from rbd_migration.tasks import ACTIVE, COMPLETED, FAILED, QUEUED, RUNNING, Task
 
@@ -97,8 +98,16 @@ class FakeActions:
         self.blocked_commit: Dict[str, str] = {}
         self.max_executing = 0
         self.prepared_names: Set[str] = set()
+        #: What the cluster shows of a commit that ran unseen, by image.
+        self.commits_seen: Dict[str, str] = {}
+        #: Steps that fail once with a passing error, e.g. 'verify a'.
+        self.flaky: Set[str] = set()
 
     def _new(self, action: str, item: BatchItem) -> Task:
+        if f'{action} {item.name}' in self.flaky:
+            self.flaky.discard(f'{action} {item.name}')
+            raise TransientError(f'{action} {item.name}: cannot send after transport '
+                                 'endpoint shutdown (ESHUTDOWN)')
         tid = str(next(self.ids))
         task = Task(id=tid, action=action, pool_id=2, pool='rbd2', namespace='',
                     image_id=f'id-{item.name}', image_name=item.name, sequence=int(tid),
@@ -135,6 +144,9 @@ class FakeActions:
 
     def commit(self, batch: Batch, item: BatchItem) -> Task:
         return self._new('commit', item)
+
+    def committed(self, batch: Batch, item: BatchItem) -> Optional[str]:
+        return self.commits_seen.get(item.name)
 
     def task(self, task_id: str) -> Optional[Task]:
         return self.tasks.get(task_id)
@@ -351,6 +363,53 @@ def test_a_mgr_failing_during_prepare_neither_prepares_twice_nor_loses_the_image
     d2.advance()
     assert states(d2) == {'a': EXECUTING, 'b': EXECUTING}
     assert actions.log == ['execute a', 'prepare b', 'execute b']
+
+
+def test_a_passing_error_retries_the_step_and_never_skips_one() -> None:
+    """A mgr being failed over sees its clients blocklisted: the step is
+    tried again on the next pass, and a verify that could not be queued is
+    not taken for one that ran."""
+    actions = FakeActions(slots=1)
+    d = new_batch(MemStore(), actions, [facts('a')], verify=True)
+    d.advance()
+    actions.flaky.add('verify a')
+    actions.end('execute', 'a')
+    d.advance()
+    assert states(d) == {'a': EXECUTING}
+    assert (item(d, 'a').reason or '').startswith('retrying: verify a: cannot send')
+    d.advance()
+    assert states(d) == {'a': 'verifying'} and item(d, 'a').reason is None
+    actions.flaky.add('commit a')
+    actions.end('verify', 'a')
+    d.advance()
+    assert states(d) == {'a': 'verifying'}
+    d.advance()
+    actions.end('commit', 'a')
+    d.advance()
+    assert states(d) == {'a': DONE}
+    assert actions.log == ['prepare a', 'execute a', 'verify a', 'commit a']
+
+
+@pytest.mark.parametrize('seen,then', [('commit', 'committing'), ('committed', DONE)])
+def test_a_commit_the_saved_item_does_not_know_of_is_finished(seen: str, then: str) -> None:
+    """A mgr failed over after it queued a commit and before the item said
+    so: the next mgr finds the item executing, its task gone, and the
+    cluster showing the commit stopped half-way (or done)."""
+    store, actions = MemStore(), FakeActions(slots=1)
+    d = new_batch(store, actions, [facts('a')])
+    d.advance()
+    del actions.tasks[item(d, 'a').task_id or '']     # lost with the old mgr
+    actions.commits_seen['a'] = seen
+    book = BatchBook(store)
+    book.load()
+    d2 = BatchDriver(book, actions)
+    d2.advance()
+    assert states(d2) == {'a': then}
+    assert actions.log == ['prepare a', 'execute a'] + (['commit a'] if seen == 'commit' else [])
+    if seen == 'commit':
+        actions.end('commit', 'a')
+        d2.advance()
+        assert states(d2) == {'a': DONE}
 
 
 def test_acknowledged_flag_survives_a_restart() -> None:
