@@ -233,13 +233,7 @@ class Interrupted:
         log.warning('prepare of %s stopped before the target was whole; removing it', dst)
         try:
             with rbd.Image(io, image_id=dst.id) as img:
-                for snap in list(img.list_snaps()):
-                    if snap.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH:
-                        img.remove_snap_by_id(snap['id'])
-                        continue
-                    if img.is_protected_snap(snap['name']):
-                        img.unprotect_snap(snap['name'])
-                    img.remove_snap(snap['name'])
+                self.engine.remove_snapshots(img)
             self.engine.rbd.remove(io, dst.name)
         except rbd.ImageNotFound:
             pass  # cut short while librbd created it: its remnants are dropped

@@ -424,16 +424,23 @@ class LibrbdEngine:
         left in the snapshot trash, which only their id removes."""
         try:
             with rbd.Image(io, image_id=image_id) as img:
-                for snap in list(img.list_snaps()):
-                    if snap.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH:
-                        img.remove_snap_by_id(snap['id'])
-                        continue
-                    if img.is_protected_snap(snap['name']):
-                        img.unprotect_snap(snap['name'])
-                    img.remove_snap(snap['name'])
+                self.remove_snapshots(img)
         except rbd.ImageNotFound:
             pass  # the header is gone already: only the trash entry is left
         self.rbd.trash_remove(io, image_id, force=True, on_progress=progress)
+
+    @staticmethod
+    def remove_snapshots(img: rbd.Image) -> None:
+        """Every snapshot of ``img``, protected or not, and those in the
+        snapshot trash (an interrupted removal left), which only their id
+        removes."""
+        for snap in list(img.list_snaps()):
+            if snap.get('namespace') == rbd.RBD_SNAP_NAMESPACE_TYPE_TRASH:
+                img.remove_snap_by_id(snap['id'])
+                continue
+            if img.is_protected_snap(snap['name']):
+                img.unprotect_snap(snap['name'])
+            img.remove_snap(snap['name'])
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, src: ImageSpec, dst: ImageSpec, layout: Layout) -> MigrationInfo:
