@@ -13,13 +13,13 @@ import rbd
 
 from .batch import (EXECUTED, Batch, BatchBook, BatchDriver, BatchItem, ImageFacts,
                     parse_pool_spec, plan, select)
+from .engine.librbd import NotMigrating
 from .errors import InvalidArgument, MigrationError, NotFound
 from .images import ImageSpec, Layout
 from .inventory import describe as describe_image
 from .inventory import image_names
 from .metrics import summary as metrics_summary
 from .schedule import HEAVY
-from .engine.librbd import NotMigrating
 from .service import NAMESPACED_PARENT, MigrationService
 from .tasks import RUNNING, Task
 
@@ -311,9 +311,12 @@ class Fleet:
             info = self.service._find(spec)
         except NotMigrating:
             # Committed, if the image standing there is the target prepared.
-            with self.service.engine.ioctx(batch.dest_pool, batch.dest_namespace) as io:
-                ref = self.service.engine.ref(io, item.name)
-            return 'committed' if item.key == ref.key else None
+            engine = self.service.engine
+            try:
+                with engine.ioctx(batch.dest_pool, batch.dest_namespace) as io:
+                    return 'committed' if item.key == engine.ref(io, item.name).key else None
+            except NotFound:
+                return None
         except NotFound:
             return None
         return 'commit' if info.interrupted == 'commit' else None

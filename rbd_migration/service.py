@@ -274,7 +274,8 @@ class MigrationService:
         if info.interrupted != 'commit':
             self._require_executed(info, 'commit')
         self._refuse_other_action(info, 'commit')
-        if verified and not self._passed_verify(info):
+        # A commit librbd already began (interrupted) can only be finished.
+        if verified and not info.interrupted and not self._passed_verify(info):
             raise InvalidArgument(
                 f'commit --verified: {info.dest} has no passed verify since its '
                 f'last execute; run ceph rbd migration verify {info.dest} first')
