@@ -392,11 +392,6 @@ keyring = {d}/mgr.$id/keyring
 osd data = {d}/osd.$id
 osd objectstore = memstore
 memstore device bytes = {s.osd_size}
-# memstore reports itself rotational, so the OSDs would pace snapshot
-# trimming and PG removal for a seeking disk: 5 s of sleep after every two
-# objects, minutes before a removed image's snapshot clones are gone.
-osd snap trim sleep hdd = 0
-osd delete sleep hdd = 0
 osd op num shards = 2
 osd op num threads per shard = 1
 log file = {d}/out/$name.log
