@@ -243,7 +243,7 @@ class MigrationService:
         _refuse_unavailable(info, action)
         if info.state == 'executed':
             return
-        active = self.queue.active_for(_key(info.dest))
+        active = self.queue.active_for(info.dest.key)
         if active and active.action == 'execute':
             raise InvalidArgument(
                 f'the migration of {info.dest} is still executing (task '
@@ -262,7 +262,7 @@ class MigrationService:
 
     def _passed_verify(self, info: MigrationInfo) -> bool:
         """A verify completed after the last execute of this migration."""
-        tasks = [t for t in self.queue.list() if t.image_key == _key(info.dest)]
+        tasks = [t for t in self.queue.list() if t.image_key == info.dest.key]
         verified = [t for t in tasks if t.action == 'verify' and t.state == COMPLETED]
         executed = [t.finished or 0 for t in tasks if t.action == 'execute']
         return bool(verified) and (verified[-1].started or 0) >= max(executed, default=0)
@@ -294,7 +294,7 @@ class MigrationService:
     def abort(self, image: str) -> Dict[str, Any]:
         info = self._find(image)
         _refuse_interrupted(info, 'abort')
-        active = self.queue.active_for(_key(info.dest))
+        active = self.queue.active_for(info.dest.key)
         if active and active.action == 'commit':
             raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
                        'it cannot be aborted')
@@ -307,7 +307,7 @@ class MigrationService:
                             {'source': source})
 
     def _refuse_other_action(self, info: MigrationInfo, action: str) -> None:
-        active = self.queue.active_for(_key(info.dest))
+        active = self.queue.active_for(info.dest.key)
         if active and active.action != action:
             raise Busy(f'a {active.action} task ({active.id}) is {active.state} '
                        f'for {info.dest}; wait for it or cancel it first')
@@ -472,7 +472,7 @@ class MigrationService:
     def status(self, image: Optional[str] = None) -> Dict[str, Any]:
         if image:
             info = self._find(image)
-            tasks = [t for t in self.queue.list() if t.image_key == _key(info.dest)]
+            tasks = [t for t in self.queue.list() if t.image_key == info.dest.key]
             return {'migrations': [self.describe(info)],
                     'tasks': [t.to_dict() for t in tasks]}
         # Tasks first: one seen ended has put its change in the listing.
@@ -510,7 +510,7 @@ class MigrationService:
         means (the rbd CLI)."""
         live = {i.dest.id for i in infos}
         for ref in self._registered():
-            if ref.id not in live and not self.queue.active_for(_key(ref)):
+            if ref.id not in live and not self.queue.active_for(ref.key):
                 try:
                     self.engine.status(ref.spec)
                 except NotMigrating:
@@ -525,7 +525,7 @@ class MigrationService:
         d = info.to_dict()
         if d['source_spec'] is not None:
             d['source_spec'] = mask_spec(d['source_spec'])
-        key = _key(info.dest)
+        key = info.dest.key
         task = latest.get(key) if latest is not None else self.queue.latest_for(key)
         d['task'] = task.to_dict() if task else None
         reg = self._registration(info.dest)
@@ -587,12 +587,8 @@ class SourceUnavailableError(MigrationError):
     errno = errno.ENOENT
 
 
-def _key(ref: ImageRef) -> str:
-    return ref.key
-
-
 def _migration_key(ref: ImageRef) -> str:
-    return MIGRATION_PREFIX + _key(ref)
+    return MIGRATION_PREFIX + ref.key
 
 
 def _state_text(info: MigrationInfo, task: Optional[Task]) -> str:

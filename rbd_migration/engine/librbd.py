@@ -659,6 +659,7 @@ class LibrbdEngine:
                 except rbd.Error as e:
                     raise translate(e, f'aborting the migration of {dst}')
 
+
 class _TargetGone(Exception):
     """librbd's abort cannot find the target: it removed it already."""
 
