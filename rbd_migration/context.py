@@ -2,9 +2,22 @@
 
 Passed in explicitly so that streams and formats stay importable and
 testable without a running mgr.
+
+Besides where a source may be read from, the context carries when reading
+must stop: an overall ``deadline`` (the probe's, so that a source trickling
+a byte a second cannot hold a prepare for hours) and a ``stop`` event (set
+by ``task cancel``, ``abort`` or the mgr's shutdown).  Streams call
+``check()`` between the pieces of every read, use ``wait_for()`` as their
+socket timeout and ``pause()`` between attempts, so either ends a read
+within one network wait.
 """
-from dataclasses import dataclass, field
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, List, Optional
+
+from .errors import Cancelled, TimedOut
+from .limits import SourceLimits
 
 
 @dataclass
@@ -15,7 +28,53 @@ class SourceContext:
     config_key: Optional[Callable[[str], Optional[str]]] = None
     #: A connected ``rados.Rados`` for ``native`` sources.
     rados: Optional[Any] = None
-    #: Network timeout for one request, in seconds.
+    #: Longest wait for one request: connecting, and its whole answer (a
+    #: server that trickles a body is cut off after this long too).
     timeout: float = 30.0
     #: Attempts for one read on a transient failure (connection error, 5xx).
     retries: int = 5
+    #: Origins (``scheme://host[:port]``) besides a URL's own to which its
+    #: redirects may lead; a redirect elsewhere is refused.
+    redirect_origins: List[str] = field(default_factory=list)
+    #: What the source's metadata may cost (memory, counts).
+    limits: SourceLimits = field(default_factory=SourceLimits)
+    #: ``time.monotonic()`` by which all reading must be over; None: none.
+    deadline: Optional[float] = None
+    #: What the deadline is, for the message when it passes.
+    deadline_what: str = 'reading the source'
+    #: Set when nobody waits for the reads any more (cancel, abort, shutdown).
+    stop: Optional[threading.Event] = None
+
+    def check(self) -> None:
+        """Raise Cancelled once stopped, TimedOut once past the deadline."""
+        if self.stop is not None and self.stop.is_set():
+            raise Cancelled(f'{self.deadline_what}: stopped')
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimedOut(f'{self.deadline_what} took longer than its limit; '
+                           'the source answers too slowly')
+
+    def wait_for(self, timeout: Optional[float] = None) -> float:
+        """Seconds one network wait may take: ``timeout`` (default: the
+        request timeout), cut to what is left before the deadline."""
+        self.check()
+        wait = self.timeout if timeout is None else timeout
+        if self.deadline is not None:
+            wait = min(wait, max(0.001, self.deadline - time.monotonic()))
+        return wait
+
+    def pause(self, seconds: float) -> None:
+        """Sleep between attempts, ending early (raising) on stop or deadline."""
+        if self.deadline is not None:
+            seconds = min(seconds, max(0.0, self.deadline - time.monotonic()))
+        if self.stop is not None:
+            self.stop.wait(seconds)
+        else:
+            time.sleep(seconds)
+        self.check()
+
+    def bounded(self, seconds: float, what: str) -> 'SourceContext':
+        """A copy whose reads must all end within ``seconds`` from now."""
+        deadline = time.monotonic() + seconds
+        if self.deadline is not None:
+            deadline = min(deadline, self.deadline)
+        return replace(self, deadline=deadline, deadline_what=what)

@@ -59,3 +59,17 @@ class SourceUnavailable(MigrationError):
 
 class Cancelled(MigrationError):
     errno = _errno.ECANCELED
+
+
+class TimedOut(MigrationError):
+    """An overall deadline passed (the probe's): the source answers too
+    slowly to be imported as asked."""
+
+    errno = _errno.ETIMEDOUT
+
+
+class SourceChanged(MigrationError):
+    """The source is no longer what it was at prepare (its size, ETag or
+    modification time changed): what is copied would mix two versions."""
+
+    errno = _errno.ESTALE
