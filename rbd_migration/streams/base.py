@@ -5,7 +5,7 @@ it.  Implementations must be safe to call ``read`` from several threads at
 once (the copier reads extents concurrently).
 """
 import abc
-from typing import Any, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, Mapping, Tuple
 
 from ..context import SourceContext
 
@@ -47,6 +47,14 @@ class Stream(abc.ABC):
         """Ranges within [offset, offset+length) that may hold data; holes
         between them read as zeros.  By default, all of it."""
         yield offset, length
+
+    def validators(self) -> Dict[str, str]:
+        """What tells this version of the source from another, read afresh
+        from the source (size, and ETag or modification time where the
+        stream has them).  Recorded at prepare and compared when an execute
+        ends: a completed import must hold the bytes the source had at
+        prepare, not a mix of two versions."""
+        return {'size': str(self.size())}
 
     def sibling(self, name: str) -> 'Stream':
         """A stream for ``name`` next to this one (a qcow2 backing file)."""
