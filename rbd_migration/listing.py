@@ -10,18 +10,24 @@ the background.  The module's own changes show at once: a command or
 task that changed a migration puts that one migration, read afresh, into
 the listing before it answers or is seen to end (one image's reads, not a
 whole listing's).  With no task running, every ``status`` lists afresh.
+
+A scan never runs on the thread of the command that asked: ``within``
+waits for one a bounded while and otherwise answers with the last listing
+and the pools the scan still waits on (a frozen OSD, a PG that is not
+readable), so ``status`` keeps answering during an incident.
 """
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import rados
 import rbd
 
 from .engine.migration import MigrationInfo
 from .errors import MigrationError
+from .waits import Waits
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +53,20 @@ class Listed:
 
 class Listing:
     def __init__(self, scan: Callable[[], List[MigrationInfo]],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 waits: Optional[Waits] = None) -> None:
         self._scan = scan
         self._clock = clock
+        #: Where the scan announces the pools it waits on.
+        self.waits = waits or Waits(clock)
         self._scanning = threading.Lock()   # one scan at a time
         self._lock = threading.Lock()       # guards the fields below
+        self._ended = threading.Condition(self._lock)  # a background scan ended
         self._last: Optional[Listed] = None
         self._changes = 0
         self._refreshing = False
+        #: The last background scan's failure, and when that scan began.
+        self._failed: Optional[Tuple[float, Exception]] = None
 
     def changed(self) -> None:
         """A migration changed in a way the last listing may not show."""
@@ -112,6 +124,38 @@ class Listing:
         self.warm(max_age)
         return last
 
+    def within(self, seconds: float, max_age: float = 0.0) -> Tuple[Listed, List[str]]:
+        """A listing begun no earlier than this call (or within
+        ``limit(max_age)`` when ``max_age`` is set) if a background scan
+        gives one within ``seconds``; otherwise the last listing, with what
+        the scan still waits on.  Never more than one scan runs, however
+        many callers give up on it."""
+        asked = self._clock()
+        if max_age > 0:
+            asked -= self.limit(max_age)
+        deadline = self._clock() + seconds
+        with self._lock:
+            while True:
+                last = self._last
+                if last is not None and last.began >= asked and \
+                        last.changes == self._changes:
+                    return last, []
+                if self._failed is not None and self._failed[0] >= asked:
+                    raise self._failed[1]
+                if not self._refreshing:
+                    self._start_refresh()
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self._ended.wait(remaining)
+        return (last or Listed()), self.waits.longer_than(0.0)
+
+    def _start_refresh(self) -> None:
+        """Begin a scan in the background; the caller holds ``_lock``."""
+        self._refreshing = True
+        threading.Thread(target=self._refresh, name='rbd_migration listing',
+                         daemon=True).start()
+
     def warm(self, max_age: float) -> None:
         """Begin a refresh in the background once the listing is a quarter
         of its limit old: the mgr ticks every second, so the listing never
@@ -121,17 +165,19 @@ class Listing:
             if self._refreshing or (last is not None and last.changes == self._changes
                                     and last.age(self._clock()) <= self.limit(max_age) / 4):
                 return
-            self._refreshing = True
-        threading.Thread(target=self._refresh, name='rbd_migration listing',
-                         daemon=True).start()
+            self._start_refresh()
 
     def _refresh(self) -> None:
+        began = self._clock()
+        failed: Optional[Exception] = None
         try:
             self.fresh()
         except (MigrationError, rados.Error, rbd.Error) as e:
-            # The next status past max_age lists in the foreground and
-            # reports the error itself.
+            # ``within`` hands the error to the status that waits for it.
             log.warning('refreshing the migration listing failed: %s', e)
+            failed = e
         finally:
             with self._lock:
                 self._refreshing = False
+                self._failed = (began, failed) if failed is not None else None
+                self._ended.notify_all()

@@ -19,11 +19,13 @@ from .batch import Batch
 from .errors import InvalidArgument, MigrationError
 from .fleet import Fleet
 from .health import health_checks
-from .images import Layout
+from .dispatch import Dispatcher
+from .images import ImageSpec, Layout
+from .limits import SourceLimits
 from .progress import ProgressEvents
 from .render import render
 from .secrets import collect_secrets, mask_text
-from .service import MigrationService
+from .service import DEFAULT_CONFIG_KEY_PREFIXES, MigrationService
 from .tasks import Task
 
 HandlerResult = Tuple[int, str, str]
@@ -148,6 +150,35 @@ class Module(MgrModule):
                desc='directories (separated by ":") under which file sources may '
                     'be read; empty refuses file sources',
                runtime=True),
+        Option('config_key_prefixes', type='str', default=DEFAULT_CONFIG_KEY_PREFIXES,
+               desc='config-key prefixes (separated by ":") that config:// references '
+                    'in a source-spec may name; keys of the mgr, the monitors and '
+                    'rbd-mirror are refused whatever this says',
+               runtime=True),
+        Option('http_redirect_origins', type='str', default='',
+               desc='origins (scheme://host[:port], separated by spaces) to which an '
+                    "HTTP source's redirects may lead besides its own; empty: "
+                    'redirects stay on the URL\'s own server',
+               runtime=True),
+        Option('command_wait', type='float', default=1.0, min=0.1, max=8.0,
+               desc='seconds a command may hold the mgr\'s command thread; a command '
+                    'still waiting on the cluster or a source then goes on in the '
+                    'background and answers when repeated',
+               runtime=True),
+        Option('probe_timeout', type='float', default=60.0, min=1.0,
+               desc='seconds the probe of a source may take in all (opening, '
+                    'metadata, the first read) before prepare fails',
+               runtime=True),
+        Option('source_max_metadata_bytes', type='int', default=SourceLimits.metadata_bytes,
+               min=1 << 20, desc='bytes of metadata (qcow2 tables, indexes) one source '
+                                 'may hold in the mgr\'s memory',
+               runtime=True),
+        Option('source_max_snapshots', type='int', default=SourceLimits.snapshots, min=1,
+               desc='snapshots one source may have', runtime=True),
+        Option('source_max_records', type='int', default=SourceLimits.records, min=1,
+               desc='records one export or export-diff stream may hold', runtime=True),
+        Option('source_max_chain_depth', type='int', default=SourceLimits.chain_depth,
+               min=1, desc='layers of a qcow2 backing chain', runtime=True),
     ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -157,6 +188,7 @@ class Module(MgrModule):
         self.service: Optional[MigrationService] = None
         self.fleet: Optional[Fleet] = None
         self._bulk: Optional[rados.Rados] = None
+        self.dispatcher = Dispatcher(lambda: float(self.get_module_option('command_wait')))
         self._handlers: Dict[str, Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]] = {
             'rbd migration prepare': self._prepare,
             'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
@@ -164,7 +196,9 @@ class Module(MgrModule):
                 c['image_spec'], bool(c.get('force')), bool(c.get('verified'))),
             'rbd migration verify': lambda c, _: self._svc().verify(c['image_spec']),
             'rbd migration abort': lambda c, _: self._svc().abort(c['image_spec']),
-            'rbd migration status': lambda c, _: self._fleet().status(c.get('image_spec')),
+            'rbd migration status': lambda c, _: dict(
+                self._fleet().status(c.get('image_spec')),
+                commands=self.dispatcher.running()),
             'rbd migration batch prepare': self._batch_prepare,
             'rbd migration batch status': lambda c, _: self._fleet().batch_status(
                 c.get('batch_id')),
@@ -185,6 +219,7 @@ class Module(MgrModule):
         self.service = MigrationService(self.rados, self, events,
                                         self.get_module_option, bulk=self._bulk)
         self.fleet = Fleet(self.service, events.batch_progress)
+        self.dispatcher.waits = self.service.listing.waits
         self.service.queue.load()
         self.fleet.load()
         self._ready.set()
@@ -238,6 +273,16 @@ class Module(MgrModule):
 
     # -- commands ----------------------------------------------------------
     def handle_command(self, inbuf: Optional[str], cmd: Dict[str, Any]) -> HandlerResult:
+        """Every command runs off the mgr's command thread, which waits for
+        it at most ``command_wait`` seconds (see dispatch.py)."""
+        prefix = cmd['prefix']
+        args = {k: v for k, v in cmd.items() if k not in ('prefix', 'format', 'target')}
+        key = json.dumps([prefix, args, inbuf], sort_keys=True, default=str)
+        return self.dispatcher.call(key, self._mask(_describe(cmd), cmd, inbuf),
+                                    lambda call: self._answer(cmd, inbuf),
+                                    subject=_subject(cmd))
+
+    def _answer(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> HandlerResult:
         fmt = cmd.get('format') or 'plain'
         try:
             result = self._handlers[cmd['prefix']](cmd, inbuf)
@@ -289,6 +334,41 @@ class Module(MgrModule):
             except (ValueError, RecursionError):
                 continue
         return mask_text(text, secrets)
+
+
+#: Commands that change an image, and the argument naming it.
+_CHANGES_IMAGE = {'rbd migration prepare': 'dest_image_spec',
+                  'rbd migration execute': 'image_spec',
+                  'rbd migration commit': 'image_spec',
+                  'rbd migration verify': 'image_spec',
+                  'rbd migration abort': 'image_spec'}
+#: Arguments that name what a command is about, in the order looked for.
+_OBJECT_ARGS = ('dest_image_spec', 'image_spec', 'source_image_spec', 'task_id',
+                'batch_id', 'source_pool_spec')
+
+
+def _describe(cmd: Dict[str, Any]) -> str:
+    """A command as messages name it: ``prepare rbd/x``, ``task cancel 7``."""
+    verb = cmd['prefix'].replace('rbd migration ', '', 1)
+    target = next((str(cmd[a]) for a in _OBJECT_ARGS if cmd.get(a)), '')
+    return f'{verb} {target}'.strip()
+
+
+def _subject(cmd: Dict[str, Any]) -> Optional[str]:
+    """What a command changes, so that two changes of one thing never run
+    at once: an image, or the batch book; None for reads and task cancel
+    (which only sets a flag and must never wait)."""
+    prefix = cmd['prefix']
+    if prefix.startswith('rbd migration batch ') and prefix != 'rbd migration batch status':
+        return 'batches'
+    arg = _CHANGES_IMAGE.get(prefix)
+    if arg is None:
+        return None
+    name = cmd.get(arg) or cmd.get('source_image_spec') or ''
+    try:
+        return str(ImageSpec.parse(str(name)))
+    except MigrationError:
+        return str(name)
 
 
 #: What the tasks' client takes from the mgr's configuration; the rest comes

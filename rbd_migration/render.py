@@ -55,9 +55,19 @@ def _status(result: Dict[str, Any]) -> str:
     tasks = _tasks(result['tasks'])
     if tasks:
         parts.append('tasks:\n' + tasks)
-    age = (result.get('listed') or {}).get('age', 0.0)
-    if age >= 1.0:  # answered from the listing kept while tasks run
+    listed = result.get('listed') or {}
+    age = listed.get('age', 0.0)
+    if listed.get('waiting_on'):
+        parts.append(f"(migrations as listed {age:.0f} s ago: still waiting on "
+                     f"{', '.join(listed['waiting_on'])}; ceph health detail may say why)")
+    elif age >= 1.0:  # answered from the listing kept while tasks run
         parts.append(f'(migrations as listed {age:.0f} s ago; tasks are running)')
+    commands = result.get('commands') or []
+    if commands:
+        parts.append('commands still running:\n' + '\n'.join(
+            f"  {c['command']} ({c['seconds']:.0f} s"
+            + (f", waiting on {c['waiting_on']})" if c.get('waiting_on') else ')')
+            for c in commands))
     return '\n\n'.join(parts)
 
 

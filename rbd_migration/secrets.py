@@ -12,7 +12,7 @@ import re
 from typing import Any, Callable, Iterable, Optional
 from urllib.parse import quote, unquote
 
-from .errors import NotFound
+from .errors import NotFound, PermissionDenied
 
 #: librbd's prefix for a value read from the mon config-key store.
 CONFIG_PREFIX = 'config://'
@@ -76,7 +76,10 @@ def _resolve_in(node: Any, path: str,
         where = f'{path}.{field}' if path else field
         if field in SECRET_FIELDS and is_config_ref(value):
             key = value[len(CONFIG_PREFIX):]
-            secret = config_key(key)
+            try:
+                secret = config_key(key)
+            except PermissionDenied as e:
+                raise PermissionDenied(f'source-spec: {where}: {e}') from None
             if secret is None:
                 raise NotFound(
                     f"source-spec: {where}: config-key '{key}' not found; "

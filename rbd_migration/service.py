@@ -7,8 +7,9 @@ that abort cancels a running execute, and what status says.
 """
 import errno
 import json
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Callable, Dict, List, Optional
 
 import rados
@@ -20,9 +21,11 @@ from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
 from .engine.librbd import LibrbdEngine, NotMigrating
 from .engine.migration import ImageRef, MigrationInfo
-from .errors import AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound, Unsupported
+from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
+                     PermissionDenied, Unsupported)
 from .formats import open_format
 from .images import ImageSpec, Layout
+from .limits import SourceLimits
 from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
@@ -35,6 +38,17 @@ from .verify import summary as verify_summary
 from .verify import verify as run_verify
 
 MIGRATION_PREFIX = 'migration/'
+
+#: Where config:// references may point by default: keys operators keep
+#: for rbd, except rbd-mirror's (``NEVER_CONFIG_KEYS``).
+DEFAULT_CONFIG_KEY_PREFIXES = 'rbd/'
+#: Keys no source-spec may name, whatever ``config_key_prefixes`` says: the
+#: mgr modules' own (this one's records and secrets among them), the
+#: monitors' configuration and rbd-mirror's peer secrets.
+NEVER_CONFIG_KEYS = ('mgr/', 'config/', 'config-history/', 'mon/', 'rbd/mirror/')
+#: The share of ``command_wait`` status waits for a fresh listing before it
+#: answers from the last one.
+STATUS_SCAN_SHARE = 0.75
 
 NAMESPACED_PARENT = ('{image} has {clones} clone(s), and librbd 16.2 crashes migrating a '
                      'parent out of a namespace; flatten its clones (rbd flatten) '
@@ -118,7 +132,11 @@ class MigrationService:
                                 'another name or remove it first')
         self._refuse_reserved(dst)
         self._refuse_full(dst, layout)
-        report = probe(spec, self.source_context())
+        limit = float(self.option('probe_timeout'))
+        what = spec_summary(spec)
+        with self.listing.waits.on(f'the source, {what}'):
+            report = probe(spec, self.source_context().bounded(
+                limit, f'the probe of {what} (probe_timeout {limit:g} s)'))
         if report.path == ADAPTER:
             info = self.adapter.prepare_import(spec, dst, layout, report.size)
         else:
@@ -165,7 +183,8 @@ class MigrationService:
     def _find(self, image: str) -> MigrationInfo:
         """The migration ``image`` takes part in, on either path."""
         spec = ImageSpec.parse(image)
-        return self.adapter.find(spec) or self.engine.status(spec)
+        with self.listing.waits.on(f'pool {spec.pool}'):
+            return self.adapter.find(spec) or self.engine.status(spec)
 
     def copy_options(self) -> CopyOptions:
         """Per-task bandwidth: ``adapter_bandwidth_mbps``, and at most an
@@ -179,17 +198,35 @@ class MigrationService:
         return CopyOptions(window=int(self.option('adapter_concurrency')),
                            bandwidth=bandwidth)
 
-    def source_context(self) -> SourceContext:
+    def source_context(self, stop: Optional[threading.Event] = None) -> SourceContext:
         """How the mgr may read sources: file streams only under
         ``file_source_roots`` (the mgr must not read its own keyring),
-        config:// keys from the mon config-key store."""
+        config:// keys only under ``config_key_prefixes``, redirects only to
+        ``http_redirect_origins``, metadata within the ``source_max_*``
+        limits; reads end when ``stop`` is set."""
         roots = [p for p in str(self.option('file_source_roots') or '').split(':') if p]
+        origins = str(self.option('http_redirect_origins') or '').split()
+        limits = SourceLimits(**{f.name: int(self.option(SourceLimits.option_name(f.name)))
+                                 for f in fields(SourceLimits)})
         return SourceContext(allowed_file_roots=roots, config_key=self._config_key,
-                             rados=self.engine.rados)
+                             rados=self.engine.rados, redirect_origins=origins,
+                             limits=limits, stop=stop)
 
     def _config_key(self, key: str) -> Optional[str]:
+        """A config-key's value, for a config:// reference in a source-spec.
+        The mgr may read every key, its own and the cluster's secrets
+        among them; the client that wrote the spec may not: only keys under
+        ``config_key_prefixes`` are read on its behalf."""
+        prefixes = [p for p in str(self.option('config_key_prefixes') or '').split(':') if p]
+        if not any(key.startswith(p) for p in prefixes) or \
+                any(key.startswith(p) for p in NEVER_CONFIG_KEYS):
+            allowed = ', '.join(prefixes) or 'none'
+            raise PermissionDenied(
+                f"config-key '{key}' is not one the module reads for a source-spec "
+                f'(config_key_prefixes: {allowed}); keep the secret under one of '
+                'them (ceph config-key set rbd/<name> <secret>)')
         ret, out, _ = self.engine.rados.mon_command(
-            json.dumps({'prefix': 'config-key get', 'key': key}), b'')
+            json.dumps({'prefix': 'config-key get', 'key': key}), b'', timeout=10)
         return out.decode() if ret == 0 else None
 
     def _register(self, info: MigrationInfo, layout: Layout,
@@ -346,10 +383,11 @@ class MigrationService:
 
     def _run_action(self, task: Task, ref: ImageRef, progress: Callable[[int, int], int],
                     report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
+        stop = self.queue.stop_event(task.id)
         if task.action == 'verify':
-            return self._run_verify(ref, task.options.get('path'), report)
+            return self._run_verify(ref, task.options.get('path'), report, stop)
         if task.options.get('path') == ADAPTER:
-            return self._run_adapter(task.action, ref, progress)
+            return self._run_adapter(task.action, ref, progress, stop)
         try:
             self._run_librbd(task, ref, progress)
         finally:
@@ -385,10 +423,10 @@ class MigrationService:
             info = None  # the name now stands for another migration's image
         self.listing.replace(ref.id, info)
 
-    def _run_adapter(self, action: str, ref: ImageRef,
-                     progress: Callable[[int, int], int]) -> Optional[Dict[str, Any]]:
+    def _run_adapter(self, action: str, ref: ImageRef, progress: Callable[[int, int], int],
+                     stop: threading.Event) -> Optional[Dict[str, Any]]:
         if action == 'execute':
-            return self.bulk_adapter.execute(ref, progress, self.source_context(),
+            return self.bulk_adapter.execute(ref, progress, self.source_context(stop),
                                              self.copy_options())
         if action == 'commit':
             self.bulk_adapter.commit(ref)
@@ -399,8 +437,9 @@ class MigrationService:
         return None
 
     def _run_verify(self, ref: ImageRef, path: Optional[str],
-                    report: Callable[[int, int], bool]) -> Dict[str, Any]:
-        ctx = self.source_context()
+                    report: Callable[[int, int], bool],
+                    stop: threading.Event) -> Dict[str, Any]:
+        ctx = self.source_context(stop)
         if path == ADAPTER:
             spec = self.adapter.source_spec(ref)
         else:
@@ -478,19 +517,24 @@ class MigrationService:
         # Tasks first: one seen ended has put its change in the listing.
         tasks = self.queue.list()
         max_age = float(self.option('status_max_age'))
-        if max_age > 0 and any(t.state == RUNNING for t in tasks):
-            listed = self.listing.recent(max_age)
-        else:
-            listed = self.listing.fresh()
+        running = max_age > 0 and any(t.state == RUNNING for t in tasks)
+        wait = STATUS_SCAN_SHARE * float(self.option('command_wait'))
+        listed, unanswered = self.listing.within(wait, max_age if running else 0.0)
+        if running:
+            self.listing.warm(max_age)
         infos = listed.infos + self.adapter.list()
         latest: Dict[str, Task] = {}
         for t in tasks:  # one pass, not one per migration: queues run long
             if t.image_key not in latest or t.sequence > latest[t.image_key].sequence:
                 latest[t.image_key] = t
-        return {'migrations': [self.describe(i, latest) for i in infos],
-                'tasks': [t.to_dict() for t in tasks],
-                'listed': {'at': listed.began_wall,
-                           'age': round(listed.age(time.monotonic()), 3)}}
+        result = {'migrations': [self.describe(i, latest) for i in infos],
+                  'tasks': [t.to_dict() for t in tasks],
+                  'listed': {'at': listed.began_wall,
+                             'age': round(listed.age(time.monotonic()), 3)}}
+        if unanswered:
+            # What the listing still waits on: the rest is as last seen.
+            result['listed']['waiting_on'] = unanswered
+        return result
 
     def keep_listing_warm(self) -> None:
         """While tasks run, keep the listing young enough for status to
@@ -501,7 +545,7 @@ class MigrationService:
 
     def _scan(self) -> List[MigrationInfo]:
         """Every migration librbd's path holds, read from the cluster."""
-        infos = self.engine.list_migrations(iter(self._registered()))
+        infos = self.engine.list_migrations(iter(self._registered()), self.listing.waits)
         self._forget_finished(infos)
         return infos
 

@@ -65,6 +65,9 @@ class Task:
     moved: Optional[float] = None
     #: Why a running task has not moved for a while; None while it moves.
     stalled: Optional[str] = None
+    #: ``task cancel`` asked a running task to stop; kept in the store, so
+    #: a task cancelled just before a failover is not run again after it.
+    cancel_requested: bool = False
 
     @property
     def image_key(self) -> str:
@@ -146,8 +149,10 @@ class TaskQueue:
         self.tasks: Dict[str, Task] = {}
         self.cv = threading.Condition()
         self.stopping = False
-        self._cancel: set = set()
         self._paused: set = set()
+        #: Set to stop a running task's reads at once (cancel, pause,
+        #: shutdown), not only at its next progress report.
+        self._stops: Dict[str, threading.Event] = {}
         self._threads: Dict[str, threading.Thread] = {}
 
     # -- persistence -------------------------------------------------------
@@ -161,7 +166,9 @@ class TaskQueue:
                     log.error('dropping unreadable task %s: %s', key, e)
                     self.store.set_store(key, None)
                     continue
-                if task.state == RUNNING:
+                if task.active and task.cancel_requested:
+                    self._finish(task, CANCELLED, 'cancelled by request')
+                elif task.state == RUNNING:
                     task.state = QUEUED
                     self._save(task)
                 self.tasks[task.id] = task
@@ -240,9 +247,17 @@ class TaskQueue:
             if task.state in (QUEUED, RETRYING):
                 self._finish(task, CANCELLED, 'cancelled by request')
             elif task.state == RUNNING:
-                self._cancel.add(task.id)
+                task.cancel_requested = True
+                self._save(task)
+                self.stop_event(task.id).set()
         self.events.changed(self.list())
         return task
+
+    def stop_event(self, task_id: str) -> threading.Event:
+        """The event that ends a running task's source reads when it must
+        stop; the runner hands it to its streams."""
+        with self.cv:
+            return self._stops.setdefault(task_id, threading.Event())
 
     def _finish(self, task: Task, state: str, error: Optional[str] = None,
                 code: Optional[int] = None) -> None:
@@ -355,6 +370,7 @@ class TaskQueue:
                     stop = False
                 if stop:
                     self._paused.add(task.id)
+                    self._stops.setdefault(task.id, threading.Event()).set()
 
     def _start(self, task: Task) -> None:
         task.state = RUNNING
@@ -394,7 +410,7 @@ class TaskQueue:
                     self._save(task)
                 self._emit(self.events.changed, self.list())
             self._emit(self.events.progress, task)
-            return (task.id not in self._cancel and task.id not in self._paused
+            return (not task.cancel_requested and task.id not in self._paused
                     and not self.stopping)
 
         try:
@@ -412,8 +428,8 @@ class TaskQueue:
                 self._finish(task, COMPLETED)
         finally:
             with self.cv:
-                self._cancel.discard(task.id)
                 self._paused.discard(task.id)
+                self._stops.pop(task.id, None)
                 self._threads.pop(task.id, None)
                 self._prune()
                 self.cv.notify_all()
@@ -422,7 +438,7 @@ class TaskQueue:
 
     def _failed(self, task: Task, e: MigrationError) -> None:
         with self.cv:
-            if task.id in self._cancel:
+            if task.cancel_requested:
                 self._finish(task, CANCELLED, 'cancelled by request')
             elif (self.stopping or task.id in self._paused) and isinstance(e, Cancelled):
                 # The mgr is going away, or the execute window closed: the
@@ -447,6 +463,8 @@ class TaskQueue:
         (librbd's own execute does not stop half-way)."""
         with self.cv:
             self.stopping = True
+            for event in self._stops.values():
+                event.set()
             threads = list(self._threads.values())
             self.cv.notify_all()
         deadline = time.monotonic() + timeout

@@ -21,6 +21,7 @@ import rbd
 from ..errors import AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
+from ..waits import Waits
 from . import ondisk
 from .interrupted import Interrupted
 from .migration import ImageRef, MigrationInfo, ProgressFn
@@ -347,24 +348,35 @@ class LibrbdEngine:
         # python3-rbd returns it parsed; older bindings return text.
         return dict(json.loads(spec) if isinstance(spec, str) else spec)
 
-    def list_migrations(self, known: Iterator[ImageRef] = iter(())) -> List[MigrationInfo]:
+    def list_migrations(self, known: Iterator[ImageRef] = iter(()),
+                        waits: Optional[Waits] = None) -> List[MigrationInfo]:
         """Every migration in every rbd pool and namespace.
 
         In-cluster migrations are found through their source, which sits in
         the pool's trash with source "migration"; import-only migrations
-        leave no trash entry, so the caller names those it prepared.
+        leave no trash entry, so the caller names those it prepared.  Each
+        pool's reads are announced on ``waits``, so that a caller that stops
+        waiting can name the pool that does not answer.
         """
+        waits = waits or Waits()
+
+        def sources_of(pool_id: int) -> List[Tuple[int, str, str, str]]:
+            with waits.on(f'pool {self._pool_name(pool_id)}'):
+                return self.pool_sources(pool_id)
+
         def listed(item: Tuple[int, str, str, str]) -> Optional[MigrationInfo]:
             pool_id, namespace, src_id, name = item
             try:
-                with self.ioctx_by_id(pool_id, namespace) as io:
+                with waits.on(f'pool {self._pool_name(pool_id)}'), \
+                        self.ioctx_by_id(pool_id, namespace) as io:
                     return self._listed(io, src_id, name)
             except NotFound:
                 return None  # its pool went away meanwhile
 
         def known_status(ref: ImageRef) -> Optional[MigrationInfo]:
             try:
-                return self.status(ref.spec)
+                with waits.on(f'pool {ref.pool}'):
+                    return self.status(ref.spec)
             except MigrationError:
                 return None
 
@@ -374,7 +386,7 @@ class LibrbdEngine:
         found: Dict[str, MigrationInfo] = {}
         with ThreadPoolExecutor(max_workers=LIST_CONCURRENCY,
                                 thread_name_prefix='rbd_migration list') as pool:
-            sources = [source for sources in pool.map(self.pool_sources, self.rbd_pool_ids())
+            sources = [source for sources in pool.map(sources_of, self.rbd_pool_ids())
                        for source in sources]
             for info in pool.map(listed, sources):
                 if info is not None:
