@@ -28,11 +28,13 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULE_SRC = os.path.join(REPO, 'rbd_migration')
 STOCK_MODULES = '/usr/share/ceph/mgr'
+#: The ceph CLI's exit code for a module command that goes on in the background.
+EINPROGRESS = 115
 
 PACKAGES = [
     'ceph-mon', 'ceph-mgr', 'ceph-osd', 'ceph-common', 'python3-rados',
@@ -156,13 +158,27 @@ class Cluster:
     def ceph(self, *args: str, inbuf: Optional[str] = None,
              check: bool = True, timeout: float = 60) -> str:
         """Run the ceph CLI against this cluster; return stdout."""
-        assert self.state
-        r = subprocess.run(['ceph', '--conf', self.state.conf, *args],
-                           input=inbuf, capture_output=True, text=True,
-                           timeout=timeout)
+        r = self.run_ceph(*args, inbuf=inbuf, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f'ceph {" ".join(args)}: {r.stderr.strip()}')
         return r.stdout
+
+    def run_ceph(self, *args: str, inbuf: Optional[str] = None, timeout: float = 60,
+                 auth: Sequence[str] = ()) -> 'subprocess.CompletedProcess[str]':
+        """The ceph CLI's whole answer.  A module command still running
+        after the module's command_wait answers EINPROGRESS and goes on in
+        the background; it is repeated, as the module asks, until it gives
+        its own answer (within ``timeout``)."""
+        assert self.state
+        deadline = time.monotonic() + timeout
+        while True:
+            r = subprocess.run(['ceph', '--conf', self.state.conf, *auth, *args],
+                               input=inbuf, capture_output=True, text=True,
+                               timeout=max(1.0, deadline - time.monotonic()))
+            if r.returncode != EINPROGRESS or args[:1] != ('rbd',) or \
+                    time.monotonic() > deadline:
+                return r
+            time.sleep(0.2)
 
     def ceph_json(self, *args: str) -> Any:
         return json.loads(self.ceph(*args, '--format', 'json'))
@@ -244,7 +260,7 @@ class Cluster:
     def task_end(self, task_id: str, timeout: float = 240) -> subprocess.CompletedProcess:
         """The final `task get` of a module task, riding out mgr restarts
         (EAGAIN while active; EINVAL, EOPNOTSUPP, ETIMEDOUT while the module
-        (re)starts)."""
+        (re)starts; EINPROGRESS while the mgr is slow to answer)."""
         assert self.state
         deadline = time.monotonic() + timeout
         last = ''
@@ -252,7 +268,7 @@ class Cluster:
             r = subprocess.run(['ceph', '--conf', self.state.conf, 'rbd', 'migration',
                                 'task', 'get', task_id], capture_output=True, text=True,
                                timeout=120)
-            if r.returncode not in (11, 22, 95, 110):
+            if r.returncode not in (11, 22, 95, 110, EINPROGRESS):
                 return r
             last = (r.stdout + r.stderr).strip() or last
             time.sleep(0.3)

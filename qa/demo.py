@@ -16,7 +16,16 @@ from cluster import Cluster
 def sh(*argv: str, show: bool = True) -> str:
     if show:
         print('$', ' '.join(argv), flush=True)
-    out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+    # A module command still waiting on the cluster after the module's
+    # command_wait answers EINPROGRESS (115) and is repeated for its answer.
+    for _ in range(600):
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 115:
+            break
+        time.sleep(0.2)
+    if r.returncode != 0:
+        raise subprocess.CalledProcessError(r.returncode, argv, r.stdout, r.stderr)
+    out = r.stdout
     if show and out.strip():
         print(out.rstrip(), flush=True)
     return out

@@ -22,7 +22,7 @@ from .engine.copier import CopyOptions
 from .engine.librbd import LibrbdEngine, NotMigrating
 from .engine.migration import ImageRef, MigrationInfo
 from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
-                     PermissionDenied, Unsupported)
+                     PermissionDenied, SourceChanged, Unsupported)
 from .formats import open_format
 from .images import ImageSpec, Layout
 from .limits import SourceLimits
@@ -32,6 +32,7 @@ from .probe import ADAPTER, probe
 from .schedule import Limits, Window, must_pause, wait_reason
 from .secrets import mask_spec
 from .source_spec import parse_source_spec, spec_summary
+from .validators import Validators, check_unchanged, read_validators
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
 from .verify import summary as verify_summary
@@ -135,13 +136,15 @@ class MigrationService:
         limit = float(self.option('probe_timeout'))
         what = spec_summary(spec)
         with self.listing.waits.on(f'the source, {what}'):
-            report = probe(spec, self.source_context().bounded(
-                limit, f'the probe of {what} (probe_timeout {limit:g} s)'))
+            ctx = self.source_context().bounded(
+                limit, f'the probe of {what} (probe_timeout {limit:g} s)')
+            report = probe(spec, ctx)
+            validators = read_validators(spec, ctx)
         if report.path == ADAPTER:
-            info = self.adapter.prepare_import(spec, dst, layout, report.size)
+            info = self.adapter.prepare_import(spec, dst, layout, report.size, validators)
         else:
             info = self.engine.prepare_import(json.dumps(spec), dst, layout)
-            self._register(info, layout, report.to_dict())
+            self._register(info, layout, report.to_dict(), validators)
             self.listing.replace(info.dest.id, info)
         result = self.describe(info)
         result['probe'] = report.to_dict()
@@ -230,10 +233,12 @@ class MigrationService:
         return out.decode() if ret == 0 else None
 
     def _register(self, info: MigrationInfo, layout: Layout,
-                  probe_report: Optional[Dict[str, Any]] = None) -> None:
+                  probe_report: Optional[Dict[str, Any]] = None,
+                  validators: Optional[Validators] = None) -> None:
         self.store.set_store(_migration_key(info.dest), json.dumps({
             'dest': asdict(info.dest), 'prepared': time.time(),
-            'layout': layout.describe(), 'probe': probe_report}))
+            'layout': layout.describe(), 'probe': probe_report,
+            'validators': validators or {}}))
 
     def _registration(self, dest: ImageRef) -> Dict[str, Any]:
         text = self.store.get_store(_migration_key(dest))
@@ -308,6 +313,9 @@ class MigrationService:
                verified: bool = False, batch: Optional[str] = None) -> Dict[str, Any]:
         info = self._find(image)
         _refuse_interrupted(info, 'commit')
+        changed = self._registration(info.dest).get('source_changed')
+        if changed and not info.interrupted:
+            raise SourceChanged(f'cannot commit {info.dest}: {changed}')
         if info.interrupted != 'commit':
             self._require_executed(info, 'commit')
         self._refuse_other_action(info, 'commit')
@@ -397,7 +405,7 @@ class MigrationService:
     def _run_librbd(self, task: Task, ref: ImageRef,
                     progress: Callable[[int, int], int]) -> None:
         if task.action == 'execute':
-            self.bulk.execute(ref, progress)
+            self._execute_librbd(task, ref, progress)
         elif task.action == 'commit':
             self.bulk.commit(ref, progress, force=bool(task.options.get('force')),
                              source=_recorded_source(task))
@@ -407,6 +415,27 @@ class MigrationService:
             self._unregister(ref)
         else:
             raise InvalidArgument(f'unknown task action {task.action!r}')
+
+    def _execute_librbd(self, task: Task, ref: ImageRef,
+                        progress: Callable[[int, int], int]) -> None:
+        """librbd's execute, between two looks at the source: librbd
+        zero-fills what a shrunken file no longer has and reads a rewritten
+        object as it is now, and says neither."""
+        registration = self._registration(ref)
+        recorded = registration.get('validators')
+        spec = None
+        if recorded:
+            spec = self.engine.verify_source_spec(self.engine.status(ref.spec))
+            check_unchanged(spec, recorded, self.source_context(self.queue.stop_event(task.id)),
+                            'before the copy')
+        self.bulk.execute(ref, progress)
+        if spec is not None:
+            try:
+                check_unchanged(spec, recorded, self.source_context(), 'during the copy')
+            except SourceChanged as e:
+                registration['source_changed'] = str(e)
+                self.store.set_store(_migration_key(ref), json.dumps(registration))
+                raise
 
     def _relist(self, ref: ImageRef) -> None:
         """Put the migration a librbd task changed, read afresh, in the
@@ -527,14 +556,13 @@ class MigrationService:
         for t in tasks:  # one pass, not one per migration: queues run long
             if t.image_key not in latest or t.sequence > latest[t.image_key].sequence:
                 latest[t.image_key] = t
-        result = {'migrations': [self.describe(i, latest) for i in infos],
-                  'tasks': [t.to_dict() for t in tasks],
-                  'listed': {'at': listed.began_wall,
-                             'age': round(listed.age(time.monotonic()), 3)}}
+        shown: Dict[str, Any] = {'at': listed.began_wall,
+                                 'age': round(listed.age(time.monotonic()), 3)}
         if unanswered:
             # What the listing still waits on: the rest is as last seen.
-            result['listed']['waiting_on'] = unanswered
-        return result
+            shown['waiting_on'] = unanswered
+        return {'migrations': [self.describe(i, latest) for i in infos],
+                'tasks': [t.to_dict() for t in tasks], 'listed': shown}
 
     def keep_listing_warm(self) -> None:
         """While tasks run, keep the listing young enough for status to

@@ -476,7 +476,18 @@ class Bench:
             self.rados = None
 
     def ceph(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-        return run(['ceph', '--conf', self.conf, *args], check=check, timeout=timeout)
+        """A module command still running after command_wait answers
+        EINPROGRESS (115): repeated until it gives its own answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            r = run(['ceph', '--conf', self.conf, *args], check=False, timeout=timeout)
+            if r.returncode != 115 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        if check and r.returncode != 0:
+            raise BenchError(f"ceph {' '.join(args)} failed (exit {r.returncode}): "
+                             f'{_tail(r.stderr or r.stdout)}')
+        return r
 
     def ceph_json(self, *args: str) -> Any:
         out = self.ceph(*args, '--format', 'json').stdout

@@ -23,6 +23,7 @@ from ..formats import open_format
 from ..formats.base import Format
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
+from ..validators import Validators, check_unchanged
 from .copier import Checkpoint, Copier, CopyOptions
 from ..tasks import Store
 from .librbd import LibrbdEngine
@@ -81,7 +82,7 @@ class AdapterEngine:
 
     # -- prepare -----------------------------------------------------------
     def prepare_import(self, spec: Mapping[str, Any], dst: ImageSpec, layout: Layout,
-                       size: int) -> MigrationInfo:
+                       size: int, validators: Optional[Validators] = None) -> MigrationInfo:
         if self.find(dst) is not None:
             raise AlreadyExists(f"target image '{dst}' is reserved by an import in "
                                 'progress; commit or abort it first')
@@ -100,7 +101,8 @@ class AdapterEngine:
                 raise translate(e, f'creating the target {dst}')
             ref = ImageRef(io.get_pool_id(), dst.pool, dst.namespace, dst.name, image_id)
         record = {'dest': asdict(ref), 'spec': dict(spec), 'state': 'prepared',
-                  'created': time.time(), 'private_name': private}
+                  'created': time.time(), 'private_name': private,
+                  'validators': validators or {}}
         self._save(record)
         return self._info(record)
 
@@ -115,6 +117,7 @@ class AdapterEngine:
     def execute(self, ref: ImageRef, progress: ProgressFn, ctx: SourceContext,
                 options: CopyOptions) -> Dict[str, int]:
         record = self._record(ref)
+        check_unchanged(record['spec'], record.get('validators'), ctx, 'before the copy')
         record['state'], record['error'] = 'executing', ''
         self._save(record)
 
@@ -132,6 +135,8 @@ class AdapterEngine:
 
             stats = Copier(fmt, img, options, keep_going, checkpoint).run(start)
             _carry_over(fmt, img)
+        # Only now is the copy known to be the source's as prepare saw it.
+        check_unchanged(record['spec'], record.get('validators'), ctx, 'during the copy')
         record['state'] = 'executed'
         record['stats'] = asdict(stats)
         self._save(record)

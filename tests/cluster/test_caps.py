@@ -26,8 +26,7 @@ def _ceph(cluster: Cluster, *args: str, who: Tuple[str, str] = ('', ''),
     assert cluster.state
     name, keyring = who
     auth = ['--name', name, '--keyring', keyring] if name else []
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *auth, *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return cluster.run_ceph(*args, timeout=timeout, auth=auth)
 
 
 def _state(cluster: Cluster) -> Tuple[Any, ...]:

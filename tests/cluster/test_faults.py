@@ -33,8 +33,7 @@ ROUNDS = int(os.environ.get('RBD_MIGRATION_TEST_ROUNDS', '3'))
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     assert cluster.state
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
-                          capture_output=True, text=True, timeout=120)
+    return cluster.run_ceph(*args, timeout=120)
 
 
 def _task(cluster: Cluster, *command: str) -> str:

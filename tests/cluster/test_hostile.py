@@ -735,8 +735,7 @@ def test_deeply_nested_source_spec_through_the_mgr(cluster: Cluster, handle: rad
 def _ceph(cluster: Cluster, *args: str, inbuf: Optional[str] = None,
           timeout: float = 120) -> subprocess.CompletedProcess:
     assert cluster.state
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args], input=inbuf,
-                          capture_output=True, text=True, timeout=timeout)
+    return cluster.run_ceph(*args, inbuf=inbuf, timeout=timeout)
 
 
 def _mgr_store(r: rados.Rados) -> Dict[str, str]:

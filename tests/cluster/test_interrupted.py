@@ -92,8 +92,7 @@ def _mgr_pid(cluster: Cluster) -> int:
 def _refused(cluster: Cluster, *command: str) -> str:
     """stderr of a command that must be refused with EBUSY, in one line."""
     assert cluster.state
-    r = subprocess.run(['ceph', '--conf', cluster.state.conf, *command],
-                       capture_output=True, text=True, timeout=60)
+    r = cluster.run_ceph(*command)
     assert r.returncode == 16, (command, r.returncode, r.stderr)
     assert r.stderr.strip().count('\n') == 0 and 'Traceback' not in r.stderr
     return r.stderr

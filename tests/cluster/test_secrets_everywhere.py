@@ -31,8 +31,7 @@ ACTIVE = ('queued', 'running', 'waiting to retry')
 def _ceph(cluster: Cluster, *args: str, inbuf: Optional[str] = None,
           timeout: float = 60) -> subprocess.CompletedProcess:
     assert cluster.state
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args], input=inbuf,
-                          capture_output=True, text=True, timeout=timeout)
+    return cluster.run_ceph(*args, inbuf=inbuf, timeout=timeout)
 
 
 class Transcript:

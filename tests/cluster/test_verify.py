@@ -15,8 +15,7 @@ from qa.cluster import Cluster
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     assert cluster.state
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
-                          capture_output=True, text=True, timeout=120)
+    return cluster.run_ceph(*args, timeout=120)
 
 
 def _rbd(cluster: Cluster, *args: str) -> None:

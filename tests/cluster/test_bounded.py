@@ -1,0 +1,230 @@
+"""Every command answers in bounded time, and stop means stop.
+
+The mgr serves this module's commands one at a time.  These tests hold one
+command on a source that trickles, or on a frozen OSD, and check that the
+others still answer within seconds, that the slow one says what it waits
+on, and that a cancelled task ends, stays cancelled across a failover, and
+never runs again.  Every wait is bounded; a frozen OSD is always resumed.
+"""
+import errno
+import http.server
+import json
+import os
+import signal
+import socketserver
+import subprocess
+import threading
+import time
+from typing import Any, Dict, Iterator, List
+
+import pytest
+
+from qa.cluster import Cluster
+
+IMAGE = 48 << 20
+
+
+class Source(http.server.BaseHTTPRequestHandler):
+    """A raw image that serves ranges, or trickles, or hangs, on demand."""
+
+    protocol_version = 'HTTP/1.1'
+    mode: Dict[str, Any] = {}
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _headers(self, status: int, length: int, extra: Dict[str, str]) -> None:
+        self.send_response(status)
+        self.send_header('Content-Length', str(length))
+        self.send_header('Accept-Ranges', 'bytes')
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self._stall()
+        self._headers(200, IMAGE, {})
+
+    def do_GET(self) -> None:
+        self._stall()
+        first, last = (int(x) for x in self.headers['Range'][6:].split('-'))
+        last = min(last, IMAGE - 1)
+        body = bytes([(first // 4096) % 251 + 1]) * (last - first + 1)
+        self._headers(206, len(body), {'Content-Range': f'bytes {first}-{last}/{IMAGE}'})
+        if self.mode.get('trickle'):
+            for n in range(len(body)):
+                if self.mode['stop'].wait(0.2):
+                    return
+                self.wfile.write(body[n:n + 1])
+                self.wfile.flush()
+        else:
+            self.wfile.write(body)
+
+    def _stall(self) -> None:
+        hang: threading.Event = self.mode['hang']
+        if hang.is_set():
+            self.mode['stop'].wait(120)
+
+
+@pytest.fixture
+def source() -> Iterator[Dict[str, Any]]:
+    mode: Dict[str, Any] = {'hang': threading.Event(), 'stop': threading.Event(),
+                            'trickle': False}
+    handler = type('Handler', (Source,), {'mode': mode})
+    server = socketserver.ThreadingTCPServer(('127.0.0.1', 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    mode['url'] = f'http://127.0.0.1:{server.server_address[1]}/disk.raw'
+    yield mode
+    mode['stop'].set()
+    server.shutdown()
+    server.server_close()
+
+
+def _spec(url: str) -> str:
+    return json.dumps({'type': 'raw', 'stream': {'type': 'http', 'url': url},
+                       'rbd_migration': {'engine': 'adapter'}})
+
+
+def _timed(cluster: Cluster, *args: str) -> float:
+    """Seconds one CLI command takes to answer, whatever it answers."""
+    assert cluster.state
+    began = time.monotonic()
+    subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
+                   capture_output=True, text=True, timeout=60)
+    return time.monotonic() - began
+
+
+def _once(cluster: Cluster, *args: str) -> Any:
+    """One CLI call, not repeated on EINPROGRESS."""
+    assert cluster.state
+    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def short_probe(cluster: Cluster) -> Iterator[None]:
+    cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/probe_timeout', '6')
+    yield
+    cluster.reset_module_option('probe_timeout')
+
+
+def test_a_trickling_prepare_holds_no_other_command(cluster: Cluster, source: Dict[str, Any],
+                                                    short_probe: None) -> None:
+    source['trickle'] = True
+    began = time.monotonic()
+    r = _once(cluster, 'rbd', 'migration', 'prepare', '--import-only', 'rbd/trickled',
+              '--source-spec', _spec(source['url']))
+    assert time.monotonic() - began < 5
+    assert r.returncode == errno.EINPROGRESS, r.stderr
+    assert 'prepare rbd/trickled is still running' in r.stderr
+    assert 'waiting on the source, raw over http' in r.stderr
+    # Meanwhile the other commands answer.
+    for command in (['rbd', 'migration', 'task', 'list'], ['rbd', 'migration', 'status']):
+        assert _timed(cluster, *command) < 3
+    status = cluster.ceph('rbd', 'migration', 'status')
+    assert 'commands still running:\n  prepare rbd/trickled' in status
+    # The probe's overall deadline ends it; the repeated command answers.
+    end = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/trickled',
+                           '--source-spec', _spec(source['url']), timeout=30)
+    assert end.returncode == errno.ETIMEDOUT, end.stderr
+    assert 'probe_timeout 6 s' in end.stderr and end.stderr.strip().count('\n') == 0
+    assert 'trickled' not in cluster.rbd('ls', 'rbd').split()
+    assert 'trickled' not in cluster.rbd('trash', 'ls', '--all', 'rbd')
+
+
+def _osd_pids(cluster: Cluster) -> List[int]:
+    return [pid for name, pid in cluster.pids().items() if name.startswith('osd.')]
+
+
+def test_status_answers_during_a_frozen_osd_naming_the_pool(cluster: Cluster) -> None:
+    cluster.rbd('create', '--size', '16M', 'rbd/frozen-src')
+    cluster.ceph('rbd', 'migration', 'prepare', 'rbd/frozen-src', 'rbd2/frozen-dst')
+    frozen = _osd_pids(cluster)[0]
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        time.sleep(1)
+        times = [_timed(cluster, 'rbd', 'migration', 'status') for _ in range(3)]
+        times.append(_timed(cluster, 'rbd', 'migration', 'task', 'list'))
+        status = _once(cluster, 'rbd', 'migration', 'status', '--format', 'json')
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    assert max(times) < 4, times
+    answer = json.loads(status.stdout)
+    # Either the scan got past the frozen OSD's PGs, or status says which
+    # pool it still waits on.
+    waiting = answer['listed'].get('waiting_on', [])
+    assert all(w.startswith('pool ') for w in waiting), waiting
+    # Once the OSD is back the listing is whole again.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        answer = cluster.ceph_json('rbd', 'migration', 'status')
+        if not answer['listed'].get('waiting_on') and any(
+                m['dest']['name'] == 'frozen-dst' for m in answer['migrations']):
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f'status still incomplete after the OSD resumed: {answer}')
+    task = cluster.ceph_json('rbd', 'migration', 'abort', 'rbd2/frozen-dst')['task']
+    assert cluster.task_end(str(task['id'])).returncode == 0
+
+
+def test_a_cancel_ends_a_read_the_source_never_answers(cluster: Cluster,
+                                                       source: Dict[str, Any]) -> None:
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/hung',
+                 '--source-spec', _spec(source['url']))
+    source['hang'].set()  # every request from now on waits for ever
+    task = str(cluster.ceph_json('rbd', 'migration', 'execute', 'rbd/hung')['task']['id'])
+    deadline = time.monotonic() + 30
+    while cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks'][-1]['state'] \
+            != 'running' and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    began = time.monotonic()
+    cluster.ceph('rbd', 'migration', 'task', 'cancel', task)
+    end = cluster.task_end(task, timeout=30)
+    assert time.monotonic() - began < 10
+    assert end.returncode == errno.ECANCELED, end.stderr
+    source['hang'].clear()
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', 'rbd/hung')['task']
+    assert cluster.task_end(str(abort['id'])).returncode == 0
+
+
+def test_a_cancel_survives_a_failover(cluster: Cluster, source: Dict[str, Any]) -> None:
+    """The cancel is kept with the task: a mgr killed right after it does
+    not run the task again."""
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/cancelled',
+                 '--source-spec', _spec(source['url']))
+    source['hang'].set()
+    task = str(cluster.ceph_json('rbd', 'migration', 'execute', 'rbd/cancelled')['task']['id'])
+    cluster.task_running(task, past=-1.0, timeout=30)
+    cluster.ceph('rbd', 'migration', 'task', 'cancel', task)
+    cluster.kill_daemon('mgr.x')
+    source['hang'].clear()
+    cluster.start_daemon('mgr.x')
+    cluster.wait_module()
+    end = cluster.task_end(task, timeout=60)
+    assert end.returncode == errno.ECANCELED, end.stderr
+    record = next(t for t in cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
+                  if t['id'] == task)
+    assert record['attempts'] == 1 and record['state'] == 'cancelled'
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', 'rbd/cancelled')['task']
+    assert cluster.task_end(str(abort['id'])).returncode == 0
+
+
+@pytest.mark.parametrize('key', ['mgr/rbd_migration/anything', 'rbd/mirror/peer/x',
+                                 'config/mgr/mgr/dashboard/key', 'elsewhere/secret'])
+def test_config_refs_outside_the_allowed_prefixes_are_refused(cluster: Cluster,
+                                                              key: str) -> None:
+    spec = {'type': 'raw', 'stream': {'type': 's3', 'url': 'http://127.0.0.1:9/b/k',
+                                      'access_key': f'config://{key}',
+                                      'secret_key': 'x' * 8}}
+    r = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/cfg',
+                         '--source-spec', json.dumps(spec))
+    assert r.returncode == errno.EPERM, r.stderr
+    line = r.stderr.strip()
+    assert line.count('\n') == 0 and 'Traceback' not in line
+    assert f"source-spec: stream.access_key: config-key '{key}' is not one" in line
+    assert 'config_key_prefixes: rbd/' in line
+    assert 'cfg' not in cluster.rbd('ls', 'rbd').split()
