@@ -116,15 +116,20 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
     if f.extended_l2:
         reasons.append(f'{where} uses extended L2 entries, which librbd cannot read')
     reasons += _urls_librbd_mangles(spec)
+    reasons += _files_librbd_reopens(spec)
     return reasons
+
+
+def _streams(spec: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    """The spec's streams: HEAD's and each snapshot's."""
+    return [spec.get('stream', {})] + [s['stream'] for s in spec.get('snapshots', [])]
 
 
 def _urls_librbd_mangles(spec: Mapping[str, Any]) -> List[str]:
     """librbd's HTTP client refuses user:password@ and sends only the URL's
     path, dropping a query string (a presigned URL's signature)."""
     reasons = []
-    streams = [spec.get('stream', {})] + [s['stream'] for s in spec.get('snapshots', [])]
-    for stream in streams:
+    for stream in _streams(spec):
         if stream.get('type') != 'http':
             continue
         url = urlsplit(stream['url'])
@@ -135,6 +140,17 @@ def _urls_librbd_mangles(spec: Mapping[str, Any]) -> List[str]:
             reasons.append('librbd drops the query string of the URL (a presigned '
                            'URL would lose its signature)')
     return reasons
+
+
+def _files_librbd_reopens(spec: Mapping[str, Any]) -> List[str]:
+    """librbd opens a file source again by its name at execute, inside the
+    mgr: whatever is under that name then (a symlink to the mgr's keyring)
+    would be imported, and no check made now can hold for it."""
+    paths = [s['file_path'] for s in _streams(spec) if s.get('type') == 'file']
+    return [f"librbd would open '{path}' again by name at execute, where a file "
+            'swapped in after this check would be read; the module\'s reader keeps '
+            'the file it checked open'
+            for path in dict.fromkeys(paths)]
 
 
 def _check_readable(fmt: Format, size: int, where: str) -> None:

@@ -12,8 +12,7 @@ from qa.cluster import Cluster
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     assert cluster.state
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
-                          capture_output=True, text=True, timeout=60)
+    return cluster.run_ceph(*args, timeout=60)
 
 
 def _images(cluster: Cluster) -> str:
@@ -75,9 +74,40 @@ def test_failed_task_raises_health_until_abort(cluster: Cluster, roots: Path) ->
 
 
 def test_vanished_source_is_named_and_abort_recovers(cluster: Cluster, roots: Path) -> None:
+    """A file source, read by the module's own reader: the execute's task
+    fails naming the file, status shows the error, abort clears it."""
     name = f'gone-{uuid.uuid4().hex[:8]}'
     _import(cluster, _raw(roots / 'gone.raw', 8 << 20), name)
     (roots / 'gone.raw').unlink()
+    task = cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/{name}')['task']
+    r = cluster.task_end(task['id'])
+    assert r.returncode != 0
+    assert r.stderr.strip().count('\n') == 0 and 'Traceback' not in r.stderr
+    assert 'stream.file_path' in r.stderr and str(roots / 'gone.raw') in r.stderr
+    assert 'does not exist' in r.stderr
+    mig = cluster.ceph_json('rbd', 'migration', 'status', f'rbd/{name}')['migrations'][0]
+    assert mig['state_text'].startswith('error: '), mig
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{name}')['task']
+    assert cluster.task_end(abort['id']).returncode == 0
+    assert name not in _images(cluster)
+    assert not [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
+                if m['dest']['name'] == name]
+
+
+def test_vanished_librbd_source_is_named_and_abort_recovers(cluster: Cluster) -> None:
+    """A source librbd reads (over HTTP; file sources go to the module's
+    reader): librbd cannot open the target any more, which execute names."""
+    assert cluster.state and cluster.state.http_root
+    name = f'gone-{uuid.uuid4().hex[:8]}'
+    served = _raw(Path(cluster.state.http_root) / f'{name}.raw', 8 << 20)
+    try:
+        spec = json.dumps({'type': 'raw', 'stream': {
+            'type': 'http', 'url': f'http://127.0.0.1:{cluster.state.http_port}/{served.name}'}})
+        prepared = cluster.ceph_json('rbd', 'migration', 'prepare', '--import-only',
+                                     f'rbd/{name}', '--source-spec', spec)
+        assert prepared['path'] == 'librbd', prepared
+    finally:
+        served.unlink()
     r = _ceph(cluster, 'rbd', 'migration', 'execute', f'rbd/{name}')
     assert r.returncode != 0
     assert r.stderr.strip().count('\n') == 0

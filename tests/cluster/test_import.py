@@ -20,8 +20,7 @@ from qa.cluster import S3_BUCKET, Cluster
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
     assert cluster.state
-    return subprocess.run(['ceph', '--conf', cluster.state.conf, *args],
-                          capture_output=True, text=True, timeout=120)
+    return cluster.run_ceph(*args, timeout=120)
 
 
 def _run_task(cluster: Cluster, *command: str) -> None:
@@ -151,7 +150,13 @@ def test_import_each_stream_and_format(cluster: Cluster, images: Dict[str, Path]
     prepared = cluster.ceph_json('rbd', 'migration', 'prepare', '--import-only',
                                  f'rbd/{name}', '--source-spec', json.dumps(spec))
     assert prepared['import_only'] and prepared['state'] == 'prepared'
-    assert prepared['path'] == 'librbd'
+    if stream == 'file':
+        # librbd would reopen the file by name at execute: the module's
+        # reader, which keeps the file it checked open, imports it.
+        assert prepared['path'] == 'adapter', prepared
+        assert any('again by name at execute' in r for r in prepared['probe']['reasons'])
+    else:
+        assert prepared['path'] == 'librbd', prepared
     _run_task(cluster, 'execute', f'rbd/{name}')
     _run_task(cluster, 'commit', f'rbd/{name}')
     assert _sha_export(cluster, f'rbd/{name}') == _sha_raw_of(source)
@@ -177,6 +182,10 @@ REFUSALS = [
         'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(i['overlay'])},
         'rbd_migration': {'engine': 'librbd'}},
      ['backing file', "'disk.qcow2'"]),
+    ('file-librbd-forced', lambda i: {
+        'type': 'raw', 'stream': {'type': 'file', 'file_path': str(i['raw'])},
+        'rbd_migration': {'engine': 'librbd'}},
+     ['again by name at execute', 'drop "engine": "librbd"']),
     ('backing-missing', lambda i: {'type': 'qcow', 'stream': {
         'type': 'file', 'file_path': str(i['orphan'])}},
      ['gone.qcow2']),
