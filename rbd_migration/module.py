@@ -21,11 +21,10 @@ from .fleet import Fleet
 from .health import health_checks
 from .dispatch import Dispatcher
 from .images import ImageSpec, Layout
-from .limits import SourceLimits
 from .progress import ProgressEvents
 from .render import render
 from .secrets import collect_secrets, mask_text
-from .service import DEFAULT_CONFIG_KEY_PREFIXES, MigrationService
+from .service import MigrationService
 from .tasks import Task
 
 HandlerResult = Tuple[int, str, str]
@@ -150,7 +149,7 @@ class Module(MgrModule):
                desc='directories (separated by ":") under which file sources may '
                     'be read; empty refuses file sources',
                runtime=True),
-        Option('config_key_prefixes', type='str', default=DEFAULT_CONFIG_KEY_PREFIXES,
+        Option('config_key_prefixes', type='str', default='rbd/',
                desc='config-key prefixes (separated by ":") that config:// references '
                     'in a source-spec may name; keys of the mgr, the monitors and '
                     'rbd-mirror are refused whatever this says',
@@ -169,15 +168,15 @@ class Module(MgrModule):
                desc='seconds the probe of a source may take in all (opening, '
                     'metadata, the first read) before prepare fails',
                runtime=True),
-        Option('source_max_metadata_bytes', type='int', default=SourceLimits.metadata_bytes,
+        Option('source_max_metadata_bytes', type='int', default=67108864,
                min=1 << 20, desc='bytes of metadata (qcow2 tables, indexes) one source '
                                  'may hold in the mgr\'s memory',
                runtime=True),
-        Option('source_max_snapshots', type='int', default=SourceLimits.snapshots, min=1,
+        Option('source_max_snapshots', type='int', default=512, min=1,
                desc='snapshots one source may have', runtime=True),
-        Option('source_max_records', type='int', default=SourceLimits.records, min=1,
+        Option('source_max_records', type='int', default=4000000, min=1,
                desc='records one export or export-diff stream may hold', runtime=True),
-        Option('source_max_chain_depth', type='int', default=SourceLimits.chain_depth,
+        Option('source_max_chain_depth', type='int', default=16,
                min=1, desc='layers of a qcow2 backing chain', runtime=True),
     ]
 
