@@ -10,8 +10,25 @@ Transient failures (connection errors, timeouts, 5xx, a body cut short) are
 retried with capped exponential backoff; a 4xx is an answer, never retried.
 Messages show the URL masked: it may carry a password or a signature.
 
-The retry and network-error helpers at the top are shared with the S3 stream.
+The server is not trusted: whoever may prepare a migration picks the URL,
+and the mgr reads it with the mgr's own network position.  So
+
+* redirects are followed here, not by requests, and only to the URL's own
+  origin or one the operator listed (``ctx.redirect_origins``); the URL's
+  credentials go to its own origin only;
+* every attempt has a limit in time (``ctx.timeout``) for the whole answer,
+  not per socket read, which a server trickling a byte at a time would
+  defeat: a watchdog cuts off the socket of an attempt that overruns it,
+  passes the deadline or is told to stop, and bodies are read in pieces
+  with checks between them;
+* the object must not change while it is read: the size, ETag and
+  Last-Modified seen at open are pinned and every later answer is checked
+  against them.
+
+The retry, watchdog and network-error helpers at the top are shared with the
+S3 stream.
 """
+import email.utils
 import http.client
 import queue
 import random
@@ -22,26 +39,40 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import (Any, Callable, Iterator, List, Mapping, Optional, Tuple,
-                    TypeVar)
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Set, Tuple, TypeVar)
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import requests
+import requests.adapters
 import urllib3
+import urllib3.connection
 
 from ..context import SourceContext
 from ..errors import (InvalidArgument, MigrationError, NotFound,
-                      PermissionDenied, SourceUnavailable, Unsupported)
+                      PermissionDenied, SourceChanged, SourceUnavailable,
+                      Unsupported)
 from ..secrets import mask_text, mask_url
 from .base import Stream
 
 FIELD = 'source-spec: stream.url'
 USER_AGENT = 'ceph-mgr-rbd_migration'
+#: The option that lists the origins redirects may lead to.
+REDIRECT_OPTION = 'mgr/rbd_migration/http_redirect_origins'
+#: Redirects followed for one request at most.
+MAX_REDIRECTS = 5
 #: The first pause between attempts, and the longest, in seconds.
 BACKOFF_BASE = 0.25
 BACKOFF_CAP = 8.0
 #: Error bodies up to this size are read to keep their connection alive.
 DISCARD_MAX = 64 * 1024
+#: The most bytes one read from the socket asks for; the attempt's limits
+#: are checked between two of them.
+PIECE = 1 << 20
+#: How often the watchdog looks at the attempts in flight, in seconds, and
+#: how long it lingers without any before its thread ends.
+WATCH_TICK = 0.1
+WATCH_LINGER = 5.0
 
 T = TypeVar('T')
 
@@ -64,22 +95,209 @@ def after_attempts(attempts: int) -> str:
     return f"after {attempts} attempt{'' if attempts == 1 else 's'}"
 
 
-def with_retries(attempts: int, what: str, attempt: Callable[[], T],
+def with_retries(ctx: SourceContext, what: str, attempt: Callable[[], T],
                  mask: Callable[[str], str] = str) -> T:
-    """``attempt()``, repeated while it raises Transient, ``attempts`` times
-    at most; then SourceUnavailable '<what>: <last failure> after N attempts',
-    passed through ``mask``.  Any other exception (a MigrationError for a
-    definite answer) passes through at once."""
-    attempts = max(1, attempts)
+    """``attempt()``, repeated while it raises Transient, ``ctx.retries``
+    times at most; then SourceUnavailable '<what>: <last failure> after N
+    attempts', passed through ``mask``.  Any other exception (a
+    MigrationError for a definite answer) passes through at once, Cancelled
+    and TimedOut included: the pauses between attempts end (raising) as soon
+    as ``ctx`` is stopped or past its deadline."""
+    attempts = max(1, ctx.retries)
     for number in range(1, attempts + 1):
+        ctx.check()
         try:
             return attempt()
         except Transient as e:
             failure = str(e)
         if number < attempts:
-            time.sleep(backoff_delay(number))
+            ctx.pause(backoff_delay(number))
     raise SourceUnavailable(
         mask(f'{what}: {failure} {after_attempts(attempts)}'))
+
+
+# -- The watchdog (also used by s3) ------------------------------------------
+
+
+class Guard:
+    """The limits of one attempt, enforced from outside its thread.
+
+    A socket timeout bounds one ``recv``, not an answer: a server trickling
+    its headers or body a byte a second never trips it.  So each attempt
+    runs under a Guard, the sockets it uses are registered with it (by the
+    connection classes below), and the watchdog shuts them down once the
+    attempt has taken longer than ``ctx.timeout``, the deadline has passed,
+    or ``ctx.stop`` is set; the blocked read then ends at once.
+    """
+
+    def __init__(self, ctx: SourceContext) -> None:
+        self.ctx = ctx
+        self.started = time.monotonic()
+        #: Set once the watchdog has cut the attempt's sockets off.
+        self.cut = False
+        self.sockets: List[socket.socket] = []
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def overdue(self, now: float) -> bool:
+        ctx = self.ctx
+        return (now - self.started > ctx.timeout
+                or (ctx.deadline is not None and now >= ctx.deadline)
+                or (ctx.stop is not None and ctx.stop.is_set()))
+
+    def pace(self, shown: str, got: int, want: int) -> None:
+        """Between two pieces of a body: stop if asked to, or past the
+        deadline, or past this attempt's time."""
+        self.ctx.check()
+        if self.elapsed() > self.ctx.timeout:
+            raise self.overran(shown, got, want)
+
+    def overran(self, shown: str, got: int, want: int) -> Exception:
+        """The error for a body that took too long: Cancelled or TimedOut
+        where the context says so, else Transient with how far it got."""
+        self.ctx.check()
+        return Transient(f'{shown}: only {got} of {want} bytes arrived in '
+                         f'{self.elapsed():.1f}s (at most '
+                         f'{self.ctx.timeout:g}s per request)')
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whoever waits on ``sock``: shutdown, not close, so that its fd
+    stays its own until its owner closes it; the plain socket's shutdown
+    even for TLS, whose state belongs to the reading thread."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass     # closed or detached meanwhile: nothing waits on it
+
+
+class _Watchdog:
+    """One thread per process, running only while attempts are in flight."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._guards: Set[Guard] = set()
+        self._running = False
+
+    def add(self, guard: Guard) -> None:
+        with self._lock:
+            self._guards.add(guard)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True,
+                                 name='rbd_migration-watchdog').start()
+
+    def remove(self, guard: Guard) -> None:
+        with self._lock:
+            self._guards.discard(guard)
+
+    def watch(self, guard: Guard, sock: socket.socket) -> None:
+        with self._lock:
+            guard.sockets.append(sock)
+            if guard.cut:
+                _shut(sock)
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            time.sleep(WATCH_TICK)
+            now = time.monotonic()
+            with self._lock:
+                if self._guards:
+                    idle_since = now
+                elif now - idle_since > WATCH_LINGER:
+                    self._running = False
+                    return
+                for guard in self._guards:
+                    if not guard.cut and guard.overdue(now):
+                        guard.cut = True
+                        for sock in guard.sockets:
+                            _shut(sock)
+
+
+_WATCHDOG = _Watchdog()
+_current = threading.local()
+
+
+@contextmanager
+def guarded(ctx: SourceContext) -> Iterator[Guard]:
+    """Run one attempt under a Guard: the sockets its requests use in this
+    thread are cut off when it overruns."""
+    guard = Guard(ctx)
+    outer = getattr(_current, 'guard', None)
+    _current.guard = guard
+    _WATCHDOG.add(guard)
+    try:
+        yield guard
+    finally:
+        _WATCHDOG.remove(guard)
+        _current.guard = outer
+
+
+def watch_socket(sock: Optional[socket.socket]) -> None:
+    """Put ``sock`` under the current thread's Guard, if any."""
+    guard: Optional[Guard] = getattr(_current, 'guard', None)
+    if guard is not None and sock is not None:
+        _WATCHDOG.watch(guard, sock)
+
+
+class WatchedConnection:
+    """Mixed into a urllib3 connection class: its socket is put under the
+    current Guard once connected (covering the request and the headers of
+    the answer; a TLS handshake is bounded by the socket timeout only, its
+    socket being swapped for the TLS one while it runs) and again for each
+    request a kept-alive connection carries."""
+
+    sock: Optional[socket.socket]
+
+    def _new_conn(self) -> socket.socket:
+        sock: socket.socket = super()._new_conn()  # type: ignore[misc]
+        watch_socket(sock)
+        return sock
+
+    def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+        watch_socket(self.sock)
+        return super().getresponse(*args, **kwargs)  # type: ignore[misc]
+
+
+class _HTTPConnection(WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _watch_pools(manager: Any) -> None:
+    """Make ``manager`` use the watched connections where it uses urllib3's
+    own (a SOCKS proxy's pools are left alone: the checks between the pieces
+    of a body still bound them)."""
+    classes = dict(manager.pool_classes_by_scheme)
+    if classes.get('http') is urllib3.HTTPConnectionPool:
+        classes['http'] = _HTTPPool
+    if classes.get('https') is urllib3.HTTPSConnectionPool:
+        classes['https'] = _HTTPSPool
+    manager.pool_classes_by_scheme = classes
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _watch_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: Any, **kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **kwargs)
+        _watch_pools(manager)
+        return manager
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -123,6 +341,11 @@ def network_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether a socket timeout is somewhere inside ``exc``."""
+    return any(isinstance(e, TimeoutError) for e in _causes(exc))
+
+
 #: TLS errors that say the connection broke rather than that TLS failed.
 _TLS_BROKEN = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError,
                ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -157,14 +380,51 @@ def host_port(url: str) -> str:
     return f'{host}:{port}'
 
 
+# -- Origins -----------------------------------------------------------------
+
+#: (scheme, host, port): where a URL's requests go, as browsers compare it.
+Origin = Tuple[str, str, int]
+
+
+def origin_of(url: str) -> Optional[Origin]:
+    """The origin of an http(s) URL, the port spelled out; None for any
+    other URL or one that does not parse."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ('http', 'https') or not parts.hostname:
+        return None
+    return scheme, parts.hostname, port or (443 if scheme == 'https' else 80)
+
+
+def show_origin(origin: Origin) -> str:
+    scheme, host, port = origin
+    host = f'[{host}]' if ':' in host else host
+    return f'{scheme}://{host}:{port}'
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without user:password@ and #fragment: credentials go in an
+    Authorization header, and only to the origin they were given for."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition('@')[2]
+    return urlunsplit(parts._replace(netloc=netloc, fragment=''))
+
+
 # -- Sessions ----------------------------------------------------------------
 
 
-def _new_session(auth: Optional[Tuple[str, str]]) -> requests.Session:
+def _new_session() -> requests.Session:
+    """A session with the watched connections and no credentials of its own
+    (they are given per request, to the URL's own origin only)."""
     session = requests.Session()
-    session.auth = auth
     session.headers.update({'User-Agent': USER_AGENT,
                             'Accept-Encoding': 'identity'})
+    for prefix in ('http://', 'https://'):
+        session.mount(prefix, _WatchedAdapter())
     return session
 
 
@@ -205,7 +465,7 @@ class _Sessions:
             session.close()
 
 
-# -- The stream --------------------------------------------------------------
+# -- Answers and validators --------------------------------------------------
 
 
 @dataclass
@@ -236,6 +496,62 @@ def _length(headers: Mapping[str, str]) -> Optional[int]:
     return int(value) if value.isdigit() else None
 
 
+def _total(answer: _Answer) -> Optional[int]:
+    """The object's whole size as an answer tells it: a 200's length, or
+    the total of a 206's or 416's Content-Range."""
+    if answer.status == 200:
+        return _length(answer.headers)
+    where = _content_range(answer.headers.get('Content-Range', ''))
+    return where[1] if where else None
+
+
+#: Validators as ``validators()`` names them, and the headers they come from.
+_VALIDATOR_HEADERS = (('etag', 'ETag'), ('last_modified', 'Last-Modified'))
+_VALIDATOR_LABELS = {'size': 'size', 'etag': 'ETag',
+                     'last_modified': 'Last-Modified'}
+
+
+def _validators_of(headers: Mapping[str, str],
+                   size: Optional[int]) -> Dict[str, str]:
+    """The validators an answer carries (only those it has)."""
+    found = {} if size is None else {'size': str(size)}
+    for key, header in _VALIDATOR_HEADERS:
+        value = headers.get(header, '').strip()
+        if value:
+            found[key] = value
+    return found
+
+
+def same_validator(key: str, pinned: str, seen: str) -> bool:
+    """Whether two values of validator ``key`` name one version: ETags
+    compared weakly (a server may mark a range's ETag weak), dates as dates
+    (however spelt)."""
+    if key == 'etag':
+        return pinned.removeprefix('W/') == seen.removeprefix('W/')
+    if key == 'last_modified':
+        try:
+            return email.utils.parsedate_to_datetime(pinned) == \
+                email.utils.parsedate_to_datetime(seen)
+        except (TypeError, ValueError):
+            pass
+    return pinned == seen
+
+
+def _clip(value: str, most: int = 80) -> str:
+    """A server's header value, short enough for a one-line message."""
+    return value if len(value) <= most else value[:most] + '...'
+
+
+def changed(what: str, shown: str, key: str, pinned: str, seen: str,
+            mask: Callable[[str], str] = str) -> SourceChanged:
+    """The error for a source that changed since it was opened (also used
+    by s3); the values are the server's, so masked too."""
+    return SourceChanged(mask(
+        f'{what}: {shown} changed since it was opened '
+        f'({_VALIDATOR_LABELS.get(key, key)} {_clip(pinned)} → '
+        f'{_clip(seen)}); do not change the image while it is imported'))
+
+
 def _discard(response: requests.Response) -> None:
     """Read a short body that is of no use (a HEAD's is empty whatever its
     Content-Length), so that its connection goes back to the pool instead of
@@ -250,12 +566,17 @@ def _discard(response: requests.Response) -> None:
             pass
 
 
+# -- The stream --------------------------------------------------------------
+
+
 class HttpStream(Stream):
-    """Ranged GETs against one URL; its size is read once, at open."""
+    """Ranged GETs against one URL; its size, ETag and Last-Modified are
+    read once, at open, and every later answer must agree with them."""
 
     def __init__(self, url: str, ctx: SourceContext, what: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ('http', 'https') or not parts.hostname:
+        origin = origin_of(url)
+        if origin is None:
             raise InvalidArgument(f'{what}: {mask_url(url)!r} is not an '
                                   f'http(s) URL')
         self._url = url
@@ -263,19 +584,21 @@ class HttpStream(Stream):
         self._what = what
         self._shown = mask_url(url)
         self.description = f'http {self._shown}'
-        # The userinfo goes into an Authorization header, not the request
-        # line; a redirect to another host drops it (requests does that).
-        netloc = parts.netloc.rpartition('@')[2]
-        self._target = urlunsplit(parts._replace(netloc=netloc, fragment=''))
-        auth = None
+        self._target = _without_userinfo(url)
+        self._origin = origin
+        self._allowed = {o for o in map(origin_of, ctx.redirect_origins)
+                         if o is not None}
+        self._auth: Optional[Tuple[str, str]] = None
         self._secrets: List[str] = []
         if parts.username is not None:
-            auth = (unquote(parts.username), unquote(parts.password or ''))
-            self._secrets = [auth[1], parts.password or '']
-        self._sessions = _Sessions(lambda: _new_session(auth))
-        self._timeout = ctx.timeout
-        self._attempts = max(1, ctx.retries)
+            self._auth = (unquote(parts.username),
+                          unquote(parts.password or ''))
+            self._secrets = [self._auth[1], parts.password or '']
+        self._sessions = _Sessions(_new_session)
         self._size = 0
+        #: What open saw (validators()' keys); answers are checked against it.
+        self._pinned: Dict[str, str] = {}
+        self._lock = threading.Lock()
         self._closed = False
 
     @classmethod
@@ -288,11 +611,14 @@ class HttpStream(Stream):
 
     @classmethod
     def open(cls, url: str, ctx: SourceContext, what: str) -> 'HttpStream':
-        """The stream for ``url`` once the server has told its size and shown
-        that it honours Range; ``what`` starts every message."""
+        """The stream for ``url`` once the server has told its size (and
+        ETag and Last-Modified, which are pinned) and shown that it honours
+        Range; ``what`` starts every message."""
         stream = cls(url, ctx, what)
         try:
-            stream._size = stream._find_size()
+            stream._size, pinned = stream._describe()
+            with stream._lock:
+                stream._pinned.update(pinned)
         except BaseException:
             stream.close()
             raise
@@ -329,11 +655,17 @@ class HttpStream(Stream):
             return b''
         answer = self._get(offset, end - 1)
         if answer.status == 416:
-            raise InvalidArgument(self._text(
-                f'{self._what}: {self._shown} is now shorter than the '
-                f'{self._size} bytes it had when opened (HTTP 416); do not '
-                f'change the image while it is imported'))
+            raise SourceChanged(self._text(
+                f'{self._what}: {self._shown} changed since it was opened '
+                f'(now shorter than its {self._size} bytes: HTTP 416); do '
+                f'not change the image while it is imported'))
         return answer.body
+
+    def validators(self) -> Dict[str, str]:
+        """Size, ETag and Last-Modified as the server tells them now (not
+        checked against what open saw: comparing is the caller's part)."""
+        self._check_open()
+        return self._describe(check=False)[1]
 
     def close(self) -> None:
         self._closed = True
@@ -345,54 +677,59 @@ class HttpStream(Stream):
 
     # -- opening -------------------------------------------------------------
 
-    def _find_size(self) -> int:
-        """HEAD if it gives a length and advertises byte ranges; otherwise
-        (HEAD refused -- presigned URLs sign GET only -- or no Accept-Ranges)
-        a one-byte ranged GET, whose Content-Range tells both."""
-        head = with_retries(self._attempts, self._what,
+    def _describe(self, check: bool = True) -> Tuple[int, Dict[str, str]]:
+        """Size and validators.  HEAD if it gives a length and advertises
+        byte ranges; otherwise (HEAD refused -- presigned URLs sign GET only
+        -- or no Accept-Ranges) a one-byte ranged GET, whose Content-Range
+        tells both."""
+        head = with_retries(self._ctx, self._what,
                             lambda: self._attempt('HEAD'), self._text)
         length = _length(head.headers)
         ranges = head.headers.get('Accept-Ranges', '').lower().split(',')
         if head.status == 200 and length is not None and \
                 'bytes' in (r.strip() for r in ranges):
-            return length
-        probe = self._get(0, 0)
+            return length, _validators_of(head.headers, length)
+        probe = self._get(0, 0, check)
         if probe.status == 200:      # the whole body, all of one byte or none
-            return len(probe.body)
-        total = _content_range(probe.headers.get('Content-Range', ''))
-        if total is None or total[1] is None:
+            return len(probe.body), _validators_of(probe.headers,
+                                                   len(probe.body))
+        total = _total(probe)
+        if total is None:
             raise Unsupported(self._text(
                 f'{self._what}: {self._shown} does not tell its size (HTTP '
                 f'{probe.status} without a Content-Length or a complete '
                 f'Content-Range)'))
-        return total[1]
+        return total, _validators_of(probe.headers, total)
 
     # -- requests ------------------------------------------------------------
 
-    def _get(self, first: int, last: int) -> _Answer:
-        return with_retries(self._attempts, self._what,
-                            lambda: self._attempt('GET', first, last),
+    def _get(self, first: int, last: int, check: bool = True) -> _Answer:
+        return with_retries(self._ctx, self._what,
+                            lambda: self._attempt('GET', first, last, check),
                             self._text)
 
-    def _attempt(self, method: str, first: int = 0, last: int = -1) -> _Answer:
-        """One request.  Raises Transient for what a retry may cure and a
-        MigrationError for a definite refusal; for GET returns 206 with the
-        bytes asked for, 200 with a body no larger than that, or 416; for
-        HEAD any answer but a 5xx (501: HEAD not implemented, answered)."""
+    def _attempt(self, method: str, first: int = 0, last: int = -1,
+                 check: bool = False) -> _Answer:
+        """One request, its redirects followed, under a Guard.  Raises
+        Transient for what a retry may cure and a MigrationError for a
+        definite refusal; for GET returns 206 with the bytes asked for, 200
+        with a body no larger than that, or 416, each first checked (with
+        ``check``) against the validators pinned at open; for HEAD any
+        answer but a 5xx (501: HEAD not implemented, answered)."""
         headers = {'Range': f'bytes={first}-{last}'} if method == 'GET' else {}
-        with self._sessions.lend() as session:
-            try:
-                response = session.request(
-                    method, self._target, headers=headers, stream=True,
-                    timeout=(self._timeout, self._timeout),
-                    allow_redirects=True)
-            except requests.RequestException as e:
-                raise self._failure(e) from None
+        with self._sessions.lend() as session, \
+                guarded(self._ctx) as guard:
+            response = self._send(session, method, headers, guard)
             with response:
                 status = response.status_code
-                if method == 'GET' and status in (200, 206):
-                    return _Answer(status, response.headers,
-                                   self._body(response, first, last))
+                if method == 'GET' and status in (200, 206, 416):
+                    answer = _Answer(status, response.headers)
+                    if check:
+                        self._unchanged(answer)
+                    if status != 416:
+                        answer.body = self._body(response, first, last,
+                                                 guard)
+                        return answer
                 _discard(response)
                 if status >= 500 and (method, status) != ('HEAD', 501):
                     raise Transient(f'{self._shown} answered HTTP {status} '
@@ -401,8 +738,62 @@ class HttpStream(Stream):
                     return _Answer(status, response.headers)
                 raise self._refused(status, response.reason)
 
-    def _body(self, response: requests.Response, first: int,
-              last: int) -> bytes:
+    def _send(self, session: requests.Session, method: str,
+              headers: Mapping[str, str], guard: Guard) -> requests.Response:
+        """The answer at the end of at most MAX_REDIRECTS redirects, each
+        to an allowed origin; the credentials only go to the URL's own."""
+        url = self._target
+        for _ in range(MAX_REDIRECTS + 1):
+            auth = self._auth if origin_of(url) == self._origin else None
+            try:
+                response = session.request(
+                    method, url, headers=headers, auth=auth, stream=True,
+                    timeout=(self._ctx.wait_for(), self._ctx.wait_for()),
+                    allow_redirects=False)
+            except requests.RequestException as e:
+                raise self._failure(e, guard, url) from None
+            location = session.get_redirect_target(response)
+            if location is None:
+                return response
+            with response:
+                _discard(response)
+            url = self._redirect(url, location)
+        raise InvalidArgument(self._text(
+            f'{self._what}: {self._shown} redirects more than '
+            f'{MAX_REDIRECTS} times; give the URL the redirects end at'))
+
+    def _redirect(self, url: str, location: str) -> str:
+        """Where a redirect from ``url`` to ``location`` leads, if allowed:
+        the operator named one origin, and the mgr must not be sent to
+        others (another host, an internal port) by the server's say-so."""
+        target = _without_userinfo(urljoin(url, location.strip()))
+        there = origin_of(target)
+        if there is not None and (there == self._origin
+                                  or there in self._allowed):
+            return target
+        shown = show_origin(there) if there else _clip(mask_url(target))
+        raise PermissionDenied(self._text(
+            f'{self._what}: {self._shown} redirects to {shown}, another '
+            f'origin; if the mgr may read from there, add it to '
+            f'{REDIRECT_OPTION}'))
+
+    def _unchanged(self, answer: _Answer) -> None:
+        """SourceChanged unless ``answer`` agrees with what open saw.  A
+        validator that open did not see (the HEAD had no ETag, say) is
+        pinned by the first answer that has it."""
+        seen = _validators_of(answer.headers, _total(answer))
+        with self._lock:
+            for key, value in seen.items():
+                pinned = self._pinned.get(key)
+                if pinned is None:
+                    if key != 'size':   # the size is pinned at open only
+                        self._pinned[key] = value
+                elif not same_validator(key, pinned, value):
+                    raise changed(self._what, self._shown, key, pinned,
+                                  value, self._text)
+
+    def _body(self, response: requests.Response, first: int, last: int,
+              guard: Guard) -> bytes:
         """The body of a 200 or 206, checked to be the bytes asked for."""
         headers = response.headers
         if headers.get('Content-Encoding', 'identity').lower() != 'identity':
@@ -427,39 +818,71 @@ class HttpStream(Stream):
                     f"{'' if whole is None else f'{whole}-byte '}body); the "
                     f'server must support Range requests'))
             want = whole
-        return self._read_exactly(response, want, first)
+        return self._read_exactly(response, want, first, guard)
 
     def _read_exactly(self, response: requests.Response, want: int,
-                      first: int) -> bytes:
-        """``want`` bytes straight from the socket (no 10 KiB iter_content
-        chunks); a body cut short is Transient."""
+                      first: int, guard: Guard) -> bytes:
+        """``want`` bytes straight from the socket, in pieces of at most
+        PIECE bytes, each one receive at most (http.client's ``read1``): the
+        attempt's time and the context are checked between any two, so a
+        trickle is cut off even where no watchdog is (a SOCKS proxy).  A body
+        cut short is Transient."""
+        raw = response.raw
+        fp: Any = getattr(raw, '_fp', None)
+        direct = isinstance(fp, http.client.HTTPResponse)
         chunks: List[bytes] = []
         got = 0
         try:
             while got < want:
-                chunk = response.raw.read(want - got, decode_content=False)
+                guard.pace(self._shown, got, want)
+                n = min(PIECE, want - got)
+                chunk = fp.read1(n) if direct else \
+                    raw.read(n, decode_content=False)
                 if not chunk:
                     break
                 chunks.append(chunk)
                 got += len(chunk)
         except (urllib3.exceptions.HTTPError, OSError,
-                requests.RequestException) as e:
-            raise self._failure(e) from None
+                http.client.HTTPException, requests.RequestException) as e:
+            if guard.cut or timed_out(e):
+                raise guard.overran(self._shown, got, want) from None
+            raise self._failure(e, guard, self._target) from None
         if got < want:
+            if guard.cut:
+                raise guard.overran(self._shown, got, want)
             raise Transient(f'{self._shown}: the answer broke off after '
                             f'{got} of {want} bytes at offset {first}')
+        if direct:
+            self._finish(fp, raw)
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)
+
+    @staticmethod
+    def _finish(fp: http.client.HTTPResponse, raw: Any) -> None:
+        """Hand a connection whose body was read to its end past urllib3
+        back to the pool, as urllib3 would have (it closes it otherwise).
+        ``read1`` leaves the answer open at its end; an empty ``read()``
+        closes it (a chunked one may hold more than asked for: left)."""
+        if not fp.chunked and fp.length == 0:
+            fp.read()
+        if fp.isclosed():
+            raw.release_conn()
 
     # -- errors --------------------------------------------------------------
 
     def _text(self, message: str) -> str:
         return mask_text(message, self._secrets)
 
-    def _failure(self, exc: BaseException) -> Exception:
+    def _failure(self, exc: BaseException, guard: Guard,
+                 url: str) -> Exception:
         """A requests/urllib3 exception as Transient, or as a definite error
-        when it is no network trouble: a rejected certificate, a redirect
-        loop, a URL requests cannot use."""
-        where = host_port(self._target)
+        when it is no network trouble: a rejected certificate, a URL requests
+        cannot use.  Cancelled or TimedOut first, where the context says so
+        (a stop or the deadline may be why the socket gave up)."""
+        self._ctx.check()
+        where = host_port(url)
+        if guard.cut:
+            return Transient(f'{self._shown}: no answer within '
+                             f'{self._ctx.timeout:g}s')
         definite = tls_error(exc, self._what, where)
         if definite is not None:
             return definite
@@ -470,12 +893,12 @@ class HttpStream(Stream):
                 f'{self._what}: {self._shown}: {type(exc).__name__}: {exc}'))
         if isinstance(exc, requests.ConnectTimeout):
             return Transient(f'cannot connect to {where} (no answer within '
-                             f'{self._timeout:g}s)')
+                             f'{self._ctx.timeout:g}s)')
         if isinstance(exc, (requests.ReadTimeout,
                             urllib3.exceptions.ReadTimeoutError,
                             socket.timeout)):
             return Transient(f'{self._shown}: no answer within '
-                             f'{self._timeout:g}s')
+                             f'{self._ctx.timeout:g}s')
         reason = network_reason(exc)
         if any(isinstance(e, urllib3.exceptions.NewConnectionError)
                for e in _causes(exc)):

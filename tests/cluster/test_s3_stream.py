@@ -373,7 +373,9 @@ def test_transient_failures_are_retried(proxy: FaultyProxy, bucket: Bucket,
                                         image: Tuple[str, bytes],
                                         faults: List[str]) -> None:
     data = image[1]
-    with open_s3(bucket.url('disk.img', proxy.endpoint)) as stream:
+    # One attempt per fault and the one that succeeds.
+    with open_s3(bucket.url('disk.img', proxy.endpoint),
+                 ctx(retries=len(faults) + 1)) as stream:
         proxy.faults = list(faults)
         assert stream.read(1000, 200_000) == data[1000:201_000]
     assert proxy.gets == ['bytes=1000-200999'] * (len(faults) + 1)
