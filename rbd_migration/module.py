@@ -24,7 +24,8 @@ from .images import ImageSpec, Layout
 from .progress import ProgressEvents
 from .render import render
 from .secrets import collect_secrets, mask_text
-from .service import MigrationService
+from .engine.isolated import ChildClient
+from .service import Children, MigrationService
 from .tasks import Task
 
 HandlerResult = Tuple[int, str, str]
@@ -215,8 +216,11 @@ class Module(MgrModule):
     def serve(self) -> None:
         events = ModuleEvents(self)
         self._bulk = self._bulk_client()
+        children = Children(ChildClient(f'mgr.{self.get_mgr_id()}', self._own_conf()),
+                            self._ceph_register_client, self._ceph_unregister_client)
         self.service = MigrationService(self.rados, self, events,
-                                        self.get_module_option, bulk=self._bulk)
+                                        self.get_module_option, bulk=self._bulk,
+                                        children=children)
         self.fleet = Fleet(self.service, events.batch_progress)
         self.dispatcher.waits = self.service.listing.waits
         self.service.queue.load()
@@ -245,9 +249,7 @@ class Module(MgrModule):
         """The librados client the tasks copy through, apart from the one
         commands use.  Registered like the mgr's own, so a failover
         blocklists it and the next mgr takes over the images' locks at once."""
-        conf = {k: str(v) for k, v in ((k, self.get_ceph_option(k))
-                                       for k in OWN_CONTEXT_OPTIONS) if v not in (None, '')}
-        conf['admin_socket'] = ''  # the mgr's socket stays the mgr's
+        conf = self._own_conf()
         try:
             client = rados.Rados(name=f'mgr.{self.get_mgr_id()}', conffile=os.devnull,
                                  conf=conf)
@@ -259,6 +261,13 @@ class Module(MgrModule):
             client.connect()
         self._ceph_register_client(client.get_addrs())
         return client
+
+    def _own_conf(self) -> Dict[str, str]:
+        """What a client of the module's own takes from the mgr's config."""
+        conf = {k: str(v) for k, v in ((k, self.get_ceph_option(k))
+                                       for k in OWN_CONTEXT_OPTIONS) if v not in (None, '')}
+        conf['admin_socket'] = ''  # the mgr's socket stays the mgr's
+        return conf
 
     def _svc(self) -> MigrationService:
         if not self._ready.wait(10) or self.service is None:

@@ -12,12 +12,13 @@ from typing import Any, Dict, List, Mapping, Optional
 from urllib.parse import urlsplit
 
 from .context import SourceContext
-from .errors import InvalidArgument, Unsupported
+from .errors import InvalidArgument, MigrationError, Unsupported
 from .formats import open_format
 from .formats.base import Format, FormatFeatures
 from .formats.detect import SNIFF_LENGTH, sniff
 from .source_spec import EXTENSION_FIELD
 from .streams import open_stream
+from .streams.base import Stream
 
 LIBRBD = 'librbd'
 ADAPTER = 'adapter'
@@ -65,18 +66,39 @@ def probe(spec: Mapping[str, Any], ctx: SourceContext) -> ProbeReport:
 
 
 def _check_bytes_match_type(spec: Mapping[str, Any], ctx: SourceContext) -> str:
-    """A qcow2 file declared ``raw`` would import its metadata as disk data."""
+    """A qcow2 file declared ``raw`` would import its metadata as disk data;
+    a source that does not serve the last byte of the size it claims (a
+    Content-Length that lies) sends librbd's execute into an endless loop of
+    refused requests."""
     if 'stream' not in spec:
         return _native_location(spec)
     with open_stream(spec['stream'], ctx) as stream:
         head = stream.read(0, SNIFF_LENGTH)
         location = stream.description
+        _check_whole(stream, location)
     detected = sniff(head)
     if spec['type'] == 'raw' and detected is not None:
         raise InvalidArgument(
             f"source-spec: type: 'raw', but {location} holds a {detected} "
             f'image; use "type": "{detected}"')
     return location
+
+
+def _check_whole(stream: Stream, location: str) -> None:
+    size = stream.size()
+    if size <= 0:
+        return
+    try:
+        last = stream.read(size - 1, 1)
+    except MigrationError as e:
+        if e.transient:
+            raise
+        last = b''
+    if len(last) != 1:
+        raise InvalidArgument(
+            f'source-spec: {location} claims {size} bytes but does not serve the '
+            'last of them; fix the server (its Content-Length or the object) and '
+            'prepare again')
 
 
 def _native_location(spec: Mapping[str, Any]) -> str:

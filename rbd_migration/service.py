@@ -9,13 +9,14 @@ import errno
 import json
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, List, Optional
 
 import rados
 import rbd
 
 from .context import SourceContext
+from .engine import isolated
 from .engine.adapter import AdapterEngine
 from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
@@ -59,9 +60,21 @@ NAMESPACED_PARENT = ('{image} has {clones} clone(s), and librbd 16.2 crashes mig
 OptionGetter = Callable[[str], Any]
 
 
+@dataclass
+class Children:
+    """What a child process running librbd's execute needs from the mgr:
+    its client identity, and a way to register that client's address so
+    that a failover blocklists it like the mgr's own."""
+
+    client: isolated.ChildClient
+    register: Callable[[str], None]
+    unregister: Callable[[str], None]
+
+
 class MigrationService:
     def __init__(self, cluster: rados.Rados, store: Store, events: Events,
-                 option: OptionGetter, bulk: Optional[rados.Rados] = None) -> None:
+                 option: OptionGetter, bulk: Optional[rados.Rados] = None,
+                 children: Optional[Children] = None) -> None:
         self.engine = LibrbdEngine(cluster)
         self.adapter = AdapterEngine(self.engine, store)
         # Tasks move data on ``bulk``, a client of their own: a status read
@@ -71,6 +84,8 @@ class MigrationService:
         self.bulk_adapter = AdapterEngine(self.bulk, store)
         self.store = store
         self.option = option
+        #: How librbd's executes run in child processes; None: in the mgr.
+        self.children = children
         self.meter = RateMeter()
         self.listing = Listing(self._scan)
         self.queue = TaskQueue(
@@ -83,7 +98,7 @@ class MigrationService:
             diagnose=self.diagnose,
             gate=lambda task, running: wait_reason(task, running, self.limits(),
                                                    time.time(), self.meter.rate),
-            pause=lambda task: _interruptible(task) and must_pause(
+            pause=lambda task: self._interruptible(task) and must_pause(
                 task, self.limits(), time.time()))
 
     def limits(self) -> Limits:
@@ -343,7 +358,7 @@ class MigrationService:
         if active and active.action == 'commit':
             raise Busy(f'a commit of {info.dest} is under way (task {active.id}); '
                        'it cannot be aborted')
-        if active and active.action in ('execute', 'verify') and _interruptible(active):
+        if active and active.action in ('execute', 'verify') and self._interruptible(active):
             self.queue.cancel(active.id)
         # As for commit: a retry finishes an abort that librbd stopped after
         # restoring the source, which no trash entry leads to any more.
@@ -416,6 +431,16 @@ class MigrationService:
         else:
             raise InvalidArgument(f'unknown task action {task.action!r}')
 
+    def _interruptible(self, task: Task) -> bool:
+        """Whether a task stops when cancelled.  librbd calls our progress
+        callback but ignores what it returns, so its own commit and abort run
+        to the end once started, and so does its execute unless it runs in a
+        child process the module can kill; queued tasks, verify and the
+        adapter engine's tasks stop at once."""
+        return (task.state != RUNNING or task.action == 'verify'
+                or task.options.get('path') == ADAPTER
+                or (task.action == 'execute' and self.children is not None))
+
     def _execute_librbd(self, task: Task, ref: ImageRef,
                         progress: Callable[[int, int], int]) -> None:
         """librbd's execute, between two looks at the source: librbd
@@ -428,7 +453,12 @@ class MigrationService:
             spec = self.engine.verify_source_spec(self.engine.status(ref.spec))
             check_unchanged(spec, recorded, self.source_context(self.queue.stop_event(task.id)),
                             'before the copy')
-        self.bulk.execute(ref, progress)
+        if self.children is not None:
+            isolated.execute(self.children.client, ref, progress,
+                             self.queue.stop_event(task.id), self.children.register,
+                             self.children.unregister)
+        else:
+            self.bulk.execute(ref, progress)
         if spec is not None:
             try:
                 check_unchanged(spec, recorded, self.source_context(), 'during the copy')
@@ -507,7 +537,7 @@ class MigrationService:
 
     def task_cancel(self, task_id: str) -> Dict[str, Any]:
         task = self.queue.get(task_id)
-        if not _interruptible(task):
+        if not self._interruptible(task):
             raise Busy(f'task {task.id} ({task.action} of {task.image_spec}) is running in '
                        "librbd, which cannot interrupt it; it ends on its own (abort the "
                        'migration afterwards to undo an execute)')
@@ -622,15 +652,6 @@ def _why_not_done(task: Task, waiting: Optional[str]) -> str:
     why += [f'stalled: {task.stalled}'] if task.stalled else []
     why += [f'last error: {task.last_error}'] if task.last_error else []
     return f"; {'; '.join(why)}" if why else ''
-
-
-def _interruptible(task: Task) -> bool:
-    """Whether a task stops when cancelled.  librbd calls our progress
-    callback but ignores what it returns, so its own execute, commit and
-    abort run to the end once started; queued tasks, verify and the adapter
-    engine's tasks stop at their next step."""
-    return (task.state != RUNNING or task.action == 'verify'
-            or task.options.get('path') == ADAPTER)
 
 
 def _recorded_source(task: Task) -> Optional[ImageRef]:

@@ -7,6 +7,7 @@ on, and that a cancelled task ends, stays cancelled across a failover, and
 never runs again.  Every wait is bounded; a frozen OSD is always resumed.
 """
 import errno
+import hashlib
 import http.server
 import json
 import os
@@ -15,6 +16,7 @@ import socketserver
 import subprocess
 import threading
 import time
+import uuid
 from typing import Any, Dict, Iterator, List
 
 import pytest
@@ -22,6 +24,10 @@ import pytest
 from qa.cluster import Cluster
 
 IMAGE = 48 << 20
+#: Names differ between runs: a run cut short leaves its images behind.
+RUN = uuid.uuid4().hex[:6]
+#: The source's bytes: each 64 KiB block holds its own number.
+DATA = b''.join(n.to_bytes(4, 'little') * (16384) for n in range(IMAGE >> 16))
 
 
 class Source(http.server.BaseHTTPRequestHandler):
@@ -43,14 +49,20 @@ class Source(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._stall()
-        self._headers(200, IMAGE, {})
+        self._headers(200, self.mode.get('claimed', IMAGE), {})
 
     def do_GET(self) -> None:
         self._stall()
+        if self.mode.get('delay'):
+            self.mode['stop'].wait(self.mode['delay'])
         first, last = (int(x) for x in self.headers['Range'][6:].split('-'))
+        if first >= IMAGE:
+            self._headers(416, 0, {'Content-Range': f'bytes */{IMAGE}'})
+            return
         last = min(last, IMAGE - 1)
-        body = bytes([(first // 4096) % 251 + 1]) * (last - first + 1)
-        self._headers(206, len(body), {'Content-Range': f'bytes {first}-{last}/{IMAGE}'})
+        body = DATA[first:last + 1]
+        claimed = self.mode.get('claimed', IMAGE)
+        self._headers(206, len(body), {'Content-Range': f'bytes {first}-{last}/{claimed}'})
         if self.mode.get('trickle'):
             for n in range(len(body)):
                 if self.mode['stop'].wait(0.2):
@@ -82,9 +94,9 @@ def source() -> Iterator[Dict[str, Any]]:
     server.server_close()
 
 
-def _spec(url: str) -> str:
+def _spec(url: str, engine: str = 'adapter') -> str:
     return json.dumps({'type': 'raw', 'stream': {'type': 'http', 'url': url},
-                       'rbd_migration': {'engine': 'adapter'}})
+                       'rbd_migration': {'engine': engine}})
 
 
 def _timed(cluster: Cluster, *args: str) -> float:
@@ -114,24 +126,24 @@ def test_a_trickling_prepare_holds_no_other_command(cluster: Cluster, source: Di
                                                     short_probe: None) -> None:
     source['trickle'] = True
     began = time.monotonic()
-    r = _once(cluster, 'rbd', 'migration', 'prepare', '--import-only', 'rbd/trickled',
+    r = _once(cluster, 'rbd', 'migration', 'prepare', '--import-only', f'rbd/trickled-{RUN}',
               '--source-spec', _spec(source['url']))
     assert time.monotonic() - began < 5
     assert r.returncode == errno.EINPROGRESS, r.stderr
-    assert 'prepare rbd/trickled is still running' in r.stderr
+    assert f'prepare rbd/trickled-{RUN} is still running' in r.stderr
     assert 'waiting on the source, raw over http' in r.stderr
     # Meanwhile the other commands answer.
     for command in (['rbd', 'migration', 'task', 'list'], ['rbd', 'migration', 'status']):
         assert _timed(cluster, *command) < 3
     status = cluster.ceph('rbd', 'migration', 'status')
-    assert 'commands still running:\n  prepare rbd/trickled' in status
+    assert f'commands still running:\n  prepare rbd/trickled-{RUN}' in status
     # The probe's overall deadline ends it; the repeated command answers.
-    end = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/trickled',
+    end = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/trickled-{RUN}',
                            '--source-spec', _spec(source['url']), timeout=30)
     assert end.returncode == errno.ETIMEDOUT, end.stderr
     assert 'probe_timeout 6 s' in end.stderr and end.stderr.strip().count('\n') == 0
-    assert 'trickled' not in cluster.rbd('ls', 'rbd').split()
-    assert 'trickled' not in cluster.rbd('trash', 'ls', '--all', 'rbd')
+    assert f'trickled-{RUN}' not in cluster.rbd('ls', 'rbd').split()
+    assert f'trickled-{RUN}' not in cluster.rbd('trash', 'ls', '--all', 'rbd')
 
 
 def _osd_pids(cluster: Cluster) -> List[int]:
@@ -139,8 +151,8 @@ def _osd_pids(cluster: Cluster) -> List[int]:
 
 
 def test_status_answers_during_a_frozen_osd_naming_the_pool(cluster: Cluster) -> None:
-    cluster.rbd('create', '--size', '16M', 'rbd/frozen-src')
-    cluster.ceph('rbd', 'migration', 'prepare', 'rbd/frozen-src', 'rbd2/frozen-dst')
+    cluster.rbd('create', '--size', '16M', f'rbd/frozen-src-{RUN}')
+    cluster.ceph('rbd', 'migration', 'prepare', f'rbd/frozen-src-{RUN}', f'rbd2/frozen-dst-{RUN}')
     frozen = _osd_pids(cluster)[0]
     os.kill(frozen, signal.SIGSTOP)
     try:
@@ -161,21 +173,21 @@ def test_status_answers_during_a_frozen_osd_naming_the_pool(cluster: Cluster) ->
     while time.monotonic() < deadline:
         answer = cluster.ceph_json('rbd', 'migration', 'status')
         if not answer['listed'].get('waiting_on') and any(
-                m['dest']['name'] == 'frozen-dst' for m in answer['migrations']):
+                m['dest']['name'] == f'frozen-dst-{RUN}' for m in answer['migrations']):
             break
         time.sleep(0.5)
     else:
         pytest.fail(f'status still incomplete after the OSD resumed: {answer}')
-    task = cluster.ceph_json('rbd', 'migration', 'abort', 'rbd2/frozen-dst')['task']
+    task = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd2/frozen-dst-{RUN}')['task']
     assert cluster.task_end(str(task['id'])).returncode == 0
 
 
 def test_a_cancel_ends_a_read_the_source_never_answers(cluster: Cluster,
                                                        source: Dict[str, Any]) -> None:
-    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/hung',
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/hung-{RUN}',
                  '--source-spec', _spec(source['url']))
     source['hang'].set()  # every request from now on waits for ever
-    task = str(cluster.ceph_json('rbd', 'migration', 'execute', 'rbd/hung')['task']['id'])
+    task = str(cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/hung-{RUN}')['task']['id'])
     deadline = time.monotonic() + 30
     while cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks'][-1]['state'] \
             != 'running' and time.monotonic() < deadline:
@@ -187,17 +199,17 @@ def test_a_cancel_ends_a_read_the_source_never_answers(cluster: Cluster,
     assert time.monotonic() - began < 10
     assert end.returncode == errno.ECANCELED, end.stderr
     source['hang'].clear()
-    abort = cluster.ceph_json('rbd', 'migration', 'abort', 'rbd/hung')['task']
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/hung-{RUN}')['task']
     assert cluster.task_end(str(abort['id'])).returncode == 0
 
 
 def test_a_cancel_survives_a_failover(cluster: Cluster, source: Dict[str, Any]) -> None:
     """The cancel is kept with the task: a mgr killed right after it does
     not run the task again."""
-    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/cancelled',
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/cancelled-{RUN}',
                  '--source-spec', _spec(source['url']))
     source['hang'].set()
-    task = str(cluster.ceph_json('rbd', 'migration', 'execute', 'rbd/cancelled')['task']['id'])
+    task = str(cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/cancelled-{RUN}')['task']['id'])
     cluster.task_running(task, past=-1.0, timeout=30)
     cluster.ceph('rbd', 'migration', 'task', 'cancel', task)
     cluster.kill_daemon('mgr.x')
@@ -209,7 +221,7 @@ def test_a_cancel_survives_a_failover(cluster: Cluster, source: Dict[str, Any]) 
     record = next(t for t in cluster.ceph_json('rbd', 'migration', 'task', 'list')['tasks']
                   if t['id'] == task)
     assert record['attempts'] == 1 and record['state'] == 'cancelled'
-    abort = cluster.ceph_json('rbd', 'migration', 'abort', 'rbd/cancelled')['task']
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/cancelled-{RUN}')['task']
     assert cluster.task_end(str(abort['id'])).returncode == 0
 
 
@@ -220,11 +232,52 @@ def test_config_refs_outside_the_allowed_prefixes_are_refused(cluster: Cluster,
     spec = {'type': 'raw', 'stream': {'type': 's3', 'url': 'http://127.0.0.1:9/b/k',
                                       'access_key': f'config://{key}',
                                       'secret_key': 'x' * 8}}
-    r = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', 'rbd/cfg',
+    r = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/cfg-{RUN}',
                          '--source-spec', json.dumps(spec))
     assert r.returncode == errno.EPERM, r.stderr
     line = r.stderr.strip()
     assert line.count('\n') == 0 and 'Traceback' not in line
     assert f"source-spec: stream.access_key: config-key '{key}' is not one" in line
     assert 'config_key_prefixes: rbd/' in line
-    assert 'cfg' not in cluster.rbd('ls', 'rbd').split()
+    assert f'cfg-{RUN}' not in cluster.rbd('ls', 'rbd').split()
+
+
+def _children() -> List[str]:
+    r = subprocess.run(['pgrep', '-af', 'rbd_migration.engine.isolated'],
+                       capture_output=True, text=True)
+    return [line for line in r.stdout.splitlines() if 'pgrep' not in line]
+
+
+def test_a_librbd_execute_stops_on_cancel_and_resumes(cluster: Cluster,
+                                                     source: Dict[str, Any]) -> None:
+    """librbd ignores a cancel; its execute runs in a child the module kills."""
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/isolated-{RUN}',
+                 '--source-spec', _spec(source['url'], 'librbd'))
+    source['delay'] = 0.3
+    task = str(cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/isolated-{RUN}')['task']['id'])
+    cluster.task_running(task, past=0.05, timeout=60)
+    assert len(_children()) == 1
+    began = time.monotonic()
+    cluster.ceph('rbd', 'migration', 'task', 'cancel', task)
+    end = cluster.task_end(task, timeout=30)
+    assert time.monotonic() - began < 10
+    assert end.returncode == errno.ECANCELED, end.stderr
+    assert _children() == []
+    # librbd's execute, run again, completes the copy from the source.
+    source['delay'] = 0
+    again = str(cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/isolated-{RUN}')['task']['id'])
+    assert cluster.task_end(again, timeout=120).returncode == 0
+    assert cluster.image_sha(f'rbd/isolated-{RUN}') == hashlib.sha256(DATA).hexdigest()
+    abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/isolated-{RUN}')['task']
+    assert cluster.task_end(str(abort['id'])).returncode == 0
+
+
+def test_a_lying_content_length_is_refused_at_prepare(cluster: Cluster,
+                                                      source: Dict[str, Any]) -> None:
+    source['claimed'] = IMAGE + (1 << 20)
+    r = cluster.run_ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/liar-{RUN}',
+                         '--source-spec', _spec(source['url'], 'auto'))
+    assert r.returncode == errno.EINVAL, r.stderr
+    line = r.stderr.strip()
+    assert line.count('\n') == 0 and 'does not serve the last of them' in line
+    assert f'liar-{RUN}' not in cluster.rbd('ls', 'rbd').split()

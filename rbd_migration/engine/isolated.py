@@ -1,0 +1,183 @@
+"""librbd's execute in a process of its own, so that stop means stop.
+
+librbd's ``migration_execute`` calls our progress callback but ignores its
+answer: once started, it runs to its end, and a source that stops answering
+(or whose Content-Length lies, which sends librbd into an endless request
+loop) holds it, and the task, for ever -- a cancel or an abort could only
+wait.  So the module runs it in a child process with a librados client of
+its own, reads its progress from the child's output, and kills the child
+when the task must stop: librbd's execute resumes from the image's state
+when run again, so a killed copy loses only what was in flight.
+
+The child also keeps librbd's copy buffers out of the mgr's memory, and
+its client is registered with the mgr like the mgr's own, so a mgr
+failover blocklists it; it dies with the thread that started it (a mgr
+that fails over does not leave it copying behind the new one's back).
+"""
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any, Callable, Dict, Optional
+
+import rados
+
+from ..errors import Cancelled, MigrationError
+from .librbd import LibrbdEngine
+from .migration import ImageRef, ProgressFn
+
+#: The interpreter ceph-mgr embeds (Debian's), which has python3-rados.
+PYTHON = '/usr/bin/python3'
+#: Seconds between two looks at whether the task must stop.
+POLL = 0.25
+#: A child that printed nothing for this long is killed (librbd reports
+#: progress at least once per object copied).
+SILENCE = 600.0
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass
+class ChildClient:
+    """How the child connects: the mgr's own identity and configuration."""
+
+    name: str
+    conf: Dict[str, str] = field(default_factory=dict)
+
+
+# -- the child ----------------------------------------------------------------
+
+def _child_main() -> int:
+    """Read the request from stdin, run librbd's execute, and print one JSON
+    line per progress step, then the outcome."""
+    request = json.loads(sys.stdin.readline())
+    _die_with_parent(int(request['parent']))
+    client = rados.Rados(name=request['client']['name'], conffile=os.devnull,
+                         conf=request['client']['conf'])
+    client.connect(timeout=30)
+    out = sys.stdout
+    _say(out, {'addrs': client.get_addrs()})
+    last = [0.0]
+
+    def progress(done: int, total: int) -> int:
+        now = time.monotonic()
+        if now - last[0] >= 0.2 or done >= total:
+            last[0] = now
+            _say(out, {'done': done, 'total': total})
+        return 0
+
+    try:
+        LibrbdEngine(client).execute(ImageRef(**request['ref']), progress)
+        _say(out, {'ok': True})
+    except MigrationError as e:
+        _say(out, {'error': str(e), 'errno': e.errno, 'transient': e.transient})
+    except Exception as e:  # reported as one line; the parent logs it
+        _say(out, {'error': f'internal error: {type(e).__name__}: {e}',
+                   'errno': errno.EIO, 'transient': False})
+    finally:
+        client.shutdown()
+    return 0
+
+
+def _say(out: IO[str], message: Dict[str, Any]) -> None:
+    out.write(json.dumps(message) + '\n')
+    out.flush()
+
+
+# -- the parent ---------------------------------------------------------------
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL for the child when the thread that started it ends (a mgr
+    that exits or re-executes itself ends every thread); set by the child
+    itself, as the mgr's subinterpreters cannot run code between fork and
+    exec, and checked against the parent it was started by, in case that
+    one ended before."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class ChildFailed(MigrationError):
+    """What the child reported, with its errno and transience."""
+
+    def __init__(self, message: str, code: int, transient: bool) -> None:
+        super().__init__(message)
+        self.errno = code
+        self.transient = transient
+
+
+def execute(client: ChildClient, ref: ImageRef, progress: ProgressFn,
+            stop: threading.Event,
+            register: Callable[[str], None] = lambda addrs: None,
+            unregister: Callable[[str], None] = lambda addrs: None) -> None:
+    """librbd's execute of ``ref`` in a child process; returns when it
+    completed, raises what it reported, and kills it (raising Cancelled)
+    as soon as ``stop`` is set or ``progress`` answers non-zero."""
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=package_root)
+    proc = subprocess.Popen(
+        [PYTHON, '-c', 'import sys; from rbd_migration.engine.isolated import '
+                       '_child_main; sys.exit(_child_main())'],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True, env=env, close_fds=True)
+    addrs: Optional[str] = None
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({'client': asdict(client), 'ref': asdict(ref),
+                                     'parent': os.getpid()}) + '\n')
+        proc.stdin.close()
+        for message in _messages(proc, stop):
+            if 'addrs' in message:
+                addrs = str(message['addrs'])
+                register(addrs)
+            elif 'done' in message:
+                if progress(int(message['done']), int(message['total'])) != 0:
+                    raise Cancelled(f'execute of {ref} stopped')
+            elif message.get('ok'):
+                return
+            elif 'error' in message:
+                raise ChildFailed(str(message['error']), int(message['errno']),
+                                  bool(message['transient']))
+        raise ChildFailed(f'librbd\'s execute of {ref} ended without a word (exit '
+                          f'status {proc.wait()})', errno.EIO, True)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if addrs is not None:
+            unregister(addrs)
+
+
+def _messages(proc: 'subprocess.Popen[str]', stop: threading.Event) -> Any:
+    """The child's JSON lines, as they come; Cancelled once ``stop`` is set,
+    whatever the child is doing."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    pending = ''
+    heard = time.monotonic()
+    while True:
+        if stop.is_set():
+            raise Cancelled('stopped')
+        ready, _, _ = select.select([fd], [], [], POLL)
+        if not ready:
+            if time.monotonic() - heard > SILENCE:
+                raise ChildFailed(f'librbd\'s execute made no progress for {SILENCE:.0f} s',
+                                  errno.ETIMEDOUT, True)
+            continue
+        chunk = os.read(fd, 65536).decode()
+        if not chunk:
+            return
+        heard = time.monotonic()
+        pending += chunk
+        *lines, pending = pending.split('\n')
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
