@@ -859,11 +859,18 @@ def test_repeat_execute_and_cancel(cluster: Cluster, janitor: Janitor) -> None:
     assert 'already queued' in again['message'], again
 
     wait_running(cluster, task_id, min_progress=0.02)
-    # librbd ignores the progress callback's answer: a running execute
-    # cannot be interrupted, and cancel says so instead of pretending.
-    code, err = mig_refused(cluster, 'task', 'cancel', task_id)
-    assert code == 16 and 'cannot interrupt' in err, err
-    assert wait_task(cluster, task_id)['state'] == 'completed'
+    # librbd ignores the progress callback's answer, so its execute runs in
+    # a child process the module kills: cancel stops it, and an execute run
+    # again completes the copy.
+    # (A copy this quick may end before the cancel lands: test_bounded
+    # holds one on a slow source for that.)
+    assert mig(cluster, 'task', 'cancel', task_id)['task']['id'] == task_id
+    if wait_task(cluster, task_id)['state'] == 'cancelled':
+        rerun = mig(cluster, 'execute', f'rbd2/{b}')['task']['id']
+        assert rerun != task_id
+        assert wait_task(cluster, rerun)['state'] == 'completed'
+    else:
+        assert wait_task(cluster, task_id)['state'] == 'completed'
     check_status_agrees(cluster, f'rbd2/{b}', 'executed', source=f'rbd/{a}')
     run_task(cluster, 'commit', f'rbd2/{b}')
     assert export_sha(cluster, f'rbd2/{b}') == before
