@@ -242,14 +242,18 @@ class TaskQueue:
         return task, True
 
     def cancel(self, task_id: str) -> Task:
+        ended = False
         with self.cv:
             task = self.get(task_id)
             if task.state in (QUEUED, RETRYING):
                 self._finish(task, CANCELLED, 'cancelled by request')
+                ended = True
             elif task.state == RUNNING:
                 task.cancel_requested = True
                 self._save(task)
                 self.stop_event(task.id).set()
+        if ended:  # a running task reports its own end
+            self._emit(self.events.finished, task)
         self.events.changed(self.list())
         return task
 
