@@ -16,6 +16,7 @@ from .errors import InvalidArgument, MigrationError, Unsupported
 from .formats import open_format
 from .formats.base import Format, FormatFeatures
 from .formats.detect import SNIFF_LENGTH, sniff
+from .secrets import SECRET_FIELDS, is_config_ref
 from .source_spec import EXTENSION_FIELD
 from .streams import open_stream
 from .streams.base import Stream
@@ -139,6 +140,7 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
         reasons.append(f'{where} uses extended L2 entries, which librbd cannot read')
     reasons += _urls_librbd_mangles(spec)
     reasons += _files_librbd_reopens(spec)
+    reasons += _secrets_librbd_would_store(spec)
     return reasons
 
 
@@ -173,6 +175,20 @@ def _files_librbd_reopens(spec: Mapping[str, Any]) -> List[str]:
             'swapped in after this check would be read; the module\'s reader keeps '
             'the file it checked open'
             for path in dict.fromkeys(paths)]
+
+
+def _secrets_librbd_would_store(spec: Mapping[str, Any]) -> List[str]:
+    """librbd keeps the source-spec in the target's header, where any client
+    that may read the pool reads it too; a secret given inline would be
+    stored there.  The adapter engine keeps the spec in the module's own
+    store; a config:// reference is no secret."""
+    fields = sorted({name for stream in _streams(spec) for name in SECRET_FIELDS
+                     if isinstance(stream.get(name), str) and not is_config_ref(stream[name])})
+    if not fields:
+        return []
+    return [f"librbd would store the inline {' and '.join(fields)} in the image's "
+            'header, readable by every client of the pool; give them as config://<key> '
+            'references to keep librbd\'s path']
 
 
 def _check_readable(fmt: Format, size: int, where: str) -> None:

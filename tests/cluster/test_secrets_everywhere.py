@@ -172,8 +172,12 @@ def transcript(cluster: Cluster, rgw: Cluster, s3_user: Dict[str, Any],
     adapter = {'rbd_migration': {'engine': 'adapter'}}
     try:
         # prepare: S3 through librbd, URL credentials through the adapter engine
+        # Inline S3 keys would be stored in the image header by librbd: the
+        # adapter engine keeps them in the module's store instead.
         prepared = sc.prepare(names['s3'], s3('librbd.raw'))
-        assert prepared['path'] == 'librbd', prepared
+        assert prepared['path'] == 'adapter', prepared
+        assert any('inline access_key and secret_key' in r
+                   for r in prepared['probe']['reasons']), prepared
         prepared = sc.prepare(names['http'], {'type': 'raw', 'stream': {
             'type': 'http', 'url': http_url}})
         assert prepared['path'] == 'adapter', prepared
