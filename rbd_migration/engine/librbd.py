@@ -205,7 +205,8 @@ class LibrbdEngine:
         now = time.monotonic()
         if now - self._full_checked > 3.0:
             ret, out, _ = self.rados.mon_command(json.dumps(
-                {'prefix': 'osd pool ls', 'detail': 'detail', 'format': 'json'}), b'')
+                {'prefix': 'osd pool ls', 'detail': 'detail', 'format': 'json'}), b'',
+                timeout=10)
             pools = json.loads(out) if ret == 0 else []
             self._full = {p['pool_name']: p for p in pools
                           if 'full' in str(p.get('flags_names', '')).split(',')}

@@ -995,6 +995,26 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert cluster_state(cluster) == before
 
 
+def test_a_pool_without_the_rbd_application_is_refused(cluster: Cluster,
+                                                      scene: Dict[str, str]) -> None:
+    """Its images no listing finds: the migration would show under another
+    pool's name, and an abort could not find its target."""
+    pool = f'plain-{uuid.uuid4().hex[:6]}'
+    cluster.ceph('osd', 'pool', 'create', pool, '8')
+    try:
+        before = cluster_state(cluster)
+        for args in (['prepare', scene['plain'], f'{pool}/x'],
+                     ['prepare', '--import-only', f'{pool}/x', '--source-spec', json.dumps(
+                         {'type': 'native', 'pool_name': 'rbd', 'image_name': 'x',
+                          'snap_name': 's'})]):
+            code, err = mig_refused(cluster, *args)
+            assert code == errno.EINVAL, (code, err)
+            assert f"pool '{pool}' is not an rbd pool" in err and 'rbd pool init' in err, err
+        assert cluster_state(cluster) == before
+    finally:
+        cluster.ceph('osd', 'pool', 'rm', pool, pool, '--yes-i-really-really-mean-it')
+
+
 def test_prepare_refused_while_the_source_is_open(cluster: Cluster, janitor: Janitor,
                                                   rados_handle: rados.Rados) -> None:
     a = janitor.create('rbd', 'open-src', 64 * MiB)
