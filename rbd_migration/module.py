@@ -13,6 +13,7 @@ import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import rados
+import rbd
 from mgr_module import MgrModule, NotifyType, Option
 
 from .batch import Batch
@@ -189,6 +190,7 @@ class Module(MgrModule):
         self.fleet: Optional[Fleet] = None
         self._bulk: Optional[rados.Rados] = None
         self.dispatcher = Dispatcher(lambda: float(self.get_module_option('command_wait')))
+        self._replacing = threading.Lock()
         self._handlers: Dict[str, Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]] = {
             'rbd migration prepare': self._prepare,
             'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
@@ -206,7 +208,8 @@ class Module(MgrModule):
                 c['batch_id']),
             'rbd migration batch commit': lambda c, _: self._fleet().batch_commit(
                 c['batch_id']),
-            'rbd migration metrics': lambda c, _: self._fleet().metrics(),
+            'rbd migration metrics': lambda c, _: dict(self._fleet().metrics(),
+                                                       clients=self._client_addrs()),
             'rbd migration task list': lambda c, _: self._svc().task_list(),
             'rbd migration task cancel': lambda c, _: self._svc().task_cancel(c['task_id']),
             'rbd migration task get': lambda c, _: self._svc().task_get(c['task_id']),
@@ -220,7 +223,8 @@ class Module(MgrModule):
                             self._ceph_register_client, self._ceph_unregister_client)
         self.service = MigrationService(self.rados, self, events,
                                         self.get_module_option, bulk=self._bulk,
-                                        children=children)
+                                        children=children,
+                                        blocklisted=self._replace_task_client)
         self.fleet = Fleet(self.service, events.batch_progress)
         self.dispatcher.waits = self.service.listing.waits
         self.service.queue.load()
@@ -262,6 +266,42 @@ class Module(MgrModule):
         self._ceph_register_client(client.get_addrs())
         return client
 
+    def _replace_task_client(self, client: rados.Rados) -> None:
+        """A new client for the tasks once theirs was blocklisted (tasks
+        that failed on it retry on the new one), as rbd_support does."""
+        with self._replacing:
+            if client is not self._bulk or self.service is None:
+                return  # replaced already
+            self.log.warning('the tasks\' librados client was blocklisted; replacing it')
+            self._drop_client(client)
+            self._bulk = self._bulk_client()
+            self.service.use_clients(bulk=self._bulk)
+
+    def _replace_command_client(self, client: Optional[rados.Rados]) -> None:
+        """The same for the client commands use (the mgr's per-module one,
+        which MgrModule makes anew once dropped)."""
+        with self._replacing:
+            if self.service is None or self.service.engine.rados is not client:
+                return  # replaced already
+            self.log.warning('the commands\' librados client was blocklisted; replacing it')
+            MgrModule.shutdown(self)  # drops it; the ``rados`` property makes another
+            self.service.use_clients(cluster=self.rados)
+
+    def _drop_client(self, client: rados.Rados) -> None:
+        try:
+            addrs = client.get_addrs()
+            client.shutdown()
+            self._ceph_unregister_client(addrs)
+        except rados.Error as e:
+            self.log.warning('dropping a blocklisted client: %s', e)
+
+    def _client_addrs(self) -> Dict[str, str]:
+        """The module's librados clients, as ``ceph osd blocklist ls`` names
+        them: which of the blocklisted are the module's."""
+        svc = self._svc()
+        return {'commands': str(svc.engine.rados.get_addrs()),
+                'tasks': str(svc.bulk.rados.get_addrs())}
+
     def _own_conf(self) -> Dict[str, str]:
         """What a client of the module's own takes from the mgr's config."""
         conf = {k: str(v) for k, v in ((k, self.get_ceph_option(k))
@@ -292,9 +332,14 @@ class Module(MgrModule):
 
     def _answer(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> HandlerResult:
         fmt = cmd.get('format') or 'plain'
+        client = self.service.engine.rados if self.service is not None else None
         try:
             result = self._handlers[cmd['prefix']](cmd, inbuf)
+        except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
+            return self._blocklisted(client)
         except MigrationError as e:
+            if e.errno == errno.ESHUTDOWN:
+                return self._blocklisted(client)
             return -abs(e.errno), '', self._mask(str(e), cmd, inbuf)
         except Exception as e:
             self.log.error('%s failed: %s', cmd['prefix'],
@@ -305,6 +350,11 @@ class Module(MgrModule):
             return 0, json.dumps(result, indent=2 if fmt == 'json-pretty' else None,
                                  sort_keys=True), ''
         return 0, render(cmd['prefix'], result), ''
+
+    def _blocklisted(self, client: Optional[rados.Rados]) -> HandlerResult:
+        self._replace_command_client(client)
+        return (-errno.EAGAIN, '', "the module's librados client was blocklisted and "
+                'has been replaced; run the command again')
 
     def _prepare(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> Dict[str, Any]:
         if cmd.get('source_spec') and inbuf:
@@ -393,9 +443,21 @@ class NotReady(MigrationError):
 class ModuleEvents:
     """Task events to the progress module and the health checks."""
 
+    #: Tries, and seconds between them, to bring the progress events in step
+    #: when the progress module does not take them (it may start after us).
+    SYNC_TRIES = 30
+    SYNC_DELAY = 2.0
+
     def __init__(self, module: Module) -> None:
         self.module = module
-        self.progress_events = ProgressEvents(module.remote)
+        self.progress_events = ProgressEvents(module.remote,
+                                              max_attempts=self._max_attempts)
+        self._lock = threading.Lock()
+        self._timer: Optional[threading.Timer] = None
+        self._tries = 0
+
+    def _max_attempts(self) -> int:
+        return int(self.module.get_module_option('retry_max_attempts'))
 
     def started(self, task: Task) -> None:
         self.progress_events.started(task)
@@ -407,8 +469,36 @@ class ModuleEvents:
         self.progress_events.finished(task)
 
     def changed(self, tasks: List[Task]) -> None:
+        """Health, then the progress events: on the queue's load this opens
+        again the events of tasks that wait to retry or to resume."""
         fleet = self.module.fleet
         self.module.set_health_checks(health_checks(tasks, fleet.failures() if fleet else []))
+        if self.progress_events.sync(tasks):
+            self._tries = 0
+        else:
+            self._sync_later()
+
+    def _sync_later(self) -> None:
+        """Right after a mgr starts, the progress module may not serve yet:
+        try again a while later, a bounded number of times."""
+        with self._lock:
+            if self._timer is not None or self._tries >= self.SYNC_TRIES:
+                return
+            self._tries += 1
+            self._timer = threading.Timer(self.SYNC_DELAY, self._sync_again)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _sync_again(self) -> None:
+        with self._lock:
+            self._timer = None
+        service = self.module.service
+        if service is None or self.module._stop.is_set():
+            return
+        try:
+            self.changed(service.queue.list())
+        except Exception:  # a report, never a reason for the mgr to log a crash
+            self.module.log.warning('progress events: %s', traceback.format_exc())
 
     def batch_progress(self, batch: Batch, fraction: Optional[float], message: str) -> None:
         self.progress_events.batch(batch.id, fraction, message)

@@ -22,6 +22,7 @@ from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
 from .engine.librbd import LibrbdEngine, NotMigrating
 from .engine.migration import ImageRef, MigrationInfo
+from .engine.rbd_errors import TransientError
 from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
                      PermissionDenied, SourceChanged, Unsupported)
 from .formats import open_format
@@ -74,15 +75,12 @@ class Children:
 class MigrationService:
     def __init__(self, cluster: rados.Rados, store: Store, events: Events,
                  option: OptionGetter, bulk: Optional[rados.Rados] = None,
-                 children: Optional[Children] = None) -> None:
-        self.engine = LibrbdEngine(cluster)
-        self.adapter = AdapterEngine(self.engine, store)
-        # Tasks move data on ``bulk``, a client of their own: a status read
-        # sent on the client an execute writes through queues behind
-        # megabytes of its writes on every OSD connection.
-        self.bulk = LibrbdEngine(bulk) if bulk is not None else self.engine
-        self.bulk_adapter = AdapterEngine(self.bulk, store)
+                 children: Optional[Children] = None,
+                 blocklisted: Callable[[rados.Rados], None] = lambda client: None) -> None:
         self.store = store
+        self.use_clients(cluster, bulk if bulk is not None else cluster)
+        #: Told when a task finds its client blocklisted, to replace it.
+        self.blocklisted = blocklisted
         self.option = option
         #: How librbd's executes run in child processes; None: in the mgr.
         self.children = children
@@ -100,6 +98,21 @@ class MigrationService:
                                                    time.time(), self.meter.rate),
             pause=lambda task: self._interruptible(task) and must_pause(
                 task, self.limits(), time.time()))
+
+    def use_clients(self, cluster: Optional[rados.Rados] = None,
+                    bulk: Optional[rados.Rados] = None) -> None:
+        """Commands use ``cluster``; tasks move data on ``bulk``, a client of
+        their own: a status read sent on the client an execute writes
+        through queues behind megabytes of its writes on every OSD
+        connection.  Called again with a new client when one was
+        blocklisted (another client broke an image lock it held, or an
+        operator blocklisted it): a blocklisted client fails every call."""
+        if cluster is not None:
+            self.engine = LibrbdEngine(cluster)
+            self.adapter = AdapterEngine(self.engine, self.store)
+        if bulk is not None:
+            self.bulk = LibrbdEngine(bulk)
+            self.bulk_adapter = AdapterEngine(self.bulk, self.store)
 
     def limits(self) -> Limits:
         """The scheduling options, read afresh (they change at run time)."""
@@ -416,8 +429,17 @@ class MigrationService:
 
         if task.action in ('execute', 'verify') and self.option('keep_copy_buffers'):
             keep_copy_buffers()
+        client = self.bulk.rados
         try:
             return self._run_action(task, ref, progress, report)
+        except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
+            self.blocklisted(client)
+            raise TransientError(f"{task.action} of {ref}: the tasks' librados client "
+                                 'was blocklisted; retrying on a new one', errno.ESHUTDOWN)
+        except MigrationError as e:
+            if e.errno == errno.ESHUTDOWN:  # the task's client was blocklisted
+                self.blocklisted(client)
+            raise
         finally:
             if task.action in ('execute', 'verify'):
                 give_back_free_memory()

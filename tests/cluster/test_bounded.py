@@ -281,3 +281,50 @@ def test_a_lying_content_length_is_refused_at_prepare(cluster: Cluster,
     line = r.stderr.strip()
     assert line.count('\n') == 0 and 'does not serve the last of them' in line
     assert f'liar-{RUN}' not in cluster.rbd('ls', 'rbd').split()
+
+
+def _blocklist(cluster: Cluster, which: str) -> str:
+    addr = cluster.ceph_json('rbd', 'migration', 'metrics')['clients'][which]
+    cluster.ceph('osd', 'blocklist', 'add', addr)
+    return addr
+
+
+def test_blocklisted_clients_are_replaced(cluster: Cluster, source: Dict[str, Any]) -> None:
+    """As rbd_support does: a client another one blocklisted (breaking an
+    image lock it held) fails every call; the module replaces it and the
+    commands and tasks that failed on it succeed when run again."""
+    name = f'rbd/blocklisted-{RUN}'
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', name,
+                 '--source-spec', _spec(source['url']))
+    old = _blocklist(cluster, 'commands')
+    try:
+        deadline = time.monotonic() + 60
+        answers = []
+        while time.monotonic() < deadline:
+            r = cluster.run_ceph('rbd', 'migration', 'status')
+            answers.append((r.returncode, r.stderr.strip()))
+            if r.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert answers[-1][0] == 0, answers
+        assert len(answers) <= 3, answers
+        clients = cluster.ceph_json('rbd', 'migration', 'metrics')['clients']
+        assert clients['commands'] != old
+        old_tasks = _blocklist(cluster, 'tasks')
+        cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/retry_backoff', '1')
+        task = str(cluster.ceph_json('rbd', 'migration', 'execute', name)['task']['id'])
+        assert cluster.task_end(task, timeout=120).returncode == 0
+        assert cluster.ceph_json('rbd', 'migration', 'metrics')['clients']['tasks'] != old_tasks
+        commit = str(cluster.ceph_json('rbd', 'migration', 'commit', name)['task']['id'])
+        assert cluster.task_end(commit).returncode == 0
+        assert cluster.image_sha(name) == hashlib.sha256(DATA).hexdigest()
+    finally:
+        cluster.reset_module_option('retry_backoff')
+        for addr in (old, locals().get('old_tasks')):
+            if addr:
+                cluster.run_ceph('osd', 'blocklist', 'rm', str(addr))
+        abort = cluster.run_ceph('rbd', 'migration', 'abort', name, '-f', 'json')
+        if abort.returncode == 0:
+            cluster.task_end(str(json.loads(abort.stdout)['task']['id']))
+        subprocess.run(['rbd', '--conf', str(cluster.state.conf if cluster.state else ''),
+                        'rm', '--no-progress', name], capture_output=True)
