@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import threading
+import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -230,9 +231,22 @@ class Module(MgrModule):
         self.service.queue.load()
         self.fleet.load()
         self._ready.set()
+        threading.Thread(target=self._sweep, args=(time.time(),), daemon=True,
+                         name='rbd_migration sweep').start()
         self.log.info('rbd_migration ready: %d task(s), %d batch(es) restored',
                       len(self.service.queue.list()), len(self.fleet.book.batches))
         self.service.queue.run(self._stop, before=self._tick)
+
+    def _sweep(self, started: float) -> None:
+        """Remove targets a failover left unrecorded (see sweep_orphans);
+        in the background, as it reads every rbd pool's trash."""
+        assert self.service is not None
+        try:
+            for what in self.service.adapter.sweep_orphans(started):
+                self.log.warning('removed %s: a target whose prepare a failover cut '
+                                 'before it was recorded', what)
+        except (rados.Error, rbd.Error, MigrationError) as e:
+            self.log.warning('looking for targets a failover left behind: %s', e)
 
     def _tick(self) -> None:
         assert self.fleet is not None and self.service is not None

@@ -9,10 +9,11 @@ the mgr's store and the copy's checkpoint on the image itself, so a mgr
 failover resumes from the checkpoint, not from zero.
 """
 import json
+import re
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import rados
 import rbd
@@ -24,6 +25,7 @@ from ..formats.base import Format
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from ..validators import Validators, check_unchanged
+from . import ondisk
 from .copier import Checkpoint, Copier, CopyOptions
 from ..tasks import Store
 from .librbd import LibrbdEngine
@@ -31,6 +33,9 @@ from .migration import ImageRef, MigrationInfo, ProgressFn
 from .rbd_errors import translate
 
 RECORD_PREFIX = 'adapter/'
+#: The name a target has until commit gives it its own.
+PRIVATE_PREFIX = 'rbd_migration.'
+PRIVATE_NAME = re.compile(re.escape(PRIVATE_PREFIX) + '[0-9a-f]{12}')
 CHECKPOINT_KEY = 'rbd_migration.checkpoint'
 TRASH_DEFERMENT = 100 * 365 * 86400  # never expires on its own
 ADAPTER = 'adapter'
@@ -86,7 +91,7 @@ class AdapterEngine:
         if self.find(dst) is not None:
             raise AlreadyExists(f"target image '{dst}' is reserved by an import in "
                                 'progress; commit or abort it first')
-        private = f'rbd_migration.{uuid.uuid4().hex[:12]}'
+        private = f'{PRIVATE_PREFIX}{uuid.uuid4().hex[:12]}'
         with self.librbd.ioctx(dst.pool, dst.namespace) as io:
             self.librbd._check_data_pool(layout)
             try:
@@ -169,6 +174,50 @@ class AdapterEngine:
             except rbd.Error as e:
                 raise translate(e, f'removing the target {ref}')
         self.store.set_store(self._key(ref), None)
+
+    def sweep_orphans(self, before: float) -> List[str]:
+        """Remove the targets that prepares created before ``before`` (this
+        mgr's start) and never recorded: a failover between the create and
+        the record leaves a private-named image, in the trash or not, that
+        no command finds and that holds no data of anyone's.  Returns what
+        it removed."""
+        known = {(r['dest']['pool_id'], r['dest']['namespace'], r['dest']['id'])
+                 for r in self._records()}
+        removed = []
+        for pool_id in self.librbd.rbd_pool_ids():
+            with self.librbd.rados.open_ioctx2(pool_id) as io:
+                for ns in [''] + self.librbd.namespaces(io):
+                    io.set_namespace(ns)
+                    for image_id, name, trashed in self._private_images(io):
+                        if (pool_id, ns, image_id) in known or \
+                                not self._created_before(io, image_id, before):
+                            continue
+                        if not trashed:  # cut before it went to the trash
+                            self.rbd.trash_move(io, name, delay=0)
+                        self.librbd.remove_trashed(io, image_id)
+                        removed.append(f"{io.get_pool_name()}/{ns + '/' if ns else ''}{name}")
+        return removed
+
+    def _private_images(self, io: rados.Ioctx) -> List[Tuple[str, str, bool]]:
+        """(id, name, in the trash) of private-named images."""
+        found = [(image_id, name, True) for image_id, name in ondisk.trashed_images(io)
+                 if PRIVATE_NAME.fullmatch(name)]
+        for name in self.rbd.list(io):
+            if PRIVATE_NAME.fullmatch(name):
+                try:
+                    with rbd.Image(io, name, read_only=True) as img:
+                        found.append((str(img.id()), name, False))
+                except rbd.ImageNotFound:
+                    continue
+        return found
+
+    @staticmethod
+    def _created_before(io: rados.Ioctx, image_id: str, before: float) -> bool:
+        try:
+            with rbd.Image(io, image_id=image_id, read_only=True) as img:
+                return bool(img.create_timestamp().timestamp() < before)
+        except rbd.ImageNotFound:
+            return False
 
     def source_spec(self, ref: ImageRef) -> Dict[str, Any]:
         return dict(self._record(ref)['spec'])

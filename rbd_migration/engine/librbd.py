@@ -410,7 +410,7 @@ class LibrbdEngine:
             else:
                 io.close()
 
-    def _namespaces(self, io: rados.Ioctx) -> List[str]:
+    def namespaces(self, io: rados.Ioctx) -> List[str]:
         try:
             return list(self.rbd.namespace_list(io))
         except rbd.Error:
@@ -422,7 +422,7 @@ class LibrbdEngine:
         try:
             with self.rados.open_ioctx2(pool_id) as io:
                 found = []
-                for ns in [''] + self._namespaces(io):
+                for ns in [''] + self.namespaces(io):
                     io.set_namespace(ns)
                     found += [(pool_id, ns, src_id, name)
                               for src_id, name in ondisk.trashed_migration_sources(io)]

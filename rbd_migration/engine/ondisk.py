@@ -154,6 +154,12 @@ def trashed_migration_sources(io: rados.Ioctx) -> List[Tuple[str, str]]:
             if source == TRASH_SOURCE_MIGRATION]
 
 
+def trashed_images(io: rados.Ioctx) -> List[Tuple[str, str]]:
+    """(id, name) of every image in the trash, whatever moved it there
+    (python3-rbd's trash_list fails on some listings: IndexError)."""
+    return [(image_id, name) for image_id, (_, name) in _trash(io)]
+
+
 def trashed_source_id(io: rados.Ioctx, name: str) -> Optional[str]:
     """The id of the migration source named ``name`` in the trash, if any."""
     return next((i for i, n in trashed_migration_sources(io) if n == name), None)

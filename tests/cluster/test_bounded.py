@@ -328,3 +328,25 @@ def test_blocklisted_clients_are_replaced(cluster: Cluster, source: Dict[str, An
             cluster.task_end(str(json.loads(abort.stdout)['task']['id']))
         subprocess.run(['rbd', '--conf', str(cluster.state.conf if cluster.state else ''),
                         'rm', '--no-progress', name], capture_output=True)
+
+
+def test_a_target_a_failover_left_unrecorded_is_removed(cluster: Cluster) -> None:
+    """A prepare cut between creating its private target and recording it
+    leaves an image no command finds; the next mgr removes it (one in the
+    trash, one not yet moved there), and leaves recorded ones alone."""
+    orphans = [f'rbd_migration.{uuid.uuid4().hex[:12]}' for _ in range(2)]
+    for name in orphans:
+        cluster.rbd('create', '--size', '8M', f'rbd/{name}')
+    cluster.rbd('trash', 'mv', f'rbd/{orphans[0]}')
+    time.sleep(1.5)  # created before the next mgr starts, by its clock too
+    cluster.kill_daemon('mgr.x')
+    cluster.start_daemon('mgr.x')
+    cluster.wait_module()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = [n for n in orphans if n in cluster.rbd('ls', 'rbd')
+                or n in cluster.rbd('trash', 'ls', '--all', 'rbd')]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f'still there: {left}'
