@@ -124,12 +124,13 @@ class Listing:
         self.warm(max_age)
         return last
 
-    def within(self, seconds: float, max_age: float = 0.0) -> Tuple[Listed, List[str]]:
+    def within(self, seconds: float, max_age: float = 0.0) -> Tuple[Listed, Optional[List[str]]]:
         """A listing begun no earlier than this call (or within
         ``limit(max_age)`` when ``max_age`` is set) if a background scan
-        gives one within ``seconds``; otherwise the last listing, with what
-        the scan still waits on.  Never more than one scan runs, however
-        many callers give up on it."""
+        gives one within ``seconds``, and None; otherwise the last listing
+        (empty, never begun, if there is none yet), with what the scan still
+        waits on.  Never more than one scan runs, however many callers give
+        up on it."""
         asked = self._clock()
         if max_age > 0:
             asked -= self.limit(max_age)
@@ -139,7 +140,7 @@ class Listing:
                 last = self._last
                 if last is not None and last.began >= asked and \
                         last.changes == self._changes:
-                    return last, []
+                    return last, None
                 if self._failed is not None and self._failed[0] >= asked:
                     raise self._failed[1]
                 if not self._refreshing:

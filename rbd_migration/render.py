@@ -57,9 +57,15 @@ def _status(result: Dict[str, Any]) -> str:
         parts.append('tasks:\n' + tasks)
     listed = result.get('listed') or {}
     age = listed.get('age', 0.0)
-    if listed.get('waiting_on'):
-        parts.append(f"(migrations as listed {age:.0f} s ago: still waiting on "
-                     f"{', '.join(listed['waiting_on'])}; ceph health detail may say why)")
+    waits = ', '.join(listed.get('waiting_on') or [])
+    if listed.get('stale'):
+        if not listed.get('at'):
+            parts = [_status_pending(waits)] + parts[1:] if not result['migrations'] \
+                else parts
+        else:
+            parts.append(f'(migrations as listed {age:.0f} s ago: a newer listing is '
+                         f"still under way{', waiting on ' + waits if waits else ''}"
+                         f"{'; ceph health detail may say why' if waits else ''})")
     elif age >= 1.0:  # answered from the listing kept while tasks run
         parts.append(f'(migrations as listed {age:.0f} s ago; tasks are running)')
     commands = result.get('commands') or []
@@ -69,6 +75,11 @@ def _status(result: Dict[str, Any]) -> str:
             + (f", waiting on {c['waiting_on']})" if c.get('waiting_on') else ')')
             for c in commands))
     return '\n\n'.join(parts)
+
+
+def _status_pending(waits: str) -> str:
+    return ('migrations: not listed yet, the listing is still under way'
+            f"{' (waiting on ' + waits + ')' if waits else ''}; ask again")
 
 
 def _task_line(t: Dict[str, Any]) -> str:

@@ -628,8 +628,10 @@ class MigrationService:
                 latest[t.image_key] = t
         shown: Dict[str, Any] = {'at': listed.began_wall,
                                  'age': round(listed.age(time.monotonic()), 3)}
-        if unanswered:
-            # What the listing still waits on: the rest is as last seen.
+        if unanswered is not None:
+            # The scan did not end in time: this is the last listing, and
+            # what the scan still waits on.
+            shown['stale'] = True
             shown['waiting_on'] = unanswered
         return {'migrations': [self.describe(i, latest) for i in infos],
                 'tasks': [t.to_dict() for t in tasks], 'listed': shown}
