@@ -4,6 +4,10 @@ On a Ceph host the runtime dependencies come from the distribution, for the
 interpreter that ceph-mgr embeds (Debian: python3-requests, python3-boto3,
 python3-jsonschema, python3-zstandard; python3-rados and python3-rbd come
 with Ceph).  ``install_requires`` names them for completeness.
+
+The ``rbd-migration`` console script (package ``rbd_migration_cli``) is a
+drop-in for ``rbd migration prepare|execute|commit|abort`` that runs them
+through the module; it needs only python3-rados, on the client host.
 """
 from setuptools import find_packages, setup
 
@@ -14,7 +18,9 @@ setup(
     long_description=open('README.rst').read(),
     long_description_content_type='text/x-rst',
     license='LGPL-2.1-or-later',
-    packages=find_packages(include=['rbd_migration', 'rbd_migration.*']),
+    packages=find_packages(include=['rbd_migration', 'rbd_migration.*',
+                                    'rbd_migration_cli']),
+    entry_points={'console_scripts': ['rbd-migration = rbd_migration_cli.main:main']},
     python_requires='>=3.9',
     install_requires=['requests', 'boto3', 'jsonschema'],
     extras_require={'zstd': ['zstandard']},

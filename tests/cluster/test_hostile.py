@@ -23,6 +23,7 @@ import shutil
 import stat
 import string
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -102,8 +103,8 @@ class FastRetryService(MigrationService):
     """The service with one attempt per request: a closed port costs
     milliseconds instead of seconds.  Nothing else differs."""
 
-    def source_context(self) -> SourceContext:
-        ctx = super().source_context()
+    def source_context(self, stop: Optional[threading.Event] = None) -> SourceContext:
+        ctx = super().source_context(stop)
         ctx.retries, ctx.timeout = 1, 2.0
         return ctx
 
