@@ -37,9 +37,9 @@ from ..errors import (InvalidArgument, MigrationError, NotFound,
                       PermissionDenied, SourceChanged, Unsupported)
 from ..secrets import is_config_ref, mask_text, mask_url, resolve_secrets
 from .base import Stream
-from .http import (PIECE, Guard, Transient, WatchedConnection, changed,
-                   guarded, host_port, network_reason, same_validator,
-                   timed_out, tls_error, with_retries)
+from .net import (PIECE, Guard, Transient, WatchedConnection, changed,
+                  guarded, host_port, network_reason, same_validator,
+                  timed_out, tls_error, with_retries)
 
 FIELD = 'source-spec: stream.url'
 CREDENTIALS = 'source-spec: stream.access_key/secret_key'

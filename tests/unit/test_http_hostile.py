@@ -21,8 +21,8 @@ from rbd_migration.context import SourceContext
 from rbd_migration.errors import (Cancelled, InvalidArgument,
                                   PermissionDenied, SourceChanged,
                                   SourceUnavailable, TimedOut)
-from rbd_migration.streams.http import (MAX_REDIRECTS, HttpStream,
-                                        Transient, origin_of, with_retries)
+from rbd_migration.streams.http import MAX_REDIRECTS, HttpStream, origin_of
+from rbd_migration.streams.net import Transient, with_retries
 from tests.netfaults import reset
 
 PASSWORD = 'hostile-Pa55word'
