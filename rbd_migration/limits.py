@@ -16,13 +16,14 @@ MiB = 1 << 20
 class SourceLimits:
     #: Bytes of metadata a format may hold in memory at once for one open
     #: source: qcow2 L1 tables and cached L2 tables, snapshot tables,
-    #: export-diff indexes.  Also bounds any one metadata read.
-    metadata_bytes: int = 64 * MiB
+    #: export-diff indexes (28 bytes a record).  Also bounds any one
+    #: metadata read.  16 MiB keeps a probe of any input within 16 MiB.
+    metadata_bytes: int = 16 * MiB
     #: Snapshots one source may have (a qcow2 snapshot table, a spec's
     #: ``snapshots`` list, an export-diff chain).
     snapshots: int = 512
     #: Records one export-diff or export stream may hold.
-    records: int = 4_000_000
+    records: int = 500_000
     #: Layers of a qcow2 backing chain.
     chain_depth: int = 16
 

@@ -171,13 +171,13 @@ class Module(MgrModule):
                desc='seconds the probe of a source may take in all (opening, '
                     'metadata, the first read) before prepare fails',
                runtime=True),
-        Option('source_max_metadata_bytes', type='int', default=67108864,
+        Option('source_max_metadata_bytes', type='int', default=16777216,
                min=1 << 20, desc='bytes of metadata (qcow2 tables, indexes) one source '
                                  'may hold in the mgr\'s memory',
                runtime=True),
         Option('source_max_snapshots', type='int', default=512, min=1,
                desc='snapshots one source may have', runtime=True),
-        Option('source_max_records', type='int', default=4000000, min=1,
+        Option('source_max_records', type='int', default=500000, min=1,
                desc='records one export or export-diff stream may hold', runtime=True),
         Option('source_max_chain_depth', type='int', default=16,
                min=1, desc='layers of a qcow2 backing chain', runtime=True),

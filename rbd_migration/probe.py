@@ -138,6 +138,9 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
                        'which librbd cannot follow')
     if f.extended_l2:
         reasons.append(f'{where} uses extended L2 entries, which librbd cannot read')
+    if f.data_past_end:
+        reasons.append(f'{where} has data clusters past the end of the file, which QEMU '
+                       'reads as zeros and librbd imports otherwise')
     reasons += _urls_librbd_mangles(spec)
     reasons += _files_librbd_reopens(spec)
     reasons += _secrets_librbd_would_store(spec)

@@ -46,6 +46,10 @@ class FormatFeatures:
     external_data_file: Optional[str] = None
     extended_l2: bool = False
     compression_type: Optional[str] = None
+    #: Some data cluster lies (wholly or partly) past the end of the file.
+    #: QEMU reads those bytes as zeros, and so do our formats; librbd's
+    #: import reads them otherwise, so such a source must not take its path.
+    data_past_end: bool = False
     notes: List[str] = field(default_factory=list)
 
 

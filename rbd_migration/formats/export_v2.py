@@ -24,18 +24,22 @@ The source-spec is ``{"type": "export", "stream": {...}}``.  Opening reads
 the record headers through the stream (payloads are skipped by offset) and
 keeps, per snapshot, where each written range lies in the file; everything
 else (composition, extents, exact diffs) is ``export_diff.LayeredFormat``.
+The counts the file gives are bounded by the context's ``SourceLimits``
+before they are acted on: the diffs by ``snapshots``, the records (image
+header ones included) by ``records``, the index and the image-meta pairs
+by ``metadata_bytes``.
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..streams import open_stream
 from ..streams.base import Stream
 from .detect import IMAGE_BANNER_V2, IMAGE_DIFFS_BANNER_V2
-from .export_diff import (DIFF_BANNER_V2, SNIFF, Layer, LayeredFormat,
-                          RecordReader, Where, known_type, normalize,
-                          parse_diff)
+from .export_diff import (DIFF_BANNER_V2, SNIFF, IndexBudget, Layer,
+                          LayeredFormat, RecordReader, Where, known_type,
+                          normalize, parse_diff)
 
 TAG_ORDER = ord('O')
 TAG_FORMAT = ord('F')
@@ -55,6 +59,9 @@ _U64_FIELDS = {TAG_ORDER: 'order', TAG_FEATURES: 'features',
 MAX_META_RECORD = 16 << 20
 #: The smallest diff: its banner and the end tag.
 _MIN_DIFF = len(DIFF_BANNER_V2) + 1
+#: What one image-meta pair costs in memory besides its bytes (two str
+#: objects and a dict slot), charged to the metadata budget.
+_META_OVERHEAD = 160
 
 
 @dataclass
@@ -77,8 +84,8 @@ class ExportV2Format(LayeredFormat):
     the image header (:meth:`image_meta`)."""
 
     def __init__(self, layers: List[Layer], where: Where,
-                 meta: ImageMeta) -> None:
-        super().__init__(layers, where)
+                 meta: ImageMeta, ctx: Optional[SourceContext] = None) -> None:
+        super().__init__(layers, where, ctx)
         self._meta = meta
 
     @classmethod
@@ -86,15 +93,16 @@ class ExportV2Format(LayeredFormat):
                   ctx: SourceContext) -> 'ExportV2Format':
         stream = open_stream(spec['stream'], ctx)
         try:
-            return cls.open(stream)
+            return cls.open(stream, ctx=ctx)
         except BaseException:
             stream.close()
             raise
 
     @classmethod
-    def open(cls, stream: Stream, spec_field: str = 'stream') \
-            -> 'ExportV2Format':
+    def open(cls, stream: Stream, spec_field: str = 'stream',
+             ctx: Optional[SourceContext] = None) -> 'ExportV2Format':
         """Index ``stream``; the format owns it from then on."""
+        ctx = ctx if ctx is not None else SourceContext()
         where = Where(spec_field, stream)
         end = stream.size()
         head = stream.read(0, SNIFF)
@@ -103,8 +111,10 @@ class ExportV2Format(LayeredFormat):
                 f"source-spec: type: 'export', but "
                 f"{stream.description or 'the image'} does not start with "
                 f"{IMAGE_BANNER_V2!r}; {_suggest(known_type(head))}")
-        reader = RecordReader(where, len(IMAGE_BANNER_V2), end)
+        reader = RecordReader(where, len(IMAGE_BANNER_V2), end, ctx,
+                              IndexBudget(ctx.limits))
         meta = _parse_header(reader)
+        reader.settle(0)   # the pairs were charged as they came
         at = reader.pos
         banner = reader.take(len(IMAGE_DIFFS_BANNER_V2), at,
                              'the diffs banner')
@@ -116,7 +126,10 @@ class ExportV2Format(LayeredFormat):
         if not 0 < count <= (end - reader.pos) // _MIN_DIFF:
             raise where.corrupt(at, f'the number of diffs, {count}, is '
                                     f'impossible in a file of {end} bytes')
-        return cls(_read_diffs(reader, count), where, meta)
+        if count - 1 > ctx.limits.snapshots:   # one per snapshot, then HEAD
+            raise InvalidArgument(f'{where}: ' + ctx.limits.refuse(
+                'snapshots', 'the export (snapshots)', count - 1))
+        return cls(_read_diffs(reader, count), where, meta, ctx)
 
     def image_metadata(self) -> Dict[str, str]:
         return dict(self._meta.metadata)
@@ -152,6 +165,7 @@ def _parse_header(reader: RecordReader) -> ImageMeta:
     meta = ImageMeta()
     while True:
         at = reader.pos
+        reader.next_record()
         tag = reader.u8(at, 'an image header tag')
         if tag == TAG_END:
             return meta
@@ -166,6 +180,8 @@ def _parse_header(reader: RecordReader) -> ImageMeta:
             limit = min(length, MAX_META_RECORD)
             key = reader.string(at, f'the key of {name}', limit)
             value = reader.string(at, f'the value of {name}', limit)
+            reader.budget.charge(len(key) + len(value) + _META_OVERHEAD,
+                                 reader.where, 'the image-meta pairs (bytes)')
             meta.metadata[key.decode('utf-8', 'surrogateescape')] = \
                 value.decode('utf-8', 'surrogateescape')
         else:
@@ -178,8 +194,10 @@ def _read_diffs(reader: RecordReader, count: int) -> List[Layer]:
     last ending at a snapshot of a name not seen before."""
     where = reader.where
     layers: List[Layer] = []
+    names: Set[str] = set()
     size = 0
     for index in range(count):
+        reader.ctx.check()
         at = reader.pos
         diff = parse_diff(reader, index, size)
         if diff.version != 2:
@@ -195,13 +213,15 @@ def _read_diffs(reader: RecordReader, count: int) -> List[Layer]:
         if diff.to_snap is None and index < count - 1:
             raise where.corrupt(at, f'diff {index} of {count} ends at HEAD, '
                                     f'which only the last may do')
-        if diff.to_snap is not None and \
-                any(layer.name == diff.to_snap for layer in layers):
+        if diff.to_snap is not None and diff.to_snap in names:
             raise where.corrupt(at, f"snapshot '{diff.to_snap}' appears "
                                     f'twice')
+        if diff.to_snap is not None:
+            names.add(diff.to_snap)
         if index == 0 and diff.size is None:
             raise where.corrupt(at, 'the first diff has no size record')
         size = size if diff.size is None else diff.size
         layers.append(Layer(diff.to_snap, size, where.stream,
-                            normalize(diff.records), diff.protected))
+                            normalize(diff.records, where, reader.budget),
+                            diff.protected))
     return layers

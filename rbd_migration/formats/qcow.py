@@ -7,16 +7,27 @@ Internal snapshots are other L1 tables.  Only what reading needs is parsed:
 refcounts and bitmaps are ignored, nothing is ever written.
 
 Reads are safe from several threads: nothing keeps a seek position, the
-caches take a lock, and the streams underneath are thread-safe.  Memory stays
-bounded: the active L1 table is kept (QEMU caps it at 32 MiB), everything
-else lives in byte-budgeted LRU caches.
+caches take a lock, and the streams underneath are thread-safe.
+
+Every number in the file is chosen by whoever wrote it, so each is checked
+against ``SourceLimits`` (the context's ``limits``) before anything is
+allocated or looped over: the snapshot count, the backing chain's depth,
+the L1 tables' sizes.  Memory stays within ``metadata_bytes`` for the whole
+chain: the active L1 tables are held (QEMU caps each at 32 MiB), everything
+else (L2 tables, their decoded runs, snapshot L1 tables) lives in one LRU
+cache with what the L1 tables leave of that budget.  Walks over tables call
+the context's ``check()``, so a cancel or the probe's deadline ends them.
 
 Past the virtual size, reads return zeros (as raw images do); data clusters
-past the end of the file read as zeros too, as in QEMU, while metadata (L1
-and L2 tables, the snapshot table) past the end is reported as corruption.
+past the end of the file read as zeros too, as in QEMU (``qemu-img convert``
+reads them so, and ``qemu-img check`` reports them), while metadata (L1 and
+L2 tables, the snapshot table) past the end is reported as corruption.  Such
+data is reported as ``FormatFeatures.data_past_end``: librbd imports it
+differently.
 """
 import array
 import bisect
+import itertools
 import struct
 import sys
 import threading
@@ -24,7 +35,7 @@ import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Hashable, Iterable, Iterator, List,
-                    Mapping, Optional, Tuple)
+                    Mapping, Optional, Set, Tuple, Union)
 
 from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
@@ -67,12 +78,29 @@ MAX_L1_BYTES = 32 << 20            # QEMU's QCOW_MAX_L1_SIZE
 MAX_SNAPSHOTS = 65536              # QEMU's QCOW_MAX_SNAPSHOTS
 MAX_SNAPSHOT_EXTRA = 1024          # QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA
 MAX_BACKING_NAME = 1023
+#: Longest snapshot name or id kept: snapshot names become RBD snapshot
+#: names, which ``rbd import-diff`` also caps at this length.
+MAX_SNAPSHOT_NAME = 4096
 
-# Cache budgets, in bytes.
-L1_CACHE_BYTES = 64 << 20          # snapshot L1 tables
-L2_CACHE_BYTES = 32 << 20
-CLUSTER_CACHE_BYTES = 16 << 20     # decompressed clusters
-RUNS_CACHE_BYTES = 32 << 20        # L2 tables decoded into runs
+#: Decompressed clusters kept, in bytes (data, not metadata: outside the
+#: ``metadata_bytes`` budget).
+CLUSTER_CACHE_BYTES = 16 << 20
+#: Runs decoded per piece of an L2 table at most: a piece is decoded and
+#: cached whole, so this bounds what one lookup costs (a 2 MiB-cluster table
+#: with extended L2 entries could otherwise make 4 million runs).
+RUN_PIECE = 4096
+#: Bytes of an L1 table read at once, between calls to ``ctx.check()``.
+L1_READ = 1 << 20
+#: L1 entries looked at between calls to ``ctx.check()`` when skipping
+#: unallocated ones.
+L1_SCAN = 1 << 16
+#: What the compression scan's set of L2 table offsets (so that tables
+#: shared by snapshots are read once) costs an entry; it may take a quarter
+#: of ``metadata_bytes``, past which some tables are read again rather than
+#: the set growing with the image.
+SEEN_ENTRY_BYTES = 72
+#: Header extensions walked between calls to ``ctx.check()``.
+EXTENSION_BATCH = 4096
 
 _V1_HEADER = struct.Struct('>4sIQIIQBBHIQ')
 _V2_HEADER = struct.Struct('>4sIQIIQIIQQIIQ')
@@ -212,6 +240,56 @@ _EXTENT_KIND = {_RunKind.DATA: ExtentKind.DATA,
                 _RunKind.COMPRESSED: ExtentKind.DATA,
                 _RunKind.ZERO: ExtentKind.ZERO}
 
+_KIND_CODES = (_RunKind.UNALLOCATED, _RunKind.ZERO, _RunKind.DATA,
+               _RunKind.COMPRESSED)
+_KIND_CODE = {kind: code for code, kind in enumerate(_KIND_CODES)}
+
+
+class _Runs:
+    """Contiguous runs from ``base`` to ``end``, packed in arrays (about 21
+    bytes a run rather than a Python object each): what one piece of an L2
+    table decodes to, as cached."""
+
+    __slots__ = ('starts', 'hosts', 'csizes', 'kinds', 'end')
+
+    def __init__(self, base: int) -> None:
+        self.starts = array.array('Q')
+        self.hosts = array.array('Q')
+        self.csizes = array.array('I')
+        self.kinds = bytearray()
+        self.end = base
+
+    def add(self, kind: str, start: int, end: int, host: int = 0,
+            csize: int = 0) -> None:
+        self.starts.append(start)
+        self.hosts.append(host)
+        self.csizes.append(csize)
+        self.kinds.append(_KIND_CODE[kind])
+        self.end = end
+
+    def add_run(self, run: _Run) -> None:
+        self.add(run.kind, run.offset, run.end, run.host, run.csize)
+
+    @property
+    def weight(self) -> int:
+        """Bytes held, for the cache."""
+        return 256 + 21 * len(self.kinds)
+
+    def run(self, i: int) -> _Run:
+        start = self.starts[i]
+        stop = self.starts[i + 1] if i + 1 < len(self.kinds) else self.end
+        return _Run(start, stop - start, _KIND_CODES[self.kinds[i]],
+                    self.hosts[i], self.csizes[i])
+
+    def clipped(self, lo: int, hi: int) -> Iterator[_Run]:
+        """The runs over ``[lo, hi)``, cut to it."""
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.kinds) and self.starts[i] < hi:
+            run = self.run(i)
+            if run.end > lo:
+                yield run.clip(lo, hi)
+            i += 1
+
 
 def _show_through(upper: Iterable[Extent], lower: Iterable[Extent],
                   end: int) -> Iterator[Extent]:
@@ -286,10 +364,11 @@ _DECOMPRESSORS: Dict[int, Callable[[bytes, int], bytes]] = {
 class _LruCache:
     """Values are loaded outside the lock, so one slow stream read does not
     stall the other readers; two threads may then load the same key, which
-    costs a read but is harmless."""
+    costs a read but is harmless.  The budget may be a function, read at
+    each insertion: what a chain's L1 tables leave of its metadata budget."""
 
-    def __init__(self, budget: int) -> None:
-        self._budget = budget
+    def __init__(self, budget: Union[int, Callable[[], int]]) -> None:
+        self._budget = budget if callable(budget) else (lambda: budget)
         self._used = 0
         self._items: 'OrderedDict[Hashable, Tuple[Any, int]]' = OrderedDict()
         self._lock = threading.Lock()
@@ -302,16 +381,42 @@ class _LruCache:
                 return hit[0]
         value, weight = load()
         with self._lock:
-            if key not in self._items and weight <= self._budget:
+            budget = self._budget()
+            if key not in self._items and weight <= budget:
                 self._items[key] = (value, weight)
                 self._used += weight
-                while self._used > self._budget:
+                while self._used > budget:
                     _, (_, dropped) = self._items.popitem(last=False)
                     self._used -= dropped
         return value
 
 
-def _words(data: bytes) -> 'array.array[int]':
+class _Budget:
+    """What one open chain holds in memory, shared by its layers: the active
+    L1 tables (held while open, ``pinned``) and one LRU cache of all other
+    metadata (L2 tables, their decoded runs, snapshot L1 tables) within
+    what the L1 tables leave of ``metadata_bytes``.  Decompressed clusters
+    are data, cached apart."""
+
+    def __init__(self, ctx: SourceContext) -> None:
+        self.ctx = ctx
+        self.limits = ctx.limits
+        self.pinned = 0
+        self.metadata = _LruCache(
+            lambda: self.limits.metadata_bytes - self.pinned)
+        self.clusters = _LruCache(CLUSTER_CACHE_BYTES)
+
+    def pin(self, nbytes: int, where: str) -> None:
+        """Hold ``nbytes`` of L1 table for as long as the chain is open."""
+        total = self.pinned + nbytes
+        if total > self.limits.metadata_bytes:
+            raise InvalidArgument(f'{where}: ' + self.limits.refuse(
+                'metadata_bytes', 'holding the qcow2 L1 tables of the '
+                'backing chain (bytes)', total))
+        self.pinned = total
+
+
+def _words(data: Union[bytes, bytearray]) -> 'array.array[int]':
     """Big-endian u64s as a compact array (8 bytes each, fast to index)."""
     words = array.array('Q', data)
     if sys.byteorder == 'little':
@@ -319,9 +424,32 @@ def _words(data: bytes) -> 'array.array[int]':
     return words
 
 
+#: Byte translations marking (with 1) the top byte of a compressed L2
+#: entry: qcow2 (bit 62) and qcow v1 (bit 63).
+_COMPRESSED_MARKS = {
+    v1: bytes(1 if b & (0x80 if v1 else 0x40) else 0 for b in range(256))
+    for v1 in (False, True)}
+
+
+def _highest_host(raw: bytes, marks: bytes, h: 'QcowHeader') -> int:
+    """At least the highest host offset a plain (not compressed) entry of
+    the L2 table ``raw`` names, found without a Python step per entry:
+    compressed entries and the flag byte are zeroed, then ``max``."""
+    clean = bytearray(raw)
+    step = 8 * h.entry_words
+    at = marks.find(1)
+    while at >= 0:
+        clean[at * step:at * step + 8] = bytes(8)
+        at = marks.find(1, at + 1)
+    if h.version > 1:
+        clean[0::8] = bytes(len(clean) // 8)   # flags and reserved bits
+    return max(_words(clean)[0::h.entry_words], default=0)
+
+
 class _TableReader:
     """Sequential reads of a variable-length on-disk table (the snapshot
-    table), fetched in large blocks rather than one request per field."""
+    table), fetched in large blocks rather than one request per field; only
+    the current block is held, whatever the table's length."""
 
     BLOCK = 64 << 10
 
@@ -331,18 +459,19 @@ class _TableReader:
         self._truncated = truncated
         self._start = offset
         self._pos = offset
-        self._buf = bytearray()
+        self._buf = b''
+        self._buf_start = offset
 
     def take(self, length: int) -> bytes:
-        want = self._pos + length - self._start
-        if want > len(self._buf):
-            more = max(want - len(self._buf), self.BLOCK)
-            self._buf += self._read(self._start + len(self._buf), more)
-            if want > len(self._buf):
+        lo = self._pos - self._buf_start
+        if lo < 0 or lo + length > len(self._buf):
+            self._buf = self._read(self._pos, max(length, self.BLOCK))
+            self._buf_start = self._pos
+            lo = 0
+            if length > len(self._buf):
                 raise self._truncated()
-        data = bytes(self._buf[self._pos - self._start:want])
         self._pos += length
-        return data
+        return self._buf[lo:lo + length]
 
     def align(self, boundary: int) -> None:
         self._pos += -(self._pos - self._start) % boundary
@@ -352,8 +481,7 @@ class _TableReader:
 # The format
 
 
-#: Backing files followed at most (QEMU allows deeper, nobody needs them).
-MAX_CHAIN = 16
+_LAYER_IDS = itertools.count()
 
 
 class QcowFormat(Format):
@@ -365,16 +493,19 @@ class QcowFormat(Format):
     it with itself.
     """
 
-    def __init__(self, stream: Stream,
-                 backing: Optional[Format] = None) -> None:
+    def __init__(self, stream: Stream, backing: Optional[Format] = None,
+                 ctx: Optional[SourceContext] = None,
+                 budget: Optional['_Budget'] = None) -> None:
+        """``budget`` is shared by the layers of one chain; ``ctx`` gives
+        the limits and the stop and deadline that long walks check."""
         self._stream = stream
         self.backing = backing
+        self._ctx = ctx if ctx is not None else SourceContext()
+        self._budget = budget if budget is not None else _Budget(self._ctx)
+        self._limits = self._budget.limits
+        self._tag = next(_LAYER_IDS)   # this layer's keys in shared caches
         self._lock = threading.Lock()
         self._data_stream: Optional[Stream] = None
-        self._l1_cache = _LruCache(L1_CACHE_BYTES)
-        self._l2_cache = _LruCache(L2_CACHE_BYTES)
-        self._cluster_cache = _LruCache(CLUSTER_CACHE_BYTES)
-        self._runs_cache = _LruCache(RUNS_CACHE_BYTES)
         self._file_size = stream.size()
         self.header = self._read_header()
         self.extensions = self._read_extensions()
@@ -382,44 +513,57 @@ class QcowFormat(Format):
         self.backing_file = self._read_backing_name()
         self.backing_format = self.extensions.backing_format
         self._snapshots = self._read_snapshots()
-        self._l1 = self._load_l1(self.header.l1_table_offset,
-                                 self.header.l1_size)
+        self._largest_size = max(
+            [self.header.size] + [s.disk_size for s in self._snapshots])
+        h = self.header
+        self._piece = min(1 << h.l2_bits,
+                          RUN_PIECE // (SUBCLUSTERS if h.extended_l2 else 1))
+        self._budget.pin(h.l1_size * 8, self._where)
+        self._l1 = self._load_l1(h.l1_table_offset, h.l1_size)
         self._features = self._static_features()
         self._features_lock = threading.Lock()
-        self._compressed_known = False
+        self._scanned = False
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any],
                   ctx: SourceContext) -> 'QcowFormat':
         stream = open_stream(spec['stream'], ctx)
         try:
-            return cls.open_chain(stream)
+            return cls.open_chain(stream, ctx)
         except BaseException:
             stream.close()
             raise
 
     @classmethod
-    def open_chain(cls, stream: Stream, depth: int = 0) -> 'QcowFormat':
+    def open_chain(cls, stream: Stream, ctx: Optional[SourceContext] = None,
+                   depth: int = 0,
+                   budget: Optional['_Budget'] = None) -> 'QcowFormat':
         """The image on ``stream`` with its backing chain attached: each
         backing file is found next to its overlay, through the same kind of
         stream (a file beside the file, a URL beside the URL, a key beside
-        the key in the bucket), and is qcow2 or raw."""
-        top = cls(stream)
+        the key in the bucket), and is qcow2 or raw.  ``depth`` layers are
+        already open above this one; all share one ``budget``."""
+        ctx = ctx if ctx is not None else SourceContext()
+        budget = budget if budget is not None else _Budget(ctx)
+        top = cls(stream, ctx=ctx, budget=budget)
         if top.backing_file is None:
             return top
         try:
-            if depth + 1 >= MAX_CHAIN:
+            layers = depth + 2
+            if layers > ctx.limits.chain_depth:
                 raise InvalidArgument(
-                    f'{top._where}: the backing chain is deeper than {MAX_CHAIN} '
-                    'images; flatten part of it with qemu-img convert')
+                    f'{top._where}: ' + ctx.limits.refuse(
+                        'chain_depth', 'the qcow2 backing chain (layers)',
+                        layers) + '; or flatten part of it with `qemu-img '
+                    'convert`')
             under = stream.sibling(top.backing_file)
             try:
                 head = under.read(0, SNIFF_LENGTH)
                 if sniff(head) == 'qcow':
-                    top.backing = cls.open_chain(under, depth + 1)
+                    top.backing = cls.open_chain(under, ctx, depth + 1, budget)
                 else:
                     from .raw import RawFormat
-                    top.backing = RawFormat(under)
+                    top.backing = RawFormat(under, ctx=ctx)
             except BaseException:
                 under.close()
                 raise
@@ -547,6 +691,10 @@ class QcowFormat(Format):
         if h.nb_snapshots > MAX_SNAPSHOTS:
             raise self._corrupt(f'{h.nb_snapshots} snapshots (at most '
                                 f'{MAX_SNAPSHOTS})')
+        if h.nb_snapshots > self._limits.snapshots:
+            raise InvalidArgument(f'{self._where}: ' + self._limits.refuse(
+                'snapshots', 'the qcow2 snapshot table (snapshots)',
+                h.nb_snapshots))
         if h.nb_snapshots and h.snapshots_offset % h.cluster_size:
             raise self._corrupt('the snapshot table is not cluster aligned')
 
@@ -556,6 +704,10 @@ class QcowFormat(Format):
         if entries * 8 > MAX_L1_BYTES:
             raise self._corrupt(f'{what} has {entries} entries (at most '
                                 f'{MAX_L1_BYTES // 8})')
+        if entries * 8 > self._limits.metadata_bytes:
+            raise InvalidArgument(f'{self._where}: ' + self._limits.refuse(
+                'metadata_bytes', f'{what} of the qcow2 image (bytes)',
+                entries * 8))
         if h.version > 1 and offset % h.cluster_size:
             raise self._corrupt(f'{what} at {offset:#x} is not cluster '
                                 f'aligned')
@@ -576,7 +728,11 @@ class QcowFormat(Format):
         buf = self._read_exact(h.header_length, end - h.header_length,
                                'the header extensions')
         pos = 0
-        while pos + 8 <= len(buf):
+        for count in itertools.count():
+            if pos + 8 > len(buf):
+                break
+            if count % EXTENSION_BATCH == 0:
+                self._ctx.check()
             kind, length = struct.unpack_from('>II', buf, pos)
             if kind == EXT_END:
                 break
@@ -587,7 +743,7 @@ class QcowFormat(Format):
             if kind == EXT_BACKING_FORMAT:
                 exts.backing_format = data.decode('utf-8', 'replace')
             elif kind == EXT_DATA_FILE:
-                exts.data_file = data.decode('utf-8', 'surrogateescape')
+                exts.data_file = self._file_name(data, 'external data file')
             elif kind == EXT_FEATURE_NAMES:
                 for i in range(0, length - 47, 48):
                     name = data[i + 2:i + 48].split(b'\0', 1)[0]
@@ -630,6 +786,13 @@ class QcowFormat(Format):
             return None
         raw = self._read_exact(h.backing_file_offset, h.backing_file_size,
                                'the backing file name')
+        return self._file_name(raw, 'backing file')
+
+    def _file_name(self, raw: bytes, what: str) -> str:
+        """A file name the header gives, to be opened next to the image:
+        QEMU reads it as a C string, and no path holds a NUL."""
+        if b'\0' in raw:
+            raise self._corrupt(f'the {what} name holds a NUL byte')
         return raw.decode('utf-8', 'surrogateescape')
 
     def _read_snapshots(self) -> List[QcowSnapshot]:
@@ -640,12 +803,19 @@ class QcowFormat(Format):
             lambda: self._corrupt('the snapshot table runs past the end of '
                                   'the file'))
         for i in range(h.nb_snapshots):
+            self._ctx.check()
             entry = reader.take(_SNAPSHOT_ENTRY.size)
             (l1_off, l1_size, id_len, name_len, _sec, _nsec, _clock,
              _vm_state, extra_len) = _SNAPSHOT_ENTRY.unpack(entry)
             if extra_len > MAX_SNAPSHOT_EXTRA:
                 raise self._corrupt(f'snapshot {i} has {extra_len} bytes of '
                                     f'extra data')
+            if max(id_len, name_len) > MAX_SNAPSHOT_NAME:
+                raise Unsupported(
+                    f'{self._where}: snapshot {i} has a name or id of '
+                    f'{max(id_len, name_len)} bytes, longer than any RBD '
+                    f'snapshot name ({MAX_SNAPSHOT_NAME}); delete it with '
+                    f'`qemu-img snapshot -d` first')
             extra = reader.take(extra_len)
             ident = reader.take(id_len)
             name = reader.take(name_len)
@@ -684,32 +854,87 @@ class QcowFormat(Format):
 
     @property
     def features(self) -> FormatFeatures:  # type: ignore[override]
-        """Computed on first use: knowing whether anything is compressed
-        means reading every L2 table, which opening should not cost."""
+        """Computed on first use: knowing whether anything is compressed, or
+        lies past the end of the file, means reading every L2 table, which
+        opening should not cost."""
         with self._features_lock:
-            if not self._compressed_known:
-                self._features.compressed = self._any_compressed()
-                self._compressed_known = True
+            if not self._scanned:
+                compressed, past_end = self._scan_tables()
+                self._features.compressed = compressed
+                self._features.data_past_end = past_end
+                self._scanned = True
             return self._features
 
-    def _any_compressed(self) -> bool:
+    def _scan_tables(self) -> Tuple[bool, bool]:
         """Whether any L2 table reachable from HEAD or a snapshot maps a
-        compressed cluster; each table is read once, not cached."""
-        h = self.header
-        flag_byte = 0x80 if h.version == 1 else 0x40  # top byte of the entry
-        step = 8 * h.entry_words
-        seen = set()
-        l1s = [self._l1] + [self._snapshot_l1(s) for s in self._snapshots]
-        for l1 in l1s:
-            for index in range(len(l1)):
+        compressed cluster, and whether any maps data past the end of the
+        file.  Each table is read once (L1 tables and L2 tables that
+        snapshots share are not read again), not cached."""
+        compressed = past_end = False
+        seen: Set[int] = set()
+        most = self._limits.metadata_bytes // (4 * SEEN_ENTRY_BYTES)
+        for l1 in self._all_l1s():
+            index = self._next_used(l1, 0)
+            while index < len(l1):
+                self._ctx.check()
                 offset = self._l2_offset(l1, index)
-                if not offset or offset in seen:
-                    continue
-                seen.add(offset)
-                table = self._read_exact(offset, h.l2_table_bytes,
-                                         'an L2 table')
-                if any(b & flag_byte for b in table[0::step]):
+                if offset and offset not in seen:
+                    if len(seen) < most:
+                        seen.add(offset)
+                    c, p = self._scan_table(offset)
+                    compressed, past_end = compressed or c, past_end or p
+                    if compressed and past_end:
+                        return True, True
+                index = self._next_used(l1, index + 1)
+        return compressed, past_end
+
+    def _all_l1s(self) -> Iterator['array.array[int]']:
+        """HEAD's L1 table, then each snapshot's, one at a time (not
+        cached: a scan should not evict what reads use) and each distinct
+        one once."""
+        yield self._l1
+        done = {(self.header.l1_table_offset, self.header.l1_size)}
+        for s in self._snapshots:
+            if (s.l1_table_offset, s.l1_size) not in done:
+                done.add((s.l1_table_offset, s.l1_size))
+                yield self._load_l1(s.l1_table_offset, s.l1_size)
+
+    def _scan_table(self, offset: int) -> Tuple[bool, bool]:
+        """(compressed, past the end) for the L2 table at ``offset``: C-speed
+        byte operations over the whole table, and a decode entry by entry
+        only when some entry may name a host offset past the end."""
+        h = self.header
+        raw = self._read_exact(offset, h.l2_table_bytes, 'an L2 table')
+        marks = raw[0::8 * h.entry_words].translate(
+            _COMPRESSED_MARKS[h.version == 1])
+        compressed = 1 in marks
+        if h.has_data_file:   # the data is in another file
+            return compressed, False
+        highest = _highest_host(raw, marks, h)
+        if highest + h.cluster_size <= self._file_size:
+            return compressed, False
+        return compressed, self._maps_past_end(_words(raw))
+
+    def _maps_past_end(self, table: 'array.array[int]') -> bool:
+        """Whether a data cluster (with extended L2 entries: an allocated
+        subcluster) of the L2 table reaches past the end of the file, read
+        from the entries as ``_decode`` reads them but without making runs:
+        a crafted table must not cost a run per subcluster here."""
+        h = self.header
+        cs, size = h.cluster_size, self._file_size
+        flag = V1_OFLAG_COMPRESSED if h.version == 1 else OFLAG_COMPRESSED
+        mask = ~flag if h.version == 1 else OFFSET_MASK
+        for index in range(0, len(table), h.entry_words):
+            entry = table[index]
+            host = entry & mask
+            if entry & flag or not host or host + cs <= size:
+                continue
+            if h.extended_l2:
+                alloc = table[index + 1] & 0xffffffff
+                if host + alloc.bit_length() * (cs // SUBCLUSTERS) > size:
                     return True
+            elif h.version == 1 or not entry & OFLAG_ZERO:
+                return True
         return False
 
     # -- Format interface -----------------------------------------------------
@@ -806,12 +1031,22 @@ class QcowFormat(Format):
         def load() -> Tuple[Any, int]:
             table = self._load_l1(s.l1_table_offset, s.l1_size)
             return table, len(table) * 8
-        table: 'array.array[int]' = self._l1_cache.get(
-            ('l1', s.l1_table_offset, s.l1_size), load)
+        table: 'array.array[int]' = self._budget.metadata.get(
+            ('l1', self._tag, s.l1_table_offset, s.l1_size), load)
         return table
 
     def _load_l1(self, offset: int, entries: int) -> 'array.array[int]':
-        return _words(self._read_exact(offset, entries * 8, 'an L1 table'))
+        """Read in pieces: the table costs its own size (not twice that, as
+        bytes and array), and a stop or the deadline ends a long read."""
+        words = array.array('Q')
+        end = offset + entries * 8
+        for pos in range(offset, end, L1_READ):
+            self._ctx.check()
+            words.frombytes(self._read_exact(pos, min(L1_READ, end - pos),
+                                             'an L1 table'))
+        if sys.byteorder == 'little':
+            words.byteswap()
+        return words
 
     def _l2_offset(self, l1: 'array.array[int]', index: int) -> int:
         """The L2 table for L1 slot ``index``, 0 when unallocated."""
@@ -826,79 +1061,106 @@ class QcowFormat(Format):
                                 f'{index}) is not cluster aligned')
         return offset
 
+    def _next_used(self, l1: 'array.array[int]', index: int) -> int:
+        """The first L1 slot from ``index`` that names an L2 table, or
+        ``len(l1)``: a walk over a large, mostly empty disk skips its
+        unallocated slots a block at a time rather than one by one."""
+        mask = OFFSET_MASK if self.header.version > 1 else ~0
+        while index < len(l1):
+            self._ctx.check()
+            block = l1[index:index + L1_SCAN]
+            if block.count(0) != len(block):
+                for i, entry in enumerate(block):
+                    if entry & mask:
+                        return index + i
+            index += len(block)
+        return len(l1)
+
     def _l2_table(self, offset: int) -> 'array.array[int]':
         def load() -> Tuple[Any, int]:
             size = self.header.l2_table_bytes
             return _words(self._read_exact(offset, size, 'an L2 table')), size
-        table: 'array.array[int]' = self._l2_cache.get(offset, load)
+        table: 'array.array[int]' = self._budget.metadata.get(
+            ('l2', self._tag, offset), load)
         return table
 
     # -- mapping --------------------------------------------------------------
 
     def _runs(self, l1: 'array.array[int]', start: int,
               end: int) -> Iterator[_Run]:
-        """What guest bytes ``[start, end)`` are, in order."""
+        """What guest bytes ``[start, end)`` are, in order.  Unallocated L1
+        slots in a row make one run; L2 tables are decoded by pieces."""
         span = self.header.l2_span
+        piece = self._piece * self.header.cluster_size
         pos = start
         while pos < end:
+            self._ctx.check()
             l1_index = pos // span
-            base = l1_index * span
-            table_end = min(end, base + span)
             l2_offset = self._l2_offset(l1, l1_index)
             if not l2_offset:
-                yield _Run(pos, table_end - pos, _RunKind.UNALLOCATED)
-                pos = table_end
+                used = self._next_used(l1, l1_index + 1)
+                stop = end if used >= len(l1) else min(end, used * span)
+                yield _Run(pos, stop - pos, _RunKind.UNALLOCATED)
+                pos = stop
                 continue
-            offsets, runs = self._table_runs(l2_offset, base)
-            i = max(0, bisect.bisect_right(offsets, pos) - 1)
-            while i < len(runs) and runs[i].offset < table_end:
-                if runs[i].end > pos:
-                    yield runs[i].clip(pos, table_end)
-                i += 1
-            pos = table_end
+            table_base = l1_index * span
+            base = table_base + (pos - table_base) // piece * piece
+            stop = min(end, base + piece)
+            yield from self._piece_runs(l2_offset, table_base,
+                                        base).clipped(pos, stop)
+            pos = stop
 
-    def _table_runs(self, l2_offset: int, base: int) -> Tuple[List[int], List[_Run]]:
-        """The L2 table at ``l2_offset``, mapping guest bytes from ``base``,
-        decoded once into merged runs (with their offsets, for bisecting):
-        a read or an extent listing then costs a lookup, not Python work
-        per cluster -- which bounded the copy of a qcow2 chain.  Entries
-        past the largest virtual size are not decoded."""
+    def _piece_runs(self, l2_offset: int, table_base: int,
+                    base: int) -> _Runs:
+        """The piece of the L2 table at ``l2_offset`` (mapping guest bytes
+        from ``table_base``) that maps guest bytes from ``base``, decoded
+        once into merged runs: a read or an extent listing then costs a
+        lookup, not Python work per cluster -- which bounded the copy of a
+        qcow2 chain.  Entries past the largest virtual size are not
+        decoded; a piece holds at most RUN_PIECE runs."""
         def load() -> Tuple[Any, int]:
-            table = self._l2_table(l2_offset)
-            cs = self.header.cluster_size
-            used = -(-(self._largest_size - base) // cs)
-            count = max(0, min(1 << self.header.l2_bits, used))
             h = self.header
+            table = self._l2_table(l2_offset)
+            cs = h.cluster_size
+            first = (base - table_base) // cs
+            used = -(-(self._largest_size - base) // cs)
+            count = max(0, min(self._piece, used))
             if h.version >= 2 and not h.extended_l2 and not h.has_data_file:
-                runs = self._plain_table_runs(table, count, base)
+                runs = self._plain_table_runs(table, first, count, base)
             else:
-                runs = list(_merge_runs(run for index in range(count) for run in
-                                        self._decode(table, index, base + index * cs)))
-            return ([r.offset for r in runs], runs), 64 + 160 * len(runs)
-        found: Tuple[List[int], List[_Run]] = self._runs_cache.get((l2_offset, base), load)
+                runs = _Runs(base)
+                for run in _merge_runs(
+                        run for i in range(count) for run in
+                        self._decode(table, first + i, base + i * cs)):
+                    runs.add_run(run)
+            return runs, runs.weight
+        found: _Runs = self._budget.metadata.get(
+            ('runs', self._tag, l2_offset, base), load)
         return found
 
-    def _plain_table_runs(self, table: 'array.array[int]', count: int,
-                          base: int) -> List[_Run]:
-        """``_decode`` and ``_merge_runs`` over a whole L2 table in one loop,
-        for the common layout (v2/v3, 64-bit entries, no external data
-        file): the same runs without a Python object per cluster, since
-        every layer of a chain decodes its tables once per copy."""
+    def _plain_table_runs(self, table: 'array.array[int]', first: int,
+                          count: int, base: int) -> _Runs:
+        """``_decode`` and ``_merge_runs`` over ``count`` entries of an L2
+        table from ``first`` in one loop, for the common layout (v2/v3,
+        64-bit entries, no external data file): the same runs without a
+        Python object per cluster, since every layer of a chain decodes its
+        tables once per copy."""
         cs = self.header.cluster_size
         zero_ok = self.header.version >= 3
-        runs: List[_Run] = []
+        runs = _Runs(base)
         kind: Optional[str] = None   # the run being built
         start = host0 = 0
-        for index in range(count):
+        for index in range(first, first + count):
             entry = table[index]
-            cluster = base + index * cs
+            cluster = base + (index - first) * cs
             host = entry & OFFSET_MASK
             if entry & OFLAG_COMPRESSED or host % cs or (entry & OFLAG_ZERO and not zero_ok):
                 # Compressed, or corrupt: ``_decode`` has the run or the error.
                 if kind is not None:
-                    runs.append(_Run(start, cluster - start, kind, host0))
+                    runs.add(kind, start, cluster, host0)
                     kind = None
-                runs.extend(self._decode(table, index, cluster))
+                for run in self._decode(table, index, cluster):
+                    runs.add_run(run)
                 continue
             if entry & OFLAG_ZERO:
                 new, at = _RunKind.ZERO, 0
@@ -909,15 +1171,11 @@ class QcowFormat(Format):
             if kind == new and (new != _RunKind.DATA or host0 + (cluster - start) == at):
                 continue
             if kind is not None:
-                runs.append(_Run(start, cluster - start, kind, host0))
+                runs.add(kind, start, cluster, host0)
             kind, start, host0 = new, cluster, at
         if kind is not None:
-            runs.append(_Run(start, base + count * cs - start, kind, host0))
+            runs.add(kind, start, base + count * cs, host0)
         return runs
-
-    @property
-    def _largest_size(self) -> int:
-        return max([self.header.size] + [s.disk_size for s in self._snapshots])
 
     def _decode(self, table: 'array.array[int]', index: int,
                 cluster: int) -> Iterator[_Run]:
@@ -1088,5 +1346,5 @@ class QcowFormat(Format):
                                     f'decompresses to {len(data)} bytes, '
                                     f'not {cs}')
             return data, cs
-        data: bytes = self._cluster_cache.get(host, load)
+        data: bytes = self._budget.clusters.get(('z', self._tag, host), load)
         return data

@@ -5,7 +5,7 @@ oldest first), as exported from a platform that keeps snapshots as files.
 Zero detection is left to the copier: a raw image says nothing about which
 ranges are allocated, so every byte is reported as data.
 """
-from typing import Any, Iterator, List, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional, Set
 
 from ..context import SourceContext
 from ..errors import InvalidArgument
@@ -22,8 +22,10 @@ class RawFormat(Format):
 
     def __init__(self, head: Stream,
                  snapshot_streams: Optional[List[Stream]] = None,
-                 snapshot_names: Optional[List[str]] = None) -> None:
+                 snapshot_names: Optional[List[str]] = None,
+                 ctx: Optional[SourceContext] = None) -> None:
         self._head = head
+        self._ctx = ctx if ctx is not None else SourceContext()
         self._snap_streams = list(snapshot_streams or [])
         names = list(snapshot_names or [])
         if len(names) != len(self._snap_streams):
@@ -37,14 +39,18 @@ class RawFormat(Format):
     def from_spec(cls, spec: Mapping[str, Any],
                   ctx: SourceContext) -> 'RawFormat':
         snaps = spec.get('snapshots') or []
+        if len(snaps) > ctx.limits.snapshots:
+            raise InvalidArgument('source-spec: snapshots: ' + ctx.limits.refuse(
+                'snapshots', 'the raw source (snapshots)', len(snaps)))
         names = _snapshot_names(snaps)
         opened: List[Stream] = []
         try:
             head = open_stream(spec['stream'], ctx)
             opened.append(head)
             for snap in snaps:
+                ctx.check()
                 opened.append(open_stream(snap['stream'], ctx))
-            return cls(head, opened[1:], names)
+            return cls(head, opened[1:], names, ctx)
         except BaseException:
             for stream in opened:
                 stream.close()
@@ -66,6 +72,7 @@ class RawFormat(Format):
         size = self.size(snap)
         stream = self._stream(snap)
         for offset in range(0, size, EXTENT_PIECE):
+            self._ctx.check()
             for start, length in stream.allocated(offset, min(EXTENT_PIECE, size - offset)):
                 yield Extent(start, length, ExtentKind.DATA)
 
@@ -103,6 +110,7 @@ class RawFormat(Format):
 def _snapshot_names(snaps: List[Mapping[str, Any]]) -> List[str]:
     """Names in order, refusing what would make two snapshots ambiguous."""
     names: List[str] = []
+    seen: Set[str] = set()
     for i, snap in enumerate(snaps):
         kind = snap.get('type', 'raw')
         if kind != 'raw':
@@ -113,9 +121,10 @@ def _snapshot_names(snaps: List[Mapping[str, Any]]) -> List[str]:
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f'source-spec: snapshots[{i}].name: give '
                                   f'each snapshot a non-empty name')
-        if name in names:
+        if name in seen:
             raise InvalidArgument(f"source-spec: snapshots[{i}].name: "
                                   f"'{name}' is used twice; names must be "
                                   f"unique")
         names.append(name)
+        seen.add(name)
     return names

@@ -22,6 +22,7 @@ from rbd_migration.formats.base import ExtentKind, Format, Snapshot
 from rbd_migration.formats.detect import sniff
 from rbd_migration.formats.qcow import QcowFormat
 from rbd_migration.formats.raw import RawFormat
+from rbd_migration.limits import SourceLimits
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 6 * MiB + 1536          # not a multiple of any cluster size above 512
@@ -572,7 +573,6 @@ def test_concurrent_reads_with_tiny_caches(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     """Evictions on every read, eight threads at once: still QEMU's bytes."""
-    monkeypatch.setattr(qcow, 'L2_CACHE_BYTES', 8 * KiB)
     monkeypatch.setattr(qcow, 'CLUSTER_CACHE_BYTES', 8 * KiB)
     img = convert(scattered_raw(tmp_path / 'disk.raw', seed=41),
                   tmp_path / 'disk.qcow2', 'cluster_size=4k', compress=True)
@@ -581,14 +581,19 @@ def test_concurrent_reads_with_tiny_caches(tmp_path: Path,
     rng = random.Random(5)
     reads = [(rng.randrange(SIZE), rng.randrange(1, 200 * KiB))
              for _ in range(300)]
-    with open_qcow(img) as fmt:
+    spec = {'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(img)}}
+    ctx = SourceContext(allowed_file_roots=[str(tmp_path)],
+                        limits=SourceLimits(metadata_bytes=8 * KiB))
+    with QcowFormat.from_spec(spec, ctx) as fmt:
         def check(arg: Sequence[int]) -> bool:
             offset, length = arg
             want = ref[offset:offset + length]
             return fmt.read(offset, length) == want + bytes(length - len(want))
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             assert all(pool.map(check, reads))
-        assert fmt._l2_cache._used <= 8 * KiB
+        budget = fmt._budget
+        assert budget.pinned + budget.metadata._used <= 8 * KiB
+        assert budget.clusters._used <= 8 * KiB
 
 
 def test_lru_cache_stays_within_budget() -> None:
