@@ -40,6 +40,7 @@ from rbd_migration.formats import open_format
 from rbd_migration.formats.base import Format, Snapshot
 from rbd_migration.formats.qcow import QcowFormat
 from rbd_migration.limits import SourceLimits
+from rbd_migration.probe import probe as probe_source
 
 KiB, MiB = 1 << 10, 1 << 20
 TIME_LIMIT = 2.0
@@ -772,7 +773,7 @@ def test_data_past_the_end_reads_as_qemu_reads_it(past_end: Dict[str, Path],
         assert fmt.read(0, fmt.size()) == reference(img)
         assert fmt.features.data_past_end is (name != 'good')
     # librbd would import such an image otherwise: never its path.
-    report = probe({'type': 'qcow', 'stream': file_spec(img)}, ctx_for(img.parent))
+    report = probe_source({'type': 'qcow', 'stream': file_spec(img)}, ctx_for(img.parent))
     assert report.path == 'adapter'
     assert any('past the end of the file' in r for r in report.reasons) is (name != 'good')
 
