@@ -43,7 +43,7 @@ PACKAGES = [
     'qemu-block-extra',
 ]
 # What the test suite needs on top.
-TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-hypothesis']
+TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-hypothesis', 'ceph-mgr-dashboard']
 # A binary each package provides, to tell cheaply whether it is installed.
 _PROBES = {'ceph-mon': '/usr/bin/ceph-mon', 'ceph-mgr': '/usr/bin/ceph-mgr',
            'ceph-osd': '/usr/bin/ceph-osd', 'ceph-common': '/usr/bin/ceph',
@@ -744,6 +744,27 @@ http {{
                 pass
         if purge:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def enable_dashboard(self, user: str, password: str, timeout: float = 120) -> str:
+        """The dashboard on 127.0.0.1 without TLS, with an administrator
+        ``user``; returns its URL.  Enabling a module respawns the mgr: this
+        returns once the new one serves the dashboard and rbd_migration."""
+        if not os.path.isdir(self.path('mgr-modules', 'dashboard')):
+            raise RuntimeError('the dashboard module is not installed (apt-get install '
+                               'ceph-mgr-dashboard, then start the cluster again)')
+        services = self.ceph_json('mgr', 'services')
+        if 'dashboard' not in services:
+            for key, value in (('ssl', 'false'), ('server_addr', '127.0.0.1'),
+                               ('server_port', str(free_port()))):
+                self.ceph('config', 'set', 'mgr', f'mgr/dashboard/{key}', value)
+            self.ceph('mgr', 'module', 'enable', 'dashboard')
+            self._wait('the dashboard', lambda: 'dashboard' in self.ceph_json(
+                'mgr', 'services'), timeout=timeout, interval=1)
+            self.wait_module()
+        self.ceph('dashboard', 'ac-user-delete', user, check=False)
+        self.ceph('dashboard', 'ac-user-create', user, '-i', '-', 'administrator',
+                  inbuf=password)
+        return str(self.ceph_json('mgr', 'services')['dashboard'])
 
 
 def _is_zombie(pid: int) -> bool:

@@ -171,19 +171,6 @@ def progress_events(interval: float = 1.0) -> Tuple[ProgressEvents, RemoteRecord
     return ProgressEvents(remote, interval=interval, clock=clock), remote, clock
 
 
-def test_progress_update_call_shape() -> None:
-    events, remote, _ = progress_events()
-    t = task('7', state=RUNNING, image='disk', namespace='ns')
-    events.started(t)
-    assert remote.calls == [(
-        'progress', 'update',
-        ('rbd_migration/task/7', 'Migrating image src/disk to rbd/disk (0%)', 0.0),
-        {'refs': {'origin': 'rbd_migration', 'action': 'execute', 'pool_id': 1,
-                  'pool_namespace': 'ns', 'image_id': 'id-disk'},
-         'add_to_ceph_s': True})]
-    assert ProgressEvents.event_id(t) == 'rbd_migration/task/7'
-
-
 def test_progress_is_throttled_per_task() -> None:
     events, remote, clock = progress_events(interval=1.0)
     a, b = task('1', state=RUNNING, image='a'), task('2', state=RUNNING, image='b')
@@ -201,65 +188,6 @@ def test_progress_is_throttled_per_task() -> None:
         ('rbd_migration/task/1', 0.0), ('rbd_migration/task/2', 0.0),
         ('rbd_migration/task/1', 0.25), ('rbd_migration/task/2', 0.5),
         ('rbd_migration/task/1', 0.75), ('rbd_migration/task/2', 1.0)]
-
-
-def test_progress_message_carries_the_percentage() -> None:
-    events, remote, clock = progress_events()
-    t = task('3', state=RUNNING)
-    events.started(t)
-    clock.now += 1.0
-    t.progress = 0.426
-    events.progress(t)
-    _, _, args, _ = remote.calls[-1]
-    assert args[1].endswith('(43%)') and args[2] == 0.426
-
-
-@pytest.mark.parametrize('state', [COMPLETED, CANCELLED, QUEUED, RETRYING])
-def test_finished_completes_the_event(state: str) -> None:
-    events, remote, _ = progress_events()
-    t = task('4', state=RUNNING)
-    events.started(t)
-    t.state = state
-    events.finished(t)
-    assert remote.calls[-1] == ('progress', 'complete', ('rbd_migration/task/4',), {})
-
-
-def test_finished_failed_fails_the_event_with_the_error() -> None:
-    events, remote, _ = progress_events()
-    t = task('5', state=RUNNING)
-    events.started(t)
-    t.state, t.last_error = FAILED, "image 'rbd/img' does not exist"
-    events.finished(t)
-    assert remote.calls[-1] == (
-        'progress', 'fail',
-        ('rbd_migration/task/5',
-         "Migrating image src/img to rbd/img: image 'rbd/img' does not exist"), {})
-
-
-def test_a_retry_starts_a_fresh_throttle() -> None:
-    events, remote, clock = progress_events()
-    t = task('6', state=RUNNING)
-    events.started(t)
-    t.state = RETRYING
-    events.finished(t)
-    clock.now += 0.2
-    t.state = RUNNING
-    events.started(t)                          # the retry is announced at once
-    clock.now += 0.2
-    events.progress(t)                          # but throttled from there
-    assert remote.methods() == ['update', 'update', 'complete', 'update']
-
-
-def test_disabled_progress_module_is_ignored() -> None:
-    remote, clock = RemoteRecorder(ImportError('progress is not enabled')), Clock()
-    events = ProgressEvents(remote, clock=clock)
-    t = task('8', state=RUNNING)
-    events.started(t)
-    clock.now += 5
-    events.progress(t)
-    t.state = FAILED
-    events.finished(t)
-    assert remote.methods() == ['update', 'update', 'fail']
 
 
 # -- render -----------------------------------------------------------------------
