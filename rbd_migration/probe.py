@@ -43,10 +43,12 @@ class ProbeReport:
         return asdict(self)
 
 
-def probe(spec: Mapping[str, Any], ctx: SourceContext) -> ProbeReport:
+def probe(spec: Mapping[str, Any], ctx: SourceContext,
+          object_size: int = 4 << 20) -> ProbeReport:
     """Open, check and describe a validated (unresolved) source-spec, and
     pick the path: librbd's live import when librbd can read the source
-    correctly, our adapter engine otherwise (or when the spec asks for it)."""
+    correctly, our adapter engine otherwise (or when the spec asks for it).
+    ``object_size`` is the target's."""
     location = _check_bytes_match_type(spec, ctx)
     with open_format(spec, ctx) as fmt:
         size = fmt.size()
@@ -55,6 +57,7 @@ def probe(spec: Mapping[str, Any], ctx: SourceContext) -> ProbeReport:
         _refuse_what_nobody_can_read(features, location)
         _check_readable(fmt, size, location)
     reasons = _why_not_librbd(spec, features, location)
+    reasons += _librbd_16_2_fails(spec, size, object_size, location)
     wanted = spec.get(EXTENSION_FIELD, {}).get('engine', 'auto')
     if wanted == LIBRBD and reasons:
         raise Unsupported(f'{reasons[0]}; drop "engine": "librbd" to let the '
@@ -150,6 +153,20 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
 def _streams(spec: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     """The spec's streams: HEAD's and each snapshot's."""
     return [spec.get('stream', {})] + [s['stream'] for s in spec.get('snapshots', [])]
+
+
+def _librbd_16_2_fails(spec: Mapping[str, Any], size: int, object_size: int,
+                       where: str) -> List[str]:
+    """Imports Pacific's librbd fails although the source is sound (the
+    list, with the release that fixed each, is in docs/librbd-limits.rst)."""
+    reasons = []
+    if spec['type'] == 'raw' and spec.get('snapshots') and size % object_size:
+        reasons.append(
+            f'{where} has snapshots and a size ({size} bytes) that is not a multiple of '
+            f"the target's object size ({object_size}), which librbd 16.2 cannot import "
+            '(ERANGE from a file; over HTTP a short read it reports as done; fixed in '
+            'later Ceph releases)')
+    return reasons
 
 
 def _urls_librbd_mangles(spec: Mapping[str, Any]) -> List[str]:

@@ -33,7 +33,7 @@ from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
 from .schedule import Limits, Window, must_pause, wait_reason
 from .secrets import mask_spec
-from .source_spec import parse_source_spec, spec_summary
+from .source_spec import native_spec, parse_source_spec, spec_summary
 from .validators import Validators, check_unchanged, read_validators
 from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
                     TaskQueue)
@@ -143,11 +143,15 @@ class MigrationService:
 
     def _prepare_import(self, source: Optional[str], dest: Optional[str],
                         layout: Layout, text: Optional[str]) -> Dict[str, Any]:
-        # `prepare --import-only <dest>`: the one positional names the target.
+        # `prepare --import-only <dest>`: the one positional names the target;
+        # `prepare --import-only <pool/image@snap> <dest>`, as rbd takes it,
+        # names a native source and the target.
         target = dest or source
         if dest and source:
-            raise InvalidArgument('--import-only takes one image spec, the '
-                                  'target; the source is the source-spec')
+            if text:
+                raise InvalidArgument('--import-only takes the source as a source-spec or '
+                                      'as IMAGE@SNAP before the target, not both')
+            text = json.dumps(native_spec(source))
         if not target:
             raise InvalidArgument('dest_image_spec: missing; name the image to create')
         if not text or not text.strip():
@@ -168,7 +172,7 @@ class MigrationService:
         with self.listing.waits.on(f'the source, {what}'):
             ctx = self.source_context().bounded(
                 limit, f'the probe of {what} (probe_timeout {limit:g} s)')
-            report = probe(spec, ctx)
+            report = probe(spec, ctx, self._object_size(layout))
             validators = read_validators(spec, ctx)
         if report.path == ADAPTER:
             info = self.adapter.prepare_import(spec, dst, layout, report.size, validators)
@@ -179,6 +183,15 @@ class MigrationService:
         result = self.describe(info)
         result['probe'] = report.to_dict()
         return result
+
+    def _object_size(self, layout: Layout) -> int:
+        """The object size the target will have."""
+        if layout.order is not None:
+            return 1 << layout.order
+        try:
+            return 1 << int(self.engine.rados.conf_get('rbd_default_order'))
+        except (rados.Error, TypeError, ValueError):
+            return 4 << 20
 
     def _refuse_namespaced_parent(self, src: ImageSpec) -> None:
         """librbd 16.2 aborts the whole process (an assertion in

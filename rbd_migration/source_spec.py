@@ -437,6 +437,27 @@ def parse_source_spec(text: str) -> Dict[str, Any]:
     return validate_source_spec(spec)
 
 
+def native_spec(text: str) -> Dict[str, Any]:
+    """The native source-spec that ``rbd migration prepare --import-only
+    [pool/[namespace/]]image@snap <dest>`` means, as librbd builds it."""
+    image, at, snap = text.strip().partition('@')
+    parts = image.split('/')
+    if not at or not snap or not 1 <= len(parts) <= 3 or not all(parts):
+        raise InvalidArgument(
+            f'source_image_spec: {text!r}: with --import-only and a target, the '
+            'source is [pool/[namespace/]]image@snapshot (a snapshot keeps it still); '
+            'or give a source-spec (--source-spec or -i) and the target alone')
+    if len(parts) < 3:  # pool rbd and no namespace, as rbd takes them
+        parts = (['rbd'] + parts)[-2:]
+        parts.insert(1, '')
+    pool, namespace, name = parts
+    spec: Dict[str, Any] = {'type': 'native', 'pool_name': pool, 'image_name': name,
+                            'snap_name': snap}
+    if namespace:
+        spec['pool_namespace'] = namespace
+    return validate_source_spec(spec)
+
+
 def validate_source_spec(spec: object) -> Dict[str, Any]:
     """Check an already-parsed source-spec (one built in code, say) and
     return it, now known to be an object.
