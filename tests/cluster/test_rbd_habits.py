@@ -111,3 +111,58 @@ def test_an_import_librbd_16_2_fails_goes_through_the_module(
     _task(cluster, 'commit', ours)
     assert cluster.image_sha(f'{ours}@s1') == unaligned['s1']
     assert cluster.image_sha(ours) == unaligned['head']
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(['qemu-img', *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize('kind', ['compressed', 'overlay'])
+def test_qcow2_librbd_16_2_gets_wrong_goes_through_the_module(
+        cluster: Cluster, roots: Path, kind: str) -> None:
+    """Plain librbd cannot import a compressed qcow2 (zeros, or reads that
+    fail) and refuses an overlay with a bare EOPNOTSUPP; the module imports
+    both whole."""
+    assert cluster.state
+    raw = roots / f'{kind}.raw'
+    raw.write_bytes(b''.join(bytes([n % 251 + 1]) * 65536 for n in range(128)))  # 8 MiB
+    image = roots / f'{kind}.qcow2'
+    if kind == 'compressed':
+        _qemu_img('convert', '-c', '-f', 'raw', '-O', 'qcow2', str(raw), str(image))
+    else:
+        base = roots / 'base.qcow2'
+        _qemu_img('convert', '-f', 'raw', '-O', 'qcow2', str(raw), str(base))
+        _qemu_img('create', '-f', 'qcow2', '-F', 'qcow2', '-b', base.name, str(image))
+    want = hashlib.sha256(raw.read_bytes()).hexdigest()
+    spec = json.dumps({'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(image)}})
+    spec_file = roots / f'{kind}.json'
+    spec_file.write_text(spec)
+    rbd = ['rbd', '--conf', cluster.state.conf]
+    plain, ours = f'rbd/{kind}-librbd-{RUN}', f'rbd/{kind}-ours-{RUN}'
+    prepared = subprocess.run([*rbd, 'migration', 'prepare', '--import-only',
+                               '--source-spec-path', str(spec_file), plain],
+                              capture_output=True, text=True)
+    if kind == 'overlay':
+        assert prepared.returncode != 0 and 'Operation not supported' in prepared.stderr, \
+            prepared.stderr
+    else:
+        try:
+            assert prepared.returncode == 0, prepared.stderr
+            executed = subprocess.run([*rbd, 'migration', 'execute', '--no-progress', plain],
+                                      capture_output=True)
+            try:  # zeros where the data was, or no image it can read at all
+                whole = executed.returncode == 0 and cluster.image_sha(plain) == want
+            except RuntimeError:
+                whole = False
+            assert not whole, 'librbd imported it whole after all'
+        finally:
+            subprocess.run([*rbd, 'migration', 'abort', '--no-progress', plain],
+                           capture_output=True)
+    answer = cluster.ceph_json('rbd', 'migration', 'prepare', '--import-only', ours,
+                               '--source-spec', spec)
+    reason = 'compressed clusters' if kind == 'compressed' else 'backing file'
+    assert answer['path'] == 'adapter' and any(
+        reason in r for r in answer['probe']['reasons']), answer
+    _task(cluster, 'execute', ours)
+    _task(cluster, 'commit', ours)
+    assert cluster.image_sha(ours) == want
