@@ -133,7 +133,7 @@ class MigrationService:
         src = ImageSpec.parse(source, 'source_image_spec')
         dst = ImageSpec.parse(dest, 'dest_image_spec') if dest else src
         self._refuse_reserved(dst)
-        self._refuse_not_rbd(dst, layout)
+        self._refuse_not_rbd(dst)
         self._refuse_full(dst, layout)
         self._refuse_namespaced_parent(src)
         info = self.engine.prepare(src, dst, layout)
@@ -165,7 +165,7 @@ class MigrationService:
             raise AlreadyExists(f"target image '{dst}' already exists; choose "
                                 'another name or remove it first')
         self._refuse_reserved(dst)
-        self._refuse_not_rbd(dst, layout)
+        self._refuse_not_rbd(dst)
         self._refuse_full(dst, layout)
         limit = float(self.option('probe_timeout'))
         what = spec_summary(spec)
@@ -215,21 +215,20 @@ class MigrationService:
             raise AlreadyExists(f"target image '{dst}' is reserved by an import in "
                                 'progress; commit or abort it first')
 
-    def _refuse_not_rbd(self, dst: ImageSpec, layout: Layout) -> None:
+    def _refuse_not_rbd(self, dst: ImageSpec) -> None:
         """A pool without the rbd application holds no image any listing
         finds: its migration would show under another pool's name and an
-        abort could not find its target."""
-        for pool, what in [(dst.pool, 'dest_image_spec')] + (
-                [(layout.data_pool, '--data-pool')] if layout.data_pool else []):
-            with self.engine.ioctx(pool, '', what) as io:
-                try:
-                    apps = io.application_list()
-                except rados.Error:
-                    apps = []
-            if 'rbd' not in apps:
-                raise InvalidArgument(
-                    f"{what}: pool '{pool}' is not an rbd pool (no rbd application); "
-                    f'initialize it with rbd pool init {pool}, then prepare again')
+        abort could not find its target.  (A data pool holds no image.)"""
+        with self.engine.ioctx(dst.pool, '', 'dest_image_spec') as io:
+            try:
+                apps = io.application_list()
+            except rados.Error:
+                apps = []
+        if 'rbd' not in apps:
+            raise InvalidArgument(
+                f"dest_image_spec: pool '{dst.pool}' is not an rbd pool (no rbd "
+                f'application); initialize it with rbd pool init {dst.pool}, then '
+                'prepare again')
 
     def _refuse_full(self, dst: ImageSpec, layout: Layout) -> None:
         """A full pool takes no writes: prepare would wait, and with it
