@@ -115,7 +115,7 @@ class Dispatcher:
             calls = [c for c in self._calls.values()
                      if c.background and not c.done.is_set()]
         return [{'command': c.what, 'seconds': round(self.clock() - c.started, 1),
-                 'waiting_on': self._waiting(c)[len(', waiting on '):]}
+                 'waiting_on': self._waits_of(c)}
                 for c in calls]
 
     def _run(self, call: Call, run: Callable[[Call], HandlerResult]) -> None:
@@ -133,12 +133,15 @@ class Dispatcher:
                      call.finished - call.started,
                      'ok' if result[0] == 0 else result[2])
 
-    def _waiting(self, call: Call) -> str:
-        """', waiting on pool rbd (5 s)', or '' when the command says nothing."""
+    def _waits_of(self, call: Call) -> str:
+        """'pool rbd (5 s)', or '' when the command says nothing."""
         if call.thread is None:
             return ''
-        waits = self.waits.longer_than(0.0, call.thread)
-        return f", waiting on {', '.join(waits)}" if waits else ''
+        return ', '.join(self.waits.longer_than(0.0, call.thread))
+
+    def _waiting(self, call: Call) -> str:
+        waits = self._waits_of(call)
+        return f', waiting on {waits}' if waits else ''
 
     def _still_running(self, call: Call) -> HandlerResult:
         return (-errno.EINPROGRESS, '',

@@ -20,6 +20,7 @@ from .secrets import SECRET_FIELDS, is_config_ref
 from .source_spec import EXTENSION_FIELD
 from .streams import open_stream
 from .streams.base import Stream
+from .validators import streams
 
 LIBRBD = 'librbd'
 ADAPTER = 'adapter'
@@ -152,7 +153,7 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
 
 def _streams(spec: Mapping[str, Any]) -> List[Mapping[str, Any]]:
     """The spec's streams: HEAD's and each snapshot's."""
-    return [spec.get('stream', {})] + [s['stream'] for s in spec.get('snapshots', [])]
+    return [stream for _, stream in streams(spec)]
 
 
 def _librbd_16_2_fails(spec: Mapping[str, Any], size: int, object_size: int,

@@ -18,7 +18,7 @@ from .streams import open_stream
 Validators = Dict[str, Dict[str, str]]
 
 
-def _streams(spec: Mapping[str, Any]) -> List[Tuple[str, Mapping[str, Any]]]:
+def streams(spec: Mapping[str, Any]) -> List[Tuple[str, Mapping[str, Any]]]:
     """Every stream a spec names, with its field path (native sources have
     none: a snapshot holds them still)."""
     found = []
@@ -32,7 +32,7 @@ def _streams(spec: Mapping[str, Any]) -> List[Tuple[str, Mapping[str, Any]]]:
 
 def read_validators(spec: Mapping[str, Any], ctx: SourceContext) -> Validators:
     out: Validators = {}
-    for where, stream_spec in _streams(spec):
+    for where, stream_spec in streams(spec):
         with open_stream(stream_spec, ctx) as stream:
             out[where] = dict(stream.validators())
     return out
