@@ -151,6 +151,19 @@ class Layout:
             raise InvalidArgument('--stripe-unit and --stripe-count go together; give both')
         return layout
 
+    def check_stripe(self, inherited_order: int, whose: str) -> None:
+        """librbd refuses a stripe unit that does not divide the object
+        size with a bare EINVAL; the object size is only known here when
+        the target inherits it (the source's, or the pool's default)."""
+        if self.stripe_unit is None:
+            return
+        order = self.order if self.order is not None else inherited_order
+        if self.stripe_unit > (1 << order):
+            raise InvalidArgument(
+                f'--stripe-unit: {self.stripe_unit} is larger than the object size '
+                f'({1 << order}, {whose}); give a smaller --stripe-unit or a larger '
+                '--object-size')
+
     def librbd_kwargs(self) -> Dict[str, object]:
         """Keyword arguments for ``RBD.migration_prepare[_import]``."""
         kw: Dict[str, object] = {}

@@ -245,6 +245,9 @@ class Module(MgrModule):
             for what in self.service.adapter.sweep_orphans(started):
                 self.log.warning('removed %s: a target whose prepare a failover cut '
                                  'before it was recorded', what)
+            for what in self.service.intents.sweep(started, self._stop):
+                self.log.warning('removed %s: a target whose import prepare a failover '
+                                 'cut while librbd was making it', what)
         except (rados.Error, rbd.Error, MigrationError) as e:
             self.log.warning('looking for targets a failover left behind: %s', e)
 

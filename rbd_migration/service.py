@@ -27,6 +27,7 @@ from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFo
                      PermissionDenied, SourceChanged, Unsupported)
 from .formats import open_format
 from .images import ImageSpec, Layout
+from .intents import Intents
 from .limits import SourceLimits
 from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
@@ -110,6 +111,7 @@ class MigrationService:
         if cluster is not None:
             self.engine = LibrbdEngine(cluster)
             self.adapter = AdapterEngine(self.engine, self.store)
+            self.intents = Intents(self.store, self.engine)
         if bulk is not None:
             self.bulk = LibrbdEngine(bulk)
             self.bulk_adapter = AdapterEngine(self.bulk, self.store)
@@ -177,7 +179,8 @@ class MigrationService:
         if report.path == ADAPTER:
             info = self.adapter.prepare_import(spec, dst, layout, report.size, validators)
         else:
-            info = self.engine.prepare_import(json.dumps(spec), dst, layout)
+            with self.intents.held(dst):
+                info = self.engine.prepare_import(json.dumps(spec), dst, layout)
             self._register(info, layout, report.to_dict(), validators)
             self.listing.replace(info.dest.id, info)
         result = self.describe(info)

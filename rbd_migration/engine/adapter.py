@@ -94,6 +94,8 @@ class AdapterEngine:
         private = f'{PRIVATE_PREFIX}{uuid.uuid4().hex[:12]}'
         with self.librbd.ioctx(dst.pool, dst.namespace) as io:
             self.librbd._check_data_pool(layout)
+            layout.check_stripe(self.librbd.default_order(),
+                                "the cluster's rbd_default_order")
             try:
                 self.rbd.create(io, private, size, old_format=False,
                                 **layout.librbd_kwargs())

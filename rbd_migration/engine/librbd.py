@@ -461,6 +461,7 @@ class LibrbdEngine:
                 self.ioctx(dst.pool, dst.namespace, 'dest_image_spec') as dst_io:
             self._check_data_pool(layout)
             self._check_source(src_io, src)
+            layout.check_stripe(self._order(src_io, src), "the source's")
             if dst != src:
                 self._check_free(dst_io, dst)
             try:
@@ -477,12 +478,28 @@ class LibrbdEngine:
         with self.ioctx(dst.pool, dst.namespace) as dst_io:
             self._check_data_pool(layout)
             self._check_free(dst_io, dst)
+            layout.check_stripe(self.default_order(), "the cluster's rbd_default_order")
             try:
                 self.rbd.migration_prepare_import(source_spec, dst_io, dst.name,
                                                   **_migration_kwargs(layout))
             except rbd.Error as e:
                 raise translate(e, f'librbd refused the source-spec for {dst}')
         return self.status(dst)
+
+    def default_order(self) -> int:
+        """The object size librbd gives a new image that names none."""
+        try:
+            return int(self.rados.conf_get('rbd_default_order'))
+        except (rados.Error, ValueError):
+            return 22
+
+    @staticmethod
+    def _order(io: rados.Ioctx, src: ImageSpec) -> int:
+        try:
+            with rbd.Image(io, src.name, read_only=True) as img:
+                return int(img.stat()['order'])
+        except rbd.Error as e:
+            raise translate(e, f"opening image '{src}'")
 
     def _check_data_pool(self, layout: Layout) -> None:
         if layout.data_pool and not self.rados.pool_exists(layout.data_pool):

@@ -41,6 +41,9 @@ def translate(e: Exception, doing: str) -> MigrationError:
     code = abs(getattr(e, 'errno', None) or errno.EIO)
     reason = errno.errorcode.get(code, str(code))
     text = f'{doing}: {_strerror(code)} ({reason})'
+    if code == errno.EINVAL:
+        # librbd says why only in its log; point there rather than at nothing.
+        text += "; librbd logs its reason in the active mgr's log"
     kind = _KINDS.get(code)
     if kind is None:
         return TransientError(text, code)

@@ -8,6 +8,7 @@ and ``rbd trash`` refuses.  Each test builds that state exactly as librbd
 leaves it, with rados, then checks that status shows it, that only the
 interrupted action may go on, and that running it again finishes the job.
 """
+import errno
 import json
 import os
 import random
@@ -458,3 +459,45 @@ def test_commit_that_fails_after_the_target_removes_the_source(
     _assert_kept(cluster, f'rbd2/{name}', sums)
     assert name not in cluster.rbd('ls', 'rbd').split()
     cluster.ceph('rbd', 'migration', 'status')   # and the module lists nothing stale
+
+
+def test_import_prepare_cut_by_a_failover_leaves_no_target(
+        cluster: Cluster, handle: rados.Rados) -> None:
+    """librbd's import prepare copies each snapshot onto the target before
+    it writes the target's migration header: a failover in between left a
+    plain image that no command found and that held the name.  The next
+    mgr removes it, and the name can be prepared again."""
+    name = f'intr-cut-{uuid.uuid4().hex[:6]}'
+    with handle.open_ioctx('rbd') as io:
+        rbd.RBD().create(io, name, 8 << 20)
+        with rbd.Image(io, name) as img:
+            for n in range(24):
+                img.create_snap(f's{n}')
+    spec = json.dumps({'type': 'native', 'pool_name': 'rbd', 'image_name': name,
+                       'snap_name': 's23'})
+    assert cluster.state
+    subprocess.run(['ceph', '--conf', cluster.state.conf, 'rbd', 'migration', 'prepare',
+                    '--import-only', '--source_spec', spec, f'rbd2/{name}'],
+                   capture_output=True, timeout=60)
+    with handle.open_ioctx('rbd2') as dst_io:
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, 'the prepare made no snapshot in 60 s'
+            try:
+                with rbd.Image(dst_io, name, read_only=True) as img:
+                    if len(list(img.list_snaps())) >= 2:
+                        break
+            except rbd.ImageNotFound:
+                pass
+            time.sleep(0.05)
+        ret, _, err = handle.mon_command(json.dumps({'prefix': 'mgr fail'}), b'')
+        assert ret == 0, err
+        cluster.wait_module()
+        deadline = time.monotonic() + 150
+        while name in rbd.RBD().list(dst_io):
+            assert time.monotonic() < deadline, f'rbd2/{name} is still there after 150 s'
+            time.sleep(1)
+    assert not [k for k in cluster.ceph_json('config-key', 'ls')
+                if k.startswith('mgr/rbd_migration/preparing/')]
+    r = cluster.run_ceph('rbd', 'migration', 'status', f'rbd2/{name}')
+    assert r.returncode == errno.ENOENT, r.stderr

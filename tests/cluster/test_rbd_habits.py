@@ -166,3 +166,19 @@ def test_qcow2_librbd_16_2_gets_wrong_goes_through_the_module(
     _task(cluster, 'execute', ours)
     _task(cluster, 'commit', ours)
     assert cluster.image_sha(ours) == want
+
+
+def test_a_stripe_unit_above_the_inherited_object_size_is_named(cluster: Cluster) -> None:
+    """librbd refuses it with a bare EINVAL; the module names the option,
+    the object size the target would inherit, and the fix, and creates
+    nothing."""
+    src, dst = f'rbd/habit-stripe-{RUN}', f'rbd2/habit-stripe-dst-{RUN}'
+    cluster.rbd('create', '--size', '8M', '--object-size', '1M', src)
+    r = cluster.run_ceph('rbd', 'migration', 'prepare', src, dst,
+                         '--stripe_unit', '2M', '--stripe_count', '2')
+    assert r.returncode == errno.EINVAL, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "--stripe-unit: 2097152 is larger than the object size (1048576, the "
+        "source's); give a smaller --stripe-unit or a larger --object-size"), r.stderr
+    assert dst.split('/')[1] not in cluster.rbd('ls', 'rbd2').split()
+    assert src.split('/')[1] in cluster.rbd('ls', 'rbd').split()

@@ -259,3 +259,17 @@ def test_librbd_kwargs_match_migration_prepare() -> None:
                           stripe_count=2, data_pool='d')
     for key in layout.librbd_kwargs():
         assert f'{key}=' in signature, key
+
+
+def test_stripe_unit_checked_against_the_inherited_object_size() -> None:
+    """With no --object-size the target inherits one; a stripe unit above
+    it is refused naming both (librbd answers a bare EINVAL)."""
+    layout = Layout.parse(stripe_unit='8M', stripe_count=2)
+    with pytest.raises(InvalidArgument) as info:
+        layout.check_stripe(22, "the source's")
+    assert str(info.value) == (
+        "--stripe-unit: 8388608 is larger than the object size (4194304, the "
+        "source's); give a smaller --stripe-unit or a larger --object-size")
+    layout.check_stripe(23, "the source's")
+    Layout.parse(object_size='8M', stripe_unit='8M', stripe_count=2).check_stripe(22, 'x')
+    Layout.parse().check_stripe(12, 'x')
