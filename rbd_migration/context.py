@@ -19,6 +19,13 @@ from typing import Any, Callable, List, Optional
 from .errors import Cancelled, TimedOut
 from .limits import SourceLimits
 
+#: Longest wait for a connection (TCP and TLS handshake).  The watchdog
+#: that ends blocked reads on a stop only sees a socket once it is
+#: connected, so this bounds how long a stop can wait on a connect to a
+#: host that drops packets.  (Name resolution waits on the system
+#: resolver: its own timeout and attempts, resolv.conf's options.)
+CONNECT_LIMIT = 10.0
+
 
 @dataclass
 class SourceContext:
@@ -61,6 +68,14 @@ class SourceContext:
         if self.deadline is not None:
             wait = min(wait, max(0.001, self.deadline - time.monotonic()))
         return wait
+
+    def connect_wait(self) -> float:
+        """Seconds one connect may take: ``wait_for`` within CONNECT_LIMIT."""
+        return self.wait_for(min(self.timeout, CONNECT_LIMIT))
+
+    @property
+    def connect_limit(self) -> float:
+        return min(self.timeout, CONNECT_LIMIT)
 
     def pause(self, seconds: float) -> None:
         """Sleep between attempts, ending early (raising) on stop or deadline."""

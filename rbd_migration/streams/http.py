@@ -400,7 +400,7 @@ class HttpStream(Stream):
             try:
                 response = session.request(
                     method, url, headers=headers, auth=auth, stream=True,
-                    timeout=(self._ctx.wait_for(), self._ctx.wait_for()),
+                    timeout=(self._ctx.connect_wait(), self._ctx.wait_for()),
                     allow_redirects=False)
             except requests.RequestException as e:
                 raise self._failure(e, guard, url) from None
@@ -545,7 +545,7 @@ class HttpStream(Stream):
                 f'{self._what}: {self._shown}: {type(exc).__name__}: {exc}'))
         if isinstance(exc, requests.ConnectTimeout):
             return Transient(f'cannot connect to {where} (no answer within '
-                             f'{self._ctx.timeout:g}s)')
+                             f'{self._ctx.connect_limit:g}s)')
         if isinstance(exc, (requests.ReadTimeout,
                             urllib3.exceptions.ReadTimeoutError,
                             socket.timeout)):

@@ -284,7 +284,7 @@ class S3Stream(Stream):
         self._lock = threading.Lock()
         key: ClientKey = (self._endpoint, REGION, keys[0],
                           hashlib.sha256(keys[1].encode()).hexdigest(),
-                          True, ctx.timeout, ctx.timeout)
+                          True, ctx.connect_limit, ctx.timeout)
         self._cached: Optional[_Cached] = _CLIENTS.acquire(key, keys[1])
         self._client = self._cached.client
 
@@ -525,7 +525,7 @@ class S3Stream(Stream):
                              f'{self._ctx.timeout:g}s')
         if isinstance(e, bce.ConnectTimeoutError):
             return Transient(f'cannot connect to {where} (no answer within '
-                             f'{self._ctx.timeout:g}s)')
+                             f'{self._ctx.connect_limit:g}s)')
         if isinstance(e, bce.EndpointConnectionError):
             return Transient(f'cannot connect to {where} '
                              f'({network_reason(e)})')

@@ -466,6 +466,58 @@ def test_stop_ends_a_blocked_tls_read(origin: Server, tmp_path: Path,
         assert stream.read(0, 10) == DATA[:10]
 
 
+@pytest.fixture
+def unanswering() -> Iterator[str]:
+    """A URL whose host takes no more connections: a listener that never
+    accepts, its queue filled, so that further connects wait on SYNs it
+    drops (a firewalled or overloaded server)."""
+    import socket
+    listener = socket.socket()
+    listener.bind(('127.0.0.1', 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(('127.0.0.1', port))
+        fillers.append(s)
+    time.sleep(0.2)
+    try:
+        yield f'http://127.0.0.1:{port}/disk.img'
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+def test_a_stop_reaches_a_hanging_connect(unanswering: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watchdog sees a socket once it is connected; before that, the
+    connect timeout (CONNECT_LIMIT, not the 30 s request timeout) bounds
+    how long a stop waits."""
+    monkeypatch.setattr('rbd_migration.context.CONNECT_LIMIT', 1.5)
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    try:
+        elapsed, error = timed(lambda: open_url(unanswering,
+                                                ctx(timeout=30, retries=5, stop=stop)))
+    finally:
+        timer.cancel()
+    assert isinstance(error, Cancelled), error
+    assert 1.0 <= elapsed <= 1.5 + 1
+
+
+def test_a_connect_that_hangs_is_named(unanswering: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr('rbd_migration.context.CONNECT_LIMIT', 0.5)
+    elapsed, error = timed(lambda: open_url(unanswering, ctx(timeout=30, retries=1)))
+    assert isinstance(error, SourceUnavailable), error
+    assert 'no answer within 0.5s' in str(error), error
+    assert elapsed <= 0.5 + 1
+
+
 def test_stop_ends_the_pause_between_attempts() -> None:
     stop = threading.Event()
     context = ctx(timeout=5, retries=10, stop=stop)
