@@ -24,7 +24,8 @@ from .health import health_checks
 from .dispatch import Dispatcher
 from .images import ImageSpec, Layout
 from .progress import ProgressEvents
-from .render import render
+from . import render
+from .commands import CommandTable
 from .secrets import collect_secrets, mask_text
 from .engine.isolated import ChildClient
 from .service import Children, MigrationService
@@ -32,75 +33,13 @@ from .tasks import Task
 
 HandlerResult = Tuple[int, str, str]
 
-_LAYOUT_ARGS = ('name=object_size,type=CephString,req=false '
-                'name=order,type=CephInt,req=false '
-                'name=features,type=CephString,req=false '
-                'name=stripe_unit,type=CephString,req=false '
-                'name=stripe_count,type=CephInt,req=false '
-                'name=data_pool,type=CephString,req=false '
-                'name=flatten,type=CephBool,req=false ')
+#: Every command, declared once by its handler below.
+command = CommandTable()
 
 
 class Module(MgrModule):
     NOTIFY_TYPES: List[NotifyType] = []
-    COMMANDS = [
-        {'cmd': 'rbd migration prepare '
-                'name=source_image_spec,type=CephString,req=false '
-                'name=dest_image_spec,type=CephString,req=false '
-                'name=import_only,type=CephBool,req=false '
-                'name=source_spec,type=CephString,req=false ' + _LAYOUT_ARGS,
-         'desc': 'Prepare a live migration of an image (or, with --import-only, '
-                 'an import from a source-spec given with --source-spec or -i)',
-         'perm': 'w'},
-        {'cmd': 'rbd migration execute name=image_spec,type=CephString',
-         'desc': 'Copy a prepared migration in the background (a task)',
-         'perm': 'w'},
-        {'cmd': 'rbd migration commit name=image_spec,type=CephString '
-                'name=force,type=CephBool,req=false '
-                'name=verified,type=CephBool,req=false',
-         'desc': 'Commit an executed migration (a task); --force when the '
-                 'image has descendants, --verified to require a passed verify',
-         'perm': 'w'},
-        {'cmd': 'rbd migration verify name=image_spec,type=CephString',
-         'desc': 'Compare an executed migration\'s target with its source, HEAD '
-                 'and every snapshot (a task)',
-         'perm': 'w'},
-        {'cmd': 'rbd migration abort name=image_spec,type=CephString',
-         'desc': 'Abort a migration, restoring the source (a task)',
-         'perm': 'w'},
-        {'cmd': 'rbd migration status name=image_spec,type=CephString,req=false',
-         'desc': 'Show migrations (all, or the one an image is part of) and tasks',
-         'perm': 'r'},
-        {'cmd': 'rbd migration batch prepare '
-                'name=source_pool_spec,type=CephString '
-                'name=dest_pool_spec,type=CephString '
-                'name=pattern,type=CephString,req=false '
-                'name=dry_run,type=CephBool,req=false '
-                'name=auto_commit,type=CephBool,req=false '
-                'name=verify_before_commit,type=CephBool,req=false ' + _LAYOUT_ARGS,
-         'desc': 'Migrate many images from pool[/namespace] to another: all, those '
-                 'matching --pattern GLOB, or those listed one a line with -i FILE; '
-                 '--dry-run prints the plan and changes nothing',
-         'perm': 'w'},
-        {'cmd': 'rbd migration batch status name=batch_id,type=CephString,req=false',
-         'desc': 'Show batches, or one batch image by image', 'perm': 'r'},
-        {'cmd': 'rbd migration batch cancel name=batch_id,type=CephString',
-         'desc': 'Start no more images of a batch; abort those not yet executing',
-         'perm': 'w'},
-        {'cmd': 'rbd migration batch commit name=batch_id,type=CephString',
-         'desc': 'Commit every executed image of a batch', 'perm': 'w'},
-        {'cmd': 'rbd migration metrics',
-         'desc': 'Task counts, bytes copied and copy rates (for graphs: -f json)',
-         'perm': 'r'},
-        {'cmd': 'rbd migration task list',
-         'desc': 'List migration tasks', 'perm': 'r'},
-        {'cmd': 'rbd migration task cancel name=task_id,type=CephString',
-         'desc': 'Cancel a queued or running migration task', 'perm': 'w'},
-        {'cmd': 'rbd migration task get name=task_id,type=CephString',
-         'desc': 'Show one task; the exit status tells whether it completed (0), '
-                 'is still active (EAGAIN), failed or was cancelled',
-         'perm': 'r'},
-    ]
+    COMMANDS: List[Dict[str, str]] = []  # the table's, once its handlers are declared
     MODULE_OPTIONS = [
         Option('max_concurrent_tasks', type='int', default=2, min=1, max=64,
                desc='tasks (execute, commit, abort) that run at once; at most one per image',
@@ -192,29 +131,6 @@ class Module(MgrModule):
         self._bulk: Optional[rados.Rados] = None
         self.dispatcher = Dispatcher(lambda: float(self.get_module_option('command_wait')))
         self._replacing = threading.Lock()
-        self._handlers: Dict[str, Callable[[Dict[str, Any], Optional[str]], Dict[str, Any]]] = {
-            'rbd migration prepare': self._prepare,
-            'rbd migration execute': lambda c, _: self._svc().execute(c['image_spec']),
-            'rbd migration commit': lambda c, _: self._svc().commit(
-                c['image_spec'], bool(c.get('force')), bool(c.get('verified'))),
-            'rbd migration verify': lambda c, _: self._svc().verify(c['image_spec']),
-            'rbd migration abort': lambda c, _: self._svc().abort(c['image_spec']),
-            'rbd migration status': lambda c, _: dict(
-                self._fleet().status(c.get('image_spec')),
-                commands=self.dispatcher.running()),
-            'rbd migration batch prepare': self._batch_prepare,
-            'rbd migration batch status': lambda c, _: self._fleet().batch_status(
-                c.get('batch_id')),
-            'rbd migration batch cancel': lambda c, _: self._fleet().batch_cancel(
-                c['batch_id']),
-            'rbd migration batch commit': lambda c, _: self._fleet().batch_commit(
-                c['batch_id']),
-            'rbd migration metrics': lambda c, _: dict(self._fleet().metrics(),
-                                                       clients=self._client_addrs()),
-            'rbd migration task list': lambda c, _: self._svc().task_list(),
-            'rbd migration task cancel': lambda c, _: self._svc().task_cancel(c['task_id']),
-            'rbd migration task get': lambda c, _: self._svc().task_get(c['task_id']),
-        }
 
     # -- lifecycle ---------------------------------------------------------
     def serve(self) -> None:
@@ -350,8 +266,9 @@ class Module(MgrModule):
     def _answer(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> HandlerResult:
         fmt = cmd.get('format') or 'plain'
         client = self.service.engine.rados if self.service is not None else None
+        handler = command[cmd['prefix']]
         try:
-            result = self._handlers[cmd['prefix']](cmd, inbuf)
+            result = handler.func(self, **handler.arguments(cmd, inbuf))
         except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
             return self._blocklisted(client)
         except MigrationError as e:
@@ -366,35 +283,113 @@ class Module(MgrModule):
         if fmt in ('json', 'json-pretty'):
             return 0, json.dumps(result, indent=2 if fmt == 'json-pretty' else None,
                                  sort_keys=True), ''
-        return 0, render(cmd['prefix'], result), ''
+        return 0, handler.render(result), ''
 
     def _blocklisted(self, client: Optional[rados.Rados]) -> HandlerResult:
         self._replace_command_client(client)
         return (-errno.EAGAIN, '', "the module's librados client was blocklisted and "
                 'has been replaced; run the command again')
 
-    def _prepare(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> Dict[str, Any]:
-        if cmd.get('source_spec') and inbuf:
+    # Each handler's docstring is its command's help text.
+    @command('rbd migration prepare', 'w', render.migration, changes='dest_image_spec')
+    def _prepare(self, source_image_spec: Optional[str] = None,
+                 dest_image_spec: Optional[str] = None, import_only: bool = False,
+                 source_spec: Optional[str] = None, object_size: Optional[str] = None,
+                 order: Optional[int] = None, features: Optional[str] = None,
+                 stripe_unit: Optional[str] = None, stripe_count: Optional[int] = None,
+                 data_pool: Optional[str] = None, flatten: bool = False,
+                 inbuf: Optional[str] = None) -> Dict[str, Any]:
+        """Prepare a live migration of an image (or, with --import-only, an
+        import from a source-spec given with --source-spec or -i)"""
+        if source_spec and inbuf:
             raise InvalidArgument('--source-spec and -i: give the source-spec one way')
-        layout = Layout.parse(object_size=cmd.get('object_size'), order=cmd.get('order'),
-                              features=cmd.get('features'),
-                              stripe_unit=cmd.get('stripe_unit'),
-                              stripe_count=cmd.get('stripe_count'),
-                              data_pool=cmd.get('data_pool'),
-                              flatten=bool(cmd.get('flatten')))
-        return self._svc().prepare(cmd.get('source_image_spec'), cmd.get('dest_image_spec'),
-                                   layout, import_only=bool(cmd.get('import_only')),
-                                   source_spec=cmd.get('source_spec') or inbuf)
+        layout = Layout.parse(object_size=object_size, order=order, features=features,
+                              stripe_unit=stripe_unit, stripe_count=stripe_count,
+                              data_pool=data_pool, flatten=flatten)
+        return self._svc().prepare(source_image_spec, dest_image_spec, layout,
+                                   import_only=import_only, source_spec=source_spec or inbuf)
 
-    def _batch_prepare(self, cmd: Dict[str, Any], inbuf: Optional[str]) -> Dict[str, Any]:
-        layout = {k: cmd.get(k) for k in ('object_size', 'order', 'features', 'stripe_unit',
-                                          'stripe_count', 'data_pool')}
-        layout['flatten'] = bool(cmd.get('flatten'))
+    @command('rbd migration execute', 'w', render.message, changes='image_spec')
+    def _execute(self, image_spec: str) -> Dict[str, Any]:
+        """Copy a prepared migration in the background (a task)"""
+        return self._svc().execute(image_spec)
+
+    @command('rbd migration commit', 'w', render.message, changes='image_spec')
+    def _commit(self, image_spec: str, force: bool = False,
+                verified: bool = False) -> Dict[str, Any]:
+        """Commit an executed migration (a task); --force when the image has
+        descendants, --verified to require a passed verify"""
+        return self._svc().commit(image_spec, force, verified)
+
+    @command('rbd migration verify', 'w', render.message, changes='image_spec')
+    def _verify(self, image_spec: str) -> Dict[str, Any]:
+        """Compare an executed migration's target with its source, HEAD and
+        every snapshot (a task)"""
+        return self._svc().verify(image_spec)
+
+    @command('rbd migration abort', 'w', render.message, changes='image_spec')
+    def _abort(self, image_spec: str) -> Dict[str, Any]:
+        """Abort a migration, restoring the source (a task)"""
+        return self._svc().abort(image_spec)
+
+    @command('rbd migration status', 'r', render.status)
+    def _status(self, image_spec: Optional[str] = None) -> Dict[str, Any]:
+        """Show migrations (all, or the one an image is part of) and tasks"""
+        return dict(self._fleet().status(image_spec), commands=self.dispatcher.running())
+
+    @command('rbd migration batch prepare', 'w', render.plan, changes='batches')
+    def _batch_prepare(self, source_pool_spec: str, dest_pool_spec: str,
+                       pattern: Optional[str] = None, dry_run: bool = False,
+                       auto_commit: bool = False, verify_before_commit: bool = False,
+                       object_size: Optional[str] = None, order: Optional[int] = None,
+                       features: Optional[str] = None, stripe_unit: Optional[str] = None,
+                       stripe_count: Optional[int] = None, data_pool: Optional[str] = None,
+                       flatten: bool = False, inbuf: Optional[str] = None) -> Dict[str, Any]:
+        """Migrate many images from pool[/namespace] to another: all, those
+        matching --pattern GLOB, or those listed one a line with -i FILE;
+        --dry-run prints the plan and changes nothing"""
+        layout = {'object_size': object_size, 'order': order, 'features': features,
+                  'stripe_unit': stripe_unit, 'stripe_count': stripe_count,
+                  'data_pool': data_pool, 'flatten': flatten}
         return self._fleet().batch_prepare(
-            cmd['source_pool_spec'], cmd['dest_pool_spec'], layout,
-            pattern=cmd.get('pattern'), listed=inbuf if inbuf else None,
-            dry_run=bool(cmd.get('dry_run')), auto_commit=bool(cmd.get('auto_commit')),
-            verify=bool(cmd.get('verify_before_commit')))
+            source_pool_spec, dest_pool_spec, layout, pattern=pattern, listed=inbuf,
+            dry_run=dry_run, auto_commit=auto_commit, verify=verify_before_commit)
+
+    @command('rbd migration batch status', 'r', render.batch_status)
+    def _batch_status(self, batch_id: Optional[str] = None) -> Dict[str, Any]:
+        """Show batches, or one batch image by image"""
+        return self._fleet().batch_status(batch_id)
+
+    @command('rbd migration batch cancel', 'w', render.message, changes='batches')
+    def _batch_cancel(self, batch_id: str) -> Dict[str, Any]:
+        """Start no more images of a batch; abort those not yet executing"""
+        return self._fleet().batch_cancel(batch_id)
+
+    @command('rbd migration batch commit', 'w', render.message, changes='batches')
+    def _batch_commit(self, batch_id: str) -> Dict[str, Any]:
+        """Commit every executed image of a batch"""
+        return self._fleet().batch_commit(batch_id)
+
+    @command('rbd migration metrics', 'r', render.metrics)
+    def _metrics(self) -> Dict[str, Any]:
+        """Task counts, bytes copied and copy rates (for graphs: -f json)"""
+        return dict(self._fleet().metrics(), clients=self._client_addrs())
+
+    @command('rbd migration task list', 'r', render.task_list)
+    def _task_list(self) -> Dict[str, Any]:
+        """List migration tasks"""
+        return self._svc().task_list()
+
+    @command('rbd migration task cancel', 'w', render.message)
+    def _task_cancel(self, task_id: str) -> Dict[str, Any]:
+        """Cancel a queued or running migration task"""
+        return self._svc().task_cancel(task_id)
+
+    @command('rbd migration task get', 'r', render.message)
+    def _task_get(self, task_id: str) -> Dict[str, Any]:
+        """Show one task; the exit status tells whether it completed (0), is
+        still active (EAGAIN), failed or was cancelled"""
+        return self._svc().task_get(task_id)
 
     @staticmethod
     def _mask(text: str, cmd: Dict[str, Any], inbuf: Optional[str]) -> str:
@@ -411,12 +406,6 @@ class Module(MgrModule):
         return mask_text(text, secrets)
 
 
-#: Commands that change an image, and the argument naming it.
-_CHANGES_IMAGE = {'rbd migration prepare': 'dest_image_spec',
-                  'rbd migration execute': 'image_spec',
-                  'rbd migration commit': 'image_spec',
-                  'rbd migration verify': 'image_spec',
-                  'rbd migration abort': 'image_spec'}
 #: Arguments that name what a command is about, in the order looked for.
 _OBJECT_ARGS = ('dest_image_spec', 'image_spec', 'source_image_spec', 'task_id',
                 'batch_id', 'source_pool_spec')
@@ -433,12 +422,9 @@ def _subject(cmd: Dict[str, Any]) -> Optional[str]:
     """What a command changes, so that two changes of one thing never run
     at once: an image, or the batch book; None for reads and task cancel
     (which only sets a flag and must never wait)."""
-    prefix = cmd['prefix']
-    if prefix.startswith('rbd migration batch ') and prefix != 'rbd migration batch status':
-        return 'batches'
-    arg = _CHANGES_IMAGE.get(prefix)
-    if arg is None:
-        return None
+    arg = command[cmd['prefix']].changes
+    if arg is None or arg == 'batches':
+        return arg
     name = cmd.get(arg) or cmd.get('source_image_spec') or ''
     try:
         return str(ImageSpec.parse(str(name)))
@@ -450,6 +436,9 @@ def _subject(cmd: Dict[str, Any]) -> Optional[str]:
 #: from the monitors' configuration database, as for any client.
 OWN_CONTEXT_OPTIONS = ('mon_host', 'keyring', 'auth_client_required', 'ms_client_mode',
                        'ms_mon_client_mode', 'ms_bind_ipv4', 'ms_bind_ipv6')
+
+
+Module.COMMANDS = command.descriptors()
 
 
 class NotReady(MigrationError):

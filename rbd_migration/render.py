@@ -2,22 +2,20 @@
 from typing import Any, Dict, List, Optional
 
 
-def render(prefix: str, result: Dict[str, Any]) -> str:
-    if 'migrations' in result:
-        return _status(result)
-    if 'plan' in result:
-        return _plan(result)
+def message(result: Dict[str, Any]) -> str:
+    """Commands that queue a task or change a flag answer one sentence."""
+    return str(result.get('message', ''))
+
+
+def task_list(result: Dict[str, Any]) -> str:
+    return _tasks(result['tasks']) or 'no tasks'
+
+
+def batch_status(result: Dict[str, Any]) -> str:
+    """One batch image by image, or every batch on a line."""
     if 'items' in result:
         return _batch(result)
-    if 'batches' in result and prefix.endswith('batch status'):
-        return '\n'.join(_batch_line(b) for b in result['batches']) or 'no batches'
-    if prefix.endswith('metrics'):
-        return _metrics(result)
-    if prefix.endswith('task list'):
-        return _tasks(result['tasks']) or 'no tasks'
-    if prefix.endswith('prepare'):
-        return _migration(result)
-    return result.get('message', '')
+    return '\n'.join(_batch_line(b) for b in result['batches']) or 'no batches'
 
 
 def _image(ref: Optional[Dict[str, Any]]) -> str:
@@ -27,7 +25,7 @@ def _image(ref: Optional[Dict[str, Any]]) -> str:
     return f"{ref['pool']}/{ns}{ref['name']} (id {ref['id']})"
 
 
-def _migration(m: Dict[str, Any]) -> str:
+def migration(m: Dict[str, Any]) -> str:
     if m['import_only']:
         source = 'import of ' + _spec(m.get('source_spec'))
     else:
@@ -50,8 +48,8 @@ def _spec(spec: Optional[Dict[str, Any]]) -> str:
     return spec_summary(spec)
 
 
-def _status(result: Dict[str, Any]) -> str:
-    parts = [_migration(m) for m in result['migrations']] or ['no migrations']
+def status(result: Dict[str, Any]) -> str:
+    parts = [migration(m) for m in result['migrations']] or ['no migrations']
     tasks = _tasks(result['tasks'])
     if tasks:
         parts.append('tasks:\n' + tasks)
@@ -109,7 +107,7 @@ def _size(n: Optional[int]) -> str:
     return f'{n} B'
 
 
-def _plan(result: Dict[str, Any]) -> str:
+def plan(result: Dict[str, Any]) -> str:
     lines = [f"{result['source']} -> {result['dest']}: {result['to_migrate']} image(s), "
              f"{_size(result['bytes'])} to migrate, {result['to_skip']} skipped"]
     for i in result['plan']:
@@ -154,7 +152,7 @@ def _batch(result: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def _metrics(m: Dict[str, Any]) -> str:
+def metrics(m: Dict[str, Any]) -> str:
     lines = [f"tasks: {m['running']} running, {m['queued']} queued, {m['failed']} failed; "
              f"copying {_size(int(m['rate_bytes_per_sec']))}/s"]
     for t in m['running_tasks']:

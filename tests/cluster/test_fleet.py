@@ -391,6 +391,9 @@ def test_batch_input_is_refused_with_one_line(cluster: Cluster,
             ((src.spec, 'nopool'), "dest_pool_spec: pool 'nopool' does not exist"),
             (('rbd/a/b', dst.spec), 'source_pool_spec:'),
             ((src.spec, dst.spec, '--pattern', 'zz*'), 'no image in'),
+            # A value of the form <argument>=<value> stays the value it is.
+            ((src.spec, dst.spec, '--pattern', 'auto_commit=*'),
+             "matches --pattern 'auto_commit=*'"),
             ((src.spec, dst.spec, '--verify-before-commit'), '--verify-before-commit goes with'),
             ((src.spec, dst.spec, '--object-size', '3K'), '--object-size'),
     ]:

@@ -10,7 +10,7 @@ import pytest
 from rbd_migration.engine.migration import ImageRef, MigrationInfo
 from rbd_migration.health import FAILED_CHECK, STALLED_CHECK, health_checks
 from rbd_migration.progress import ProgressEvents
-from rbd_migration.render import render
+from rbd_migration import render
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
                                  RETRYING, RUNNING, Task, TaskQueue)
 
@@ -68,7 +68,7 @@ def test_stalled_running_tasks_raise_rbd_migration_stalled() -> None:
     assert check['count'] == 1 and check['severity'] == 'warning'
     assert check['detail'] == ['execute of rbd/a (task 1) is stalled at 41%: '
                                'pool rbd2 reached its quota (max_bytes 1000)']
-    rendered = render('rbd migration task list', {'tasks': [tasks[0].to_dict()]})
+    rendered = render.task_list({'tasks': [tasks[0].to_dict()]})
     assert 'stalled: pool rbd2 reached its quota' in rendered
 
 
@@ -206,8 +206,7 @@ def migration(info: MigrationInfo, t: Optional[Task] = None,
 
 
 def test_render_prepare_of_a_migration() -> None:
-    text = render('rbd migration prepare',
-                  migration(MigrationInfo(DST, 'prepared', '', source=SRC)))
+    text = render.migration(migration(MigrationInfo(DST, 'prepared', '', source=SRC)))
     assert text == ('fast/ns/new (id 3c4d)\n'
                     '  source: rbd/old (id 1a2b)\n'
                     '  state: prepared\n'
@@ -218,8 +217,7 @@ def test_render_prepare_of_an_import() -> None:
     spec = {'type': 'qcow', 'stream': {'type': 'file', 'file_path': '/mnt/disk.qcow2'},
             'snapshots': [{'type': 'qcow', 'name': 's1',
                            'stream': {'type': 'file', 'file_path': '/mnt/s1.qcow2'}}]}
-    text = render('rbd migration prepare',
-                  migration(MigrationInfo(DST, 'prepared', '', source_spec=spec)))
+    text = render.migration(migration(MigrationInfo(DST, 'prepared', '', source_spec=spec)))
     lines = text.splitlines()
     assert lines[0] == 'fast/ns/new (id 3c4d)'
     assert lines[1] == '  source: import of qcow over file /mnt/disk.qcow2 with 1 snapshot'
@@ -227,8 +225,7 @@ def test_render_prepare_of_an_import() -> None:
 
 
 def test_render_import_without_a_spec() -> None:
-    text = render('rbd migration prepare',
-                  migration(MigrationInfo(DST, 'prepared', '')))
+    text = render.migration(migration(MigrationInfo(DST, 'prepared', '')))
     assert '  source: import of an external source' in text.splitlines()
 
 
@@ -238,7 +235,7 @@ def test_render_status_with_a_running_task() -> None:
     result = {'migrations': [migration(MigrationInfo(DST, 'executing', '', source=SRC),
                                        t, 'executing (42% complete)')],
               'tasks': [t.to_dict()]}
-    text = render('rbd migration status', result)
+    text = render.status(result)
     block, tasks = text.split('\n\n')
     assert block.splitlines() == [
         'fast/ns/new (id 3c4d)',
@@ -256,7 +253,7 @@ def test_render_status_of_several_migrations() -> None:
     result = {'migrations': [migration(MigrationInfo(DST, 'prepared', '', source=SRC)),
                              migration(MigrationInfo(other, 'executed', '', source=SRC))],
               'tasks': []}
-    text = render('rbd migration status', result)
+    text = render.status(result)
     blocks = text.split('\n\n')
     assert len(blocks) == 2                     # no tasks section when empty
     assert 'fast/ns/new (id 3c4d)' in blocks[0] and 'state: prepared' in blocks[0]
@@ -264,12 +261,12 @@ def test_render_status_of_several_migrations() -> None:
 
 
 def test_render_status_with_nothing() -> None:
-    assert render('rbd migration status', {'migrations': [], 'tasks': []}) == 'no migrations'
+    assert render.status({'migrations': [], 'tasks': []}) == 'no migrations'
 
 
 def test_render_status_without_migrations_but_tasks() -> None:
     t = task('3', state=COMPLETED, attempts=1, progress=1.0)
-    text = render('rbd migration status', {'migrations': [], 'tasks': [t.to_dict()]})
+    text = render.status({'migrations': [], 'tasks': [t.to_dict()]})
     assert text == 'no migrations\n\ntasks:\n  3 execute rbd/img: completed, attempt 1'
 
 
@@ -280,7 +277,7 @@ def test_render_task_list() -> None:
              task('4', state=RETRYING, attempts=1, image='c', last_error='HTTP 503'),
              task('5', action='commit', state=CANCELLED, image='d', attempts=1,
                   last_error='cancelled by request')]
-    text = render('rbd migration task list', {'tasks': [t.to_dict() for t in tasks]})
+    text = render.task_list({'tasks': [t.to_dict() for t in tasks]})
     assert text.splitlines() == [
         '  1 execute rbd/img: completed, attempt 1',
         '  2 execute rbd/img: failed, attempt 8, last error: source down',
@@ -291,20 +288,20 @@ def test_render_task_list() -> None:
 
 def test_render_completed_task_hides_a_stale_error() -> None:
     t = task('1', state=COMPLETED, attempts=2, last_error='earlier 503')
-    text = render('rbd migration task list', {'tasks': [t.to_dict()]})
+    text = render.task_list({'tasks': [t.to_dict()]})
     assert 'earlier 503' not in text and 'completed, attempt 2' in text
 
 
 def test_render_empty_task_list() -> None:
-    assert render('rbd migration task list', {'tasks': []}) == 'no tasks'
+    assert render.task_list({'tasks': []}) == 'no tasks'
 
 
 def test_render_other_commands_show_the_message() -> None:
     result = {'message': 'execute of rbd/img queued as task 3', 'task': task('3').to_dict()}
-    assert render('rbd migration execute', result) == 'execute of rbd/img queued as task 3'
-    assert render('rbd migration task cancel', {'message': 'task 3 is cancelled'}) \
+    assert render.message(result) == 'execute of rbd/img queued as task 3'
+    assert render.message({'message': 'task 3 is cancelled'}) \
         == 'task 3 is cancelled'
-    assert render('rbd migration task get', {}) == ''
+    assert render.message({}) == ''
 
 
 def test_a_failing_progress_module_does_not_break_the_task() -> None:
