@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 Cluster tests run against a real one-node Ceph cluster brought up once per
-run by ``qa/cluster.py``.  Set ``RBD_MIGRATION_CLUSTER_DIR`` to the directory
+run (once per worker under ``pytest -n``) by ``qa/cluster.py``.  Set ``RBD_MIGRATION_CLUSTER_DIR`` to the directory
 of a cluster you started yourself to reuse it across runs (it is then left
 running); otherwise the fixture starts one in a temporary directory and
 always stops it.
@@ -22,6 +22,10 @@ from qa.cluster import Cluster  # noqa: E402
 @pytest.fixture(scope='session')
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reuse = os.environ.get('RBD_MIGRATION_CLUSTER_DIR')
+    if reuse and int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')) > 1:
+        pytest.fail(f'RBD_MIGRATION_CLUSTER_DIR={reuse} is one cluster for several '
+                    'workers, whose tests fail its mgr over and change its options; '
+                    'run with -n 0, or unset it')
     if reuse:
         existing = Cluster(reuse)
         if not existing.running():

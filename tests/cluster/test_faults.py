@@ -24,11 +24,12 @@ import pytest
 import rados
 
 from qa.cluster import Cluster
+from tests.profile import rounds
 from rbd_migration.engine.librbd import LibrbdEngine
 from rbd_migration.images import ImageSpec
 from tests.netfaults import reset
 
-ROUNDS = int(os.environ.get('RBD_MIGRATION_TEST_ROUNDS', '3'))
+ROUNDS = rounds(quick=2, thorough=6)
 
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:

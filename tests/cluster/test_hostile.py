@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from qa.cluster import REPO, Cluster
+from tests.profile import THOROUGH, examples
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import MigrationError
 from rbd_migration.images import Layout
@@ -51,7 +52,7 @@ SOURCE_SNAP = 'snap1'
 #: A name no example is expected to leave behind; prepared ones are aborted.
 FRESH = ('hostile-new', 'hostile.new-2', 'hostile_ü', 'hostile-' + 'n' * 90)
 
-SETTINGS = dict(deadline=None, database=None, derandomize=True,
+SETTINGS = dict(deadline=None, database=None, derandomize=not THOROUGH,
                 suppress_health_check=[HealthCheck.too_slow,
                                        HealthCheck.data_too_large,
                                        HealthCheck.filter_too_much])
@@ -605,7 +606,7 @@ def test_generated_imports_succeed_or_fail_cleanly(handle: rados.Rados,
     counts = {'ok': 0, 'refused': 0}
     baseline = Baseline(handle)
 
-    @settings(max_examples=1000, **SETTINGS)
+    @settings(max_examples=examples(quick=300, thorough=3000), **SETTINGS)
     @given(text=st.one_of(friendly_specs(world), spec_text(world)),
            dest=st.one_of(st.sampled_from(FRIENDLY_DESTS), image_specs()),
            second=image_specs(), layout=quiet_layouts(),
@@ -639,7 +640,7 @@ def test_generated_cluster_migrations_succeed_or_fail_cleanly(
     @example(source=SOURCE_IMAGE, dest='rbd2/hostile-new', layout={}, spec=None)
     @example(source=f'rbd/{SOURCE_IMAGE}', dest=None, spec=None,
              layout={'object_size': '8M', 'data_pool': 'ecdata', 'flatten': True})
-    @settings(max_examples=300, **SETTINGS)
+    @settings(max_examples=examples(quick=100, thorough=900), **SETTINGS)
     @given(source=sources, dest=image_specs(), layout=layouts(),
            spec=st.one_of(st.none(), st.none(), st.text(max_size=5)))
     def prop(source: Optional[str], dest: Optional[str], layout: Dict[str, Any],
@@ -662,7 +663,7 @@ def test_generated_cluster_migrations_succeed_or_fail_cleanly(
 def test_arbitrary_documents_are_refused_cleanly(handle: rados.Rados,
                                                  world: Dict[str, Any]) -> None:
     """Any JSON document, or any text, as the source-spec."""
-    @settings(max_examples=600, **SETTINGS)
+    @settings(max_examples=examples(quick=200, thorough=1800), **SETTINGS)
     @given(doc=st.one_of(_json_values().map(json.dumps), st.text(max_size=200),
                          st.binary(max_size=60).map(lambda b: b.decode('latin-1'))))
     def prop(doc: str) -> None:
@@ -849,7 +850,7 @@ def test_generated_prepares_through_the_mgr(cluster: Cluster, handle: rados.Rado
              via_inbuf=True, layout={'object_size': '8M'})
     @example(source=SOURCE_IMAGE, dest='rbd2/hostile-new', text=None, import_only=False,
              via_inbuf=False, layout={'features': 'layering,exclusive-lock'})
-    @settings(max_examples=120, **SETTINGS)
+    @settings(max_examples=examples(quick=40, thorough=360), **SETTINGS)
     @given(source=image_specs().map(_cli_chars), dest=names, text=texts,
            import_only=st.sampled_from([True, True, True, False]), via_inbuf=st.booleans(),
            layout=quiet_layouts().map(_cli_layout))

@@ -23,12 +23,13 @@ import rados
 import rbd
 
 from qa.cluster import Cluster
+from tests.profile import rounds
 from rbd_migration.engine import ondisk
 from rbd_migration.engine.librbd import LibrbdEngine
 from rbd_migration.engine.migration import ImageRef
 from rbd_migration.errors import MigrationError
 
-ROUNDS = int(os.environ.get('RBD_MIGRATION_TEST_ROUNDS', '5'))
+ROUNDS = rounds(quick=2, thorough=10)
 
 
 @pytest.fixture(scope='module')
@@ -389,7 +390,7 @@ def test_mgr_failed_over_between_target_and_source_finishes_the_commit(
     cut after librbd committed the target, runs again on the next mgr and
     removes the source."""
     hits = 0
-    for round_no in range(3):
+    for round_no in range(rounds(quick=2, thorough=6)):
         name = f'intr-fo-{round_no}-{uuid.uuid4().hex[:6]}'
         sums = _spread_source(cluster, handle, name)
         cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
