@@ -23,7 +23,7 @@ export ``img@snap``: such a file still ends at HEAD.
 The source-spec is ``{"type": "export", "stream": {...}}``.  Opening reads
 the record headers through the stream (payloads are skipped by offset) and
 keeps, per snapshot, where each written range lies in the file; everything
-else (composition, extents, exact diffs) is ``export_diff.LayeredFormat``.
+else (composition, extents, exact diffs) is ``layered.LayeredFormat``.
 The counts the file gives are bounded by the context's ``SourceLimits``
 before they are acted on: the diffs by ``snapshots``, the records (image
 header ones included) by ``records``, the index and the image-meta pairs
@@ -36,10 +36,12 @@ from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..streams import open_stream
 from ..streams.base import Stream
-from .detect import IMAGE_BANNER_V2, IMAGE_DIFFS_BANNER_V2
-from .export_diff import (DIFF_BANNER_V2, SNIFF, IndexBudget, Layer,
-                          LayeredFormat, RecordReader, Where, known_type,
-                          normalize, parse_diff)
+from .detect import DIFF_BANNER_V2, IMAGE_BANNER_V2, IMAGE_DIFFS_BANNER_V2
+from .detect import SNIFF_LENGTH as SNIFF
+from .detect import sniff as known_type
+from .export_records import RecordReader, Where, parse_diff
+from .layered import Layer, LayeredFormat
+from .runs import IndexBudget, normalize
 
 TAG_ORDER = ord('O')
 TAG_FORMAT = ord('F')
