@@ -21,7 +21,7 @@ from .inventory import image_names
 from .metrics import summary as metrics_summary
 from .schedule import HEAVY
 from .service import NAMESPACED_PARENT, MigrationService
-from .tasks import RUNNING, Task
+from .tasks import RUNNING, Task, TaskAction
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class Fleet:
         can, so the queue never holds a heap of prepared, idle migrations."""
         active = [t for t in self.queue.list() if t.active]
         running = [t for t in active if t.state == RUNNING]
-        probe = Task(id='', action='execute', pool_id=-1, pool=batch.dest_pool,
+        probe = Task(id='', action=TaskAction.EXECUTE, pool_id=-1, pool=batch.dest_pool,
                      namespace=batch.dest_namespace, image_id='', image_name=item.name,
                      sequence=0, message='', options={'source_pool': batch.source_pool})
         try:

@@ -14,18 +14,49 @@ import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from .errors import Cancelled, MigrationError, NotFound
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, RETRYING = 'queued', 'running', 'waiting to retry'
-COMPLETED, FAILED, CANCELLED = 'completed', 'failed', 'cancelled'
+
+
+class TaskState(str, Enum):
+    """Where a task is.  A ``str`` enum: it is stored, shown and compared
+    as its value, which records and scripts already hold."""
+
+    QUEUED = 'queued'
+    RUNNING = 'running'
+    RETRYING = 'waiting to retry'
+    COMPLETED = 'completed'
+    FAILED = 'failed'
+    CANCELLED = 'cancelled'
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TaskAction(str, Enum):
+    EXECUTE = 'execute'
+    COMMIT = 'commit'
+    ABORT = 'abort'
+    VERIFY = 'verify'
+
+    def __str__(self) -> str:
+        return self.value
+
+
+QUEUED, RUNNING, RETRYING = TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING
+COMPLETED, FAILED, CANCELLED = TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED
 ACTIVE = (QUEUED, RUNNING, RETRYING)
 
 TASK_PREFIX = 'task/'
 SEQUENCE_KEY = 'task_sequence'
+#: The layout of the task records this code writes; ``Task.from_json``
+#: upgrades older ones as it reads them.
+TASK_RECORD_VERSION = 2
 
 
 class Store(Protocol):
@@ -39,7 +70,7 @@ class Store(Protocol):
 @dataclass
 class Task:
     id: str
-    action: str                 # execute | commit | abort
+    action: TaskAction
     pool_id: int
     pool: str
     namespace: str
@@ -48,7 +79,7 @@ class Task:
     sequence: int
     message: str                # e.g. "Migrating image rbd/a to rbd2/b"
     options: Dict[str, Any] = field(default_factory=dict)
-    state: str = QUEUED
+    state: TaskState = QUEUED
     attempts: int = 0
     last_error: Optional[str] = None
     errno: Optional[int] = None
@@ -68,6 +99,11 @@ class Task:
     #: ``task cancel`` asked a running task to stop; kept in the store, so
     #: a task cancelled just before a failover is not run again after it.
     cancel_requested: bool = False
+    version: int = TASK_RECORD_VERSION
+
+    def __post_init__(self) -> None:
+        self.action = TaskAction(self.action)
+        self.state = TaskState(self.state)
 
     @property
     def image_key(self) -> str:
@@ -89,11 +125,35 @@ class Task:
 
     @classmethod
     def from_json(cls, text: str) -> 'Task':
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f'expected a JSON object, got {type(data).__name__}')
+        data = _upgrade(json.loads(text))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class NewerRecord(ValueError):
+    """A record a newer module wrote (the mgr was downgraded): kept as it
+    is, for the newer module to find again, and left alone here."""
+
+
+def _upgrade(data: Any) -> Dict[str, Any]:
+    """A stored task record in this code's layout.
+
+    Version 1 (no ``version`` field) came before cancels were kept in the
+    record: it has no ``cancel_requested``, and a task it shows running was
+    not asked to stop.  Fields a newer minor change adds get their
+    defaults; a record from a newer major layout is refused (it would be
+    rewritten without what this code does not know).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f'expected a JSON object, got {type(data).__name__}')
+    version = data.get('version', 1)
+    if version > TASK_RECORD_VERSION:
+        raise NewerRecord(f'task record version {version} is newer than this module '
+                         f'knows ({TASK_RECORD_VERSION})')
+    if version < 2:
+        data.setdefault('cancel_requested', False)
+        data['version'] = 2
+    return data
 
 
 @dataclass
@@ -162,6 +222,9 @@ class TaskQueue:
             for key, text in self.store.get_store_prefix(TASK_PREFIX).items():
                 try:
                     task = Task.from_json(text)
+                except NewerRecord as e:
+                    log.error('leaving task %s alone: %s', key, e)
+                    continue
                 except (ValueError, TypeError) as e:
                     log.error('dropping unreadable task %s: %s', key, e)
                     self.store.set_store(key, None)
@@ -226,7 +289,7 @@ class TaskQueue:
                 if task.image_key == key and task.active and task.action == action:
                     return task, False
             seq = self._next_sequence()
-            task = Task(id=str(seq), action=action, pool_id=pool_id, pool=pool,
+            task = Task(id=str(seq), action=TaskAction(action), pool_id=pool_id, pool=pool,
                         namespace=namespace, image_id=image_id,
                         image_name=image_name, sequence=seq, message=message,
                         options=dict(options or {}), created=self.clock())
@@ -263,7 +326,7 @@ class TaskQueue:
         with self.cv:
             return self._stops.setdefault(task_id, threading.Event())
 
-    def _finish(self, task: Task, state: str, error: Optional[str] = None,
+    def _finish(self, task: Task, state: TaskState, error: Optional[str] = None,
                 code: Optional[int] = None) -> None:
         task.state = state
         task.finished = self.clock()

@@ -11,7 +11,8 @@ from rbd_migration.batch import (DONE, EXECUTED, EXECUTING, ITEM_CANCELLED, ITEM
                                  ImageFacts, parse_pool_spec, plan, select)
 from rbd_migration.engine.rbd_errors import TransientError
 from rbd_migration.errors import Busy, InvalidArgument, NotFound
-from rbd_migration.tasks import ACTIVE, COMPLETED, FAILED, QUEUED, RUNNING, Task
+from rbd_migration.tasks import (ACTIVE, COMPLETED, FAILED, QUEUED, RUNNING, Task,
+                                 TaskAction, TaskState)
 
 from test_tasks import MemStore
 
@@ -109,7 +110,7 @@ class FakeActions:
             raise TransientError(f'{action} {item.name}: cannot send after transport '
                                  'endpoint shutdown (ESHUTDOWN)')
         tid = str(next(self.ids))
-        task = Task(id=tid, action=action, pool_id=2, pool='rbd2', namespace='',
+        task = Task(id=tid, action=TaskAction(action), pool_id=2, pool='rbd2', namespace='',
                     image_id=f'id-{item.name}', image_name=item.name, sequence=int(tid),
                     message='', state=RUNNING)
         self.tasks[tid] = task
@@ -158,12 +159,12 @@ class FakeActions:
     def cancel(self, batch: Batch, item: BatchItem) -> None:
         task = self.tasks.get(item.task_id or '')
         if task is not None and task.state == QUEUED:
-            task.state = 'cancelled'
+            task.state = TaskState.CANCELLED
 
     def end(self, action: str, name: str, state: str = COMPLETED) -> None:
         [task] = [t for t in self.tasks.values() if t.action == action
                   and t.image_name == name and t.state in ACTIVE]
-        task.state = state
+        task.state = TaskState(state)
         if state == FAILED:
             task.last_error = 'boom'
 
@@ -231,7 +232,7 @@ def test_without_auto_commit_images_stop_executed_until_committed_by_hand() -> N
     assert d.book.list()[0].state == 'waiting for commit'
     # The operator commits a by hand: the batch notices.
     [item_a] = [i for i in d.book.list()[0].items if i.name == 'a']
-    actions.tasks['99'] = Task(id='99', action='commit', pool_id=2, pool='rbd2',
+    actions.tasks['99'] = Task(id='99', action=TaskAction.COMMIT, pool_id=2, pool='rbd2',
                                namespace='', image_id='id-a', image_name='a', sequence=99,
                                message='', state=COMPLETED)
     d.advance()

@@ -1,6 +1,6 @@
 """Copy rates from progress reports, and the metrics summary."""
 from rbd_migration.metrics import RateMeter, summary, task_metrics
-from rbd_migration.tasks import Task
+from rbd_migration.tasks import Task, TaskAction, TaskState
 
 
 class Clock:
@@ -13,9 +13,9 @@ class Clock:
 
 def task(tid: str, state: str = 'running', size: object = 100 << 20,
          superseded: bool = False) -> Task:
-    return Task(id=tid, action='execute', pool_id=1, pool='rbd2', namespace='',
+    return Task(id=tid, action=TaskAction.EXECUTE, pool_id=1, pool='rbd2', namespace='',
                 image_id='x' + tid, image_name='img' + tid, sequence=int(tid), message='',
-                options={'size': size, 'batch': 'b1'}, state=state, superseded=superseded)
+                options={'size': size, 'batch': 'b1'}, state=TaskState(state), superseded=superseded)
 
 
 def test_rate_is_a_smoothed_bytes_per_second() -> None:

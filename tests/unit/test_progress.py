@@ -16,7 +16,8 @@ import pytest
 from rbd_migration.errors import InvalidArgument, SourceUnavailable
 from rbd_migration.progress import ProgressEvents, event_message, failure_text
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED, RETRYING,
-                                 RUNNING, RetryPolicy, Task, TaskQueue)
+                                 RUNNING, RetryPolicy, Task, TaskAction, TaskQueue,
+                                 TaskState)
 
 Call = Tuple[str, Tuple[Any, ...], Dict[str, Any]]
 MESSAGE = 'Importing raw over http http://127.0.0.1:8080/disk.raw into rbd/x'
@@ -71,9 +72,9 @@ class Clock:
 
 
 def task(id: str = '7', state: str = QUEUED, namespace: str = '', **kwargs: Any) -> Task:
-    return Task(id=id, action='execute', pool_id=1, pool='rbd', namespace=namespace,
+    return Task(id=id, action=TaskAction.EXECUTE, pool_id=1, pool='rbd', namespace=namespace,
                 image_id=f'id-{id}', image_name='x', sequence=int(id),
-                message=MESSAGE, state=state, **kwargs)
+                message=MESSAGE, state=TaskState(state), **kwargs)
 
 
 def run(t: Task, clock: Clock, progress: float = 0.1) -> None:
@@ -187,7 +188,7 @@ def test_a_cancel_fails_the_event_saying_cancelled(before: str) -> None:
     run(t, clock, 0.4)
     ev.started(t)
     if before != RUNNING:
-        t.state, t.last_error = before, 'HTTP 503'
+        t.state, t.last_error = TaskState(before), 'HTTP 503'
         ev.finished(t)
     t.state, t.last_error = CANCELLED, 'cancelled by request'
     ev.finished(t)

@@ -12,16 +12,17 @@ from rbd_migration.health import FAILED_CHECK, STALLED_CHECK, health_checks
 from rbd_migration.progress import ProgressEvents
 from rbd_migration import render
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
-                                 RETRYING, RUNNING, Task, TaskQueue)
+                                 RETRYING, RUNNING, Task, TaskAction, TaskQueue,
+                                 TaskState)
 
 
 def task(id: str = '1', action: str = 'execute', state: str = QUEUED,
          image: str = 'img', namespace: str = '', pool: str = 'rbd',
          **kwargs: Any) -> Task:
-    return Task(id=id, action=action, pool_id=1, pool=pool, namespace=namespace,
+    return Task(id=id, action=TaskAction(action), pool_id=1, pool=pool, namespace=namespace,
                 image_id=f'id-{image}', image_name=image, sequence=int(id),
                 message=f'Migrating image src/{image} to {pool}/{image}',
-                state=state, **kwargs)
+                state=TaskState(state), **kwargs)
 
 
 # -- health -------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from rbd_migration.errors import InvalidArgument
 from rbd_migration.schedule import Limits, Window, must_pause, task_pools, wait_reason
-from rbd_migration.tasks import QUEUED, RUNNING, Task
+from rbd_migration.tasks import QUEUED, RUNNING, Task, TaskAction
 
 from test_tasks import Harness, harnesses, new_harness  # noqa: F401  (same directory; a fixture)
 
@@ -20,7 +20,7 @@ def at(hhmm: str) -> float:
 
 def task(tid: str, action: str = 'execute', pool: str = 'rbd2',
          source: str = 'rbd') -> Task:
-    return Task(id=tid, action=action, pool_id=2, pool=pool, namespace='',
+    return Task(id=tid, action=TaskAction(action), pool_id=2, pool=pool, namespace='',
                 image_id=f'id{tid}', image_name=f'img{tid}', sequence=int(tid),
                 message='', options={'source_pool': source})
 

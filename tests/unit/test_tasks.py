@@ -20,7 +20,8 @@ from rbd_migration.errors import (Cancelled, InvalidArgument, NotFound,
                                   SourceUnavailable)
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
                                  RETRYING, RUNNING, SEQUENCE_KEY, TASK_PREFIX,
-                                 RetryPolicy, Task, TaskQueue)
+                                 TASK_RECORD_VERSION, RetryPolicy, Task, TaskAction,
+                                 TaskQueue, TaskState)
 
 #: Upper bound for anything a test waits for; only reached when a test fails.
 TIMEOUT = 5.0
@@ -291,7 +292,7 @@ def assert_persisted(h: Harness, task: Task) -> None:
 # -- Task and RetryPolicy -------------------------------------------------------
 
 def test_task_spec_key_and_dict() -> None:
-    task = Task(id='7', action='execute', pool_id=3, pool='p', namespace='ns',
+    task = Task(id='7', action=TaskAction.EXECUTE, pool_id=3, pool='p', namespace='ns',
                 image_id='abc', image_name='img', sequence=7, message='m')
     assert task.image_spec == 'p/ns/img'
     assert task.image_key == '3/ns/abc'
@@ -313,6 +314,39 @@ def test_task_from_json_ignores_unknown_fields() -> None:
             'image_spec': 'rbd/a'}
     task = Task.from_json(json.dumps(data))
     assert task.state == FAILED and task.action == 'abort'
+
+
+V1_RECORD = {'id': '4', 'action': 'execute', 'pool_id': 2, 'pool': 'rbd2', 'namespace': '',
+             'image_id': 'abc', 'image_name': 'img', 'sequence': 4,
+             'message': 'Migrating image rbd/img to rbd2/img', 'options': {},
+             'state': 'running', 'attempts': 1, 'last_error': None, 'errno': None,
+             'progress': 0.5, 'created': 1.0, 'started': 2.0, 'finished': None,
+             'next_attempt': None, 'superseded': False, 'result': {}, 'moved': 2.5,
+             'stalled': None}
+
+
+def test_a_version_1_record_is_upgraded_as_it_is_read() -> None:
+    """Records written before cancels were kept (no version, no
+    cancel_requested) load as running and not asked to stop, and are
+    written back in this layout."""
+    task = Task.from_json(json.dumps(V1_RECORD))
+    assert (task.version, task.cancel_requested) == (TASK_RECORD_VERSION, False)
+    assert task.state is TaskState.RUNNING and task.action is TaskAction.EXECUTE
+    again = json.loads(json.dumps(task.to_dict()))
+    assert again['version'] == TASK_RECORD_VERSION and again['state'] == 'running'
+    assert {k: again[k] for k in V1_RECORD} == V1_RECORD
+
+
+def test_a_record_from_a_newer_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match='newer than this module knows'):
+        Task.from_json(json.dumps(dict(V1_RECORD, version=TASK_RECORD_VERSION + 1)))
+
+
+def test_states_are_stored_and_shown_as_their_values() -> None:
+    assert json.dumps({'s': RETRYING}) == '{"s": "waiting to retry"}'
+    assert f'{RETRYING}' == 'waiting to retry' and RETRYING == 'waiting to retry'
+    with pytest.raises(ValueError):
+        Task.from_json(json.dumps(dict(V1_RECORD, state='sleeping')))
 
 
 @pytest.mark.parametrize('attempts, delay', [
@@ -457,7 +491,7 @@ def test_load_requeues_running_tasks_and_keeps_attempts(harnesses: List[Harness]
 
 
 def test_load_drops_unreadable_tasks(h: Harness) -> None:
-    good = Task(id='1', action='execute', pool_id=1, pool='rbd', namespace='',
+    good = Task(id='1', action=TaskAction.EXECUTE, pool_id=1, pool='rbd', namespace='',
                 image_id='x', image_name='x', sequence=1, message='m')
     h.store.set_store(TASK_PREFIX + '1', json.dumps(good.to_dict()))
     h.store.set_store(TASK_PREFIX + '2', '{not json')
@@ -469,6 +503,16 @@ def test_load_drops_unreadable_tasks(h: Harness) -> None:
     assert [t.id for t in h.queue.list()] == ['1']
     assert h.store.task_ids() == ['1']
     assert h.store.get_store('unrelated') == 'kept'
+
+
+def test_load_leaves_a_newer_modules_task_alone(h: Harness) -> None:
+    """After a downgrade, a task a newer module wrote is neither run with
+    fields this code does not know nor deleted."""
+    newer = json.dumps(dict(V1_RECORD, version=TASK_RECORD_VERSION + 1, id='9'))
+    h.store.set_store(TASK_PREFIX + '9', newer)
+    h.queue.load()
+    assert h.queue.list() == []
+    assert h.store.get_store(TASK_PREFIX + '9') == newer
 
 
 # -- scheduling -------------------------------------------------------------------
@@ -906,7 +950,7 @@ def test_queued_tasks_never_stall() -> None:
 
 def test_an_active_task_says_what_it_waits_on() -> None:
     from rbd_migration.service import _why_not_done
-    task = Task(id='7', action='execute', pool_id=2, pool='rbd2', namespace='',
+    task = Task(id='7', action=TaskAction.EXECUTE, pool_id=2, pool='rbd2', namespace='',
                 image_id='abc', image_name='img', sequence=7, message='m')
     assert _why_not_done(task, None) == ''
     task.state, task.attempts = RETRYING, 3
