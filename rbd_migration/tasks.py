@@ -23,9 +23,16 @@ log = logging.getLogger(__name__)
 
 
 
-class TaskState(str, Enum):
-    """Where a task is.  A ``str`` enum: it is stored, shown and compared
-    as its value, which records and scripts already hold."""
+class ValueEnum(str, Enum):
+    """A ``str`` enum: stored, shown and compared as its value, which
+    records and scripts already hold."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class TaskState(ValueEnum):
+    """Where a task is."""
 
     QUEUED = 'queued'
     RUNNING = 'running'
@@ -34,18 +41,12 @@ class TaskState(str, Enum):
     FAILED = 'failed'
     CANCELLED = 'cancelled'
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class TaskAction(str, Enum):
+class TaskAction(ValueEnum):
     EXECUTE = 'execute'
     COMMIT = 'commit'
     ABORT = 'abort'
     VERIFY = 'verify'
-
-    def __str__(self) -> str:
-        return self.value
 
 
 QUEUED, RUNNING, RETRYING = TaskState.QUEUED, TaskState.RUNNING, TaskState.RETRYING
