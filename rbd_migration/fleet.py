@@ -13,8 +13,7 @@ import rbd
 
 from .batch import (EXECUTED, Batch, BatchBook, BatchDriver, BatchItem, ImageFacts,
                     parse_pool_spec, plan, select)
-from .engine.librbd import NotMigrating
-from .errors import InvalidArgument, MigrationError, NotFound
+from .errors import InvalidArgument, MigrationError, NotFound, NotMigrating
 from .images import ImageSpec, Layout
 from .inventory import describe as describe_image
 from .inventory import image_names

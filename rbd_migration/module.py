@@ -18,7 +18,7 @@ import rbd
 from mgr_module import MgrModule, NotifyType, Option
 
 from .batch import Batch
-from .errors import InvalidArgument, MigrationError
+from .errors import InvalidArgument, MigrationError, ModuleStarting
 from .fleet import Fleet
 from .health import health_checks
 from .dispatch import Dispatcher
@@ -244,7 +244,7 @@ class Module(MgrModule):
 
     def _svc(self) -> MigrationService:
         if not self._ready.wait(10) or self.service is None:
-            raise NotReady('the rbd_migration module is starting; try again')
+            raise ModuleStarting('the rbd_migration module is starting; try again')
         return self.service
 
     def _fleet(self) -> Fleet:
@@ -439,11 +439,6 @@ OWN_CONTEXT_OPTIONS = ('mon_host', 'keyring', 'auth_client_required', 'ms_client
 
 
 Module.COMMANDS = command.descriptors()
-
-
-class NotReady(MigrationError):
-    errno = errno.EAGAIN
-    transient = True
 
 
 class ModuleEvents:

@@ -20,11 +20,11 @@ from .engine import isolated
 from .engine.adapter import AdapterEngine
 from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
-from .engine.librbd import LibrbdEngine, NotMigrating
+from .engine.librbd import LibrbdEngine
 from .engine.migration import ImageRef, MigrationInfo
-from .engine.rbd_errors import TransientError
 from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
-                     PermissionDenied, SourceChanged, Unsupported)
+                     NotMigrating, PermissionDenied, PoolFull, SourceChanged, SourceGone,
+                     StillActive, TransientClusterError, Unsupported)
 from .formats import open_format
 from .images import ImageSpec, Layout
 from .intents import Intents
@@ -449,7 +449,7 @@ class MigrationService:
             return self._run_action(task, ref, progress, report)
         except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
             self.blocklisted(client)
-            raise TransientError(f"{task.action} of {ref}: the tasks' librados client "
+            raise TransientClusterError(f"{task.action} of {ref}: the tasks' librados client "
                                  'was blocklisted; retrying on a new one', errno.ESHUTDOWN)
         except MigrationError as e:
             if e.errno == errno.ESHUTDOWN:  # the task's client was blocklisted
@@ -693,14 +693,6 @@ class MigrationService:
         return d
 
 
-class PoolFull(MigrationError):
-    errno = errno.ENOSPC
-
-
-class StillActive(MigrationError):
-    errno = errno.EAGAIN
-
-
 def _why_not_done(task: Task, waiting: Optional[str]) -> str:
     """What an active task waits on, for scripts that poll it and for
     the operator reading their log."""
@@ -729,12 +721,8 @@ def _refuse_interrupted(info: MigrationInfo, action: str) -> None:
 def _refuse_unavailable(info: MigrationInfo, action: str) -> None:
     _refuse_interrupted(info, action)
     if info.source_unavailable:
-        raise SourceUnavailableError(
+        raise SourceGone(
             f'cannot {action} {info.dest}: {info.state_description}')
-
-
-class SourceUnavailableError(MigrationError):
-    errno = errno.ENOENT
 
 
 def _migration_key(ref: ImageRef) -> str:

@@ -15,17 +15,11 @@ from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import rbd
 
-from .errors import Cancelled, MigrationError
+from .errors import Cancelled, MigrationError, Mismatch
 from .formats.base import Format, Snapshot
 
 CHUNK = 4 << 20
 MAX_REPORTED = 8
-
-
-class Mismatch(MigrationError):
-    """Source and target differ: commit would lose data."""
-
-    errno = errno.EBADMSG
 
 
 @dataclass

@@ -22,7 +22,8 @@ import rbd
 from ..errors import Busy, NotFound
 from . import ondisk
 from .migration import ImageRef, MigrationInfo, ProgressFn
-from .rbd_errors import TransientError, name_taken, translate
+from ..errors import TransientClusterError
+from .rbd_errors import name_taken, translate
 
 if TYPE_CHECKING:
     from .librbd import LibrbdEngine
@@ -176,7 +177,7 @@ class Interrupted:
             except rbd.ImageBusy:
                 # Still watched by the client that was cut short (a failed
                 # mgr): its watch expires within a minute; retry then.
-                raise TransientError(f'the source {source} of the committed migration '
+                raise TransientClusterError(f'the source {source} of the committed migration '
                                      f'to {dst} is still open by a client that went '
                                      'away; retrying once its watch expires') from None
             except (rbd.Error, rados.Error) as e:

@@ -29,7 +29,7 @@ from typing import IO, Any, Callable, Dict, Optional
 
 import rados
 
-from ..errors import Cancelled, MigrationError
+from ..errors import Cancelled, ChildFailed, MigrationError
 from .librbd import LibrbdEngine
 from .migration import ImageRef, ProgressFn
 
@@ -102,15 +102,6 @@ def _die_with_parent(parent: int) -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
         os._exit(1)
-
-
-class ChildFailed(MigrationError):
-    """What the child reported, with its errno and transience."""
-
-    def __init__(self, message: str, code: int, transient: bool) -> None:
-        super().__init__(message)
-        self.errno = code
-        self.transient = transient
 
 
 def execute(client: ChildClient, ref: ImageRef, progress: ProgressFn,

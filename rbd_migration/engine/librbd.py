@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import rados
 import rbd
 
-from ..errors import AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound
+from ..errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
+                      NotMigrating)
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from ..waits import Waits
@@ -702,10 +703,6 @@ def _migration_kwargs(layout: Layout) -> Dict[str, Any]:
     if isinstance(data_pool, str):
         kwargs['data_pool'] = data_pool.encode()
     return kwargs
-
-
-class NotMigrating(InvalidArgument):
-    """The image exists but takes part in no migration."""
 
 
 def _ns(io: rados.Ioctx) -> str:

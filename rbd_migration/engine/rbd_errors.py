@@ -8,17 +8,8 @@ import errno
 import os
 
 from ..errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
-                      MigrationError, NotFound, PermissionDenied, Unsupported)
-
-
-class TransientError(MigrationError):
-    """The cluster could not do it now (timeout, full, connection lost)."""
-
-    transient = True
-
-    def __init__(self, message: str, code: int = errno.EAGAIN) -> None:
-        super().__init__(message)
-        self.errno = code
+                      MigrationError, NotFound, PermissionDenied, TransientClusterError,
+                      Unsupported)
 
 
 _KINDS = {
@@ -46,17 +37,17 @@ def translate(e: Exception, doing: str) -> MigrationError:
         text += "; librbd logs its reason in the active mgr's log"
     kind = _KINDS.get(code)
     if kind is None:
-        return TransientError(text, code)
+        return TransientClusterError(text, code)
     err = kind(text)
     err.errno = code
     return err
 
 
-def in_use(doing: str, image: object) -> TransientError:
+def in_use(doing: str, image: object) -> TransientClusterError:
     """librbd refuses to remove an image some client watches.  Often that
     is a passing one (a status query opens both images of a migration, a
     failed mgr's watch lingers for a while): retried, with the reason."""
-    return TransientError(f'{doing}: {image} is open by another client '
+    return TransientClusterError(f'{doing}: {image} is open by another client '
                           f"(see 'rbd status {image}'); retrying until it is closed",
                           errno.EBUSY)
 

@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..context import SourceContext
 from ..errors import (InvalidArgument, MigrationError, NotFound,
-                      PermissionDenied, SourceChanged, SourceUnavailable)
+                      PermissionDenied, SourceChanged, SourceUnreachable)
 from .base import Stream
 
 ROOTS_OPTION = 'mgr/rbd_migration/file_source_roots'
@@ -180,7 +180,7 @@ class FileStream(Stream):
             return PermissionDenied(
                 f'{what} cannot be read by the mgr ({e.strerror}); make it '
                 f'readable by the user that ceph-mgr runs as')
-        return SourceUnavailable(f'{what} cannot be opened ({e.strerror})')
+        return SourceUnreachable(f'{what} cannot be opened ({e.strerror})')
 
     def sibling(self, name: str) -> 'FileStream':
         """The file a qcow2 header names (backing or data file): relative names
@@ -279,8 +279,8 @@ class FileStream(Stream):
             f'{self._what}: the file shrank from {self._size} to {now} bytes '
             f'while it was read; do not change the image while it is imported')
 
-    def _failed(self, e: OSError, length: int, at: int) -> SourceUnavailable:
-        return SourceUnavailable(f'{self.description}: read of {length} bytes at '
+    def _failed(self, e: OSError, length: int, at: int) -> SourceUnreachable:
+        return SourceUnreachable(f'{self.description}: read of {length} bytes at '
                                  f'{at} failed ({e.strerror})')
 
     def _checked_fd(self) -> int:

@@ -29,7 +29,7 @@ import urllib3.connection
 
 from ..context import SourceContext
 from ..errors import (InvalidArgument, MigrationError, PermissionDenied, SourceChanged,
-                      SourceUnavailable)
+                      SourceUnreachable)
 
 
 #: The first pause between attempts, and the longest, in seconds.
@@ -65,7 +65,7 @@ def after_attempts(attempts: int) -> str:
 def with_retries(ctx: SourceContext, what: str, attempt: Callable[[], T],
                  mask: Callable[[str], str] = str) -> T:
     """``attempt()``, repeated while it raises Transient, ``ctx.retries``
-    times at most; then SourceUnavailable '<what>: <last failure> after N
+    times at most; then SourceUnreachable '<what>: <last failure> after N
     attempts', passed through ``mask``.  Any other exception (a
     MigrationError for a definite answer) passes through at once, Cancelled
     and TimedOut included: the pauses between attempts end (raising) as soon
@@ -79,7 +79,7 @@ def with_retries(ctx: SourceContext, what: str, attempt: Callable[[], T],
             failure = str(e)
         if number < attempts:
             ctx.pause(backoff_delay(number))
-    raise SourceUnavailable(
+    raise SourceUnreachable(
         mask(f'{what}: {failure} {after_attempts(attempts)}'))
 
 

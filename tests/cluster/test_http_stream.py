@@ -20,7 +20,7 @@ import pytest
 from qa.cluster import Cluster
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import (InvalidArgument, NotFound,
-                                  PermissionDenied, SourceUnavailable,
+                                  PermissionDenied, SourceUnreachable,
                                   Unsupported)
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.http import HttpStream
@@ -186,7 +186,7 @@ def test_server_down_is_unavailable_after_retries() -> None:
         bound.bind(('127.0.0.1', 0))
         port = bound.getsockname()[1]
         started = time.monotonic()
-        with pytest.raises(SourceUnavailable) as e:
+        with pytest.raises(SourceUnreachable) as e:
             open_url(f'http://user:{PASSWORD}@127.0.0.1:{port}/x.img',
                      ctx(timeout=1, retries=3))
     assert time.monotonic() - started < 5
@@ -334,13 +334,13 @@ def test_transient_failures_are_retried(faulty: Faulty,
 def test_failures_beyond_the_retries(faulty: Faulty) -> None:
     with open_url(faulty.url) as stream:
         faulty.faults = ['503'] * 3
-        with pytest.raises(SourceUnavailable) as e:
+        with pytest.raises(SourceUnreachable) as e:
             stream.read(0, 100)
         assert str(e.value) == (f'source-spec: stream.url: {faulty.url} '
                                 f'answered HTTP 503 Service Unavailable after '
                                 f'3 attempts')
         faulty.faults = ['truncate'] * 3
-        with pytest.raises(SourceUnavailable,
+        with pytest.raises(SourceUnreachable,
                            match=r'broke off after 50 of 100 bytes at offset '
                                  r'0 after 3 attempts'):
             stream.read(0, 100)
@@ -362,7 +362,7 @@ def test_no_answer_times_out(faulty: Faulty) -> None:
     with open_url(faulty.url, ctx(timeout=0.5, retries=2)) as stream:
         faulty.faults = ['hang', 'hang']
         started = time.monotonic()
-        with pytest.raises(SourceUnavailable) as e:
+        with pytest.raises(SourceUnreachable) as e:
             stream.read(0, 100)
     assert time.monotonic() - started < 5
     assert str(e.value) == (f'source-spec: stream.url: {faulty.url}: no '

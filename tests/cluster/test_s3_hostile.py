@@ -18,7 +18,7 @@ from botocore.config import Config
 from qa.cluster import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Cluster
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import (Cancelled, SourceChanged,
-                                  SourceUnavailable, TimedOut)
+                                  SourceUnreachable, TimedOut)
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.s3 import (CLIENT_CACHE_SIZE, S3Stream,
                                       cached_clients)
@@ -346,7 +346,7 @@ def test_trickled_body_is_cut_off_after_the_timeout(proxy: Proxy,
     with open_s3(slow_url, ctx(timeout=2)) as stream:
         proxy.fault = 'trickle'
         elapsed, error = timed(lambda: stream.read(0, 1000))
-    assert isinstance(error, SourceUnavailable) and error.transient
+    assert isinstance(error, SourceUnreachable) and error.transient
     assert 'of 1000 bytes arrived in 2.' in str(error)
     assert str(error).endswith('(at most 2s per request) after 1 attempt')
     assert elapsed <= 2 + 1.5
@@ -385,7 +385,7 @@ def test_a_cut_off_connection_is_not_reused(proxy: Proxy,
     fresh connection and works."""
     with open_s3(slow_url, ctx(timeout=1.5, retries=1)) as stream:
         proxy.fault = 'stall'
-        with pytest.raises(SourceUnavailable):
+        with pytest.raises(SourceUnreachable):
             stream.read(0, 10_000)
         proxy.fault = ''
         assert stream.read(0, 10_000) == DATA[:10_000]

@@ -19,7 +19,7 @@ from botocore.config import Config
 from qa.cluster import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Cluster
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import (InvalidArgument, NotFound,
-                                  PermissionDenied, SourceUnavailable)
+                                  PermissionDenied, SourceUnreachable)
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.s3 import S3Stream
 from tests.netfaults import reset
@@ -203,7 +203,7 @@ def test_secrets_never_shown(bucket: Bucket) -> None:
             (f'http://127.0.0.1:1/{S3_BUCKET}/{S3_SECRET_KEY}',
              S3_SECRET_KEY)):
         with pytest.raises((NotFound, PermissionDenied,
-                            SourceUnavailable)) as e:
+                            SourceUnreachable)) as e:
             open_s3(url, ctx(timeout=1, retries=1), secret_key=secret)
         messages.append(str(e.value))
     for message in messages:
@@ -245,7 +245,7 @@ def test_endpoint_down_is_unavailable_after_retries() -> None:
         bound.bind(('127.0.0.1', 0))
         port = bound.getsockname()[1]
         started = time.monotonic()
-        with pytest.raises(SourceUnavailable) as e:
+        with pytest.raises(SourceUnreachable) as e:
             open_s3(f'http://127.0.0.1:{port}/{S3_BUCKET}/x.img',
                     ctx(timeout=1, retries=2))
     assert time.monotonic() - started < 5
@@ -386,7 +386,7 @@ def test_truncated_beyond_the_retries(proxy: FaultyProxy, bucket: Bucket,
     url = bucket.url('disk.img', proxy.endpoint)
     with open_s3(url) as stream:
         proxy.faults = ['truncate'] * 3
-        with pytest.raises(SourceUnavailable) as e:
+        with pytest.raises(SourceUnreachable) as e:
             stream.read(0, 100)
         assert str(e.value) == (f'source-spec: stream.url: {url}: the answer '
                                 f'broke off (connection closed mid-answer) '

@@ -9,7 +9,7 @@ import pytest
 from rbd_migration.batch import (DONE, EXECUTED, EXECUTING, ITEM_CANCELLED, ITEM_FAILED,
                                  PENDING, SKIPPED, Batch, BatchBook, BatchDriver, BatchItem,
                                  ImageFacts, parse_pool_spec, plan, select)
-from rbd_migration.engine.rbd_errors import TransientError
+from rbd_migration.errors import TransientClusterError
 from rbd_migration.errors import Busy, InvalidArgument, NotFound
 from rbd_migration.tasks import (ACTIVE, COMPLETED, FAILED, QUEUED, RUNNING, Task,
                                  TaskAction, TaskState)
@@ -107,7 +107,7 @@ class FakeActions:
     def _new(self, action: str, item: BatchItem) -> Task:
         if f'{action} {item.name}' in self.flaky:
             self.flaky.discard(f'{action} {item.name}')
-            raise TransientError(f'{action} {item.name}: cannot send after transport '
+            raise TransientClusterError(f'{action} {item.name}: cannot send after transport '
                                  'endpoint shutdown (ESHUTDOWN)')
         tid = str(next(self.ids))
         task = Task(id=tid, action=TaskAction(action), pool_id=2, pool='rbd2', namespace='',

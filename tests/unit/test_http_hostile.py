@@ -20,7 +20,7 @@ import pytest
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import (Cancelled, InvalidArgument,
                                   PermissionDenied, SourceChanged,
-                                  SourceUnavailable, TimedOut)
+                                  SourceUnreachable, TimedOut)
 from rbd_migration.streams.http import MAX_REDIRECTS, HttpStream, origin_of
 from rbd_migration.streams.net import Transient, with_retries
 from tests.netfaults import reset
@@ -349,7 +349,7 @@ def test_trickled_body_is_cut_off_after_the_timeout(origin: Server) -> None:
     with open_url(origin.url('/disk.img'), ctx(timeout=2)) as stream:
         image.fault = 'trickle'
         elapsed, error = timed(lambda: stream.read(0, 1000))
-    assert isinstance(error, SourceUnavailable) and error.transient
+    assert isinstance(error, SourceUnreachable) and error.transient
     assert 1.8 < elapsed <= 2 + 1.5
     assert f'source-spec: stream.url: {origin.url("/disk.img")}: only ' \
         in str(error)
@@ -363,7 +363,7 @@ def test_trickled_headers_are_cut_off_after_the_timeout(
     with open_url(origin.url('/disk.img'), ctx(timeout=1.5)) as stream:
         image.fault = 'slow-headers'
         elapsed, error = timed(lambda: stream.read(0, 1000))
-    assert isinstance(error, SourceUnavailable)
+    assert isinstance(error, SourceUnreachable)
     assert str(error) == (f'source-spec: stream.url: {origin.url("/disk.img")}'
                           f': no answer within 1.5s after 1 attempt')
     assert elapsed <= 1.5 + 1.5
@@ -375,7 +375,7 @@ def test_each_attempt_has_its_own_time(origin: Server) -> None:
                   ctx(timeout=1, retries=3)) as stream:
         image.fault = 'trickle'
         elapsed, error = timed(lambda: stream.read(0, 1000))
-    assert isinstance(error, SourceUnavailable)
+    assert isinstance(error, SourceUnreachable)
     assert str(error).endswith('after 3 attempts')
     assert len(origin.requests('GET')) == 3
     # Three attempts of 1 s, and two pauses of at most 0.25 and 0.5 s.
@@ -513,7 +513,7 @@ def test_a_connect_that_hangs_is_named(unanswering: str,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr('rbd_migration.context.CONNECT_LIMIT', 0.5)
     elapsed, error = timed(lambda: open_url(unanswering, ctx(timeout=30, retries=1)))
-    assert isinstance(error, SourceUnavailable), error
+    assert isinstance(error, SourceUnreachable), error
     assert 'no answer within 0.5s' in str(error), error
     assert elapsed <= 0.5 + 1
 
@@ -558,7 +558,7 @@ def test_content_length_longer_than_the_body(origin: Server,
             as stream:
         image.fault = fault
         elapsed, error = timed(lambda: stream.read(0, 10_000))
-        assert isinstance(error, SourceUnavailable)
+        assert isinstance(error, SourceUnreachable)
         assert str(error).endswith('after 2 attempts')
         if fault == 'lie-close':
             assert 'broke off after 5000 of 10000 bytes' in str(error)

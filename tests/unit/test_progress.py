@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from rbd_migration.errors import InvalidArgument, SourceUnavailable
+from rbd_migration.errors import InvalidArgument, SourceUnreachable
 from rbd_migration.progress import ProgressEvents, event_message, failure_text
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED, RETRYING,
                                  RUNNING, RetryPolicy, Task, TaskAction, TaskQueue,
@@ -393,7 +393,7 @@ def _one_run(q: TaskQueue, qe: QueueEvents) -> None:
 
 
 def refuse(t: Task) -> None:
-    raise SourceUnavailable('connection refused')
+    raise SourceUnreachable('connection refused')
 
 
 def succeed(t: Task) -> None:

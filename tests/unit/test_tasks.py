@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from rbd_migration.errors import (Cancelled, InvalidArgument, NotFound,
-                                  SourceUnavailable)
+                                  SourceUnreachable)
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
                                  RETRYING, RUNNING, SEQUENCE_KEY, TASK_PREFIX,
                                  TASK_RECORD_VERSION, RetryPolicy, Task, TaskAction,
@@ -394,7 +394,7 @@ def test_submit_same_action_and_image_while_active_returns_same_task(h: Harness)
     call = h.start(first)                      # running: still the same task
     again, created = h.submit2('a')
     assert again is first and not created
-    call.fail(SourceUnavailable('flaky'))      # waiting to retry: still active
+    call.fail(SourceUnreachable('flaky'))      # waiting to retry: still active
     assert first.state == RETRYING
     again, created = h.submit2('a')
     assert again is first and not created
@@ -466,7 +466,7 @@ def test_load_requeues_running_tasks_and_keeps_attempts(harnesses: List[Harness]
     retrying = old.submit('b')
     done = old.submit('c')
     old.start(running)
-    old.start(retrying).fail(SourceUnavailable('503'))
+    old.start(retrying).fail(SourceUnreachable('503'))
     old.limit[0] = 3
     old.start(done).finish()
     assert (running.state, retrying.state, done.state) == (RUNNING, RETRYING, COMPLETED)
@@ -600,7 +600,7 @@ def test_progress_reports_reach_the_task_and_events(h: Harness) -> None:
 
 def test_transient_error_waits_to_retry_with_backoff(h: Harness) -> None:
     task = h.submit('a')
-    h.start(task).fail(SourceUnavailable('HTTP 503 from the server'))
+    h.start(task).fail(SourceUnreachable('HTTP 503 from the server'))
     assert task.state == RETRYING
     assert task.last_error == 'HTTP 503 from the server' and task.errno == errno.EIO
     assert task.next_attempt == h.clock.now + 10.0    # backoff * 2**0
@@ -614,7 +614,7 @@ def test_transient_error_waits_to_retry_with_backoff(h: Harness) -> None:
     h.clock.advance(0.1)
     call = h.start(task, attempt=2)
     assert task.attempts == 2 and task.next_attempt is None
-    call.fail(SourceUnavailable('again'))
+    call.fail(SourceUnreachable('again'))
     assert task.next_attempt == h.clock.now + 20.0    # backoff * 2**1
     assert task.last_error == 'again'
 
@@ -625,7 +625,7 @@ def test_backoff_is_capped(harnesses: List[Harness]) -> None:
     task = h.submit('a')
     delays = []
     for attempt in range(1, 5):
-        h.start(task, attempt).fail(SourceUnavailable('down'))
+        h.start(task, attempt).fail(SourceUnreachable('down'))
         assert task.next_attempt is not None
         delays.append(task.next_attempt - h.clock.now)
         h.clock.now = task.next_attempt
@@ -635,7 +635,7 @@ def test_backoff_is_capped(harnesses: List[Harness]) -> None:
 def test_transient_error_fails_after_max_attempts(h: Harness) -> None:
     task = h.submit('a')
     for attempt in (1, 2, 3):                 # max_attempts=3
-        h.start(task, attempt).fail(SourceUnavailable(f'down {attempt}'))
+        h.start(task, attempt).fail(SourceUnreachable(f'down {attempt}'))
         if attempt < 3:
             assert task.state == RETRYING
             h.clock.now = task.next_attempt or 0.0
@@ -673,7 +673,7 @@ def test_a_crashing_runner_fails_the_task_and_the_queue_goes_on(h: Harness) -> N
 def test_retry_waiting_keeps_the_image_order(h: Harness) -> None:
     h.limit[0] = 3
     execute = h.submit('a')
-    h.start(execute).fail(SourceUnavailable('503'))
+    h.start(execute).fail(SourceUnreachable('503'))
     abort = h.submit('a', action='abort')
     other = h.submit('b')
     h.start(other).finish()
@@ -693,7 +693,7 @@ def test_retry_policy_is_read_when_a_task_fails(harnesses: List[Harness]) -> Non
     task, _ = q.submit('execute', 1, 'rbd', '', 'x', 'x', 'm')
     q.schedule()
     policies[0] = RetryPolicy(max_attempts=1)
-    runner.call(task.id).fail(SourceUnavailable('down'))
+    runner.call(task.id).fail(SourceUnreachable('down'))
     assert task.state == FAILED
 
 
@@ -713,7 +713,7 @@ def test_cancel_queued_task(h: Harness) -> None:
 
 def test_cancel_task_waiting_to_retry(h: Harness) -> None:
     task = h.submit('a')
-    h.start(task).fail(SourceUnavailable('503'))
+    h.start(task).fail(SourceUnreachable('503'))
     h.queue.cancel(task.id)
     assert task.state == CANCELLED and task.next_attempt is None
     h.clock.advance(3600)
@@ -744,7 +744,7 @@ def test_cancelled_running_task_is_not_retried(h: Harness) -> None:
     task = h.submit('a')
     call = h.start(task)
     h.queue.cancel(task.id)
-    call.fail(SourceUnavailable('connection reset'))
+    call.fail(SourceUnreachable('connection reset'))
     assert task.state == CANCELLED
     h.clock.advance(3600)
     h.queue.schedule()
@@ -827,7 +827,7 @@ def test_prune_never_drops_active_tasks(harnesses: List[Harness]) -> None:
     h.start(done).finish()
     assert [t.id for t in h.queue.list()] == ['2']
     assert h.store.task_ids() == ['2']
-    h.start(waiting).fail(SourceUnavailable('503'))
+    h.start(waiting).fail(SourceUnreachable('503'))
     assert [t.id for t in h.queue.list()] == ['2']
     h.submit('c')                              # submit prunes too
     assert h.store.task_ids() == ['2', '3']
