@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import InvalidArgument, PermissionDenied, Unsupported
-from rbd_migration.formats import open_format, qcow
+from rbd_migration.formats import open_format, qcow_cache
 from rbd_migration.formats.base import ExtentKind, Format, Snapshot
 from rbd_migration.formats.detect import sniff
 from rbd_migration.formats.qcow import QcowFormat
@@ -573,7 +573,7 @@ def test_concurrent_reads_with_tiny_caches(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
     """Evictions on every read, eight threads at once: still QEMU's bytes."""
-    monkeypatch.setattr(qcow, 'CLUSTER_CACHE_BYTES', 8 * KiB)
+    monkeypatch.setattr(qcow_cache, 'CLUSTER_CACHE_BYTES', 8 * KiB)
     img = convert(scattered_raw(tmp_path / 'disk.raw', seed=41),
                   tmp_path / 'disk.qcow2', 'cluster_size=4k', compress=True)
     qemu_io(img, 'write -P 0x21 0 1M')
@@ -597,7 +597,7 @@ def test_concurrent_reads_with_tiny_caches(tmp_path: Path,
 
 
 def test_lru_cache_stays_within_budget() -> None:
-    cache = qcow._LruCache(100)
+    cache = qcow_cache._LruCache(100)
     loads: List[int] = []
 
     def loader(key: int, weight: int) -> Callable[[], Tuple[int, int]]:
