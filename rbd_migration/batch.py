@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from .errors import Busy, InvalidArgument, MigrationError, NotFound
-from .tasks import CANCELLED, COMPLETED, FAILED, Store, Task
+from .store import Store
+from .tasks import CANCELLED, COMPLETED, FAILED, Task
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from .inventory import OP_FEATURE_MIGRATION
 
 if TYPE_CHECKING:
     from .engine.librbd import LibrbdEngine
-    from .tasks import Store
+    from .store import Store
 
 log = logging.getLogger(__name__)
 

@@ -36,8 +36,8 @@ from .schedule import Limits, Window, must_pause, wait_reason
 from .secrets import mask_spec
 from .source_spec import native_spec, parse_source_spec, spec_summary
 from .validators import Validators, check_unchanged, read_validators
-from .tasks import (COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Store, Task,
-                    TaskQueue)
+from .store import Store
+from .tasks import COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Task, TaskQueue
 from .verify import summary as verify_summary
 from .verify import verify as run_verify
 

@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
 from .errors import Cancelled, MigrationError, NotFound
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +59,6 @@ SEQUENCE_KEY = 'task_sequence'
 #: The layout of the task records this code writes; ``Task.from_json``
 #: upgrades older ones as it reads them.
 TASK_RECORD_VERSION = 2
-
-
-class Store(Protocol):
-    """The subset of MgrModule's KV store API the queue uses."""
-
-    def get_store(self, key: str, default: Optional[str] = None) -> Optional[str]: ...
-    def set_store(self, key: str, val: Optional[str]) -> None: ...
-    def get_store_prefix(self, key_prefix: str) -> Dict[str, str]: ...
 
 
 @dataclass

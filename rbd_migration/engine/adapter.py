@@ -27,10 +27,10 @@ from ..secrets import mask_spec
 from ..validators import Validators, check_unchanged
 from . import ondisk
 from .copier import Checkpoint, Copier, CopyOptions
-from ..tasks import Store
+from ..store import Store
 from .librbd import LibrbdEngine
 from .migration import ImageRef, MigrationInfo, ProgressFn
-from .rbd_errors import translate
+from ..rbd_errors import translate
 
 RECORD_PREFIX = 'adapter/'
 #: The name a target has until commit gives it its own.

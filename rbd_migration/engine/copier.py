@@ -25,7 +25,7 @@ import rbd
 
 from ..errors import Cancelled
 from ..formats.base import Extent, ExtentKind, Format, Snapshot
-from .rbd_errors import translate
+from ..rbd_errors import translate
 
 #: Zero detection granularity inside a chunk.
 BLOCK = 64 << 10

@@ -23,7 +23,7 @@ from ..errors import Busy, NotFound
 from . import ondisk
 from .migration import ImageRef, MigrationInfo, ProgressFn
 from ..errors import TransientClusterError
-from .rbd_errors import name_taken, translate
+from ..rbd_errors import name_taken, translate
 
 if TYPE_CHECKING:
     from .librbd import LibrbdEngine

@@ -26,7 +26,7 @@ from ..waits import Waits
 from . import ondisk
 from .interrupted import Interrupted
 from .migration import ImageRef, MigrationInfo, ProgressFn
-from .rbd_errors import in_use, name_taken, translate
+from ..rbd_errors import in_use, name_taken, translate
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import rados
 import rbd
 
 from ..context import SourceContext
-from ..engine.rbd_errors import translate
+from ..rbd_errors import translate
 from ..errors import MigrationError, NotFound
 from .base import (Extent, ExtentKind, Format, FormatFeatures, Snapshot,
                    coalesce)

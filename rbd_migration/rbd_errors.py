@@ -7,7 +7,7 @@ own are taken for passing cluster trouble, which the task queue retries.
 import errno
 import os
 
-from ..errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
+from .errors import (AlreadyExists, Busy, Cancelled, InvalidArgument,
                       MigrationError, NotFound, PermissionDenied, TransientClusterError,
                       Unsupported)
 
