@@ -244,7 +244,7 @@ class Fleet:
 
     def prepared(self, batch: Batch, item: BatchItem) -> Optional[str]:
         try:
-            info = self.service._find(batch.dest_spec(item.name))
+            info = self.service.find(batch.dest_spec(item.name))
         except MigrationError:
             return None      # not migrating (NotMigrating is a MigrationError)
         src = info.source
@@ -278,7 +278,7 @@ class Fleet:
         librbd 16.2 can abort the whole process opening a migration source
         whose parent moved."""
         engine = self.service.engine
-        info = self.service._find(batch.dest_spec(item.name))
+        info = self.service.find(batch.dest_spec(item.name))
         with engine.ioctx_by_id(info.dest.pool_id, info.dest.namespace) as io, \
                 rbd.Image(io, image_id=info.dest.id, read_only=True) as img:
             found = [d for d in img.list_descendants() if not d.get('trash')]
@@ -299,7 +299,7 @@ class Fleet:
 
     def commit(self, batch: Batch, item: BatchItem) -> Task:
         spec = batch.dest_spec(item.name)
-        info = self.service._find(spec)
+        info = self.service.find(spec)
         force = bool(self.service.engine.descendants(info.dest))   # trashed ones too
         return self._required(self.service.commit(spec, force=force, verified=batch.verify,
                                                   batch=batch.id))
@@ -307,7 +307,7 @@ class Fleet:
     def committed(self, batch: Batch, item: BatchItem) -> Optional[str]:
         spec = batch.dest_spec(item.name)
         try:
-            info = self.service._find(spec)
+            info = self.service.find(spec)
         except NotMigrating:
             # Committed, if the image standing there is the target prepared.
             engine = self.service.engine
@@ -342,13 +342,13 @@ class Fleet:
             item.finished = time.time()
             self.book.save_item(batch, item)
 
-    @staticmethod
-    def _task(result: Dict[str, Any]) -> Optional[Task]:
+    def _task(self, result: Dict[str, Any]) -> Optional[Task]:
+        """The queue's own task that a service action answered with."""
         data = result.get('task')
-        return Task(**{k: v for k, v in data.items() if k != 'image_spec'}) if data else None
+        return self.queue.get(str(data['id'])) if data else None
 
     def _required(self, result: Dict[str, Any]) -> Task:
         task = self._task(result)
         if task is None:
             raise MigrationError(result.get('message') or 'no task was queued')
-        return self.queue.get(task.id)
+        return task

@@ -244,7 +244,7 @@ class MigrationService:
                 raise PoolFull(f'pool {pool} {what}; raise its quota (ceph osd pool '
                                f'set-quota) or add space, then prepare again')
 
-    def _find(self, image: str) -> MigrationInfo:
+    def find(self, image: str) -> MigrationInfo:
         """The migration ``image`` takes part in, on either path."""
         spec = ImageSpec.parse(image)
         with self.listing.waits.on(f'pool {spec.pool}'):
@@ -322,7 +322,7 @@ class MigrationService:
 
     # -- tasks -------------------------------------------------------------
     def execute(self, image: str, batch: Optional[str] = None) -> Dict[str, Any]:
-        info = self._find(image)
+        info = self.find(image)
         _refuse_unavailable(info, 'execute')
         if info.state == 'executed':
             return {'message': f'the migration of {info.dest} is already executed; '
@@ -357,7 +357,7 @@ class MigrationService:
             f'{info.state}); run ceph rbd migration execute {info.dest} first')
 
     def verify(self, image: str, batch: Optional[str] = None) -> Dict[str, Any]:
-        info = self._find(image)
+        info = self.find(image)
         self._require_executed(info, 'verify')
         self._refuse_other_action(info, 'verify')
         return self._submit('verify', info, f'Verifying migration of {info.dest}',
@@ -372,7 +372,7 @@ class MigrationService:
 
     def commit(self, image: str, force: bool = False,
                verified: bool = False, batch: Optional[str] = None) -> Dict[str, Any]:
-        info = self._find(image)
+        info = self.find(image)
         _refuse_interrupted(info, 'commit')
         changed = self._registration(info.dest).get('source_changed')
         if changed and not info.interrupted:
@@ -398,7 +398,7 @@ class MigrationService:
                             {'force': bool(force), 'source': source, 'batch': batch})
 
     def abort(self, image: str) -> Dict[str, Any]:
-        info = self._find(image)
+        info = self.find(image)
         _refuse_interrupted(info, 'abort')
         active = self.queue.active_for(info.dest.key)
         if active and active.action == 'commit':
@@ -624,7 +624,7 @@ class MigrationService:
     # -- status ------------------------------------------------------------
     def status(self, image: Optional[str] = None) -> Dict[str, Any]:
         if image:
-            info = self._find(image)
+            info = self.find(image)
             tasks = [t for t in self.queue.list() if t.image_key == info.dest.key]
             return {'migrations': [self.describe(info)],
                     'tasks': [t.to_dict() for t in tasks]}
