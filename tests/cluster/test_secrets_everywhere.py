@@ -5,7 +5,7 @@ failed task's health warning, abort -- and then the mgr's log at its default
 level, the cluster log and the crash reports are searched for every secret.
 
 Secrets are given with ``-i FILE``: Ceph's own audit log records a command's
-arguments (README: "Ceph's own audit log ..."), which the module cannot mask;
+arguments (docs/reference/source-spec.rst: "Ceph's own audit log ..."), which the module cannot mask;
 ``test_inline_secret_reaches_only_cephs_audit_log`` pins that down.
 """
 import errno
@@ -294,6 +294,6 @@ def test_inline_secret_reaches_only_cephs_audit_log(cluster: Cluster,
         if lines or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert lines, 'the audit channel no longer logs the command: update the README'
+    assert lines, 'the audit channel no longer logs the command: update docs/reference/source-spec.rst'
     assert all('log_channel(audit)' in line for line in lines), \
         [line[:300] for line in lines if 'log_channel(audit)' not in line]

@@ -41,14 +41,16 @@ from rbd_migration.formats.base import Format, Snapshot
 from rbd_migration.formats.qcow import QcowFormat
 from rbd_migration.limits import SourceLimits
 from rbd_migration.probe import probe as probe_source
+from tests.profile import THOROUGH, examples
 
 KiB, MiB = 1 << 10, 1 << 20
 TIME_LIMIT = 2.0
 HEAP_LIMIT = 16 * MiB
 #: Extents walked per snapshot: far more than the small images here have.
 MAX_EXTENTS = 10_000
-FUZZ_EXAMPLES = int(os.environ.get('RBD_MIGRATION_FUZZ_EXAMPLES', '150'))
-FUZZ = settings(max_examples=FUZZ_EXAMPLES, derandomize=True, deadline=None,
+FUZZ_EXAMPLES = int(os.environ.get('RBD_MIGRATION_FUZZ_EXAMPLES') or
+                    examples(quick=150, thorough=2000))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, derandomize=not THOROUGH, deadline=None,
                 database=None, suppress_health_check=list(HealthCheck))
 
 
