@@ -628,7 +628,8 @@ def test_generated_imports_succeed_or_fail_cleanly(handle: rados.Rados,
 
     prop()
     print(f'\nimports: {counts}')
-    assert counts['ok'] >= 30, counts  # the generator does reach success
+    # The generator does reach success (3% of the examples when last counted).
+    assert counts['ok'] >= examples(quick=300, thorough=3000) // 40, counts
 
 
 def test_generated_cluster_migrations_succeed_or_fail_cleanly(
@@ -891,7 +892,8 @@ def test_generated_prepares_through_the_mgr(cluster: Cluster, handle: rados.Rado
 
     prop()
     print(f'\nthrough the mgr: {counts}')
-    assert counts['ok'] >= 3 and counts['refused'] >= 30, counts
+    assert counts['ok'] >= 3 and counts['refused'] >= examples(quick=40, thorough=360) // 4, \
+        counts
 
 
 def test_nul_in_a_native_name_is_refused_not_a_mgr_crash(
