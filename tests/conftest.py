@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import rados
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -58,3 +59,15 @@ def roots(cluster: Cluster, tmp_path: Path) -> Iterator[Path]:
     cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', str(d))
     yield d
     cluster.reset_module_option('file_source_roots')
+
+
+@pytest.fixture(scope='module')
+def rados_handle(cluster: Cluster) -> Iterator[rados.Rados]:
+    """A librados client of the test cluster, for checks the CLIs cannot do."""
+    assert cluster.state
+    r = rados.Rados(conffile=cluster.state.conf)
+    r.connect()
+    try:
+        yield r
+    finally:
+        r.shutdown()

@@ -19,7 +19,7 @@ import rados
 import rbd
 
 from qa.cluster import Cluster
-from test_lifecycle import ACTIVE, mig, mig_refused, rados_handle, wait_module  # noqa: F401
+from tests.clusterops import ACTIVE, mig, mig_refused, wait_module
 
 MiB = 1 << 20
 SIZE = 8 * MiB
@@ -128,13 +128,13 @@ def make_places(cluster: Cluster, r: rados.Rados, own_pools: bool) -> Iterator[T
 
 
 @pytest.fixture
-def places(cluster: Cluster, rados_handle: rados.Rados) -> Iterator[Tuple[Place, Place]]:  # noqa: F811
+def places(cluster: Cluster, rados_handle: rados.Rados) -> Iterator[Tuple[Place, Place]]:
     """Namespaces of their own in rbd and rbd2."""
     yield from make_places(cluster, rados_handle, own_pools=False)
 
 
 @pytest.fixture
-def pools(cluster: Cluster, rados_handle: rados.Rados) -> Iterator[Tuple[Place, Place]]:  # noqa: F811
+def pools(cluster: Cluster, rados_handle: rados.Rados) -> Iterator[Tuple[Place, Place]]:
     """Two pools of their own: librbd 16.2 cannot migrate a parent with
     clones out of a namespace."""
     yield from make_places(cluster, rados_handle, own_pools=True)

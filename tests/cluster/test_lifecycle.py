@@ -25,9 +25,9 @@ import rados
 import rbd
 
 from qa.cluster import Cluster
+from tests.clusterops import ACTIVE, ceph_run, mig, mig_refused, wait_module
 
 MiB = 1 << 20
-ACTIVE = ('queued', 'running', 'waiting to retry')
 POOLS = ('rbd', 'rbd2')
 
 
@@ -39,34 +39,7 @@ def conf(cluster: Cluster) -> str:
     return cluster.state.conf
 
 
-def ceph_run(cluster: Cluster, *args: str, inbuf: Optional[str] = None,
-             timeout: float = 60) -> subprocess.CompletedProcess:
-    return cluster.run_ceph(*args, inbuf=inbuf, timeout=timeout)
 
-
-def mig(cluster: Cluster, *args: str, inbuf: Optional[str] = None,
-        timeout: float = 60) -> Dict[str, Any]:
-    """``ceph rbd migration ARGS -f json``, which must succeed."""
-    r = ceph_run(cluster, 'rbd', 'migration', *args, '-f', 'json', inbuf=inbuf,
-                 timeout=timeout)
-    assert r.returncode == 0, (f'ceph rbd migration {" ".join(args)}: exit '
-                               f'{r.returncode}: {r.stderr.strip()}')
-    return json.loads(r.stdout)
-
-
-def mig_refused(cluster: Cluster, *args: str,
-                inbuf: Optional[str] = None) -> Tuple[int, str]:
-    """``ceph rbd migration ARGS``, which must fail with one clear line;
-    returns (exit status, that line)."""
-    r = ceph_run(cluster, 'rbd', 'migration', *args, '-f', 'json', inbuf=inbuf)
-    what = f'ceph rbd migration {" ".join(args)}'
-    assert r.returncode != 0, f'{what} succeeded: {r.stdout.strip()}'
-    err = r.stderr.strip()
-    assert err, f'{what}: exit {r.returncode} with nothing on stderr'
-    assert len(err.splitlines()) == 1, f'{what}: more than one line:\n{err}'
-    assert 'Traceback' not in err and 'internal error' not in err, f'{what}: {err}'
-    assert r.stdout.strip() == '', f'{what}: failed but printed {r.stdout!r}'
-    return r.returncode, err
 
 
 def rbd_cli(cluster: Cluster, *args: str, timeout: float = 120) -> str:
@@ -265,16 +238,6 @@ def cluster_state(cluster: Cluster) -> Dict[str, Any]:
 
 
 # -- fixtures ------------------------------------------------------------------
-
-
-@pytest.fixture(scope='module')
-def rados_handle(cluster: Cluster) -> Iterator[rados.Rados]:
-    r = rados.Rados(conffile=conf(cluster))
-    r.connect()
-    try:
-        yield r
-    finally:
-        r.shutdown()
 
 
 class Janitor:
@@ -750,20 +713,6 @@ def test_client_writes_to_the_target_during_execute(cluster: Cluster,
     assert after['HEAD'] == want_head, 'the client writes are not in HEAD'
     assert {s: after[s] for s in snaps} == {s: before[s] for s in snaps}, \
         'the snapshots changed'
-
-
-def wait_module(cluster: Cluster, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            r = ceph_run(cluster, 'rbd', 'migration', 'status', '-f', 'json', timeout=10)
-            if r.returncode == 0:
-                json.loads(r.stdout)
-                return
-        except (subprocess.TimeoutExpired, ValueError):
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f'the module did not answer within {timeout}s of mgr fail')
 
 
 def test_execute_resumes_after_mgr_fail(cluster: Cluster, janitor: Janitor) -> None:

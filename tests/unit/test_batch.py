@@ -14,7 +14,7 @@ from rbd_migration.errors import Busy, InvalidArgument, NotFound
 from rbd_migration.tasks import (ACTIVE, COMPLETED, FAILED, QUEUED, RUNNING, Task,
                                  TaskAction, TaskState)
 
-from test_tasks import MemStore
+from tests.queueharness import MemStore
 
 
 # -- selection --------------------------------------------------------------------

@@ -9,7 +9,7 @@ from rbd_migration.errors import InvalidArgument
 from rbd_migration.schedule import Limits, Window, must_pause, task_pools, wait_reason
 from rbd_migration.tasks import QUEUED, RUNNING, Task, TaskAction
 
-from test_tasks import Harness, harnesses, new_harness  # noqa: F401  (same directory; a fixture)
+from tests.queueharness import Harness, new_harness
 
 
 def at(hhmm: str) -> float:
