@@ -16,7 +16,7 @@ import struct
 import subprocess
 import time
 import uuid
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Tuple
 
 import pytest
 import rados
@@ -30,17 +30,6 @@ from rbd_migration.engine.migration import ImageRef
 from rbd_migration.errors import MigrationError
 
 ROUNDS = rounds(quick=2, thorough=10)
-
-
-@pytest.fixture(scope='module')
-def handle(cluster: Cluster) -> Iterator[rados.Rados]:
-    assert cluster.state
-    r = rados.Rados(conffile=cluster.state.conf)
-    r.connect()
-    try:
-        yield r
-    finally:
-        r.shutdown()
 
 
 def _migration(cluster: Cluster, execute: bool = True) -> Tuple[str, Dict[str, str]]:
@@ -66,9 +55,9 @@ def _ids(cluster: Cluster, name: str) -> Tuple[str, str]:
     return mig['source']['id'], mig['dest']['id']
 
 
-def _remove_target(handle: rados.Rados, name: str, image_id: str) -> None:
+def _remove_target(rados_handle: rados.Rados, name: str, image_id: str) -> None:
     """What librbd's abort has done before it restores the source."""
-    with handle.open_ioctx('rbd2') as io:
+    with rados_handle.open_ioctx('rbd2') as io:
         for obj in list(io.list_objects()):
             if obj.key == f'rbd_id.{name}' or image_id in obj.key:
                 io.remove_object(obj.key)
@@ -77,9 +66,9 @@ def _remove_target(handle: rados.Rados, name: str, image_id: str) -> None:
             io.operate_write_op(op, 'rbd_directory')
 
 
-def _drop_migration_header(handle: rados.Rados, pool: str, image_id: str) -> None:
+def _drop_migration_header(rados_handle: rados.Rados, pool: str, image_id: str) -> None:
     """What librbd's commit does to the target before it removes the source."""
-    with handle.open_ioctx(pool) as io:
+    with rados_handle.open_ioctx(pool) as io:
         io.execute(f'rbd_header.{image_id}', 'rbd', 'migration_remove', b'')
 
 
@@ -118,10 +107,11 @@ def _assert_kept(cluster: Cluster, kept: str, sums: Dict[str, str]) -> None:
     assert name not in _trash(cluster, 'rbd') + _trash(cluster, 'rbd2')
 
 
-def test_interrupted_abort_shows_and_finishes(cluster: Cluster, handle: rados.Rados) -> None:
+def test_interrupted_abort_shows_and_finishes(cluster: Cluster,
+                                              rados_handle: rados.Rados) -> None:
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
-    _remove_target(handle, name, dst_id)
+    _remove_target(rados_handle, name, dst_id)
 
     listed = [m for m in cluster.ceph_json('rbd', 'migration', 'status')['migrations']
               if m['dest']['id'] == dst_id]
@@ -140,15 +130,15 @@ def test_interrupted_abort_shows_and_finishes(cluster: Cluster, handle: rados.Ra
 
 
 def test_prepare_stopped_before_the_target_was_whole_is_aborted(
-        cluster: Cluster, handle: rados.Rados) -> None:
+        cluster: Cluster, rados_handle: rados.Rados) -> None:
     """librbd's prepare gives the target its migration header last: a mgr
     that fails over just before leaves the source in the trash, marked
     "preparing", and a target librbd's abort cannot open.  Only abort goes
     on, and it restores the source."""
     name, sums = _migration(cluster, execute=False)
     src_id, dst_id = _ids(cluster, name)
-    _drop_migration_header(handle, 'rbd2', dst_id)
-    with handle.open_ioctx('rbd') as io:
+    _drop_migration_header(rados_handle, 'rbd2', dst_id)
+    with rados_handle.open_ioctx('rbd') as io:
         io.execute(f'rbd_header.{src_id}', 'rbd', 'migration_set_state',
                    struct.pack('<B', 1) + ondisk.encode_string(''))   # preparing
     with pytest.raises(RuntimeError, match='Invalid argument'):
@@ -167,14 +157,15 @@ def test_prepare_stopped_before_the_target_was_whole_is_aborted(
     _finish(cluster, 'abort', f'rbd2/{name}', dst_id)
     _assert_kept(cluster, f'rbd/{name}', sums)
     assert name not in cluster.rbd('ls', 'rbd2').split()
-    with handle.open_ioctx('rbd2') as io:
+    with rados_handle.open_ioctx('rbd2') as io:
         _assert_no_objects(io, dst_id)
 
 
-def test_interrupted_commit_shows_and_finishes(cluster: Cluster, handle: rados.Rados) -> None:
+def test_interrupted_commit_shows_and_finishes(cluster: Cluster,
+                                               rados_handle: rados.Rados) -> None:
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
-    _drop_migration_header(handle, 'rbd2', dst_id)
+    _drop_migration_header(rados_handle, 'rbd2', dst_id)
     # This is the state librbd cannot get out of by itself:
     r = cluster.ceph('rbd', 'migration', 'status', f'rbd2/{name}', '--format', 'json')
     assert '"interrupted": "commit"' in r
@@ -190,15 +181,15 @@ def test_interrupted_commit_shows_and_finishes(cluster: Cluster, handle: rados.R
 
 
 def test_source_half_removed_does_not_crash_the_mgr(cluster: Cluster,
-                                                   handle: rados.Rados) -> None:
+                                                   rados_handle: rados.Rados) -> None:
     """A commit stopped while librbd was removing the source leaves a trash
     entry without an image header; Pacific's librbd segfaults when asked
     for the migration status of such a name.  The module never asks, and a
     commit retried with the source it recorded removes the leftover."""
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
-    _drop_migration_header(handle, 'rbd2', dst_id)
-    with handle.open_ioctx('rbd') as io:
+    _drop_migration_header(rados_handle, 'rbd2', dst_id)
+    with rados_handle.open_ioctx('rbd') as io:
         io.remove_object(f'rbd_header.{src_id}')
     pid = _mgr_pid(cluster)
 
@@ -210,10 +201,10 @@ def test_source_half_removed_does_not_crash_the_mgr(cluster: Cluster,
     assert _mgr_pid(cluster) == pid, 'the mgr restarted'
     assert src_id in _trash(cluster, 'rbd')
 
-    engine = LibrbdEngine(handle)
-    with handle.open_ioctx('rbd2') as io:
+    engine = LibrbdEngine(rados_handle)
+    with rados_handle.open_ioctx('rbd2') as io:
         dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
-    with handle.open_ioctx('rbd') as io:
+    with rados_handle.open_ioctx('rbd') as io:
         src = ImageRef(io.get_pool_id(), 'rbd', '', name, src_id)
     engine.commit(dst, lambda done, total: 0, source=src)
     assert src_id not in _trash(cluster, 'rbd')
@@ -288,21 +279,21 @@ def _assert_no_objects(io: rados.Ioctx, image_id: str, timeout: float = 60) -> N
 
 
 @pytest.mark.parametrize('action', ['abort', 'commit'])
-def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: rados.Rados,
+def test_client_killed_while_finishing_then_resumed(cluster: Cluster, rados_handle: rados.Rados,
                                                      action: str) -> None:
     """Whatever point librbd's commit or abort was killed at, running it
     again through the engine ends with exactly the image it should: the
     source restored (abort) or the target alone (commit), equal to the
     source, and nothing left in the trash."""
-    engine = LibrbdEngine(handle)
+    engine = LibrbdEngine(rados_handle)
     rng = random.Random(action)
     for _ in range(ROUNDS):
         name, sums = _migration(cluster)
         src_id, dst_id = _ids(cluster, name)
         _kill_late(cluster, action, name, rng.uniform(0, 0.025))
-        with handle.open_ioctx('rbd') as io:
+        with rados_handle.open_ioctx('rbd') as io:
             src = ImageRef(io.get_pool_id(), 'rbd', '', name, src_id)
-        with handle.open_ioctx('rbd2') as io:
+        with rados_handle.open_ioctx('rbd2') as io:
             dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
         if action == 'abort':
             _retrying(lambda: engine.abort(dst, lambda done, total: 0, source=src))
@@ -313,16 +304,16 @@ def test_client_killed_while_finishing_then_resumed(cluster: Cluster, handle: ra
         _assert_kept(cluster, kept, sums)
         assert name not in cluster.rbd('ls', gone.split('/')[0]).split()
         gone_id = dst_id if action == 'abort' else src_id
-        with handle.open_ioctx(gone.split('/')[0]) as io:
+        with rados_handle.open_ioctx(gone.split('/')[0]) as io:
             _assert_no_objects(io, gone_id)
 
 
-def _restore_source_partly(handle: rados.Rados, name: str, src_id: str,
+def _restore_source_partly(rados_handle: rados.Rados, name: str, src_id: str,
                            out_of_trash: bool) -> None:
     """What librbd's abort has done when stopped while restoring the
     source: its id object and directory entry are back, its trash entry is
     still there unless ``out_of_trash``, and its migration header is."""
-    with handle.open_ioctx('rbd') as io:
+    with rados_handle.open_ioctx('rbd') as io:
         io.write_full(f'rbd_id.{name}', ondisk.encode_string(src_id))
         io.execute('rbd_directory', 'rbd', 'dir_add_image',
                    ondisk.encode_string(name) + ondisk.encode_string(src_id))
@@ -332,7 +323,7 @@ def _restore_source_partly(handle: rados.Rados, name: str, src_id: str,
 
 @pytest.mark.parametrize('out_of_trash', [False, True], ids=['in-trash', 'out-of-trash'])
 def test_abort_stopped_while_restoring_the_source_finishes(cluster: Cluster,
-                                                           handle: rados.Rados,
+                                                           rados_handle: rados.Rados,
                                                            out_of_trash: bool) -> None:
     """The source's name already taken by the source itself is no name
     clash; a source out of the trash but still carrying its migration
@@ -340,8 +331,8 @@ def test_abort_stopped_while_restoring_the_source_finishes(cluster: Cluster,
     name and finished."""
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
-    _remove_target(handle, name, dst_id)
-    _restore_source_partly(handle, name, src_id, out_of_trash)
+    _remove_target(rados_handle, name, dst_id)
+    _restore_source_partly(rados_handle, name, src_id, out_of_trash)
     if out_of_trash:
         assert src_id not in _trash(cluster, 'rbd')
         with pytest.raises(RuntimeError, match='No such file'):
@@ -354,13 +345,13 @@ def test_abort_stopped_while_restoring_the_source_finishes(cluster: Cluster,
     assert name not in cluster.rbd('ls', 'rbd2').split()
 
 
-def _spread_source(cluster: Cluster, handle: rados.Rados, name: str) -> Dict[str, str]:
+def _spread_source(cluster: Cluster, rados_handle: rados.Rados, name: str) -> Dict[str, str]:
     """A source whose removal takes a while: a snapshot and a few hundred
     objects, so that librbd's commit spends a good part of a second
     between committing the target and removing the source."""
-    with handle.open_ioctx('rbd') as io:
+    with rados_handle.open_ioctx('rbd') as io:
         rbd.RBD().create(io, name, 1 << 30)
-    with handle.open_ioctx('rbd') as io, rbd.Image(io, name) as img:
+    with rados_handle.open_ioctx('rbd') as io, rbd.Image(io, name) as img:
         for index in range(256):
             img.write(os.urandom(4096), index << 22)
         img.create_snap('s1')
@@ -369,15 +360,15 @@ def _spread_source(cluster: Cluster, handle: rados.Rados, name: str) -> Dict[str
     return {'s1': cluster.image_sha(f'rbd/{name}@s1'), 'HEAD': cluster.image_sha(f'rbd/{name}')}
 
 
-def _fail_over_once_committed(handle: rados.Rados, dst_id: str, src_id: str) -> bool:
+def _fail_over_once_committed(rados_handle: rados.Rados, dst_id: str, src_id: str) -> bool:
     """``mgr fail`` as soon as librbd has committed the target and before
     it removed the source; False if the commit ended unseen in between."""
-    with handle.open_ioctx('rbd2') as dst_io, handle.open_ioctx('rbd') as src_io:
+    with rados_handle.open_ioctx('rbd2') as dst_io, rados_handle.open_ioctx('rbd') as src_io:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if ondisk.migration_header(dst_io, dst_id) is None:
                 hit = src_id in dict(ondisk.trashed_migration_sources(src_io))
-                ret, _, err = handle.mon_command(json.dumps({'prefix': 'mgr fail'}), b'')
+                ret, _, err = rados_handle.mon_command(json.dumps({'prefix': 'mgr fail'}), b'')
                 assert ret == 0, err
                 return hit
             time.sleep(0.002)
@@ -385,20 +376,20 @@ def _fail_over_once_committed(handle: rados.Rados, dst_id: str, src_id: str) -> 
 
 
 def test_mgr_failed_over_between_target_and_source_finishes_the_commit(
-        cluster: Cluster, handle: rados.Rados) -> None:
+        cluster: Cluster, rados_handle: rados.Rados) -> None:
     """The failover the state above comes from: the module's commit task,
     cut after librbd committed the target, runs again on the next mgr and
     removes the source."""
     hits = 0
     for round_no in range(rounds(quick=2, thorough=6)):
         name = f'intr-fo-{round_no}-{uuid.uuid4().hex[:6]}'
-        sums = _spread_source(cluster, handle, name)
+        sums = _spread_source(cluster, rados_handle, name)
         cluster.ceph('rbd', 'migration', 'prepare', f'rbd/{name}', f'rbd2/{name}')
         task = cluster.ceph_json('rbd', 'migration', 'execute', f'rbd2/{name}')['task']
         assert cluster.task_end(str(task['id'])).returncode == 0
         src_id, dst_id = _ids(cluster, name)
         commit = cluster.ceph_json('rbd', 'migration', 'commit', f'rbd2/{name}')['task']
-        hits += _fail_over_once_committed(handle, dst_id, src_id)
+        hits += _fail_over_once_committed(rados_handle, dst_id, src_id)
         cluster.wait_module()
         end = cluster.task_end(str(commit['id']))
         assert end.returncode == 0 and 'completed' in end.stdout, end.stdout + end.stderr
@@ -409,17 +400,17 @@ def test_mgr_failed_over_between_target_and_source_finishes_the_commit(
 
 
 def test_execute_run_again_on_an_executed_migration_completes(
-        cluster: Cluster, handle: rados.Rados) -> None:
+        cluster: Cluster, rados_handle: rados.Rados) -> None:
     """A failover between librbd's end of an execute and the task's record
     of it runs the task again: that run completes (librbd alone would
     refuse, EINVAL), and a migration not yet executed is still executed."""
-    engine = LibrbdEngine(handle)
+    engine = LibrbdEngine(rados_handle)
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
-    with handle.open_ioctx('rbd2') as io:
+    with rados_handle.open_ioctx('rbd2') as io:
         dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
     with pytest.raises(rbd.InvalidArgument):
-        with handle.open_ioctx('rbd2') as io:
+        with rados_handle.open_ioctx('rbd2') as io:
             rbd.RBD().migration_execute(io, name)
     engine.execute(dst, lambda done, total: 0)
     assert engine.status(dst.spec).state == 'executed'
@@ -432,30 +423,30 @@ class _CommitStopsAfterTheTarget:
     target (the source cannot be removed): the target's migration header
     is dropped, then the call fails."""
 
-    def __init__(self, real: rbd.RBD, handle: rados.Rados, dst_id: str) -> None:
-        self.real, self.handle, self.dst_id = real, handle, dst_id
+    def __init__(self, real: rbd.RBD, rados_handle: rados.Rados, dst_id: str) -> None:
+        self.real, self.rados_handle, self.dst_id = real, rados_handle, dst_id
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.real, name)
 
     def migration_commit(self, io: rados.Ioctx, name: str, **kwargs: object) -> None:
-        _drop_migration_header(self.handle, 'rbd2', self.dst_id)
+        _drop_migration_header(self.rados_handle, 'rbd2', self.dst_id)
         raise rbd.IOError('removing the source failed', errno=5)
 
 
 def test_commit_that_fails_after_the_target_removes_the_source(
-        cluster: Cluster, handle: rados.Rados) -> None:
+        cluster: Cluster, rados_handle: rados.Rados) -> None:
     """Whatever error librbd's commit ends with once the target is
     committed, the same attempt removes the source: nothing is left half
     done for another attempt (or an operator) to find."""
-    engine = LibrbdEngine(handle)
+    engine = LibrbdEngine(rados_handle)
     name, sums = _migration(cluster)
     src_id, dst_id = _ids(cluster, name)
-    with handle.open_ioctx('rbd2') as io:
+    with rados_handle.open_ioctx('rbd2') as io:
         dst = ImageRef(io.get_pool_id(), 'rbd2', '', name, dst_id)
-    with handle.open_ioctx('rbd') as io:
+    with rados_handle.open_ioctx('rbd') as io:
         src = ImageRef(io.get_pool_id(), 'rbd', '', name, src_id)
-    engine.rbd = _CommitStopsAfterTheTarget(engine.rbd, handle, dst_id)
+    engine.rbd = _CommitStopsAfterTheTarget(engine.rbd, rados_handle, dst_id)
     engine.commit(dst, lambda done, total: 0, source=src)
     _assert_kept(cluster, f'rbd2/{name}', sums)
     assert name not in cluster.rbd('ls', 'rbd').split()
@@ -463,13 +454,13 @@ def test_commit_that_fails_after_the_target_removes_the_source(
 
 
 def test_import_prepare_cut_by_a_failover_leaves_no_target(
-        cluster: Cluster, handle: rados.Rados) -> None:
+        cluster: Cluster, rados_handle: rados.Rados) -> None:
     """librbd's import prepare copies each snapshot onto the target before
     it writes the target's migration header: a failover in between left a
     plain image that no command found and that held the name.  The next
     mgr removes it, and the name can be prepared again."""
     name = f'intr-cut-{uuid.uuid4().hex[:6]}'
-    with handle.open_ioctx('rbd') as io:
+    with rados_handle.open_ioctx('rbd') as io:
         rbd.RBD().create(io, name, 8 << 20)
         with rbd.Image(io, name) as img:
             for n in range(24):
@@ -480,7 +471,7 @@ def test_import_prepare_cut_by_a_failover_leaves_no_target(
     subprocess.run(['ceph', '--conf', cluster.state.conf, 'rbd', 'migration', 'prepare',
                     '--import-only', '--source_spec', spec, f'rbd2/{name}'],
                    capture_output=True, timeout=60)
-    with handle.open_ioctx('rbd2') as dst_io:
+    with rados_handle.open_ioctx('rbd2') as dst_io:
         deadline = time.monotonic() + 60
         while True:
             assert time.monotonic() < deadline, 'the prepare made no snapshot in 60 s'
@@ -491,7 +482,7 @@ def test_import_prepare_cut_by_a_failover_leaves_no_target(
             except rbd.ImageNotFound:
                 pass
             time.sleep(0.05)
-        ret, _, err = handle.mon_command(json.dumps({'prefix': 'mgr fail'}), b'')
+        ret, _, err = rados_handle.mon_command(json.dumps({'prefix': 'mgr fail'}), b'')
         assert ret == 0, err
         cluster.wait_module()
         deadline = time.monotonic() + 150
