@@ -231,7 +231,7 @@ class Fleet:
             return reason
         if any(t.action in HEAVY and t.state != RUNNING for t in active):
             return 'waiting for queued tasks to start first'
-        limit = int(self.service.option('max_concurrent_tasks'))
+        limit = self.service.settings().max_concurrent_tasks
         if len(running) >= limit:
             return f'{len(running)} task(s) running (max_concurrent_tasks {limit})'
         return None

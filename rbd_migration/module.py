@@ -11,7 +11,7 @@ import os
 import threading
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import rados
 import rbd
@@ -29,6 +29,7 @@ from .commands import CommandTable
 from .secrets import collect_secrets, mask_text
 from .engine.isolated import ChildClient
 from .service import Children, MigrationService
+from .settings import Settings
 from .tasks import Task
 
 HandlerResult = Tuple[int, str, str]
@@ -129,7 +130,7 @@ class Module(MgrModule):
         self.service: Optional[MigrationService] = None
         self.fleet: Optional[Fleet] = None
         self._bulk: Optional[rados.Rados] = None
-        self.dispatcher = Dispatcher(lambda: float(self.get_module_option('command_wait')))
+        self.dispatcher = Dispatcher(lambda: Settings.read(self.get_module_option).command_wait)
         self._replacing = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
@@ -458,7 +459,7 @@ class ModuleEvents:
         self._tries = 0
 
     def _max_attempts(self) -> int:
-        return int(self.module.get_module_option('retry_max_attempts'))
+        return Settings.read(self.module.get_module_option).retry_max_attempts
 
     def started(self, task: Task) -> None:
         self.progress_events.started(task)

@@ -9,7 +9,7 @@ import errno
 import json
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional
 
 import rados
@@ -28,24 +28,21 @@ from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFo
 from .formats import open_format
 from .images import ImageSpec, Layout
 from .intents import Intents
-from .limits import SourceLimits
 from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
 from .schedule import Limits, Window, must_pause, wait_reason
 from .secrets import mask_spec
+from .settings import OptionGetter, Settings
 from .source_spec import native_spec, parse_source_spec, spec_summary
 from .validators import Validators, check_unchanged, read_validators
 from .store import Store
-from .tasks import COMPLETED, FAILED, RUNNING, Events, RetryPolicy, Task, TaskQueue
+from .tasks import COMPLETED, FAILED, RUNNING, Events, Task, TaskQueue
 from .verify import summary as verify_summary
 from .verify import verify as run_verify
 
 MIGRATION_PREFIX = 'migration/'
 
-#: Where config:// references may point by default: keys operators keep
-#: for rbd, except rbd-mirror's (``NEVER_CONFIG_KEYS``).
-DEFAULT_CONFIG_KEY_PREFIXES = 'rbd/'
 #: Keys no source-spec may name, whatever ``config_key_prefixes`` says: the
 #: mgr modules' own (this one's records and secrets among them), the
 #: monitors' configuration and rbd-mirror's peer secrets.
@@ -59,7 +56,6 @@ NAMESPACED_PARENT = ('{image} has {clones} clone(s), and librbd 16.2 crashes mig
                      'first, or migrate it with a Ceph release that has this fixed')
 
 #: Reads a module option by name.
-OptionGetter = Callable[[str], Any]
 
 
 @dataclass
@@ -89,11 +85,9 @@ class MigrationService:
         self.listing = Listing(self._scan)
         self.queue = TaskQueue(
             store, self._run, MeteredEvents(events, self.meter),
-            max_concurrent=lambda: int(option('max_concurrent_tasks')),
-            policy=lambda: RetryPolicy(int(option('retry_max_attempts')),
-                                       float(option('retry_backoff')),
-                                       float(option('retry_max_backoff'))),
-            stall_after=lambda: float(option('stall_warning_after')),
+            max_concurrent=lambda: self.settings().max_concurrent_tasks,
+            policy=lambda: self.settings().retry_policy,
+            stall_after=lambda: self.settings().stall_warning_after,
             diagnose=self.diagnose,
             gate=lambda task, running: wait_reason(task, running, self.limits(),
                                                    time.time(), self.meter.rate),
@@ -116,11 +110,16 @@ class MigrationService:
             self.bulk = LibrbdEngine(bulk)
             self.bulk_adapter = AdapterEngine(self.bulk, self.store)
 
+    def settings(self) -> Settings:
+        """The module's options now (an operator may change them at run time)."""
+        return Settings.read(self.option)
+
     def limits(self) -> Limits:
         """The scheduling options, read afresh (they change at run time)."""
-        return Limits(executes_per_pool=int(self.option('max_concurrent_executes_per_pool')),
-                      bandwidth=float(self.option('max_bandwidth_mbps')) * 1e6,
-                      window=Window.parse(str(self.option('execute_window') or '')))
+        s = self.settings()
+        return Limits(executes_per_pool=s.max_concurrent_executes_per_pool,
+                      bandwidth=s.max_bandwidth_mbps * 1e6,
+                      window=Window.parse(s.execute_window))
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,
@@ -169,7 +168,7 @@ class MigrationService:
         self._refuse_reserved(dst)
         self._refuse_not_rbd(dst)
         self._refuse_full(dst, layout)
-        limit = float(self.option('probe_timeout'))
+        limit = self.settings().probe_timeout
         what = spec_summary(spec)
         with self.listing.waits.on(f'the source, {what}'):
             ctx = self.source_context().bounded(
@@ -253,14 +252,14 @@ class MigrationService:
     def copy_options(self) -> CopyOptions:
         """Per-task bandwidth: ``adapter_bandwidth_mbps``, and at most an
         equal share of ``max_bandwidth_mbps`` among the running executes."""
-        bandwidth = float(self.option('adapter_bandwidth_mbps')) * 1e6
-        total = float(self.option('max_bandwidth_mbps')) * 1e6
+        s = self.settings()
+        bandwidth = s.adapter_bandwidth_mbps * 1e6
+        total = s.max_bandwidth_mbps * 1e6
         if total > 0:
             running = sum(1 for t in self.queue.running_tasks() if t.action == 'execute')
             share = total / max(1, running)
             bandwidth = min(bandwidth, share) if bandwidth > 0 else share
-        return CopyOptions(window=int(self.option('adapter_concurrency')),
-                           bandwidth=bandwidth)
+        return CopyOptions(window=s.adapter_concurrency, bandwidth=bandwidth)
 
     def source_context(self, stop: Optional[threading.Event] = None) -> SourceContext:
         """How the mgr may read sources: file streams only under
@@ -268,20 +267,17 @@ class MigrationService:
         config:// keys only under ``config_key_prefixes``, redirects only to
         ``http_redirect_origins``, metadata within the ``source_max_*``
         limits; reads end when ``stop`` is set."""
-        roots = [p for p in str(self.option('file_source_roots') or '').split(':') if p]
-        origins = str(self.option('http_redirect_origins') or '').split()
-        limits = SourceLimits(**{f.name: int(self.option(SourceLimits.option_name(f.name)))
-                                 for f in fields(SourceLimits)})
-        return SourceContext(allowed_file_roots=roots, config_key=self._config_key,
-                             rados=self.engine.rados, redirect_origins=origins,
-                             limits=limits, stop=stop)
+        s = self.settings()
+        return SourceContext(allowed_file_roots=s.file_roots, config_key=self._config_key,
+                             rados=self.engine.rados, redirect_origins=s.redirect_origins,
+                             limits=s.source_limits, stop=stop)
 
     def _config_key(self, key: str) -> Optional[str]:
         """A config-key's value, for a config:// reference in a source-spec.
         The mgr may read every key, its own and the cluster's secrets
         among them; the client that wrote the spec may not: only keys under
         ``config_key_prefixes`` are read on its behalf."""
-        prefixes = [p for p in str(self.option('config_key_prefixes') or '').split(':') if p]
+        prefixes = self.settings().key_prefixes
         if not any(key.startswith(p) for p in prefixes) or \
                 any(key.startswith(p) for p in NEVER_CONFIG_KEYS):
             allowed = ', '.join(prefixes) or 'none'
@@ -442,7 +438,7 @@ class MigrationService:
         def progress(done: int, total: int) -> int:
             return 0 if report(done, total) else -errno.ECANCELED
 
-        if task.action in ('execute', 'verify') and self.option('keep_copy_buffers'):
+        if task.action in ('execute', 'verify') and self.settings().keep_copy_buffers:
             keep_copy_buffers()
         client = self.bulk.rados
         try:
@@ -559,7 +555,7 @@ class MigrationService:
         else:
             info = self.engine.status(ref.spec)
             spec = self.engine.verify_source_spec(info)
-        window = int(self.option('adapter_concurrency'))
+        window = self.settings().adapter_concurrency
         with open_format(spec, ctx) as source, \
                 self.bulk.ioctx_by_id(ref.pool_id, ref.namespace) as io:
             def open_target(snap: Optional[str]) -> Any:
@@ -630,9 +626,10 @@ class MigrationService:
                     'tasks': [t.to_dict() for t in tasks]}
         # Tasks first: one seen ended has put its change in the listing.
         tasks = self.queue.list()
-        max_age = float(self.option('status_max_age'))
+        settings = self.settings()
+        max_age = settings.status_max_age
         running = max_age > 0 and any(t.state == RUNNING for t in tasks)
-        wait = STATUS_SCAN_SHARE * float(self.option('command_wait'))
+        wait = STATUS_SCAN_SHARE * settings.command_wait
         listed, unanswered = self.listing.within(wait, max_age if running else 0.0)
         if running:
             self.listing.warm(max_age)
@@ -654,7 +651,7 @@ class MigrationService:
     def keep_listing_warm(self) -> None:
         """While tasks run, keep the listing young enough for status to
         answer from it, even when nobody has asked for a while."""
-        max_age = float(self.option('status_max_age'))
+        max_age = self.settings().status_max_age
         if max_age > 0 and any(t.state == RUNNING for t in self.queue.list()):
             self.listing.warm(max_age)
 

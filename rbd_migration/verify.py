@@ -7,7 +7,6 @@ chunks that either side has allocated are read; elsewhere both read as
 zeros.  Writes clients made to a live target after prepare show as HEAD
 differences; snapshots must match exactly.
 """
-import errno
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -15,7 +14,7 @@ from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import rbd
 
-from .errors import Cancelled, MigrationError, Mismatch
+from .errors import Cancelled, Mismatch
 from .formats.base import Format, Snapshot
 
 CHUNK = 4 << 20

@@ -18,8 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import rados
 import rbd
 
-from ..errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
-                      NotMigrating)
+from ..errors import AlreadyExists, Busy, MigrationError, NotFound, NotMigrating
 from ..images import ImageSpec, Layout
 from ..secrets import mask_spec
 from ..waits import Waits

@@ -29,7 +29,7 @@ from rbd_migration.engine.librbd import LibrbdEngine
 from rbd_migration.images import ImageSpec
 from tests.netfaults import reset
 
-ROUNDS = rounds(quick=2, thorough=6)
+ROUNDS = rounds(quick=1, thorough=6)
 
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ from rbd_migration.engine.librbd import LibrbdEngine
 from rbd_migration.engine.migration import ImageRef
 from rbd_migration.errors import MigrationError
 
-ROUNDS = rounds(quick=2, thorough=10)
+ROUNDS = rounds(quick=1, thorough=10)
 
 
 def _migration(cluster: Cluster, execute: bool = True) -> Tuple[str, Dict[str, str]]:
