@@ -48,8 +48,8 @@ def in_use(doing: str, image: object) -> TransientClusterError:
     is a passing one (a status query opens both images of a migration, a
     failed mgr's watch lingers for a while): retried, with the reason."""
     return TransientClusterError(f'{doing}: {image} is open by another client '
-                          f"(see 'rbd status {image}'); retrying until it is closed",
-                          errno.EBUSY)
+                                 f"(see 'rbd status {image}'); retrying until it is closed",
+                                 errno.EBUSY)
 
 
 def name_taken(doing: str) -> MigrationError:

@@ -445,8 +445,9 @@ class MigrationService:
             return self._run_action(task, ref, progress, report)
         except (rados.ConnectionShutdown, rbd.ConnectionShutdown):
             self.blocklisted(client)
-            raise TransientClusterError(f"{task.action} of {ref}: the tasks' librados client "
-                                 'was blocklisted; retrying on a new one', errno.ESHUTDOWN)
+            raise TransientClusterError(
+                f"{task.action} of {ref}: the tasks' librados client was blocklisted; "
+                'retrying on a new one', errno.ESHUTDOWN)
         except MigrationError as e:
             if e.errno == errno.ESHUTDOWN:  # the task's client was blocklisted
                 self.blocklisted(client)

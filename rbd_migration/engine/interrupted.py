@@ -177,9 +177,10 @@ class Interrupted:
             except rbd.ImageBusy:
                 # Still watched by the client that was cut short (a failed
                 # mgr): its watch expires within a minute; retry then.
-                raise TransientClusterError(f'the source {source} of the committed migration '
-                                     f'to {dst} is still open by a client that went '
-                                     'away; retrying once its watch expires') from None
+                raise TransientClusterError(
+                    f'the source {source} of the committed migration to {dst} is still '
+                    'open by a client that went away; retrying once its watch '
+                    'expires') from None
             except (rbd.Error, rados.Error) as e:
                 if (source.id, source.name) not in ondisk.trashed_migration_sources(io):
                     return  # gone meanwhile: what was left to do is done
