@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import rados
 import rbd
@@ -37,7 +37,7 @@ from .settings import OptionGetter, Settings
 from .source_spec import native_spec, parse_source_spec, spec_summary
 from .validators import Validators, check_unchanged, read_validators
 from .store import Store
-from .tasks import COMPLETED, FAILED, RUNNING, Events, Task, TaskQueue
+from .tasks import COMPLETED, FAILED, RUNNING, Events, Task, TaskAction, TaskQueue
 from .verify import summary as verify_summary
 from .verify import verify as run_verify
 
@@ -458,30 +458,48 @@ class MigrationService:
 
     def _run_action(self, task: Task, ref: ImageRef, progress: Callable[[int, int], int],
                     report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
-        stop = self.queue.stop_event(task.id)
-        if task.action == 'verify':
-            return self._run_verify(ref, task.options.get('path'), report, stop)
-        if task.options.get('path') == ADAPTER:
-            return self._run_adapter(task.action, ref, progress, stop)
+        """The task's action on its migration's path, from ACTIONS."""
+        path = ADAPTER if task.options.get('path') == ADAPTER else LIBRBD
         try:
-            self._run_librbd(task, ref, progress)
-        finally:
-            self._relist(ref)
-        return None
+            run = ACTIONS[(path, task.action)]
+        except KeyError:
+            raise InvalidArgument(f'unknown task action {task.action!r}') from None
+        return run(self, Step(task, ref, progress, report, self.queue.stop_event(task.id)))
 
-    def _run_librbd(self, task: Task, ref: ImageRef,
-                    progress: Callable[[int, int], int]) -> None:
-        if task.action == 'execute':
-            self._execute_librbd(task, ref, progress)
-        elif task.action == 'commit':
-            self.bulk.commit(ref, progress, force=bool(task.options.get('force')),
-                             source=_recorded_source(task))
-            self._unregister(ref)
-        elif task.action == 'abort':
-            self.bulk.abort(ref, progress, source=_recorded_source(task))
-            self._unregister(ref)
-        else:
-            raise InvalidArgument(f'unknown task action {task.action!r}')
+    # -- the actions, one a path ----------------------------------------------
+    def _librbd_execute(self, step: 'Step') -> None:
+        try:
+            self._execute_librbd(step.task, step.ref, step.progress)
+        finally:
+            self._relist(step.ref)
+
+    def _librbd_commit(self, step: 'Step') -> None:
+        try:
+            self.bulk.commit(step.ref, step.progress, force=bool(step.task.options.get('force')),
+                             source=_recorded_source(step.task))
+            self._unregister(step.ref)
+        finally:
+            self._relist(step.ref)
+
+    def _librbd_abort(self, step: 'Step') -> None:
+        try:
+            self.bulk.abort(step.ref, step.progress, source=_recorded_source(step.task))
+            self._unregister(step.ref)
+        finally:
+            self._relist(step.ref)
+
+    def _adapter_execute(self, step: 'Step') -> Optional[Dict[str, Any]]:
+        return self.bulk_adapter.execute(step.ref, step.progress,
+                                         self.source_context(step.stop), self.copy_options())
+
+    def _adapter_commit(self, step: 'Step') -> None:
+        self.bulk_adapter.commit(step.ref)
+
+    def _adapter_abort(self, step: 'Step') -> None:
+        self.bulk_adapter.abort(step.ref, step.progress)
+
+    def _verify(self, step: 'Step') -> Dict[str, Any]:
+        return self._run_verify(step.ref, step.task.options.get('path'), step.report, step.stop)
 
     def _interruptible(self, task: Task) -> bool:
         """Whether a task stops when cancelled.  librbd calls our progress
@@ -533,19 +551,6 @@ class MigrationService:
         if info is not None and info.dest.id != ref.id:
             info = None  # the name now stands for another migration's image
         self.listing.replace(ref.id, info)
-
-    def _run_adapter(self, action: str, ref: ImageRef, progress: Callable[[int, int], int],
-                     stop: threading.Event) -> Optional[Dict[str, Any]]:
-        if action == 'execute':
-            return self.bulk_adapter.execute(ref, progress, self.source_context(stop),
-                                             self.copy_options())
-        if action == 'commit':
-            self.bulk_adapter.commit(ref)
-        elif action == 'abort':
-            self.bulk_adapter.abort(ref, progress)
-        else:
-            raise InvalidArgument(f'unknown task action {action!r}')
-        return None
 
     def _run_verify(self, ref: ImageRef, path: Optional[str],
                     report: Callable[[int, int], bool],
@@ -689,6 +694,35 @@ class MigrationService:
         d['layout'] = reg.get('layout', {})
         d['state_text'] = _state_text(info, task)
         return d
+
+
+LIBRBD = 'librbd'
+
+
+@dataclass
+class Step:
+    """What a task's action runs with."""
+
+    task: Task
+    ref: ImageRef
+    #: librbd's progress callback (its return value is ignored by librbd).
+    progress: Callable[[int, int], int]
+    #: The queue's: False once the task must stop.
+    report: Callable[[int, int], bool]
+    stop: threading.Event
+
+
+#: Every task action, by the path its migration takes.
+ACTIONS: Dict[Tuple[str, str], Callable[[MigrationService, Step], Optional[Dict[str, Any]]]] = {
+    (LIBRBD, TaskAction.EXECUTE): MigrationService._librbd_execute,
+    (LIBRBD, TaskAction.COMMIT): MigrationService._librbd_commit,
+    (LIBRBD, TaskAction.ABORT): MigrationService._librbd_abort,
+    (LIBRBD, TaskAction.VERIFY): MigrationService._verify,
+    (ADAPTER, TaskAction.EXECUTE): MigrationService._adapter_execute,
+    (ADAPTER, TaskAction.COMMIT): MigrationService._adapter_commit,
+    (ADAPTER, TaskAction.ABORT): MigrationService._adapter_abort,
+    (ADAPTER, TaskAction.VERIFY): MigrationService._verify,
+}
 
 
 def _why_not_done(task: Task, waiting: Optional[str]) -> str:
