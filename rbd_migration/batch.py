@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tupl
 
 from .errors import Busy, InvalidArgument, MigrationError, NotFound
 from .store import Store
-from .tasks import CANCELLED, COMPLETED, FAILED, Task
+from .tasks import CANCELLED, COMPLETED, FAILED, Task, ValueEnum
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,27 @@ BATCH_PREFIX = 'batch/'
 BATCH_SEQUENCE_KEY = 'batch_sequence'
 KEEP_FINISHED = 20
 
-# Item states.
-PENDING, PREPARING = 'pending', 'preparing'
-EXECUTING, VERIFYING, COMMITTING = 'executing', 'verifying', 'committing'
-EXECUTED, DONE = 'executed', 'done'
-SKIPPED, ITEM_FAILED, ITEM_CANCELLED = 'skipped', 'failed', 'cancelled'
+
+
+class ItemState(ValueEnum):
+    """Where one image of a batch is."""
+
+    PENDING = 'pending'
+    PREPARING = 'preparing'
+    EXECUTING = 'executing'
+    VERIFYING = 'verifying'
+    COMMITTING = 'committing'
+    EXECUTED = 'executed'
+    DONE = 'done'
+    SKIPPED = 'skipped'
+    FAILED = 'failed'
+    CANCELLED = 'cancelled'
+
+
+PENDING, PREPARING = ItemState.PENDING, ItemState.PREPARING
+EXECUTING, VERIFYING, COMMITTING = ItemState.EXECUTING, ItemState.VERIFYING, ItemState.COMMITTING
+EXECUTED, DONE = ItemState.EXECUTED, ItemState.DONE
+SKIPPED, ITEM_FAILED, ITEM_CANCELLED = ItemState.SKIPPED, ItemState.FAILED, ItemState.CANCELLED
 IN_FLIGHT = (PREPARING, EXECUTING, VERIFYING, COMMITTING)
 #: How an item's reason starts while a step waits to be tried again.
 RETRYING = 'retrying: '
@@ -69,13 +85,19 @@ class BatchItem:
     #: The name of the parent when the parent is in the same batch.
     parent_item: Optional[str] = None
     clones: int = 0
-    state: str = PENDING
+    state: ItemState = PENDING
     reason: Optional[str] = None
+    #: The reason says the last pass's step failed transiently (it is tried
+    #: again next pass).
+    retrying: bool = False
     task_id: Optional[str] = None
     #: The target's ``pool_id/namespace/image_id`` once prepared.
     key: Optional[str] = None
     started: Optional[float] = None
     finished: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        self.state = ItemState(self.state)
 
     @property
     def needs_force(self) -> bool:
@@ -84,7 +106,10 @@ class BatchItem:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> 'BatchItem':
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        item = cls(**{k: v for k, v in data.items() if k in known})
+        if 'retrying' not in data:  # written before the flag: its reason told
+            item.retrying = bool(item.reason and item.reason.startswith(RETRYING))
+        return item
 
 
 @dataclass
@@ -328,15 +353,15 @@ class BatchDriver:
         states = {i.name: i.state for i in batch.items}
         for item in batch.items:
             before = (item.state, item.reason, item.task_id)
-            if item.reason and item.reason.startswith(RETRYING):
-                item.reason = None
+            if item.retrying:
+                item.reason, item.retrying = None, False
             try:
                 self._step(batch, item, states)
             except MigrationError as e:
                 if e.transient:
                     # The cluster could not answer (a mgr being failed over
                     # finds its clients blocklisted): the same step next pass.
-                    item.reason = f'{RETRYING}{e}'
+                    item.reason, item.retrying = f'{RETRYING}{e}', True
                 else:
                     self._fail(item, str(e))
             if (item.state, item.reason, item.task_id) != before:
@@ -354,21 +379,20 @@ class BatchDriver:
     def _fail(self, item: BatchItem, reason: str) -> None:
         item.state, item.reason = ITEM_FAILED, reason
 
-    def _step(self, batch: Batch, item: BatchItem, states: Dict[str, str]) -> None:
+    def _step(self, batch: Batch, item: BatchItem, states: Dict[str, ItemState]) -> None:
         key = (batch.id, item.index)
         if item.state == PENDING:
             self.waiting.pop(key, None)
             if batch.cancelled:
                 item.state, item.reason = ITEM_CANCELLED, 'the batch was cancelled'
                 return
-            reason = self._parent_reason(item, states)
-            if reason is None:
-                reason = self.actions.start_reason(batch, item)
+            skip = self._parent_ended_badly(item, states)
+            if skip is not None:
+                item.state, item.reason = SKIPPED, skip
+                return
+            reason = self._parent_wait(item, states) or self.actions.start_reason(batch, item)
             if reason is not None:
-                if reason.startswith('skip: '):
-                    item.state, item.reason = SKIPPED, reason[len('skip: '):]
-                else:
-                    self.waiting[key] = reason
+                self.waiting[key] = reason
                 return
             self._start(batch, item)
         elif item.state == PREPARING:
@@ -397,15 +421,20 @@ class BatchDriver:
             self._commit(batch, item)
 
     @staticmethod
-    def _parent_reason(item: BatchItem, states: Dict[str, str]) -> Optional[str]:
-        if item.parent_item is None:
-            return None
-        parent = states.get(item.parent_item)
-        if parent in (DONE, SKIPPED):
-            return None
+    def _parent_ended_badly(item: BatchItem, states: Dict[str, ItemState]) -> Optional[str]:
+        """Why a clone is skipped: its parent in the batch failed or was
+        cancelled, so the parent's migration is still open."""
+        parent = states.get(item.parent_item) if item.parent_item else None
         if parent in (ITEM_FAILED, ITEM_CANCELLED):
-            return (f'skip: its parent {item.parent_item} was {parent}; its '
+            return (f'its parent {item.parent_item} was {parent}; its '
                     'migration must end (commit or abort) before the clone can move')
+        return None
+
+    @staticmethod
+    def _parent_wait(item: BatchItem, states: Dict[str, ItemState]) -> Optional[str]:
+        """Why a clone waits: its parent in the batch is not committed yet."""
+        if item.parent_item is None or states.get(item.parent_item) in (DONE, SKIPPED):
+            return None
         return f'waiting for its parent {item.parent_item} to be committed'
 
     def _start(self, batch: Batch, item: BatchItem) -> None:

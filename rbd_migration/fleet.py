@@ -11,8 +11,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import rbd
 
-from .batch import (EXECUTED, Batch, BatchBook, BatchDriver, BatchItem, ImageFacts,
-                    parse_pool_spec, plan, select)
+from .batch import (EXECUTED, ITEM_CANCELLED, Batch, BatchBook, BatchDriver, BatchItem,
+                    ImageFacts, parse_pool_spec, plan, select)
 from .errors import InvalidArgument, MigrationError, NotFound, NotMigrating
 from .images import ImageSpec, Layout
 from .inventory import describe as describe_image
@@ -338,7 +338,7 @@ class Fleet:
         self.queue.cancel(task.id)
         if task.action == 'execute':
             self.service.abort(batch.dest_spec(item.name))
-            item.state, item.reason = 'cancelled', 'the batch was cancelled; aborted'
+            item.state, item.reason = ITEM_CANCELLED, 'the batch was cancelled; aborted'
             item.finished = time.time()
             self.book.save_item(batch, item)
 

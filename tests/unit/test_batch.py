@@ -8,7 +8,7 @@ import pytest
 
 from rbd_migration.batch import (DONE, EXECUTED, EXECUTING, ITEM_CANCELLED, ITEM_FAILED,
                                  PENDING, SKIPPED, Batch, BatchBook, BatchDriver, BatchItem,
-                                 ImageFacts, parse_pool_spec, plan, select)
+                                 ImageFacts, ItemState, parse_pool_spec, plan, select)
 from rbd_migration.errors import TransientClusterError
 from rbd_migration.errors import Busy, InvalidArgument, NotFound
 from rbd_migration.tasks import (ACTIVE, COMPLETED, FAILED, QUEUED, RUNNING, Task,
@@ -353,7 +353,7 @@ def test_a_mgr_failing_during_prepare_neither_prepares_twice_nor_loses_the_image
     a, b = batch.items
     # As saved just before librbd was asked: a was prepared, b was not.
     for it in (a, b):
-        it.state = 'preparing'
+        it.state = ItemState.PREPARING
         d.book.save_item(batch, it)
     actions.prepared_names.add('a')
     book = BatchBook(store)
@@ -424,3 +424,12 @@ def test_acknowledged_flag_survives_a_restart() -> None:
     assert book.get('b1').acknowledged
     with pytest.raises(NotFound, match="batch 'b9' does not exist"):
         book.get('b9')
+
+
+def test_an_item_record_from_before_the_retrying_flag_still_clears_its_note() -> None:
+    old = {'index': 0, 'name': 'a', 'size': 1, 'snapshots': 0, 'state': 'pending',
+           'reason': 'retrying: verify a: cannot send'}
+    item = BatchItem.from_dict(old)
+    assert item.retrying and item.state is ItemState.PENDING
+    assert not BatchItem.from_dict(dict(old, reason='waiting for its parent p')).retrying
+
