@@ -3,6 +3,11 @@
 A stream knows nothing about image formats; a format driver sits on top of
 it.  Implementations must be safe to call ``read`` from several threads at
 once (the copier reads extents concurrently).
+
+The base owns what every stream checks the same way: a negative offset or
+length is a bug (ValueError), a closed stream refuses every call, and a
+read is cut at the stream's end, so an implementation's ``_read`` only
+ever sees a span that lies wholly inside the stream.
 """
 import abc
 from typing import Any, Dict, Iterator, Mapping, Tuple
@@ -30,18 +35,43 @@ class Stream(abc.ABC):
     def size(self) -> int:
         """Total length in bytes."""
 
-    @abc.abstractmethod
+    #: Set by ``close``; every later call refuses.
+    _closed: bool = False
+
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset`` (fewer only past the end)."""
+        want = self._span(offset, length)
+        return self._read(offset, want) if want else b''
 
     def read_into(self, offset: int, view: memoryview) -> int:
         """What ``read(offset, len(view))`` returns, put in ``view``; the
-        count of bytes put there (fewer only past the end).  Streams that can
-        fill the caller's buffer directly override it: the copier reuses its
-        buffers instead of allocating 4 MiB per chunk."""
-        data = self.read(offset, len(view))
+        count of bytes put there (fewer only past the end)."""
+        want = self._span(offset, len(view))
+        return self._read_into(offset, view[:want]) if want else 0
+
+    @abc.abstractmethod
+    def _read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` (> 0) bytes at ``offset``, all inside the stream."""
+
+    def _read_into(self, offset: int, view: memoryview) -> int:
+        """``_read`` into ``view``.  Streams that can fill the caller's
+        buffer directly override it: the copier reuses its buffers instead
+        of allocating 4 MiB per chunk."""
+        data = self._read(offset, len(view))
         view[:len(data)] = data
         return len(data)
+
+    def _span(self, offset: int, length: int) -> int:
+        """How much of a read lies inside the stream, once it is known to be
+        a read of an open stream."""
+        if offset < 0 or length < 0:
+            raise ValueError(f'bad read: offset={offset} length={length}')
+        self._check_open()
+        return max(0, min(length, self.size() - offset))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f'{self.description}: stream is closed')
 
     def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
         """Ranges within [offset, offset+length) that may hold data; holes
@@ -61,7 +91,8 @@ class Stream(abc.ABC):
         raise NotImplementedError(f'{type(self).__name__} has no siblings')
 
     def close(self) -> None:
-        """Release connections or file handles."""
+        """Release connections or file handles (implementations call this too)."""
+        self._closed = True
 
     def __enter__(self) -> 'Stream':
         return self

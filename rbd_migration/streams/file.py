@@ -226,11 +226,9 @@ class FileStream(Stream):
             yield data, hole - data
             pos = hole
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f'bad read: offset={offset} length={length}')
+    def _read(self, offset: int, length: int) -> bytes:
         fd = self._checked_fd()
-        want = self._within(offset, length)
+        want = length
         chunks: List[bytes] = []
         done = 0
         while done < want:
@@ -245,11 +243,9 @@ class FileStream(Stream):
             done += len(chunk)
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)
 
-    def read_into(self, offset: int, view: memoryview) -> int:
-        if offset < 0:
-            raise ValueError(f'bad read: offset={offset}')
+    def _read_into(self, offset: int, view: memoryview) -> int:
         fd = self._checked_fd()
-        want = self._within(offset, len(view))
+        want = len(view)
         done = 0
         while done < want:
             self._ctx.check()
@@ -261,10 +257,6 @@ class FileStream(Stream):
                 raise self._shrunk()
             done += n
         return done
-
-    def _within(self, offset: int, length: int) -> int:
-        """How much of a read lies before the pinned end (fewer only there)."""
-        return max(0, min(length, self._size - offset))
 
     def _check_not_shrunk(self, end: int) -> None:
         """Where the file seems to end before ``end``, it must be because it
@@ -290,6 +282,7 @@ class FileStream(Stream):
         return fd
 
     def close(self) -> None:
+        super().close()
         with self._close_lock:
             fd, self._fd = self._fd, -1
         if fd >= 0:

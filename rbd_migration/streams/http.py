@@ -251,7 +251,6 @@ class HttpStream(Stream):
         #: What open saw (validators()' keys); answers are checked against it.
         self._pinned: Dict[str, str] = {}
         self._lock = threading.Lock()
-        self._closed = False
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any],
@@ -298,14 +297,8 @@ class HttpStream(Stream):
         self._check_open()
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f'bad read: offset={offset} length={length}')
-        self._check_open()
-        end = min(offset + length, self._size)
-        if end <= offset:
-            return b''
-        answer = self._get(offset, end - 1)
+    def _read(self, offset: int, length: int) -> bytes:
+        answer = self._get(offset, offset + length - 1)
         if answer.status == 416:
             raise SourceChanged(self._text(
                 f'{self._what}: {self._shown} changed since it was opened '
@@ -320,12 +313,8 @@ class HttpStream(Stream):
         return self._describe(check=False)[1]
 
     def close(self) -> None:
-        self._closed = True
+        super().close()
         self._sessions.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f'{self.description}: stream is closed')
 
     # -- opening -------------------------------------------------------------
 

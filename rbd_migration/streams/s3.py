@@ -280,7 +280,6 @@ class S3Stream(Stream):
         self.description = f's3 {self._shown}'
         self._size = 0
         self._pinned: Dict[str, str] = {}
-        self._closed = False
         self._lock = threading.Lock()
         key: ClientKey = (self._endpoint, REGION, keys[0],
                           hashlib.sha256(keys[1].encode()).hexdigest(),
@@ -329,24 +328,15 @@ class S3Stream(Stream):
         self._check_open()
         return self._size
 
-    def read(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise ValueError(f'bad read: offset={offset} length={length}')
-        buf = bytearray(max(0, min(length, self._size - offset)))
-        self.read_into(offset, memoryview(buf))
+    def _read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self._read_into(offset, memoryview(buf))
         return bytes(buf)
 
-    def read_into(self, offset: int, view: memoryview) -> int:
-        if offset < 0:
-            raise ValueError(f'bad read: offset={offset}')
-        self._check_open()
-        end = min(offset + len(view), self._size)
-        if end <= offset:
-            return 0
-        with_retries(self._ctx, self._what,
-                     lambda: self._get_into(offset, view[:end - offset]),
+    def _read_into(self, offset: int, view: memoryview) -> int:
+        with_retries(self._ctx, self._what, lambda: self._get_into(offset, view),
                      self._text)
-        return end - offset
+        return len(view)
 
     def validators(self) -> Dict[str, str]:
         """Size, ETag and modification time as S3 tells them now (not
@@ -356,15 +346,11 @@ class S3Stream(Stream):
 
     def close(self) -> None:
         """Give the shared client back; it stays open for other streams."""
-        self._closed = True
+        super().close()
         with self._lock:
             cached, self._cached = self._cached, None
         if cached is not None:
             _CLIENTS.release(cached)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ValueError(f'{self.description}: stream is closed')
 
     # -- requests ------------------------------------------------------------
 

@@ -217,7 +217,7 @@ def test_raw_read_size_is_its_streams() -> None:
         def size(self) -> int:
             return MiB
 
-        def read(self, offset: int, length: int) -> bytes:
+        def _read(self, offset: int, length: int) -> bytes:
             return bytes(length)
 
     class Local(Remote):
