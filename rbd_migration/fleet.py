@@ -13,6 +13,7 @@ import rbd
 
 from .batch import (EXECUTED, ITEM_CANCELLED, Batch, BatchBook, BatchDriver, BatchItem,
                     ImageFacts, parse_pool_spec, plan, select)
+from .engine.migration import ImageRef
 from .errors import InvalidArgument, MigrationError, NotFound, NotMigrating
 from .images import ImageSpec, Layout
 from .inventory import describe as describe_image
@@ -238,9 +239,9 @@ class Fleet:
 
     def prepare(self, batch: Batch, item: BatchItem) -> str:
         layout = Layout.parse(**batch.layout)
-        d = self.service.prepare(batch.source_spec(item.name), batch.dest_spec(item.name),
-                                 layout)['dest']
-        return f"{d['pool_id']}/{d['namespace']}/{d['id']}"
+        dest = self.service.prepare(batch.source_spec(item.name), batch.dest_spec(item.name),
+                                    layout)['dest']
+        return ImageRef(**dest).key
 
     def prepared(self, batch: Batch, item: BatchItem) -> Optional[str]:
         try:

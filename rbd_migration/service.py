@@ -432,8 +432,7 @@ class MigrationService:
                 'task': task.to_dict()}
 
     def _run(self, task: Task, report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
-        ref = ImageRef(task.pool_id, task.pool, task.namespace, task.image_name,
-                       task.image_id)
+        ref = task.ref
 
         def progress(done: int, total: int) -> int:
             return 0 if report(done, total) else -errno.ECANCELED
@@ -573,8 +572,7 @@ class MigrationService:
         word while the target pool (or its data pool) is full, so the pools'
         flags are the first place to look."""
         pools = self.engine.full_pools()
-        ref = ImageRef(task.pool_id, task.pool, task.namespace, task.image_name,
-                       task.image_id)
+        ref = task.ref
         data_pool = self._registration(ref).get('layout', {}).get('data_pool')
         for name in [task.pool] + ([data_pool] if data_pool else []):
             pool = pools.get(name, {})

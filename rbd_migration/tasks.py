@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
 
+from .engine.migration import ImageRef
 from .errors import Cancelled, MigrationError, NotFound
 from .store import Store
 
@@ -100,8 +101,14 @@ class Task:
         self.state = TaskState(self.state)
 
     @property
+    def ref(self) -> ImageRef:
+        """The image the task acts on (the migration's target)."""
+        return ImageRef(self.pool_id, self.pool, self.namespace, self.image_name,
+                        self.image_id)
+
+    @property
     def image_key(self) -> str:
-        return f'{self.pool_id}/{self.namespace}/{self.image_id}'
+        return self.ref.key
 
     @property
     def image_spec(self) -> str:
@@ -278,7 +285,7 @@ class TaskQueue:
         """Queue a task, or return the active one for the same action and
         image (False as second value), so that repeating a command is safe."""
         with self.cv:
-            key = f'{pool_id}/{namespace}/{image_id}'
+            key = ImageRef(pool_id, pool, namespace, image_name, image_id).key
             for task in self.tasks.values():
                 if task.image_key == key and task.active and task.action == action:
                     return task, False

@@ -49,7 +49,7 @@ class AdapterEngine:
 
     # -- records -----------------------------------------------------------
     def _key(self, ref: ImageRef) -> str:
-        return f'{RECORD_PREFIX}{ref.pool_id}/{ref.namespace}/{ref.id}'
+        return RECORD_PREFIX + ref.key
 
     def _records(self) -> List[Dict[str, Any]]:
         out = []
