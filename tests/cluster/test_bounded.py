@@ -303,13 +303,14 @@ def test_blocklisted_clients_are_replaced(cluster: Cluster, source: Dict[str, An
         while time.monotonic() < deadline:
             # An image no record names, so that the answer must come from
             # RADOS (a listing or an adapter record may answer without it).
+            # Until the OSDs have the new map the old client still works.
             r = cluster.run_ceph('rbd', 'migration', 'status', f'rbd/nowhere-{RUN}')
             answers.append((r.returncode, r.stderr.strip()))
-            if r.returncode != errno.EAGAIN:
+            if r.returncode != errno.EAGAIN and errno.EAGAIN in [a[0] for a in answers]:
                 break
             time.sleep(0.5)
         assert answers[-1][0] == errno.ENOENT, answers
-        assert len(answers) <= 3, answers
+        assert [a[0] for a in answers].count(errno.EAGAIN) <= 2, answers
         clients = cluster.ceph_json('rbd', 'migration', 'metrics')['clients']
         assert clients['commands'] != old
         old_tasks = _blocklist(cluster, 'tasks')

@@ -112,7 +112,9 @@ def test_vanished_librbd_source_is_named_and_abort_recovers(cluster: Cluster) ->
     assert r.returncode != 0
     assert r.stderr.strip().count('\n') == 0
     assert 'cannot open the migration source' in r.stderr and 'abort' in r.stderr
-    status = cluster.ceph_json('rbd', 'migration', 'status')
+    # Of this image: a listing of all may answer from before the execute
+    # when a busy cluster takes longer than command_wait to list.
+    status = cluster.ceph_json('rbd', 'migration', 'status', f'rbd/{name}')
     ours = [m for m in status['migrations'] if m['dest']['name'] == name]
     assert ours and ours[0]['state'] == 'error'
     abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/{name}')['task']
