@@ -50,6 +50,10 @@ class FormatFeatures:
     #: QEMU reads those bytes as zeros, and so do our formats; librbd's
     #: import reads them otherwise, so such a source must not take its path.
     data_past_end: bool = False
+    #: Bytes of tables librbd's reader loads whenever it opens the image
+    #: (qcow2: the L1 table of HEAD and of every snapshot), in the mgr, for
+    #: every status, execute and abort; 0 where nothing is loaded up front.
+    open_tables: int = 0
     notes: List[str] = field(default_factory=list)
 
 

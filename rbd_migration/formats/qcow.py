@@ -156,7 +156,8 @@ class QcowFormat(Format):
             external_data_file=self.extensions.data_file
             if h.has_data_file else None,
             extended_l2=h.extended_l2,
-            compression_type=COMPRESSION_TYPES[h.compression_type])
+            compression_type=COMPRESSION_TYPES[h.compression_type],
+            open_tables=8 * (h.l1_size + sum(s.l1_size for s in self._snapshots)))
         if h.version == 1:
             features.notes.append('qcow version 1')
         if h.incompatible_features & INCOMPAT_DIRTY:

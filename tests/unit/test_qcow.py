@@ -662,3 +662,25 @@ def test_rich_chain_extents(rich_chain: RichChain) -> None:
     assert fmt.features.compressed is False        # overlay only
     assert fmt.backing is not None
     assert fmt.backing.features.compressed is True
+
+
+def test_snapshot_tables_librbd_would_load_send_the_import_to_the_adapter(
+        tmp_path: Path) -> None:
+    """librbd's reader loads every snapshot's L1 table whenever the mgr
+    opens the target (each status, execute and abort); past the metadata
+    bound the probe picks the module's reader, which keeps within it."""
+    from rbd_migration.probe import ADAPTER, probe
+    img = tmp_path / 'many.qcow2'
+    # 4 KiB clusters: an L2 table covers 2 MiB, so 64 GiB need 256 KiB of L1.
+    run('qemu-img', 'create', '-f', 'qcow2', '-o', 'cluster_size=4096', str(img), '64G')
+    for name in ('s1', 's2'):
+        run('qemu-img', 'snapshot', '-c', name, str(img))
+    spec = {'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(img)}}
+    tight = SourceContext(allowed_file_roots=[str(tmp_path)],
+                          limits=SourceLimits(metadata_bytes=600 * KiB))
+    report = probe(spec, tight)
+    assert report.path == ADAPTER
+    assert report.features['open_tables'] == 3 * 256 * KiB
+    assert any('MiB of L1 tables' in r and 'librbd would load' in r for r in report.reasons)
+    roomy = SourceContext(allowed_file_roots=[str(tmp_path)])
+    assert not [r for r in probe(spec, roomy).reasons if 'L1 tables' in r]
