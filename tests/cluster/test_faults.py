@@ -123,7 +123,7 @@ def _quota_full(cluster: Cluster, pool: str) -> bool:
 def _assert_stalled_on_quota(cluster: Cluster, spec: str) -> None:
     # "no progress" first, the cause once the pool's flags are re-read
     checks = cluster.health_mentioning('reached its quota (max_objects',
-                                       check='RBD_MIGRATION_STALLED', timeout=120)
+                                       check='RBD_MIGRATION_STALLED', timeout=240)
     detail = ' '.join(d['message'] for d in
                       checks.get('RBD_MIGRATION_STALLED', {}).get('detail', []))
     assert f'{spec} (task' in detail and 'reached its quota (max_objects' in detail, checks
