@@ -46,15 +46,20 @@ class CopyOptions:
         """These options for a target with ``object_size`` objects and a
         source whose reads are worth ``read_size`` bytes each: chunks of
         whole objects (no object is written by two workers), at least
-        ``read_size`` long, and fewer of them in flight when they grow, so
-        the bytes held stay about what the window allows at the default
-        chunk size."""
+        ``read_size`` long, and fewer of them when they grow.  A copy holds
+        up to ``window + readers`` chunk buffers (a reader takes one before
+        the chunk it replaces has given its own back), so that sum times the
+        chunk stays within what the defaults hold; with 16 MiB chunks that
+        is two in the window and one reader."""
         unit = max(1, object_size)
         chunk = -(-max(self.chunk, unit, read_size) // unit) * unit
-        window = self.window if chunk <= self.chunk else \
-            max(2, self.window * self.chunk // chunk)
-        return replace(self, chunk=chunk, window=window,
-                       readers=max(1, min(self.readers, window)))
+        if chunk <= self.chunk:
+            return replace(self, chunk=chunk)
+        held = (self.window + self.readers) * self.chunk
+        buffers = max(3, held // chunk)
+        window = max(2, buffers * self.window // (self.window + self.readers))
+        readers = max(1, min(self.readers, buffers - window))
+        return replace(self, chunk=chunk, window=window, readers=readers)
 
 
 @dataclass(frozen=True)

@@ -330,8 +330,8 @@ class QcowFormat(Format):
         if run.kind == _RunKind.UNALLOCATED:
             return self._read_lower(run.offset, run.length)
         if run.kind == _RunKind.COMPRESSED:
-            data = self._decompressed(run.host, run.csize)
             within = run.offset % self.header.cluster_size
+            data = self._decompressed(run.host, run.csize, within, run.length)
             return data[within:within + run.length]
         data = self._data().read(run.host, run.length)
         # As QEMU does, bytes past the end of the file read as zeros.
@@ -346,7 +346,7 @@ class QcowFormat(Format):
             self._read_lower_into(run.offset, view)
         elif run.kind == _RunKind.COMPRESSED:
             within = run.offset % self.header.cluster_size
-            data = memoryview(self._decompressed(run.host, run.csize))
+            data = memoryview(self._decompressed(run.host, run.csize, within, run.length))
             view[:] = data[within:within + run.length]
         else:
             n = self._data().read_into(run.host, view)
@@ -393,7 +393,11 @@ class QcowFormat(Format):
                               f"be reached through this stream type; convert "
                               f"it with `qemu-img convert` first") from None
 
-    def _decompressed(self, host: int, csize: int) -> bytes:
+    def _decompressed(self, host: int, csize: int, within: int, length: int) -> bytes:
+        """The cluster at ``host``, decompressed.  Only a cluster read in part
+        is cached, for the read of its other part: a copy reads whole
+        clusters, and caching them would hold 16 MiB per running task for
+        nothing."""
         cs = self.header.cluster_size
 
         def load() -> Tuple[Any, int]:
@@ -410,5 +414,8 @@ class QcowFormat(Format):
                     f'the compressed cluster at {host:#x} decompresses to '
                     f'{len(data)} bytes, not {cs}')
             return data, cs
+        if within == 0 and length == cs:
+            whole: bytes = load()[0]
+            return whole
         data: bytes = self._budget.clusters.get(('z', self._tag, host), load)
         return data

@@ -189,18 +189,28 @@ def test_one_reader_keeps_the_window_of_writes_in_flight() -> None:
 def test_options_fit_whole_objects_and_a_streams_request_size() -> None:
     base = CopyOptions(chunk=4 * MiB, window=8, readers=4)
     assert base.fitted(4 * MiB) == base
-    # Larger objects: whole objects per chunk, as many bytes in flight.
+
+    def held(o: CopyOptions) -> int:
+        return (o.window + o.readers) * o.chunk
+
+    # Larger objects: whole objects per chunk, no more buffer bytes held.
     big = base.fitted(8 * MiB)
-    assert (big.chunk, big.window, big.readers) == (8 * MiB, 4, 4)
-    # A source whose requests are worth 16 MiB: fewer, larger chunks, about
-    # the same bytes in flight, never fewer readers than the window allows.
+    assert (big.chunk, big.window, big.readers) == (8 * MiB, 4, 2)
+    assert held(big) == held(base)
+    # A source whose requests are worth 16 MiB: fewer, larger chunks, never
+    # fewer than two in the window and one reader.
     s3 = base.fitted(4 * MiB, 16 * MiB)
-    assert (s3.chunk, s3.window, s3.readers) == (16 * MiB, 2, 2)
-    assert s3.chunk * s3.window == base.chunk * base.window
+    assert (s3.chunk, s3.window, s3.readers) == (16 * MiB, 2, 1)
+    assert held(s3) == held(base)
     # Rounded up to whole objects.
     odd = base.fitted(4 * MiB, 10 * MiB)
-    assert odd.chunk == 12 * MiB and odd.window == 2
-    assert CopyOptions(window=1, readers=4).fitted(4 * MiB, 16 * MiB).window == 2
+    assert odd.chunk == 12 * MiB and (odd.window, odd.readers) == (2, 2)
+    assert held(odd) == held(base)
+    tiny = CopyOptions(window=1, readers=4).fitted(4 * MiB, 16 * MiB)
+    assert (tiny.window, tiny.readers) == (2, 1)
+    # Huge objects: three buffers, whatever they cost (a chunk is an object).
+    huge = base.fitted(64 * MiB)
+    assert (huge.chunk, huge.window, huge.readers) == (64 * MiB, 2, 1)
 
 
 def test_raw_read_size_is_its_streams() -> None:
