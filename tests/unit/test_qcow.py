@@ -716,3 +716,23 @@ def test_only_clusters_read_in_part_stay_decompressed(tmp_path: Path) -> None:
         assert clusters._used == 64 * KiB
     finally:
         fmt.close()
+
+
+def test_many_snapshots_send_the_import_to_the_adapter(tmp_path: Path) -> None:
+    """librbd's import holds memory in the mgr per snapshot at each open:
+    past LIBRBD_MAX_SNAPSHOTS the module's reader imports the source."""
+    from rbd_migration.probe import ADAPTER, LIBRBD_MAX_SNAPSHOTS, probe
+    img = tmp_path / 'snaps.qcow2'
+    run('qemu-img', 'create', '-f', 'qcow2', str(img), '1M')
+    for i in range(LIBRBD_MAX_SNAPSHOTS):
+        run('qemu-img', 'snapshot', '-c', f's{i}', str(img))
+    spec = {'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(img)}}
+    # A file source takes the adapter anyway; the reason is what is tested.
+    report = probe(spec, ctx_for(tmp_path))
+    assert len(report.snapshots) == LIBRBD_MAX_SNAPSHOTS
+    assert not [r for r in report.reasons if 'snapshots, and librbd' in r]
+    run('qemu-img', 'snapshot', '-c', 'one-more', str(img))
+    report = probe(spec, ctx_for(tmp_path))
+    assert report.path == ADAPTER
+    assert [r for r in report.reasons
+            if f'has {LIBRBD_MAX_SNAPSHOTS + 1} snapshots, and librbd' in r]
