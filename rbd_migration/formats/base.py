@@ -7,7 +7,8 @@ copies stay sparse) and lists snapshots oldest first.
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, TypeVar
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple, TypeVar)
 
 from ..context import SourceContext
 
@@ -94,6 +95,15 @@ class Format(abc.ABC):
         reuses its buffers, and a qcow2 chain's layers then fill one buffer
         without a copy or a join per layer."""
         view[:] = self.read(offset, len(view), snap)
+
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
+                    snap: Optional[Snapshot] = None) -> None:
+        """``read_into`` of each (offset, view).  Formats whose units are
+        small (compressed clusters, a layer's clusters, diff records)
+        override it to read all the pieces' units together, which a stream
+        whose every read is a request merges into few requests."""
+        for offset, view in pieces:
+            self.read_into(offset, view, snap)
 
     @property
     def read_size(self) -> int:

@@ -13,12 +13,12 @@ import bisect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..streams.base import Stream
-from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot
+from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot, zero_fill
 from .export_records import RECORD_BATCH, Where
 from .raw import EXTENT_PIECE
 from .runs import ZERO, Run, Runs, overlay, truncate
@@ -39,6 +39,27 @@ class Layer:
     stream: Stream
     runs: Runs
     protected: bool = False
+
+
+def _walk(runs: Runs, start: int, end: int) -> Iterator[Tuple[int, int, Optional[Run]]]:
+    """``[start, end)`` as (lo, hi, the run holding it, or None for zeros)."""
+    pos = start
+    i = max(0, bisect.bisect_right(runs.starts, start) - 1)
+    while pos < end and i < len(runs):
+        run = runs[i]
+        i += 1
+        if run.end <= pos:
+            continue
+        if run.start >= end:
+            break
+        if run.start > pos:
+            yield pos, run.start, None
+            pos = run.start
+        hi = min(run.end, end)
+        yield pos, hi, None if run.src == ZERO else run
+        pos = hi
+    if pos < end:
+        yield pos, end, None
 
 
 def _coalesce(runs: Iterable[Run],
@@ -144,31 +165,41 @@ class LayeredFormat(Format):
         """Past the image size reads as zeros, as for a raw image."""
         if offset < 0 or length < 0:
             raise ValueError(f'bad read: offset={offset} length={length}')
+        buf = bytearray(length)
+        self.read_pieces([(offset, memoryview(buf))], snap)
+        return bytes(buf)
+
+    def read_into(self, offset: int, view: memoryview,
+                  snap: Optional[Snapshot] = None) -> None:
+        self.read_pieces([(offset, view)], snap)
+
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
+                    snap: Optional[Snapshot] = None) -> None:
+        """The records every piece needs, read with one ``read_pieces`` per
+        file: a diff's records lie one after another in it, so over HTTP or
+        S3 they merge into few requests.  Zeros fill the rest."""
         index = self._index(snap)
         runs = self._compose(index)
-        end = min(offset + length, self._layers[index].size)
-        parts: List[bytes] = []
-        pos = offset
-        i = max(0, bisect.bisect_right(runs.starts, offset) - 1)
-        while pos < end and i < len(runs):
-            run = runs[i]
-            i += 1
-            if run.end <= pos:
-                continue
-            if run.start >= end:
-                break
-            if run.start > pos:
-                parts.append(bytes(run.start - pos))
-                pos = run.start
-            hi = min(run.end, end)
-            if run.src == ZERO:
-                parts.append(bytes(hi - pos))
-            else:
-                parts.append(self._read_run(run, pos, hi))
-            pos = hi
-        if pos < offset + length:
-            parts.append(bytes(offset + length - pos))
-        return parts[0] if len(parts) == 1 else b''.join(parts)
+        size = self._layers[index].size
+        wanted: Dict[int, List[Tuple[int, memoryview, int]]] = {}
+        for offset, view in pieces:
+            if offset < 0:
+                raise ValueError(f'bad read: offset={offset} length={len(view)}')
+            for lo, hi, run in _walk(runs, offset, min(offset + len(view), size)):
+                part = view[lo - offset:hi - offset]
+                if run is None:
+                    zero_fill(part)
+                else:
+                    stream = self._layers[run.layer].stream
+                    wanted.setdefault(id(stream), []).append(
+                        (run.src + lo - run.start, part, run.layer))
+            zero_fill(view[max(0, min(len(view), size - offset)):])
+        for reads in wanted.values():
+            stream = self._layers[reads[0][2]].stream
+            counts = stream.read_pieces([(at, part) for at, part, _ in reads])
+            for (at, part, layer), n in zip(reads, counts):
+                if n != len(part):
+                    raise self._shrank(layer, at, len(part))
 
     def close(self) -> None:
         closed = set()
@@ -188,18 +219,13 @@ class LayeredFormat(Format):
         raise InvalidArgument(f"{self._where}: the source has no snapshot "
                               f"'{snap.name}'")
 
-    def _read_run(self, run: Run, lo: int, hi: int) -> bytes:
+    def _shrank(self, layer: int, at: int, length: int) -> InvalidArgument:
         """Indexing checked that every payload lies within its stream: a
         short read means the file changed since."""
-        layer = self._layers[run.layer]
-        at = run.src + lo - run.start
-        data = layer.stream.read(at, hi - lo)
-        if len(data) != hi - lo:
-            raise InvalidArgument(
-                f'{self._where_of(run.layer)}: {hi - lo} bytes at byte {at} '
-                f'are missing: the file shrank after it was opened; leave '
-                f'the source files alone while they are imported')
-        return data
+        return InvalidArgument(
+            f'{self._where_of(layer)}: {length} bytes at byte {at} '
+            f'are missing: the file shrank after it was opened; leave '
+            f'the source files alone while they are imported')
 
     def _where_of(self, index: int) -> str:
         """The stream of a layer, for messages (subclasses know the field)."""

@@ -34,7 +34,9 @@ in memory; this module opens the chain and reads through it.
 import array
 import itertools
 import threading
-from typing import Any, Iterator, List, Mapping, Optional, Set, Tuple
+from dataclasses import dataclass, field
+from typing import (Any, Iterator, List, Mapping, Optional, Sequence, Set, Tuple,
+                    Union)
 
 from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
@@ -56,6 +58,18 @@ from .qcow_mapping import (_DECOMPRESSORS, _EXTENT_KIND, ClusterMap, _Run,
 SEEN_ENTRY_BYTES = 72
 
 _LAYER_IDS = itertools.count()
+
+
+@dataclass
+class _LayerReads:
+    """What one layer reads for a set of pieces: its data clusters (stream
+    offset, where to), its whole compressed clusters (stream offset, their
+    stored bytes, where the decompressed cluster goes) and the guest ranges
+    it leaves to the layer below."""
+
+    data: List[Tuple[int, memoryview]] = field(default_factory=list)
+    compressed: List[Tuple[int, bytearray, memoryview]] = field(default_factory=list)
+    lower: List[Tuple[int, memoryview]] = field(default_factory=list)
 
 
 class QcowFormat(Format):
@@ -266,15 +280,70 @@ class QcowFormat(Format):
                   snap: Optional[Snapshot] = None) -> None:
         """As ``read``, each run straight into its part of ``view``; the
         layers underneath fill their parts the same way."""
-        self._check_read(offset, len(view))
-        end = min(offset + len(view), self.size(snap))
-        pos = 0
-        if offset < end:
-            l1 = self._l1_for(snap)
-            for run in _merge_runs(self._runs(l1, offset, end)):
-                self._read_run_into(run, view[pos:pos + run.length])
-                pos += run.length
-        zero_fill(view[pos:])
+        self.read_pieces([(offset, view)], snap)
+
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
+                    snap: Optional[Snapshot] = None) -> None:
+        """Every piece mapped to runs first, then read together: this
+        layer's data and whole compressed clusters with one ``read_pieces``
+        of its stream (over HTTP or S3, a few merged requests instead of one
+        per cluster), what it leaves unallocated with one ``read_pieces``
+        of the layer below, zeros filled in place."""
+        reads = _LayerReads()
+        for offset, view in pieces:
+            self._check_read(offset, len(view))
+            end = min(offset + len(view), self.size(snap))
+            pos = 0
+            if offset < end:
+                l1 = self._l1_for(snap)
+                for run in _merge_runs(self._runs(l1, offset, end)):
+                    self._plan_run(run, view[pos:pos + run.length], reads)
+                    pos += run.length
+            zero_fill(view[pos:])
+        self._read_planned(reads)
+
+    def _plan_run(self, run: _Run, view: memoryview, reads: '_LayerReads') -> None:
+        cs = self.header.cluster_size
+        if run.kind == _RunKind.ZERO:
+            zero_fill(view)
+        elif run.kind == _RunKind.UNALLOCATED:
+            reads.lower.append((run.offset, view))
+        elif run.kind == _RunKind.COMPRESSED and run.offset % cs == 0 \
+                and run.length == cs:
+            reads.compressed.append((run.host, bytearray(run.csize), view))
+        elif run.kind == _RunKind.COMPRESSED:
+            self._read_run_into(run, view)   # in part: through the cache
+        else:
+            reads.data.append((run.host, view))
+
+    def _read_planned(self, reads: '_LayerReads') -> None:
+        compressed = [(host, memoryview(buf)) for host, buf, _ in reads.compressed]
+        if self.header.has_data_file:
+            data_counts = self._data().read_pieces(reads.data)
+            counts = self._stream.read_pieces(compressed)
+        else:
+            both = self._stream.read_pieces(reads.data + compressed)
+            data_counts, counts = both[:len(reads.data)], both[len(reads.data):]
+        for (_, view), n in zip(reads.data, data_counts):
+            zero_fill(view[n:])   # past the end of the file: zeros, as QEMU
+        for (host, buf, view), n in zip(reads.compressed, counts):
+            view[:] = self._inflate(host, memoryview(buf)[:n])
+        if reads.lower:
+            self._read_lower_pieces(reads.lower)
+
+    def _read_lower_pieces(self, pieces: List[Tuple[int, memoryview]]) -> None:
+        if self.backing is None:
+            for offset, view in pieces:
+                view[:] = self._read_lower(offset, len(view))  # zeros, or refused
+            return
+        size = self.backing.size()
+        inside = []
+        for offset, view in pieces:
+            n = max(0, min(offset + len(view), size) - offset)
+            zero_fill(view[n:])
+            if n:
+                inside.append((offset, view[:n]))
+        self.backing.read_pieces(inside)
 
     def _check_read(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0:
@@ -393,6 +462,22 @@ class QcowFormat(Format):
                               f"be reached through this stream type; convert "
                               f"it with `qemu-img convert` first") from None
 
+    def _inflate(self, host: int, raw: Union[bytes, memoryview]) -> bytes:
+        """The compressed cluster stored at ``host`` (``raw``), whole."""
+        cs = self.header.cluster_size
+        decompress = _DECOMPRESSORS[self.header.compression_type]
+        try:
+            data = decompress(raw, cs)
+        except ValueError as e:
+            raise self._file.corrupt(
+                f'the compressed cluster at {host:#x} does not '
+                f'decompress ({e})') from None
+        if len(data) != cs:
+            raise self._file.corrupt(
+                f'the compressed cluster at {host:#x} decompresses to '
+                f'{len(data)} bytes, not {cs}')
+        return data
+
     def _decompressed(self, host: int, csize: int, within: int, length: int) -> bytes:
         """The cluster at ``host``, decompressed.  Only a cluster read in part
         is cached, for the read of its other part: a copy reads whole
@@ -401,19 +486,7 @@ class QcowFormat(Format):
         cs = self.header.cluster_size
 
         def load() -> Tuple[Any, int]:
-            raw = self._stream.read(host, csize)
-            decompress = _DECOMPRESSORS[self.header.compression_type]
-            try:
-                data = decompress(raw, cs)
-            except ValueError as e:
-                raise self._file.corrupt(
-                    f'the compressed cluster at {host:#x} does not '
-                    f'decompress ({e})') from None
-            if len(data) != cs:
-                raise self._file.corrupt(
-                    f'the compressed cluster at {host:#x} decompresses to '
-                    f'{len(data)} bytes, not {cs}')
-            return data, cs
+            return self._inflate(host, self._stream.read(host, csize)), cs
         if within == 0 and length == cs:
             whole: bytes = load()[0]
             return whole

@@ -10,9 +10,10 @@ read is cut at the stream's end, so an implementation's ``_read`` only
 ever sees a span that lies wholly inside the stream.
 """
 import abc
-from typing import Any, Dict, Iterator, Mapping, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from ..context import SourceContext
+from .coalesce import plan
 
 
 class Stream(abc.ABC):
@@ -25,6 +26,13 @@ class Stream(abc.ABC):
     #: cost of its own (signing, the server's per-request work); the copier
     #: then reads chunks at least this large.  0: any size costs the same.
     request_size: int = 0
+
+    #: Bytes between two pieces worth reading and throwing away rather than
+    #: sending another request (``read_pieces``); -1: never merge (a file,
+    #: where a read costs no more than its bytes).
+    merge_gap: int = -1
+    #: Bytes one merged request reads at most: the memory a merge may cost.
+    merge_limit: int = 4 << 20
 
     @classmethod
     @abc.abstractmethod
@@ -52,6 +60,26 @@ class Stream(abc.ABC):
     @abc.abstractmethod
     def _read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` (> 0) bytes at ``offset``, all inside the stream."""
+
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]]) -> List[int]:
+        """Each view filled from its offset, as ``read_into`` would, with
+        as few requests as ``merge_gap`` and ``merge_limit`` allow; the
+        counts of bytes put in each (fewer only past the end)."""
+        counts = [0] * len(pieces)
+        spans = [(offset, len(view)) for offset, view in pieces]
+        for request in plan(spans, self.merge_gap, self.merge_limit):
+            if len(request.pieces) == 1:
+                i = request.pieces[0]
+                counts[i] = self.read_into(*pieces[i])
+                continue
+            data = self.read(request.start, request.end - request.start)
+            for i in request.pieces:
+                offset, view = pieces[i]
+                at = offset - request.start
+                n = max(0, min(len(view), len(data) - at))
+                view[:n] = data[at:at + n]
+                counts[i] = n
+        return counts
 
     def _read_into(self, offset: int, view: memoryview) -> int:
         """``_read`` into ``view``.  Streams that can fill the caller's

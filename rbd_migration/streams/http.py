@@ -221,9 +221,19 @@ def _discard(response: requests.Response) -> None:
 # -- The stream --------------------------------------------------------------
 
 
+#: See ``HttpStream.merge_gap``; a merged request reads 4 MiB at most.
+MERGE_GAP = 128 << 10
+MERGE_LIMIT = 4 << 20
+
+
 class HttpStream(Stream):
     """Ranged GETs against one URL; its size, ETag and Last-Modified are
     read once, at open, and every later answer must agree with them."""
+
+    #: Pieces of a read (compressed clusters, diff records) merge across
+    #: gaps this large: reading 128 KiB costs less than another request.
+    merge_gap = MERGE_GAP
+    merge_limit = MERGE_LIMIT
 
     def __init__(self, url: str, ctx: SourceContext, what: str) -> None:
         parts = urlsplit(url)
@@ -298,13 +308,21 @@ class HttpStream(Stream):
         return self._size
 
     def _read(self, offset: int, length: int) -> bytes:
-        answer = self._get(offset, offset + length - 1)
+        """The bytes, from as many attempts as it takes: an answer that
+        breaks off keeps what it brought, and the next attempt asks for the
+        rest only (a fault in a 4 MiB answer costs what was still missing)."""
+        parts: List[bytes] = []
+
+        def attempt() -> _Answer:
+            first = offset + sum(map(len, parts))
+            return self._attempt('GET', first, offset + length - 1, True, parts)
+        answer = with_retries(self._ctx, self._what, attempt, self._text)
         if answer.status == 416:
             raise SourceChanged(self._text(
                 f'{self._what}: {self._shown} changed since it was opened '
                 f'(now shorter than its {self._size} bytes: HTTP 416); do '
                 f'not change the image while it is imported'))
-        return answer.body
+        return parts[0] if len(parts) == 1 else b''.join(parts)
 
     def validators(self) -> Dict[str, str]:
         """Size, ETag and Last-Modified as the server tells them now (not
@@ -350,7 +368,7 @@ class HttpStream(Stream):
                             self._text)
 
     def _attempt(self, method: str, first: int = 0, last: int = -1,
-                 check: bool = False) -> _Answer:
+                 check: bool = False, sink: Optional[List[bytes]] = None) -> _Answer:
         """One request, its redirects followed, under a Guard.  Raises
         Transient for what a retry may cure and a MigrationError for a
         definite refusal; for GET returns 206 with the bytes asked for, 200
@@ -369,7 +387,7 @@ class HttpStream(Stream):
                         self._unchanged(answer)
                     if status != 416:
                         answer.body = self._body(response, first, last,
-                                                 guard)
+                                                 guard, sink)
                         return answer
                 _discard(response)
                 if status >= 500 and (method, status) != ('HEAD', 501):
@@ -434,7 +452,7 @@ class HttpStream(Stream):
                                   value, self._text)
 
     def _body(self, response: requests.Response, first: int, last: int,
-              guard: Guard) -> bytes:
+              guard: Guard, sink: Optional[List[bytes]] = None) -> bytes:
         """The body of a 200 or 206, checked to be the bytes asked for."""
         headers = response.headers
         if headers.get('Content-Encoding', 'identity').lower() != 'identity':
@@ -459,19 +477,22 @@ class HttpStream(Stream):
                     f"{'' if whole is None else f'{whole}-byte '}body); the "
                     f'server must support Range requests'))
             want = whole
-        return self._read_exactly(response, want, first, guard)
+        return self._read_exactly(response, want, first, guard, sink)
 
     def _read_exactly(self, response: requests.Response, want: int,
-                      first: int, guard: Guard) -> bytes:
+                      first: int, guard: Guard,
+                      sink: Optional[List[bytes]] = None) -> bytes:
         """``want`` bytes straight from the socket, in pieces of at most
         PIECE bytes, each one receive at most (http.client's ``read1``): the
         attempt's time and the context are checked between any two, so a
         trickle is cut off even where no watchdog is (a SOCKS proxy).  A body
-        cut short is Transient."""
+        cut short is Transient.  With ``sink``, the pieces go there as they
+        come (and stay there when the answer breaks off), and b'' is
+        returned."""
         raw = response.raw
         fp: Any = getattr(raw, '_fp', None)
         direct = isinstance(fp, http.client.HTTPResponse)
-        chunks: List[bytes] = []
+        chunks: List[bytes] = [] if sink is None else sink
         got = 0
         try:
             while got < want:
@@ -495,6 +516,8 @@ class HttpStream(Stream):
                             f'{got} of {want} bytes at offset {first}')
         if direct:
             self._finish(fp, raw)
+        if sink is not None:
+            return b''
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)
 
     @staticmethod

@@ -270,6 +270,9 @@ class S3Stream(Stream):
     same endpoint and keys; concurrent reads share it too."""
 
     request_size = REQUEST_SIZE
+    #: A request costs RGW far more than 1 MiB of bytes thrown away.
+    merge_gap = 1 << 20
+    merge_limit = REQUEST_SIZE
 
     def __init__(self, url: str, keys: Tuple[str, str], ctx: SourceContext,
                  what: str) -> None:
@@ -336,8 +339,17 @@ class S3Stream(Stream):
         return bytes(buf)
 
     def _read_into(self, offset: int, view: memoryview) -> int:
-        with_retries(self._ctx, self._what, lambda: self._get_into(offset, view),
-                     self._text)
+        """As many attempts as it takes; each asks only for what the ones
+        before did not bring (an answer that breaks off keeps its bytes)."""
+        done = [0]
+
+        def attempt() -> None:
+            start = done[0]
+
+            def brought(got: int) -> None:
+                done[0] = start + got
+            self._get_into(offset + start, view[start:], brought)
+        with_retries(self._ctx, self._what, attempt, self._text)
         return len(view)
 
     def validators(self) -> Dict[str, str]:
@@ -377,7 +389,8 @@ class S3Stream(Stream):
         except bce.BotoCoreError as e:
             raise self._failure(e, guard) from None
 
-    def _get_into(self, offset: int, view: memoryview) -> None:
+    def _get_into(self, offset: int, view: memoryview,
+                  brought: Callable[[int], None] = lambda got: None) -> None:
         """One ranged GetObject for ``len(view)`` bytes of the version open
         saw (If-Match its ETag), put in ``view``; a body cut short or too
         slow is Transient."""
@@ -389,7 +402,7 @@ class S3Stream(Stream):
                                 Range=f'bytes={offset}-{offset + want - 1}')
             body = answer['Body']
             try:
-                got = self._body(answer, body, offset, view, guard)
+                got = self._body(answer, body, offset, view, guard, brought)
             finally:
                 body.close()
         if got < want:
@@ -397,7 +410,8 @@ class S3Stream(Stream):
                             f'{got} of {want} bytes at offset {offset}')
 
     def _body(self, answer: Mapping[str, Any], body: Any, offset: int,
-              view: memoryview, guard: Guard) -> int:
+              view: memoryview, guard: Guard,
+              brought: Callable[[int], None] = lambda got: None) -> int:
         """The answer's bytes put in ``view``, once its Content-Range and
         validators are what was asked for; their count."""
         where = str(answer.get('ContentRange', ''))
@@ -410,6 +424,7 @@ class S3Stream(Stream):
 
         def pace(got: int) -> None:
             progress[0] = got
+            brought(got)
             guard.pace(self._shown, got, len(view))
         try:
             return _fill(body, view, pace)

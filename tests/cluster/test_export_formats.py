@@ -30,6 +30,7 @@ from rbd_migration.formats.base import Extent, ExtentKind, Format, Snapshot
 from rbd_migration.formats.export_diff import ExportDiffFormat
 from rbd_migration.formats.export_v2 import ExportV2Format
 from rbd_migration.source_spec import validate_source_spec
+from rbd_migration.streams.file import FileStream
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -714,7 +715,8 @@ class _Model:
 
 
 @pytest.mark.parametrize('seed', range(12))
-def test_random_chains_match_import_diff(tmp_path: Path, seed: int) -> None:
+def test_random_chains_match_import_diff(tmp_path: Path, seed: int,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(seed)
     model = _Model()
     states: List[bytes] = []
@@ -750,6 +752,17 @@ def test_random_chains_match_import_diff(tmp_path: Path, seed: int) -> None:
         for snap, state in zip(snaps, states):
             assert fmt.read(0, len(state) + 7, snap) == state + bytes(7)
             _check_extents(fmt, snap, state)
+        # Records read together, merged as over HTTP or S3 (any gap, any
+        # limit), hold the same bytes.
+        monkeypatch.setattr(FileStream, 'merge_gap', rng.choice([0, 100, 4096]))
+        monkeypatch.setattr(FileStream, 'merge_limit', rng.choice([512, 64 * KiB]))
+        for snap, state in zip(snaps, states):
+            cuts = sorted(rng.randrange(len(state) + 8) for _ in range(rng.randint(0, 5)))
+            bounds = [0, *cuts, len(state) + 7]
+            views = [memoryview(bytearray(hi - lo)) for lo, hi in zip(bounds, bounds[1:])]
+            fmt.read_pieces(list(zip(bounds, views)), snap)
+            assert b''.join(views) == state + bytes(7)
+        monkeypatch.undo()
         _check_changed(fmt, None, snaps[0], b'', states[0])
         for i in range(layers):
             for j in range(i + 1, layers):

@@ -251,8 +251,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self._forward()
 
     def do_GET(self) -> None:
-        self.server.count()
-        self._forward(self.server.fault if 'Range' in self.headers else '')
+        self.server.count(self.headers.get('Range'))
+        fault = self.server.fault if 'Range' in self.headers else ''
+        if fault == 'break-once':
+            self.server.fault = ''
+        self._forward(fault)
 
     def _forward(self, fault: str = '') -> None:
         if fault == 'mute':
@@ -279,6 +282,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return self._wait()
         if fault == 'trickle':
             return self._trickle(body)
+        if fault == 'break-once':
+            self.wfile.write(body[:len(body) // 2])
+            self.close_connection = True
+            return None
         self.wfile.write(body)
 
     def _wait(self) -> None:
@@ -307,6 +314,7 @@ class Proxy(ThreadingHTTPServer):
         self.upstream = upstream
         self.fault = ''
         self.gets = 0
+        self.ranges: List[Optional[str]] = []
         self.stop = threading.Event()
         self._lock = threading.Lock()
 
@@ -314,9 +322,10 @@ class Proxy(ThreadingHTTPServer):
     def endpoint(self) -> str:
         return f'http://127.0.0.1:{self.server_address[1]}'
 
-    def count(self) -> None:
+    def count(self, wanted: Optional[str]) -> None:
         with self._lock:
             self.gets += 1
+            self.ranges.append(wanted)
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass
@@ -377,6 +386,16 @@ def test_probe_deadline(proxy: Proxy, slow_url: str, fault: str) -> None:
         elapsed, error = timed(lambda: probe.read(0, 100_000))
     assert isinstance(error, TimedOut)
     assert elapsed <= 2 + 1.5
+
+
+def test_an_answer_that_breaks_off_is_resumed_not_read_again(
+        proxy: Proxy, slow_url: str) -> None:
+    """A fault in the middle of a large ranged read costs what was still
+    missing: the next attempt asks for the rest, and the bytes are whole."""
+    with open_s3(slow_url, ctx(timeout=5, retries=3)) as stream:
+        proxy.fault = 'break-once'
+        assert stream.read(1000, 20_000) == DATA[1000:21_000]
+    assert proxy.ranges == ['bytes=1000-20999', 'bytes=11000-20999']
 
 
 def test_a_cut_off_connection_is_not_reused(proxy: Proxy,

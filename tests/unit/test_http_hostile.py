@@ -53,7 +53,8 @@ class Image:
     #: '' behave; 'trickle' the body a byte per TRICKLE_PAUSE; 'stall' the
     #: headers, then nothing; 'mute' nothing at all; 'slow-headers' the
     #: headers a byte at a time; 'lie-close' / 'lie-open' half the body
-    #: under a full Content-Length, then close / stay silent.
+    #: under a full Content-Length, then close / stay silent; 'lie-once'
+    #: as 'lie-close' for one answer, then behave.
     fault: str = ''
     #: Send ETag and Last-Modified on HEAD too.
     head_validators: bool = True
@@ -124,6 +125,8 @@ class Handler(BaseHTTPRequestHandler):
         status = 206 if wanted else 200
         headers['Content-Length'] = str(len(body))
         fault = image.fault
+        if fault == 'lie-once':
+            fault, image.fault = 'lie-close', ''
         if fault == 'mute':
             return self._wait()
         if fault == 'slow-headers':
@@ -560,15 +563,27 @@ def test_content_length_longer_than_the_body(origin: Server,
         elapsed, error = timed(lambda: stream.read(0, 10_000))
         assert isinstance(error, SourceUnreachable)
         assert str(error).endswith('after 2 attempts')
+        # The second attempt asks only for what the first did not bring.
         if fault == 'lie-close':
-            assert 'broke off after 5000 of 10000 bytes' in str(error)
+            assert 'broke off after 2500 of 5000 bytes at offset 5000' in str(error)
             assert elapsed < 2
         else:
-            assert 'only 5000 of 10000 bytes arrived in 1.' in str(error)
+            assert 'only 2500 of 5000 bytes arrived in 1.' in str(error)
             assert elapsed <= 2 * 1.5 + 0.5 + 2
-        assert len(origin.requests('GET')) == 2
+        assert [r.headers.get('Range') for r in origin.requests('GET')] == \
+            ['bytes=0-9999', 'bytes=5000-9999']
         image.fault = ''
         assert stream.read(0, 10_000) == DATA[:10_000]    # and recovers
+
+
+def test_an_answer_that_breaks_off_is_resumed_not_read_again(origin: Server) -> None:
+    """A fault in the middle of a large ranged read costs what was still
+    missing: the next attempt asks for the rest, and the bytes are whole."""
+    origin.images['/disk.img'] = Image(DATA, fault='lie-once')
+    with open_url(origin.url('/disk.img'), ctx(timeout=5, retries=3)) as stream:
+        assert stream.read(1000, 20_000) == DATA[1000:21_000]
+    assert [r.headers.get('Range') for r in origin.requests('GET')] == \
+        ['bytes=1000-20999', 'bytes=11000-20999']
 
 
 def test_etag_change_is_source_changed(origin: Server) -> None:

@@ -23,6 +23,7 @@ from rbd_migration.formats.detect import sniff
 from rbd_migration.formats.qcow import QcowFormat
 from rbd_migration.formats.raw import RawFormat
 from rbd_migration.limits import SourceLimits
+from tests.profile import examples
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZE = 6 * MiB + 1536          # not a multiple of any cluster size above 512
@@ -653,6 +654,34 @@ def test_random_reads_match_qemu(rich_chain: RichChain, offset: int,
     ref = refs['snap' if use_snap else None][:fmt.size(snap)]
     want = ref[offset:offset + length]
     assert fmt.read(offset, length, snap) == want + bytes(length - len(want))
+
+
+@settings(max_examples=examples(quick=120, thorough=1500), deadline=None, database=None)
+@given(spans=st.lists(st.tuples(st.integers(0, SIZE + 64 * KiB), st.integers(0, 300 * KiB)),
+                      min_size=1, max_size=6),
+       gap=st.sampled_from([-1, 0, 512, 64 * KiB]),
+       limit=st.sampled_from([4 * KiB, 64 * KiB, 4 * MiB]),
+       use_snap=st.booleans())
+def test_merged_reads_match_qemu(rich_chain: RichChain, spans: List[Tuple[int, int]],
+                                 gap: int, limit: int, use_snap: bool) -> None:
+    """Pieces read together, their clusters merged into few requests of each
+    layer's stream (with and without gaps, within any limit), hold what
+    QEMU reads."""
+    fmt, refs = rich_chain
+    snap = fmt.snapshots()[0] if use_snap else None
+    ref = refs['snap' if use_snap else None][:fmt.size(snap)]
+    streams = [fmt._stream, fmt.backing._stream]  # type: ignore[union-attr]
+    for stream in streams:
+        stream.merge_gap, stream.merge_limit = gap, limit
+    try:
+        views = [memoryview(bytearray(length)) for _, length in spans]
+        fmt.read_pieces([(offset, view) for (offset, _), view in zip(spans, views)], snap)
+    finally:
+        for stream in streams:
+            del stream.merge_gap, stream.merge_limit
+    for (offset, length), view in zip(spans, views):
+        want = ref[offset:offset + length]
+        assert bytes(view) == want + bytes(length - len(want))
 
 
 def test_rich_chain_extents(rich_chain: RichChain) -> None:
