@@ -159,6 +159,20 @@ FORMATS: Dict[str, Dict[str, Any]] = {
                      'stream': _STREAM,
                      EXTENSION_FIELD: _EXTENSIONS},
                     'type', 'stream'),
+    # A VMware disk: a sparse or streamOptimized file, or a descriptor
+    # whose extent files lie beside it.
+    'vmdk': _closed({'type': {'const': 'vmdk'},
+                     'stream': _STREAM,
+                     EXTENSION_FIELD: _EXTENSIONS},
+                    'type', 'stream'),
+    # The disk of an OVA (a tar): by member name or index among its disks,
+    # needed only when it holds several.
+    'ova': _closed({'type': {'const': 'ova'},
+                    'stream': _STREAM,
+                    'disk': {'type': ['string', 'integer'], 'minimum': 0,
+                             'minLength': 1, 'pattern': NO_NUL},
+                    EXTENSION_FIELD: _EXTENSIONS},
+                   'type', 'stream'),
     'raw': _closed({'type': {'const': 'raw'},
                     'stream': _STREAM,
                     'snapshots': {'type': 'array',

@@ -15,6 +15,8 @@ REGISTRY: Dict[str, str] = {
     'native': 'native:NativeFormat',
     'export': 'export_v2:ExportV2Format',
     'export-diff': 'export_diff:ExportDiffFormat',
+    'vmdk': 'vmdk:VmdkFormat',
+    'ova': 'ova:OvaFormat',
 }
 
 

@@ -146,6 +146,28 @@ class Format(abc.ABC):
         self.close()
 
 
+class PieceReader(Format):
+    """A format whose every read goes through ``read_pieces``."""
+
+    def read(self, offset: int, length: int,
+             snap: Optional[Snapshot] = None) -> bytes:
+        """Past the image size reads as zeros, as for a raw image."""
+        if offset < 0 or length < 0:
+            raise ValueError(f'bad read: offset={offset} length={length}')
+        buf = bytearray(length)
+        self.read_pieces([(offset, memoryview(buf))], snap)
+        return bytes(buf)
+
+    def read_into(self, offset: int, view: memoryview,
+                  snap: Optional[Snapshot] = None) -> None:
+        self.read_pieces([(offset, view)], snap)
+
+    @abc.abstractmethod
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
+                    snap: Optional[Snapshot] = None) -> None:
+        """See ``Format.read_pieces``."""
+
+
 _ZEROS = memoryview(bytes(4 << 20))
 
 

@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..streams.base import Stream
-from .base import Extent, ExtentKind, Format, FormatFeatures, Snapshot, zero_fill
+from .base import (Extent, ExtentKind, FormatFeatures, PieceReader, Snapshot,
+                   zero_fill)
 from .export_records import RECORD_BATCH, Where
 from .raw import EXTENT_PIECE
 from .runs import ZERO, Run, Runs, overlay, truncate
@@ -88,7 +89,7 @@ def _cut(start: int, end: int, kind: ExtentKind) -> Iterator[Extent]:
         yield Extent(offset, min(EXTENT_PIECE, end - offset), kind)
 
 
-class LayeredFormat(Format):
+class LayeredFormat(PieceReader):
     """An image made of layers applied in order, each a set of runs (data
     in a stream, or zeros) and a size.  Subclasses build the layers."""
 
@@ -159,19 +160,6 @@ class LayeredFormat(Format):
             runs = overlay(runs, layer.runs)
             size = layer.size
         return _coalesce(truncate(runs, size), self._ctx.check)
-
-    def read(self, offset: int, length: int,
-             snap: Optional[Snapshot] = None) -> bytes:
-        """Past the image size reads as zeros, as for a raw image."""
-        if offset < 0 or length < 0:
-            raise ValueError(f'bad read: offset={offset} length={length}')
-        buf = bytearray(length)
-        self.read_pieces([(offset, memoryview(buf))], snap)
-        return bytes(buf)
-
-    def read_into(self, offset: int, view: memoryview,
-                  snap: Optional[Snapshot] = None) -> None:
-        self.read_pieces([(offset, view)], snap)
 
     def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
                     snap: Optional[Snapshot] = None) -> None:

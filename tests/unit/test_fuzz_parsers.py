@@ -398,16 +398,51 @@ def make_stream_seeds() -> Dict[str, Seed]:
     return seeds
 
 
+def make_vmdk_seeds(tmp: Path) -> Dict[str, Seed]:
+    """VMware disks as qemu-img writes them: hosted sparse (header, embedded
+    descriptor, grain directory and tables), streamOptimized (deflated
+    grains with markers, the footer), a descriptor naming a flat extent,
+    and an OVA (tar headers) around a streamOptimized disk."""
+    raw = tmp / 'vmdk.raw'
+    raw.write_bytes(pattern(MiB, 5) + bytes(MiB))
+    seeds: Dict[str, Seed] = {}
+    for name, sub in (('vmdk sparse', 'monolithicSparse'),
+                      ('vmdk stream', 'streamOptimized')):
+        img = tmp / f'{sub}.vmdk'
+        run('qemu-img', 'convert', '-f', 'raw', '-O', 'vmdk', '-o', f'subformat={sub}',
+            str(raw), str(img))
+        data = img.read_bytes()
+        seeds[name] = Seed('vmdk', {img.name: data}, img.name,
+                           {'header': (0, 512), 'metadata': (512, 128 * KiB),
+                            'footer': (max(0, len(data) - 1536), len(data)),
+                            'all': (0, len(data))}, '<')
+    run('qemu-img', 'convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=monolithicFlat',
+        str(raw), str(tmp / 'flat.vmdk'))
+    text = (tmp / 'flat.vmdk').read_bytes()
+    seeds['vmdk descriptor'] = Seed(
+        'vmdk', {'flat.vmdk': text, 'flat-flat.vmdk': (tmp / 'flat-flat.vmdk').read_bytes()},
+        'flat.vmdk', {'all': (0, len(text))}, '<')
+    (tmp / 'vm.ovf').write_text('<Envelope/>')
+    run('tar', '-C', str(tmp), '--format=ustar', '-cf', str(tmp / 'vm.ova'), 'vm.ovf',
+        'streamOptimized.vmdk')
+    ova = (tmp / 'vm.ova').read_bytes()
+    seeds['ova'] = Seed('ova', {'vm.ova': ova}, 'vm.ova',
+                        {'tar headers': (0, 2048), 'disk': (2048, len(ova))}, '<')
+    return seeds
+
+
 @pytest.fixture(scope='module')
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Seed]:
     out = make_qcow_seeds(tmp_path_factory.mktemp('seeds'))
     out.update(make_stream_seeds())
+    out.update(make_vmdk_seeds(tmp_path_factory.mktemp('vmdk-seeds')))
     return out
 
 
 SEED_NAMES = ['qcow2 v2', 'qcow2 v3 snapshot', 'qcow2 compressed',
               'qcow2 overlay', 'qcow2 extended L2', 'qcow v1',
-              'export-diff v1', 'export-diff v2 chain', 'export v2']
+              'export-diff v1', 'export-diff v2 chain', 'export v2',
+              'vmdk sparse', 'vmdk stream', 'vmdk descriptor', 'ova']
 
 
 # -- mutations ----------------------------------------------------------------

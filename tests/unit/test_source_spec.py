@@ -120,8 +120,8 @@ def test_validate_accepts_a_parsed_spec_and_returns_it() -> None:
 ERRORS = {
     # format type
     'no type': ({'stream': FILE}, "source-spec: missing required field 'type'"),
-    'unknown format': ({'type': 'vmdk'},
-                       f"source-spec: type: 'vmdk' is not one of {TYPES}"),
+    'unknown format': ({'type': 'vhdx'},
+                       f"source-spec: type: 'vhdx' is not one of {TYPES}"),
     'format type not a string': ({'type': 5},
                                  f'source-spec: type: expected one of {TYPES}, '
                                  'got an integer'),
