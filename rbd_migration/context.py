@@ -35,6 +35,9 @@ class SourceContext:
     config_key: Optional[Callable[[str], Optional[str]]] = None
     #: A connected ``rados.Rados`` for ``native`` sources.
     rados: Optional[Any] = None
+    #: Where a ``native`` source's ``cluster_name`` finds ``<name>.conf`` and
+    #: ``<name>.<client>.keyring`` (upstream's place for them).
+    remote_conf_dir: str = '/etc/ceph'
     #: Longest wait for one request: connecting, and its whole answer (a
     #: server that trickles a body is cut off after this long too).
     timeout: float = 30.0

@@ -112,7 +112,9 @@ def _native_location(spec: Mapping[str, Any]) -> str:
     pool = spec.get('pool_name', f"#{spec.get('pool_id')}")
     ns = f"{spec['pool_namespace']}/" if spec.get('pool_namespace') else ''
     snap = spec.get('snap_name', f"#{spec.get('snap_id')}")
-    return f"rbd image {pool}/{ns}{spec.get('image_name')}@{snap}"
+    where = f"rbd image {pool}/{ns}{spec.get('image_name')}@{snap}"
+    other = spec.get('cluster_name') or spec.get('mon_host')
+    return f"{where} of cluster '{other}'" if other else where
 
 
 def _refuse_what_nobody_can_read(f: FormatFeatures, where: str) -> None:
@@ -182,6 +184,9 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
     if f.data_past_end:
         reasons.append(f'{where} has data clusters past the end of the file, which QEMU '
                        'reads as zeros and librbd imports otherwise')
+    if spec['type'] == 'native' and ('cluster_name' in spec or 'mon_host' in spec):
+        reasons.append(f'{where} is in another cluster, which librbd 16.2 cannot '
+                       'open (its native format has no cluster_name or mon_host)')
     reasons += _urls_librbd_mangles(spec)
     reasons += _files_librbd_reopens(spec)
     reasons += _secrets_librbd_would_store(spec)

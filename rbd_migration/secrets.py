@@ -16,9 +16,9 @@ from .errors import NotFound, PermissionDenied
 
 #: librbd's prefix for a value read from the mon config-key store.
 CONFIG_PREFIX = 'config://'
-#: Fields whose value is a credential (librbd resolves config:// in exactly
-#: these two); masked wherever they appear in a spec.
-SECRET_FIELDS = frozenset({'access_key', 'secret_key'})
+#: Fields whose value is a credential (an S3 stream's keys, another cluster's
+#: key); config:// is resolved in them, and they are masked wherever they appear.
+SECRET_FIELDS = frozenset({'access_key', 'secret_key', 'key'})
 #: Shown in place of a secret.
 MASK = '***'
 #: Shorter values are not treated as secrets by ``collect_secrets`` and

@@ -44,6 +44,11 @@ DECIMAL = r'^[0-9]+\Z'
 #: A name librbd takes as a C string: a NUL would cut it short ('img\x00x'
 #: names 'img'), and librbd's import hangs on such a source-spec.
 NO_NUL = r'^[^\x00]*\Z'
+#: Another cluster's name: a conf file's name in the conf directory, so
+#: nothing that could leave it.
+CLUSTER_NAME = r'^[A-Za-z0-9][A-Za-z0-9_-]*\Z'
+CLIENT_NAME = r'^client\.[A-Za-z0-9][A-Za-z0-9_.-]*\Z'
+MON_HOST = r'^[^\x00-\x1f]+\Z'
 #: A credential may be anything but a config:// reference without a key.
 CREDENTIAL = r'^(?!' + re.escape(CONFIG_PREFIX) + r'\Z)'
 
@@ -151,10 +156,20 @@ FORMATS: Dict[str, Dict[str, Any]] = {
                        'image_id': _NAME,
                        'snap_name': _NAME,
                        'snap_id': _rbd_id('snap-id'),
+                       # Another cluster: upstream's fields, two exclusive forms.
+                       'cluster_name': {'type': 'string', 'pattern': CLUSTER_NAME},
+                       'client_name': {'type': 'string', 'pattern': CLIENT_NAME},
+                       'mon_host': {'type': 'string', 'pattern': MON_HOST},
+                       'key': _CREDENTIAL,
                        EXTENSION_FIELD: _EXTENSIONS},
                       'type', 'image_name',
                       allOf=[_either('pool_name', 'pool_id'),
-                             _either('snap_name', 'snap_id')]),
+                             _either('snap_name', 'snap_id'),
+                             {'not': {'required': ['cluster_name', 'mon_host']}},
+                             {'dependentRequired': {'mon_host': ['key'], 'key': ['mon_host']}},
+                             {'if': {'required': ['client_name']},
+                              'then': {'anyOf': [{'required': ['cluster_name']},
+                                                 {'required': ['mon_host']}]}}]),
     'qcow': _closed({'type': {'const': 'qcow'},
                      'stream': _STREAM,
                      EXTENSION_FIELD: _EXTENSIONS},
@@ -293,6 +308,9 @@ _PATTERN_MESSAGES = {
     DECIMAL: '{value} is not a non-negative integer',
     NO_NUL: '{value} contains a NUL character',
     CREDENTIAL: f"'{CONFIG_PREFIX}' must be followed by a config-key name",
+    CLUSTER_NAME: '{value} is not a cluster name (letters, digits, _ and -)',
+    CLIENT_NAME: "{value} is not a client name (expected 'client.<id>')",
+    MON_HOST: '{value} contains control characters',
 }
 
 #: Wording for particular fields where the validator's generic wording would
@@ -343,6 +361,9 @@ _MESSAGES: Dict[str, Wording] = {
         name for branch in branches for name in branch['required']),
     'not': lambda value, both, path: (
         f"give either {_quoted(both['required'])}, not both"),
+    'dependentRequired': lambda value, needs, path: next(
+        f"'{field}' needs '{need}'" for field, wanted in needs.items() if field in value
+        for need in wanted if need not in value),
     'minLength': lambda value, length, path: 'must not be empty',
     'minimum': lambda value, minimum, path: (
         f'{_show(value, path)} is negative'),

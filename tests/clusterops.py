@@ -54,3 +54,16 @@ def wait_module(cluster: Cluster, timeout: float = 90) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f'the module did not answer within {timeout}s of mgr fail')
+
+
+def wait_task(cluster: Cluster, task: str, timeout: float = 120) -> None:
+    """Until task ``task`` is over, which must be with success
+    (``task get`` answers EAGAIN while it is active)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = ceph_run(cluster, 'rbd', 'migration', 'task', 'get', task)
+        if r.returncode != 11:
+            assert r.returncode == 0, r.stderr
+            return
+        time.sleep(0.3)
+    raise AssertionError(f'task {task} did not finish in {timeout}s')

@@ -9,6 +9,15 @@ namespace (deleted but kept for clones), group and mirror snapshots are left
 out, as librbd's snapshot copy leaves them out.  ``snap_name`` names a user
 snapshot; ``snap_id`` may name any snapshot, as in librbd.
 
+The image may be in another cluster (upstream's fields): ``cluster_name``
+(and ``client_name``, default ``client.admin``) finds ``<cluster>.conf`` and
+``<cluster>.<client>.keyring`` in the operator's conf directory, or
+``mon_host`` with ``key`` (the key may be a ``config://`` reference) names it
+outright.  The module then connects to that cluster for as long as the
+format is open -- one probe, one execute, one verify -- within
+REMOTE_CONNECT seconds, with every operation bounded by REMOTE_OP_TIMEOUT,
+and shuts the connection down on close.
+
 A clone reads through to its parent (librbd does this for every read and for
 ``diff_iterate`` with ``include_parent``), so the import is a flattened copy:
 the parent's allocated ranges are reported and read like the clone's own.
@@ -18,6 +27,7 @@ snapshot serves all threads.  Handles for older snapshots are opened on first
 use, by image id, so a rename or a move to the trash (a live migration
 source) after opening does not matter.
 """
+import os
 import threading
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping,
                     Optional, Tuple)
@@ -27,7 +37,7 @@ import rbd
 
 from ..context import SourceContext
 from ..rbd_errors import translate
-from ..errors import MigrationError, NotFound
+from ..errors import InvalidArgument, MigrationError, NotFound, SourceUnreachable
 from .base import (Extent, ExtentKind, Format, FormatFeatures, Snapshot,
                    coalesce)
 
@@ -44,6 +54,12 @@ _NAMESPACES = {rbd.RBD_SNAP_NAMESPACE_TYPE_USER: 'user',
 
 Interval = Tuple[int, int]  # [start, end)
 
+#: Seconds a connection to another cluster may take to come up.
+REMOTE_CONNECT = 10
+#: Seconds any one operation on another cluster may take (a frozen OSD or a
+#: lost monitor there fails the read, which the task reports).
+REMOTE_OP_TIMEOUT = 30
+
 
 def _shown(value: object) -> str:
     """A value quoted in a message, kept on one line whatever it holds."""
@@ -56,7 +72,9 @@ class NativeFormat(Format):
     ``snap_id``.  Takes ownership of both and closes them with itself."""
 
     def __init__(self, ioctx: rados.Ioctx, image: rbd.Image, snap_id: Optional[int],
-                 where: str, spec_field: str) -> None:
+                 where: str, spec_field: str,
+                 cluster: Optional[rados.Rados] = None) -> None:
+        self._cluster = cluster   # another cluster's, owned; None: the mgr's
         self._ioctx = ioctx
         self._image = image
         self._where = where
@@ -95,14 +113,28 @@ class NativeFormat(Format):
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any],
                   ctx: SourceContext) -> 'NativeFormat':
-        if ctx.rados is None:
+        remote = connect_remote(spec, ctx)
+        try:
+            return cls._from_cluster(spec, ctx, remote)
+        except BaseException:
+            if remote is not None:
+                remote.shutdown()
+            raise
+
+    @classmethod
+    def _from_cluster(cls, spec: Mapping[str, Any], ctx: SourceContext,
+                      remote: Optional[rados.Rados]) -> 'NativeFormat':
+        cluster = remote if remote is not None else ctx.rados
+        if cluster is None:
             raise ValueError('a native source needs SourceContext.rados')
-        ioctx, location = _open_ioctx(ctx.rados, spec)
+        ioctx, location = _open_ioctx(cluster, spec)
+        if remote is not None:
+            location = f'{location} of cluster {remote_name(spec)}'
         try:
             image, where = _open_image(ioctx, location, spec)
             try:
                 if 'snap_name' not in spec and 'snap_id' not in spec:
-                    return cls(ioctx, image, None, where, '')
+                    return cls(ioctx, image, None, where, '', remote)
                 if 'snap_name' in spec:
                     snap_id = _user_snap_id(image, spec['snap_name'])
                     if snap_id is None:
@@ -115,7 +147,7 @@ class NativeFormat(Format):
                     field = 'snap_name'
                 else:
                     snap_id, field = int(spec['snap_id']), 'snap_id'
-                return cls(ioctx, image, snap_id, where, field)
+                return cls(ioctx, image, snap_id, where, field, remote)
             except BaseException:
                 image.close()
                 raise
@@ -238,6 +270,8 @@ class NativeFormat(Format):
         for handle in handles + [self._image]:
             handle.close()
         self._ioctx.close()
+        if self._cluster is not None:
+            self._cluster.shutdown()
 
     # -- snapshots and handles ------------------------------------------------
 
@@ -378,6 +412,56 @@ def _extents(data: Iterable[Interval],
 
 
 # -- opening ------------------------------------------------------------------
+
+
+def remote_name(spec: Mapping[str, Any]) -> str:
+    """The other cluster as messages name it (never with its key)."""
+    return _shown(spec.get('cluster_name') or spec.get('mon_host'))
+
+
+def connect_remote(spec: Mapping[str, Any], ctx: SourceContext) -> Optional[rados.Rados]:
+    """A connection to the other cluster the spec names, or None for this
+    one.  Nothing of this cluster's configuration is read: the conf and
+    keyring are the other cluster's (``cluster_name``) or the monitors and
+    key come from the spec (``mon_host``)."""
+    if 'cluster_name' not in spec and 'mon_host' not in spec:
+        return None
+    client = str(spec.get('client_name') or 'client.admin')
+    conf = {'client_mount_timeout': str(REMOTE_CONNECT),
+            'rados_mon_op_timeout': str(REMOTE_OP_TIMEOUT),
+            'rados_osd_op_timeout': str(REMOTE_OP_TIMEOUT),
+            'log_to_stderr': 'false', 'err_to_stderr': 'false'}
+    if 'cluster_name' in spec:
+        name = str(spec['cluster_name'])
+        conffile = os.path.join(ctx.remote_conf_dir, f'{name}.conf')
+        keyring = os.path.join(ctx.remote_conf_dir, f'{name}.{client}.keyring')
+        for path, what in ((conffile, 'conf'), (keyring, 'keyring')):
+            if not os.path.isfile(path):
+                raise NotFound(
+                    f'source-spec: cluster_name: no {what} {path!r}; put the other '
+                    f"cluster's {name}.conf and {name}.{client}.keyring in "
+                    f'{ctx.remote_conf_dir} on the mgr hosts')
+        conf['keyring'] = keyring
+        cluster = rados.Rados(name=client, clustername=name, conffile=conffile, conf=conf)
+    else:
+        conf.update(mon_host=str(spec['mon_host']), key=str(spec['key']),
+                    keyring='')
+        cluster = rados.Rados(name=client, conf=conf)
+    ctx.check()
+    try:
+        cluster.connect(timeout=min(REMOTE_CONNECT, ctx.connect_limit))
+    except rados.Error as e:
+        cluster.shutdown()
+        which = 'cluster_name' if 'cluster_name' in spec else 'mon_host/key'
+        if isinstance(e, (rados.PermissionDeniedError, rados.InvalidArgumentError)):
+            raise InvalidArgument(
+                f'source-spec: {which}: cluster {remote_name(spec)} refused '
+                f'{client} ({type(e).__name__}); check client_name and its key') from None
+        raise SourceUnreachable(
+            f'source-spec: {which}: cannot connect to cluster {remote_name(spec)} as '
+            f'{client} within {REMOTE_CONNECT}s ({type(e).__name__})') from None
+    return cluster
+
 
 def _open_ioctx(cluster: rados.Rados,
                 spec: Mapping[str, Any]) -> Tuple[rados.Ioctx, str]:

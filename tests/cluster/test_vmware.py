@@ -4,13 +4,12 @@ import hashlib
 import json
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict
 
 from qa.cluster import Cluster
-from tests.clusterops import ceph_run, mig, mig_refused
+from tests.clusterops import mig, mig_refused, wait_task
 
 MiB = 1 << 20
 
@@ -42,24 +41,13 @@ def _sha_rbd(cluster: Cluster, spec: str) -> str:
     return hashlib.sha256(out).hexdigest()
 
 
-def _wait(cluster: Cluster, task: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = ceph_run(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode != 11:       # EAGAIN while active
-            assert r.returncode == 0, r.stderr
-            return
-        time.sleep(0.3)
-    raise AssertionError(f'task {task} did not finish in {timeout}s')
-
-
 def _import(cluster: Cluster, spec: Dict[str, Any], reference: Path) -> str:
     name = f'vmw-{uuid.uuid4().hex[:8]}'
     prepared = mig(cluster, 'prepare', '--import-only', f'rbd/{name}',
                    '--source-spec', json.dumps(spec))
     assert prepared['path'] == 'adapter', prepared
-    _wait(cluster, str(mig(cluster, 'execute', f'rbd/{name}')['task']['id']))
-    _wait(cluster, str(mig(cluster, 'commit', f'rbd/{name}')['task']['id']))
+    wait_task(cluster, str(mig(cluster, 'execute', f'rbd/{name}')['task']['id']))
+    wait_task(cluster, str(mig(cluster, 'commit', f'rbd/{name}')['task']['id']))
     assert _sha_rbd(cluster, f'rbd/{name}') == \
         hashlib.sha256(reference.read_bytes()).hexdigest()
     return name

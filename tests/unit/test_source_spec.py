@@ -142,7 +142,8 @@ ERRORS = {
     'native has no stream': (native(stream=FILE),
                              'source-spec: stream: unknown field (allowed: type, '
                              'pool_name, pool_id, pool_namespace, image_name, '
-                             'image_id, snap_name, snap_id, rbd_migration)'),
+                             'image_id, snap_name, snap_id, cluster_name, client_name, '
+                             'mon_host, key, rbd_migration)'),
     'unknown extension': (spec(rbd_migration={'speed': 1}),
                           'source-spec: rbd_migration.speed: unknown field '
                           '(allowed: engine)'),
@@ -612,3 +613,34 @@ EXPORT_DIFF_LIKE = st.fixed_dictionaries(
     optional={'rbd_migration': EXTENSIONS, 'snapshots': LEAF}))
 def test_export_like_documents_parse_or_are_explained(value: Any) -> None:
     assert_parses_or_explains(json.dumps(value))
+
+
+@pytest.mark.parametrize('extra,message', [
+    ({'mon_host': 'h'}, "source-spec: 'mon_host' needs 'key'"),
+    ({'key': 'AQ=='}, "source-spec: 'key' needs 'mon_host'"),
+    ({'client_name': 'client.a'},
+     "source-spec: missing required field 'cluster_name' or 'mon_host'"),
+    ({'cluster_name': 'a', 'mon_host': 'h', 'key': 'k'},
+     "source-spec: give either 'cluster_name' or 'mon_host', not both"),
+    ({'cluster_name': '../etc/ceph'},
+     "source-spec: cluster_name: '../etc/ceph' is not a cluster name (letters, digits, _ "
+     "and -)"),
+    ({'cluster_name': 'old', 'client_name': 'admin'},
+     "source-spec: client_name: 'admin' is not a client name (expected 'client.<id>')"),
+])
+def test_another_cluster_takes_one_of_two_forms(extra: Dict[str, Any], message: str) -> None:
+    """Upstream's fields for a native source in another cluster: the conf
+    and keyring of a named cluster, or monitors and a key, never both."""
+    spec = {'type': 'native', 'pool_name': 'rbd', 'image_name': 'x', 'snap_name': 's',
+            **extra}
+    with pytest.raises(InvalidArgument) as caught:
+        parse_source_spec(json.dumps(spec))
+    assert str(caught.value) == message
+
+
+def test_another_clusters_forms_pass() -> None:
+    for extra in ({'cluster_name': 'old'}, {'cluster_name': 'old', 'client_name': 'client.mig'},
+                  {'mon_host': '[v2:10.0.0.5:3300]', 'key': 'config://rbd/old/key'}):
+        spec = {'type': 'native', 'pool_name': 'rbd', 'image_name': 'x', 'snap_name': 's',
+                **extra}
+        assert parse_source_spec(json.dumps(spec))['type'] == 'native'
