@@ -13,12 +13,10 @@ import rbd
 
 from .batch import (EXECUTED, ITEM_CANCELLED, Batch, BatchBook, BatchDriver, BatchItem,
                     ImageFacts, parse_pool_spec, plan, select)
-from .engine.migration import ImageRef
 from .errors import InvalidArgument, MigrationError, NotFound, NotMigrating
 from .images import ImageSpec, Layout
 from .inventory import describe as describe_image
 from .inventory import image_names
-from .metrics import summary as metrics_summary
 from .schedule import HEAVY
 from .service import NAMESPACED_PARENT, MigrationService
 from .tasks import RUNNING, Task, TaskAction
@@ -38,7 +36,6 @@ class Fleet:
         self.driver = BatchDriver(self.book, self)
         self.report_progress = progress
         self._reported: Dict[str, float] = {}
-        self._failures: List[str] = []
         #: Serialises changes to batches: the driver's passes and commands.
         self.lock = threading.RLock()
 
@@ -49,10 +46,6 @@ class Fleet:
         """One pass of the batch driver, then the batches' progress events."""
         with self.lock:
             self.driver.advance()
-        failures = self.failures()
-        if failures != self._failures:
-            self._failures = failures
-            self.queue.events.changed(self.queue.list())   # health
         now = time.monotonic()
         for batch in self.book.list():
             if batch.id not in self._reported and batch.finished is not None:
@@ -63,6 +56,10 @@ class Fleet:
             elif now - self._reported.get(batch.id, 0.0) >= 1.0:
                 self._reported[batch.id] = now
                 self.report_progress(batch, self.driver.progress(batch), self._message(batch))
+
+    def progress(self, batch: Batch) -> float:
+        """How far the batch is, 0 to 1."""
+        return self.driver.progress(batch)
 
     @staticmethod
     def _message(batch: Batch) -> str:
@@ -187,34 +184,6 @@ class Fleet:
             message += '; held: ' + '; '.join(held)
         return {'message': message, 'batch': batch.summary(self.driver.progress(batch))}
 
-    def metrics(self) -> Dict[str, Any]:
-        tasks = self.queue.list()
-        out = metrics_summary(tasks, self.service.meter, self.queue.waiting)
-        out['batches'] = [{'id': b.id, 'state': b.state, 'counts': b.counts(),
-                           'progress': round(self.driver.progress(b), 4)}
-                          for b in self.book.list()]
-        return out
-
-    def status(self, image: Optional[str]) -> Dict[str, Any]:
-        result = self.service.status(image)
-        if not image:
-            result['metrics'] = self.metrics()
-        return result
-
-    def failures(self) -> List[str]:
-        """Batch images that failed outside any task (e.g. prepare), for
-        RBD_MIGRATION_FAILED; failed tasks are reported by themselves."""
-        out = []
-        for batch in self.book.list():
-            if batch.acknowledged:
-                continue    # with batch cancel, after it ended
-            for item in batch.items:
-                if item.state == 'failed' and item.task_id is None:
-                    out.append(f'batch {batch.id}: {batch.source_spec(item.name)} '
-                               f'failed: {item.reason}; once handled, acknowledge '
-                               f'with ceph rbd migration batch cancel {batch.id}')
-        return out
-
     # -- the driver's steps (batch.Actions) --------------------------------------
     def start_reason(self, batch: Batch, item: BatchItem) -> Optional[str]:
         """Why the item's execute could not start now.  Prepared only when it
@@ -239,9 +208,9 @@ class Fleet:
 
     def prepare(self, batch: Batch, item: BatchItem) -> str:
         layout = Layout.parse(**batch.layout)
-        dest = self.service.prepare(batch.source_spec(item.name), batch.dest_spec(item.name),
-                                    layout)['dest']
-        return ImageRef(**dest).key
+        prepared = self.service.prepare(batch.source_spec(item.name),
+                                        batch.dest_spec(item.name), layout)
+        return prepared.info.dest.key
 
     def prepared(self, batch: Batch, item: BatchItem) -> Optional[str]:
         try:

@@ -1,7 +1,7 @@
 """The mgr-facing layer: commands, options, serve/shutdown.
 
-Thin on purpose: it parses the command, calls ``MigrationService`` and
-formats the answer.  Errors come back as ``MigrationError`` (one line, an
+Thin on purpose: it parses the command, calls ``MigrationService``, the
+batch service or the read side (``Reports``) and formats the answer.  Errors come back as ``MigrationError`` (one line, an
 errno); anything else is a bug, logged with its traceback and answered with
 one line.
 """
@@ -25,6 +25,7 @@ from .dispatch import Dispatcher
 from .images import ImageSpec, Layout
 from .progress import ProgressEvents
 from . import render
+from .reports import Reports
 from .commands import CommandTable
 from .secrets import collect_secrets, mask_text
 from .engine.isolated import ChildClient
@@ -129,13 +130,17 @@ class Module(MgrModule):
         self._ready = threading.Event()
         self.service: Optional[MigrationService] = None
         self.fleet: Optional[Fleet] = None
+        self.reports: Optional[Reports] = None
+        self.events: Optional['ModuleEvents'] = None
+        #: Batch failures as health last reported them.
+        self._failures: List[str] = []
         self._bulk: Optional[rados.Rados] = None
         self.dispatcher = Dispatcher(lambda: Settings.read(self.get_module_option).command_wait)
         self._replacing = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------
     def serve(self) -> None:
-        events = ModuleEvents(self)
+        self.events = events = ModuleEvents(self)
         self._bulk = self._bulk_client()
         children = Children(ChildClient(f'mgr.{self.get_mgr_id()}', self._own_conf()),
                             self._ceph_register_client, self._ceph_unregister_client)
@@ -144,6 +149,7 @@ class Module(MgrModule):
                                         children=children,
                                         blocklisted=self._replace_task_client)
         self.fleet = Fleet(self.service, events.batch_progress)
+        self.reports = Reports(self.service, self.fleet)
         self.dispatcher.waits = self.service.listing.waits
         self.service.queue.load()
         self.fleet.load()
@@ -170,8 +176,13 @@ class Module(MgrModule):
 
     def _tick(self) -> None:
         assert self.fleet is not None and self.service is not None
+        assert self.reports is not None and self.events is not None
         self.fleet.tick()
-        self.service.keep_listing_warm()
+        failures = self.reports.failures()
+        if failures != self._failures:
+            self._failures = failures
+            self.events.changed(self.service.queue.list())   # health
+        self.reports.keep_listing_warm()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -253,6 +264,11 @@ class Module(MgrModule):
         assert self.fleet is not None
         return self.fleet
 
+    def _reports(self) -> Reports:
+        self._svc()
+        assert self.reports is not None
+        return self.reports
+
     # -- commands ----------------------------------------------------------
     def handle_command(self, inbuf: Optional[str], cmd: Dict[str, Any]) -> HandlerResult:
         """Every command runs off the mgr's command thread, which waits for
@@ -307,8 +323,10 @@ class Module(MgrModule):
         layout = Layout.parse(object_size=object_size, order=order, features=features,
                               stripe_unit=stripe_unit, stripe_count=stripe_count,
                               data_pool=data_pool, flatten=flatten)
-        return self._svc().prepare(source_image_spec, dest_image_spec, layout,
-                                   import_only=import_only, source_spec=source_spec or inbuf)
+        prepared = self._svc().prepare(source_image_spec, dest_image_spec, layout,
+                                       import_only=import_only,
+                                       source_spec=source_spec or inbuf)
+        return self._reports().prepared(prepared)
 
     @command('rbd migration execute', 'w', render.message, changes='image_spec')
     def _execute(self, image_spec: str) -> Dict[str, Any]:
@@ -336,7 +354,7 @@ class Module(MgrModule):
     @command('rbd migration status', 'r', render.status)
     def _status(self, image_spec: Optional[str] = None) -> Dict[str, Any]:
         """Show migrations (all, or the one an image is part of) and tasks"""
-        return dict(self._fleet().status(image_spec), commands=self.dispatcher.running())
+        return dict(self._reports().status(image_spec), commands=self.dispatcher.running())
 
     @command('rbd migration batch prepare', 'w', render.plan, changes='batches')
     def _batch_prepare(self, source_pool_spec: str, dest_pool_spec: str,
@@ -374,12 +392,12 @@ class Module(MgrModule):
     @command('rbd migration metrics', 'r', render.metrics)
     def _metrics(self) -> Dict[str, Any]:
         """Task counts, bytes copied and copy rates (for graphs: -f json)"""
-        return dict(self._fleet().metrics(), clients=self._client_addrs())
+        return dict(self._reports().metrics(), clients=self._client_addrs())
 
     @command('rbd migration task list', 'r', render.task_list)
     def _task_list(self) -> Dict[str, Any]:
         """List migration tasks"""
-        return self._svc().task_list()
+        return self._reports().task_list()
 
     @command('rbd migration task cancel', 'w', render.message)
     def _task_cancel(self, task_id: str) -> Dict[str, Any]:
@@ -390,7 +408,7 @@ class Module(MgrModule):
     def _task_get(self, task_id: str) -> Dict[str, Any]:
         """Show one task; the exit status tells whether it completed (0), is
         still active (EAGAIN), failed or was cancelled"""
-        return self._svc().task_get(task_id)
+        return self._reports().task_get(task_id)
 
     @staticmethod
     def _mask(text: str, cmd: Dict[str, Any], inbuf: Optional[str]) -> str:
@@ -473,8 +491,9 @@ class ModuleEvents:
     def changed(self, tasks: List[Task]) -> None:
         """Health, then the progress events: on the queue's load this opens
         again the events of tasks that wait to retry or to resume."""
-        fleet = self.module.fleet
-        self.module.set_health_checks(health_checks(tasks, fleet.failures() if fleet else []))
+        reports = self.module.reports
+        self.module.set_health_checks(health_checks(tasks,
+                                                    reports.failures() if reports else []))
         if self.progress_events.sync(tasks):
             self._tries = 0
         else:

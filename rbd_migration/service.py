@@ -3,7 +3,8 @@ store, so tests and scripts drive it without a mgr.
 
 The rules that keep operators out of trouble live here: what may be queued
 in which migration state, that repeating a command returns the same task,
-that abort cancels a running execute, and what status says.
+that abort cancels a running execute.  What status and the other reads say
+is reports.py's.
 """
 import errno
 import json
@@ -24,7 +25,7 @@ from .engine.librbd import LibrbdEngine
 from .engine.migration import ImageRef, MigrationInfo
 from .errors import (AlreadyExists, Busy, InvalidArgument, MigrationError, NotFound,
                      NotMigrating, PermissionDenied, PoolFull, SourceChanged, SourceGone,
-                     StillActive, TransientClusterError, Unsupported)
+                     TransientClusterError, Unsupported)
 from .formats import open_format
 from .images import ImageSpec, Layout
 from .intents import Intents
@@ -32,12 +33,11 @@ from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
 from .schedule import Limits, Window, must_pause, wait_reason
-from .secrets import mask_spec
 from .settings import OptionGetter, Settings
 from .source_spec import native_spec, parse_source_spec, spec_summary
 from .validators import Validators, check_unchanged, read_validators
 from .store import Store
-from .tasks import COMPLETED, FAILED, RUNNING, Events, Task, TaskAction, TaskQueue
+from .tasks import COMPLETED, RUNNING, Events, Task, TaskAction, TaskQueue
 from .verify import summary as verify_summary
 from .verify import verify as run_verify
 
@@ -47,15 +47,20 @@ MIGRATION_PREFIX = 'migration/'
 #: mgr modules' own (this one's records and secrets among them), the
 #: monitors' configuration and rbd-mirror's peer secrets.
 NEVER_CONFIG_KEYS = ('mgr/', 'config/', 'config-history/', 'mon/', 'rbd/mirror/')
-#: The share of ``command_wait`` status waits for a fresh listing before it
-#: answers from the last one.
-STATUS_SCAN_SHARE = 0.75
 
 NAMESPACED_PARENT = ('{image} has {clones} clone(s), and librbd 16.2 crashes migrating a '
                      'parent out of a namespace; flatten its clones (rbd flatten) '
                      'first, or migrate it with a Ceph release that has this fixed')
 
 #: Reads a module option by name.
+
+
+@dataclass
+class Prepared:
+    """A migration prepare made, and for an import what its probe found."""
+
+    info: MigrationInfo
+    probe: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -124,7 +129,7 @@ class MigrationService:
     # -- prepare -----------------------------------------------------------
     def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,
                 import_only: bool = False,
-                source_spec: Optional[str] = None) -> Dict[str, Any]:
+                source_spec: Optional[str] = None) -> 'Prepared':
         if import_only:
             return self._prepare_import(source, dest, layout, source_spec)
         if source_spec:
@@ -140,10 +145,10 @@ class MigrationService:
         info = self.engine.prepare(src, dst, layout)
         self._register(info, layout)
         self.listing.replace(info.dest.id, info)
-        return self.describe(info)
+        return Prepared(info)
 
     def _prepare_import(self, source: Optional[str], dest: Optional[str],
-                        layout: Layout, text: Optional[str]) -> Dict[str, Any]:
+                        layout: Layout, text: Optional[str]) -> 'Prepared':
         # `prepare --import-only <dest>`: the one positional names the target;
         # `prepare --import-only <pool/image@snap> <dest>`, as rbd takes it,
         # names a native source and the target.
@@ -182,9 +187,7 @@ class MigrationService:
                 info = self.engine.prepare_import(json.dumps(spec), dst, layout)
             self._register(info, layout, report.to_dict(), validators)
             self.listing.replace(info.dest.id, info)
-        result = self.describe(info)
-        result['probe'] = report.to_dict()
-        return result
+        return Prepared(info, report.to_dict())
 
     def _object_size(self, layout: Layout) -> int:
         """The object size the target will have."""
@@ -243,6 +246,11 @@ class MigrationService:
                 raise PoolFull(f'pool {pool} {what}; raise its quota (ceph osd pool '
                                f'set-quota) or add space, then prepare again')
 
+    def imports(self) -> List[MigrationInfo]:
+        """The adapter engine's imports, read from their records (always
+        current, unlike the listing of librbd's migrations)."""
+        return self.adapter.list()
+
     def find(self, image: str) -> MigrationInfo:
         """The migration ``image`` takes part in, on either path."""
         spec = ImageSpec.parse(image)
@@ -297,7 +305,9 @@ class MigrationService:
             'layout': layout.describe(), 'probe': probe_report,
             'validators': validators or {}}))
 
-    def _registration(self, dest: ImageRef) -> Dict[str, Any]:
+    def registration(self, dest: ImageRef) -> Dict[str, Any]:
+        """What prepare recorded of a librbd-path migration: its layout,
+        probe and source validators; empty when nothing was."""
         text = self.store.get_store(_migration_key(dest))
         try:
             return dict(json.loads(text)) if text else {}
@@ -370,7 +380,7 @@ class MigrationService:
                verified: bool = False, batch: Optional[str] = None) -> Dict[str, Any]:
         info = self.find(image)
         _refuse_interrupted(info, 'commit')
-        changed = self._registration(info.dest).get('source_changed')
+        changed = self.registration(info.dest).get('source_changed')
         if changed and not info.interrupted:
             raise SourceChanged(f'cannot commit {info.dest}: {changed}')
         if info.interrupted != 'commit':
@@ -515,8 +525,8 @@ class MigrationService:
         """librbd's execute, between two looks at the source: librbd
         zero-fills what a shrunken file no longer has and reads a rewritten
         object as it is now, and says neither."""
-        registration = self._registration(ref)
-        recorded = registration.get('validators')
+        record = self.registration(ref)
+        recorded = record.get('validators')
         spec = None
         if recorded:
             spec = self.engine.verify_source_spec(self.engine.status(ref.spec))
@@ -532,8 +542,8 @@ class MigrationService:
             try:
                 check_unchanged(spec, recorded, self.source_context(), 'during the copy')
             except SourceChanged as e:
-                registration['source_changed'] = str(e)
-                self.store.set_store(_migration_key(ref), json.dumps(registration))
+                record['source_changed'] = str(e)
+                self.store.set_store(_migration_key(ref), json.dumps(record))
                 raise
 
     def _relist(self, ref: ImageRef) -> None:
@@ -573,7 +583,7 @@ class MigrationService:
         flags are the first place to look."""
         pools = self.engine.full_pools()
         ref = task.ref
-        data_pool = self._registration(ref).get('layout', {}).get('data_pool')
+        data_pool = self.registration(ref).get('layout', {}).get('data_pool')
         for name in [task.pool] + ([data_pool] if data_pool else []):
             pool = pools.get(name, {})
             flags = set(str(pool.get('flags_names', '')).split(','))
@@ -587,9 +597,6 @@ class MigrationService:
                         'writes wait until space is added or freed: ceph health detail')
         return ''
 
-    def task_list(self) -> Dict[str, Any]:
-        return {'tasks': [t.to_dict() for t in self.queue.list()]}
-
     def task_cancel(self, task_id: str) -> Dict[str, Any]:
         task = self.queue.get(task_id)
         if not self._interruptible(task):
@@ -600,64 +607,6 @@ class MigrationService:
         return {'message': f'task {task.id} is {task.state}'
                            + (' (stops at the next progress step)' if task.state == RUNNING else ''),
                 'task': task.to_dict()}
-
-    def task_get(self, task_id: str) -> Dict[str, Any]:
-        """One task, answered at once: the mgr serves module commands one at
-        a time, so a command that blocked until a task ended would stall
-        every other command.  The errno tells scripts where the task is
-        (``tools/rbd-migration-wait`` loops on it with a timeout)."""
-        task = self.queue.get(task_id)
-        what = f'task {task.id} ({task.action} of {task.image_spec})'
-        if task.active:
-            raise StillActive(f'{what} is {task.state} ({task.progress:.0%})'
-                              + _why_not_done(task, self.queue.waiting.get(task.id)))
-        if task.state == FAILED:
-            err = MigrationError(f'{what} failed: {task.last_error}')
-            err.errno = task.errno or errno.EIO
-            raise err
-        if task.state != COMPLETED:
-            err = MigrationError(f'{what} was {task.state}')
-            err.errno = errno.ECANCELED
-            raise err
-        return {'message': f'{what} completed', 'task': task.to_dict()}
-
-    # -- status ------------------------------------------------------------
-    def status(self, image: Optional[str] = None) -> Dict[str, Any]:
-        if image:
-            info = self.find(image)
-            tasks = [t for t in self.queue.list() if t.image_key == info.dest.key]
-            return {'migrations': [self.describe(info)],
-                    'tasks': [t.to_dict() for t in tasks]}
-        # Tasks first: one seen ended has put its change in the listing.
-        tasks = self.queue.list()
-        settings = self.settings()
-        max_age = settings.status_max_age
-        running = max_age > 0 and any(t.state == RUNNING for t in tasks)
-        wait = STATUS_SCAN_SHARE * settings.command_wait
-        listed, unanswered = self.listing.within(wait, max_age if running else 0.0)
-        if running:
-            self.listing.warm(max_age)
-        infos = listed.infos + self.adapter.list()
-        latest: Dict[str, Task] = {}
-        for t in tasks:  # one pass, not one per migration: queues run long
-            if t.image_key not in latest or t.sequence > latest[t.image_key].sequence:
-                latest[t.image_key] = t
-        shown: Dict[str, Any] = {'at': listed.began_wall,
-                                 'age': round(listed.age(time.monotonic()), 3)}
-        if unanswered is not None:
-            # The scan did not end in time: this is the last listing, and
-            # what the scan still waits on.
-            shown['stale'] = True
-            shown['waiting_on'] = unanswered
-        return {'migrations': [self.describe(i, latest) for i in infos],
-                'tasks': [t.to_dict() for t in tasks], 'listed': shown}
-
-    def keep_listing_warm(self) -> None:
-        """While tasks run, keep the listing young enough for status to
-        answer from it, even when nobody has asked for a while."""
-        max_age = self.settings().status_max_age
-        if max_age > 0 and any(t.state == RUNNING for t in self.queue.list()):
-            self.listing.warm(max_age)
 
     def _scan(self) -> List[MigrationInfo]:
         """Every migration librbd's path holds, read from the cluster."""
@@ -677,22 +626,6 @@ class MigrationService:
                     self._unregister(ref)
                 except MigrationError:
                     pass
-
-    def describe(self, info: MigrationInfo,
-                 latest: Optional[Dict[str, Task]] = None) -> Dict[str, Any]:
-        """A migration as status shows it, with its latest task (from
-        ``latest``, each image's latest task, when given)."""
-        d = info.to_dict()
-        if d['source_spec'] is not None:
-            d['source_spec'] = mask_spec(d['source_spec'])
-        key = info.dest.key
-        task = latest.get(key) if latest is not None else self.queue.latest_for(key)
-        d['task'] = task.to_dict() if task else None
-        reg = self._registration(info.dest)
-        d['layout'] = reg.get('layout', {})
-        d['state_text'] = _state_text(info, task)
-        return d
-
 
 LIBRBD = 'librbd'
 
@@ -723,16 +656,6 @@ ACTIONS: Dict[Tuple[str, str], Callable[[MigrationService, Step], Optional[Dict[
 }
 
 
-def _why_not_done(task: Task, waiting: Optional[str]) -> str:
-    """What an active task waits on, for scripts that poll it and for
-    the operator reading their log."""
-    why = [f'attempt {task.attempts}'] if task.attempts > 1 else []
-    why += [f'waiting: {waiting}'] if waiting else []
-    why += [f'stalled: {task.stalled}'] if task.stalled else []
-    why += [f'last error: {task.last_error}'] if task.last_error else []
-    return f"; {'; '.join(why)}" if why else ''
-
-
 def _recorded_source(task: Task) -> Optional[ImageRef]:
     """The source a commit or abort task recorded when it was queued."""
     source = task.options.get('source')
@@ -757,20 +680,3 @@ def _refuse_unavailable(info: MigrationInfo, action: str) -> None:
 
 def _migration_key(ref: ImageRef) -> str:
     return MIGRATION_PREFIX + ref.key
-
-
-def _state_text(info: MigrationInfo, task: Optional[Task]) -> str:
-    if info.interrupted and not (task and task.active):
-        return f'interrupted: {info.state_description}'
-    if info.state == 'error':
-        return f'error: {info.state_description or "librbd reports an error"}'
-    if task is not None and task.state == FAILED and not task.superseded:
-        return f'error: {task.action} failed: {task.last_error}'
-    if info.state == 'executing' or (task and task.active and task.action == 'execute'):
-        if task is not None and task.action == 'execute' and task.active:
-            if task.state == RUNNING:
-                stalled = f', stalled: {task.stalled}' if task.stalled else ''
-                return f'executing ({task.progress:.0%} complete{stalled})'
-            return f'executing ({task.state})'
-        return 'executing (interrupted; run execute to resume)'
-    return info.state

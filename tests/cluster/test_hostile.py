@@ -39,6 +39,8 @@ from tests.profile import THOROUGH, examples
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import MigrationError
 from rbd_migration.images import Layout
+from rbd_migration.fleet import Fleet
+from rbd_migration.reports import Reports
 from rbd_migration.service import MigrationService
 from rbd_migration.tasks import ACTIVE, COMPLETED
 
@@ -583,13 +585,15 @@ def quiet_layouts() -> st.SearchStrategy:
 
 def _attempt(svc: MigrationService, layout_args: Dict[str, Any], source: Optional[str],
              dest: Optional[str], **kwargs: Any) -> Optional[Dict[str, Any]]:
-    """prepare; a refusal is checked and returns None."""
+    """prepare, answered as the command answers it; a refusal is checked
+    and returns None."""
     try:
         layout = Layout.parse(**layout_args)
-        return svc.prepare(source, dest, layout, **kwargs)
+        prepared = svc.prepare(source, dest, layout, **kwargs)
     except MigrationError as e:
         check_error(e)
         return None
+    return Reports(svc, Fleet(svc)).prepared(prepared)
 
 
 #: Targets that prepare can create (every prepare that succeeds is aborted).

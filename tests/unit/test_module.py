@@ -65,7 +65,7 @@ def test_the_command_table_is_the_contract() -> None:
 
 
 class Recorder:
-    """Stands in for the service and the fleet: records each call, answers
+    """Stands in for the services and the read side: records each call, answers
     what it was told to (or raises it)."""
 
     engine: Any
@@ -89,6 +89,7 @@ def _module(answer: Any = None) -> Tuple[Any, Recorder]:
     recorder.engine = SimpleNamespace(rados=None)
     mod.service = recorder
     mod.fleet = recorder
+    mod.reports = recorder
     mod._ready.set()
     return mod, recorder
 

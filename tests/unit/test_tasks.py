@@ -691,7 +691,7 @@ def test_queued_tasks_never_stall() -> None:
 # -- what `task get` says about an active task --------------------------------
 
 def test_an_active_task_says_what_it_waits_on() -> None:
-    from rbd_migration.service import _why_not_done
+    from rbd_migration.reports import _why_not_done
     task = Task(id='7', action=TaskAction.EXECUTE, pool_id=2, pool='rbd2', namespace='',
                 image_id='abc', image_name='img', sequence=7, message='m')
     assert _why_not_done(task, None) == ''
