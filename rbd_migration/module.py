@@ -19,7 +19,7 @@ from mgr_module import MgrModule, NotifyType, Option
 
 from .batch import Batch
 from .errors import InvalidArgument, MigrationError, ModuleStarting
-from .fleet import Fleet
+from .batch_service import BatchService
 from .health import health_checks
 from .dispatch import Dispatcher
 from .images import ImageSpec, Layout
@@ -129,7 +129,7 @@ class Module(MgrModule):
         self._stop = threading.Event()
         self._ready = threading.Event()
         self.service: Optional[MigrationService] = None
-        self.fleet: Optional[Fleet] = None
+        self.batches: Optional[BatchService] = None
         self.reports: Optional[Reports] = None
         self.events: Optional['ModuleEvents'] = None
         #: Batch failures as health last reported them.
@@ -148,16 +148,16 @@ class Module(MgrModule):
                                         self.get_module_option, bulk=self._bulk,
                                         children=children,
                                         blocklisted=self._replace_task_client)
-        self.fleet = Fleet(self.service, events.batch_progress)
-        self.reports = Reports(self.service, self.fleet)
+        self.batches = BatchService(self.service, events.batch_progress)
+        self.reports = Reports(self.service, self.batches)
         self.dispatcher.waits = self.service.listing.waits
         self.service.queue.load()
-        self.fleet.load()
+        self.batches.load()
         self._ready.set()
         threading.Thread(target=self._sweep, args=(time.time(),), daemon=True,
                          name='rbd_migration sweep').start()
         self.log.info('rbd_migration ready: %d task(s), %d batch(es) restored',
-                      len(self.service.queue.list()), len(self.fleet.book.batches))
+                      len(self.service.queue.list()), len(self.batches.book.batches))
         self.service.queue.run(self._stop, before=self._tick)
 
     def _sweep(self, started: float) -> None:
@@ -175,9 +175,9 @@ class Module(MgrModule):
             self.log.warning('looking for targets a failover left behind: %s', e)
 
     def _tick(self) -> None:
-        assert self.fleet is not None and self.service is not None
+        assert self.batches is not None and self.service is not None
         assert self.reports is not None and self.events is not None
-        self.fleet.tick()
+        self.batches.tick()
         failures = self.reports.failures()
         if failures != self._failures:
             self._failures = failures
@@ -259,10 +259,10 @@ class Module(MgrModule):
             raise ModuleStarting('the rbd_migration module is starting; try again')
         return self.service
 
-    def _fleet(self) -> Fleet:
+    def _batches(self) -> BatchService:
         self._svc()
-        assert self.fleet is not None
-        return self.fleet
+        assert self.batches is not None
+        return self.batches
 
     def _reports(self) -> Reports:
         self._svc()
@@ -370,24 +370,24 @@ class Module(MgrModule):
         layout = {'object_size': object_size, 'order': order, 'features': features,
                   'stripe_unit': stripe_unit, 'stripe_count': stripe_count,
                   'data_pool': data_pool, 'flatten': flatten}
-        return self._fleet().batch_prepare(
+        return self._batches().batch_prepare(
             source_pool_spec, dest_pool_spec, layout, pattern=pattern, listed=inbuf,
             dry_run=dry_run, auto_commit=auto_commit, verify=verify_before_commit)
 
     @command('rbd migration batch status', 'r', render.batch_status)
     def _batch_status(self, batch_id: Optional[str] = None) -> Dict[str, Any]:
         """Show batches, or one batch image by image"""
-        return self._fleet().batch_status(batch_id)
+        return self._batches().batch_status(batch_id)
 
     @command('rbd migration batch cancel', 'w', render.message, changes='batches')
     def _batch_cancel(self, batch_id: str) -> Dict[str, Any]:
         """Start no more images of a batch; abort those not yet executing"""
-        return self._fleet().batch_cancel(batch_id)
+        return self._batches().batch_cancel(batch_id)
 
     @command('rbd migration batch commit', 'w', render.message, changes='batches')
     def _batch_commit(self, batch_id: str) -> Dict[str, Any]:
         """Commit every executed image of a batch"""
-        return self._fleet().batch_commit(batch_id)
+        return self._batches().batch_commit(batch_id)
 
     @command('rbd migration metrics', 'r', render.metrics)
     def _metrics(self) -> Dict[str, Any]:

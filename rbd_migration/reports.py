@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional
 
 from .engine.migration import MigrationInfo
 from .errors import MigrationError, StillActive
-from .fleet import Fleet
+from .batch_service import BatchService
 from .metrics import summary as metrics_summary
 from .secrets import mask_spec
 from .service import MigrationService, Prepared
@@ -26,7 +26,7 @@ class Reports:
     """Answers over the migration service's queue and listing and the
     batches' book; it changes nothing but how warm the listing is."""
 
-    def __init__(self, service: MigrationService, batches: Fleet) -> None:
+    def __init__(self, service: MigrationService, batches: BatchService) -> None:
         self.service = service
         self.queue = service.queue
         self.listing = service.listing

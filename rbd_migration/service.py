@@ -94,8 +94,7 @@ class MigrationService:
             policy=lambda: self.settings().retry_policy,
             stall_after=lambda: self.settings().stall_warning_after,
             diagnose=self.diagnose,
-            gate=lambda task, running: wait_reason(task, running, self.limits(),
-                                                   time.time(), self.meter.rate),
+            gate=self.wait_reason,
             pause=lambda task: self._interruptible(task) and must_pause(
                 task, self.limits(), time.time()))
 
@@ -125,6 +124,11 @@ class MigrationService:
         return Limits(executes_per_pool=s.max_concurrent_executes_per_pool,
                       bandwidth=s.max_bandwidth_mbps * 1e6,
                       window=Window.parse(s.execute_window))
+
+    def wait_reason(self, task: Task, running: List[Task]) -> Optional[str]:
+        """Why ``task`` may not start now beside ``running`` (window, per-pool
+        and bandwidth limits); None when it may."""
+        return wait_reason(task, running, self.limits(), time.time(), self.meter.rate)
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,
@@ -256,6 +260,43 @@ class MigrationService:
         spec = ImageSpec.parse(image)
         with self.listing.waits.on(f'pool {spec.pool}'):
             return self.adapter.find(spec) or self.engine.status(spec)
+
+    # -- what the batch service reads and does beside the commands ------------
+    def ioctx(self, pool: str, namespace: str = '', what: str = '') -> rados.Ioctx:
+        """An I/O context on the commands' client; ``what`` names the
+        argument in errors."""
+        return self.engine.ioctx(pool, namespace, what)
+
+    def ioctx_by_id(self, pool_id: int, namespace: str = '') -> rados.Ioctx:
+        return self.engine.ioctx_by_id(pool_id, namespace)
+
+    def image_ref(self, pool: str, namespace: str, name: str) -> ImageRef:
+        """The image standing under ``name`` now."""
+        with self.engine.ioctx(pool, namespace) as io:
+            return self.engine.ref(io, name)
+
+    def descendants(self, ref: ImageRef) -> List[str]:
+        """The target's descendants, trashed ones too."""
+        return self.engine.descendants(ref)
+
+    def abort_prepare(self, info: MigrationInfo) -> None:
+        """Undo, in the caller's thread, a prepare a failover stopped inside
+        librbd: its target holds no data yet."""
+        self.engine.abort(info.dest, lambda done, total: 0, source=info.source)
+
+    def tasks(self) -> List[Task]:
+        return self.queue.list()
+
+    def task(self, task_id: str) -> Optional[Task]:
+        """The task, or None once it is no longer kept."""
+        return self.queue.tasks.get(task_id)
+
+    def latest_task(self, image_key: str) -> Optional[Task]:
+        return self.queue.latest_for(image_key)
+
+    def waiting_reason(self, task_id: str) -> Optional[str]:
+        """Why a queued task waits, as of the last scheduling pass."""
+        return self.queue.waiting.get(task_id)
 
     def copy_options(self) -> CopyOptions:
         """Per-task bandwidth: ``adapter_bandwidth_mbps``, and at most an

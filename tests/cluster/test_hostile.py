@@ -36,10 +36,10 @@ from hypothesis import strategies as st
 
 from qa.cluster import REPO, Cluster
 from tests.profile import THOROUGH, examples
+from rbd_migration.batch_service import BatchService
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import MigrationError
 from rbd_migration.images import Layout
-from rbd_migration.fleet import Fleet
 from rbd_migration.reports import Reports
 from rbd_migration.service import MigrationService
 from rbd_migration.tasks import ACTIVE, COMPLETED
@@ -593,7 +593,7 @@ def _attempt(svc: MigrationService, layout_args: Dict[str, Any], source: Optiona
     except MigrationError as e:
         check_error(e)
         return None
-    return Reports(svc, Fleet(svc)).prepared(prepared)
+    return Reports(svc, BatchService(svc)).prepared(prepared)
 
 
 #: Targets that prepare can create (every prepare that succeeds is aborted).

@@ -88,7 +88,7 @@ def _module(answer: Any = None) -> Tuple[Any, Recorder]:
     recorder = Recorder(answer)
     recorder.engine = SimpleNamespace(rados=None)
     mod.service = recorder
-    mod.fleet = recorder
+    mod.batches = recorder
     mod.reports = recorder
     mod._ready.set()
     return mod, recorder

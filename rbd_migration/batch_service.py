@@ -1,4 +1,5 @@
-"""The batch commands and the batch driver's steps over ``MigrationService``.
+"""The batch service: the batch commands and the batch driver's steps, a
+peer of ``MigrationService`` that uses only its public methods.
 
 Each step a batch takes is the same command an operator could type
 (prepare, execute, verify, commit), with the same checks, so a batch never
@@ -27,11 +28,10 @@ log = logging.getLogger(__name__)
 BatchProgress = Callable[[Batch, Optional[float], str], None]
 
 
-class Fleet:
+class BatchService:
     def __init__(self, service: MigrationService,
                  progress: BatchProgress = lambda b, f, m: None) -> None:
         self.service = service
-        self.queue = service.queue
         self.book = BatchBook(service.store)
         self.driver = BatchDriver(self.book, self)
         self.report_progress = progress
@@ -82,9 +82,8 @@ class Fleet:
             raise InvalidArgument('--verify-before-commit goes with --auto-commit '
                                   '(without it, verify each image before you commit it)')
         Layout.parse(**layout_args)    # refuse bad layout options before anything
-        engine = self.service.engine
-        with engine.ioctx(src_pool, src_ns, 'source_pool_spec') as src_io, \
-                engine.ioctx(dst_pool, dst_ns, 'dest_pool_spec') as dst_io:
+        with self.service.ioctx(src_pool, src_ns, 'source_pool_spec') as src_io, \
+                self.service.ioctx(dst_pool, dst_ns, 'dest_pool_spec') as dst_io:
             names = select(image_names(src_io), pattern, listed)
             if not names:
                 raise NotFound(f'no image in {source} matches'
@@ -145,7 +144,7 @@ class Fleet:
                           'progress': task.progress} if task else None)
             waiting = self.driver.waiting.get((batch.id, item.index))
             if task is not None and task.active and task.state != RUNNING:
-                waiting = self.queue.waiting.get(task.id, waiting)
+                waiting = self.service.waiting_reason(task.id) or waiting
             d['waiting'] = waiting
             items.append(d)
         return {'batch': batch.summary(self.driver.progress(batch)), 'items': items}
@@ -188,13 +187,13 @@ class Fleet:
     def start_reason(self, batch: Batch, item: BatchItem) -> Optional[str]:
         """Why the item's execute could not start now.  Prepared only when it
         can, so the queue never holds a heap of prepared, idle migrations."""
-        active = [t for t in self.queue.list() if t.active]
+        active = [t for t in self.service.tasks() if t.active]
         running = [t for t in active if t.state == RUNNING]
         probe = Task(id='', action=TaskAction.EXECUTE, pool_id=-1, pool=batch.dest_pool,
                      namespace=batch.dest_namespace, image_id='', image_name=item.name,
                      sequence=0, message='', options={'source_pool': batch.source_pool})
         try:
-            reason = self.queue.gate(probe, running)
+            reason = self.service.wait_reason(probe, running)
         except MigrationError as e:
             reason = str(e)
         if reason:
@@ -224,7 +223,7 @@ class Fleet:
         if info.interrupted == 'prepare':
             # The old mgr stopped inside librbd's prepare: undone here (the
             # target holds no data yet), and prepared afresh.
-            self.service.engine.abort(info.dest, lambda done, total: 0, source=src)
+            self.service.abort_prepare(info)
             return None
         return info.dest.key
 
@@ -247,16 +246,15 @@ class Fleet:
         Trashed ones (a clone's own migration source) are never opened:
         librbd 16.2 can abort the whole process opening a migration source
         whose parent moved."""
-        engine = self.service.engine
         info = self.service.find(batch.dest_spec(item.name))
-        with engine.ioctx_by_id(info.dest.pool_id, info.dest.namespace) as io, \
+        with self.service.ioctx_by_id(info.dest.pool_id, info.dest.namespace) as io, \
                 rbd.Image(io, image_id=info.dest.id, read_only=True) as img:
             found = [d for d in img.list_descendants() if not d.get('trash')]
         out = []
         for d in found:
             spec = ImageSpec(d['pool'], d['pool_namespace'], d['image'])
             try:
-                with engine.ioctx(spec.pool, spec.namespace) as cio, \
+                with self.service.ioctx(spec.pool, spec.namespace) as cio, \
                         rbd.Image(cio, image_id=d['id'], read_only=True) as child:
                     watchers = [f"client.{w['id']} at {w['addr']}"
                                 for w in child.watchers_list()]
@@ -270,7 +268,7 @@ class Fleet:
     def commit(self, batch: Batch, item: BatchItem) -> Task:
         spec = batch.dest_spec(item.name)
         info = self.service.find(spec)
-        force = bool(self.service.engine.descendants(info.dest))   # trashed ones too
+        force = bool(self.service.descendants(info.dest))   # trashed ones too
         return self._required(self.service.commit(spec, force=force, verified=batch.verify,
                                                   batch=batch.id))
 
@@ -280,10 +278,9 @@ class Fleet:
             info = self.service.find(spec)
         except NotMigrating:
             # Committed, if the image standing there is the target prepared.
-            engine = self.service.engine
             try:
-                with engine.ioctx(batch.dest_pool, batch.dest_namespace) as io:
-                    return 'committed' if item.key == engine.ref(io, item.name).key else None
+                ref = self.service.image_ref(batch.dest_pool, batch.dest_namespace, item.name)
+                return 'committed' if item.key == ref.key else None
             except NotFound:
                 return None
         except NotFound:
@@ -291,10 +288,10 @@ class Fleet:
         return 'commit' if info.interrupted == 'commit' else None
 
     def task(self, task_id: str) -> Optional[Task]:
-        return self.queue.tasks.get(task_id)
+        return self.service.task(task_id)
 
     def latest(self, key: str) -> Optional[Task]:
-        return self.queue.latest_for(key)
+        return self.service.latest_task(key)
 
     def cancel(self, batch: Batch, item: BatchItem) -> None:
         """Queued (not yet running) executes are cancelled and their
@@ -305,7 +302,7 @@ class Fleet:
             return
         if task.state == RUNNING and task.action != 'verify':
             return
-        self.queue.cancel(task.id)
+        self.service.task_cancel(task.id)
         if task.action == 'execute':
             self.service.abort(batch.dest_spec(item.name))
             item.state, item.reason = ITEM_CANCELLED, 'the batch was cancelled; aborted'
@@ -315,7 +312,10 @@ class Fleet:
     def _task(self, result: Dict[str, Any]) -> Optional[Task]:
         """The queue's own task that a service action answered with."""
         data = result.get('task')
-        return self.queue.get(str(data['id'])) if data else None
+        task = self.service.task(str(data['id'])) if data else None
+        if data and task is None:
+            raise MigrationError(f"task {data['id']} is no longer in the queue")
+        return task
 
     def _required(self, result: Dict[str, Any]) -> Task:
         task = self._task(result)
