@@ -19,7 +19,7 @@ from .images import ImageSpec, Layout
 from .inventory import describe as describe_image
 from .inventory import image_names
 from .schedule import HEAVY
-from .service import NAMESPACED_PARENT, MigrationService
+from .service import NAMESPACED_PARENT, MigrationService, Queued
 from .tasks import RUNNING, Task, TaskAction
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class BatchService:
         return info.dest.key
 
     def execute(self, batch: Batch, item: BatchItem) -> Optional[Task]:
-        return self._task(self.service.execute(batch.dest_spec(item.name), batch.id))
+        return self.service.execute(batch.dest_spec(item.name), batch.id).task
 
     def verify(self, batch: Batch, item: BatchItem) -> Task:
         return self._required(self.service.verify(batch.dest_spec(item.name), batch.id))
@@ -309,16 +309,8 @@ class BatchService:
             item.finished = time.time()
             self.book.save_item(batch, item)
 
-    def _task(self, result: Dict[str, Any]) -> Optional[Task]:
-        """The queue's own task that a service action answered with."""
-        data = result.get('task')
-        task = self.service.task(str(data['id'])) if data else None
-        if data and task is None:
-            raise MigrationError(f"task {data['id']} is no longer in the queue")
-        return task
-
-    def _required(self, result: Dict[str, Any]) -> Task:
-        task = self._task(result)
-        if task is None:
-            raise MigrationError(result.get('message') or 'no task was queued')
-        return task
+    @staticmethod
+    def _required(queued: Queued) -> Task:
+        if queued.task is None:
+            raise MigrationError(queued.message or 'no task was queued')
+        return queued.task

@@ -29,9 +29,9 @@ from .reports import Reports
 from .commands import CommandTable
 from .secrets import collect_secrets, mask_text
 from .engine.isolated import ChildClient
-from .service import Children, MigrationService
+from .service import Children, MigrationService, Queued
 from .settings import Settings
-from .tasks import Task
+from .tasks import RUNNING, Task
 
 HandlerResult = Tuple[int, str, str]
 
@@ -331,25 +331,25 @@ class Module(MgrModule):
     @command('rbd migration execute', 'w', render.message, changes='image_spec')
     def _execute(self, image_spec: str) -> Dict[str, Any]:
         """Copy a prepared migration in the background (a task)"""
-        return self._svc().execute(image_spec)
+        return _queued(self._svc().execute(image_spec))
 
     @command('rbd migration commit', 'w', render.message, changes='image_spec')
     def _commit(self, image_spec: str, force: bool = False,
                 verified: bool = False) -> Dict[str, Any]:
         """Commit an executed migration (a task); --force when the image has
         descendants, --verified to require a passed verify"""
-        return self._svc().commit(image_spec, force, verified)
+        return _queued(self._svc().commit(image_spec, force, verified))
 
     @command('rbd migration verify', 'w', render.message, changes='image_spec')
     def _verify(self, image_spec: str) -> Dict[str, Any]:
         """Compare an executed migration's target with its source, HEAD and
         every snapshot (a task)"""
-        return self._svc().verify(image_spec)
+        return _queued(self._svc().verify(image_spec))
 
     @command('rbd migration abort', 'w', render.message, changes='image_spec')
     def _abort(self, image_spec: str) -> Dict[str, Any]:
         """Abort a migration, restoring the source (a task)"""
-        return self._svc().abort(image_spec)
+        return _queued(self._svc().abort(image_spec))
 
     @command('rbd migration status', 'r', render.status)
     def _status(self, image_spec: Optional[str] = None) -> Dict[str, Any]:
@@ -402,7 +402,10 @@ class Module(MgrModule):
     @command('rbd migration task cancel', 'w', render.message)
     def _task_cancel(self, task_id: str) -> Dict[str, Any]:
         """Cancel a queued or running migration task"""
-        return self._svc().task_cancel(task_id)
+        task = self._svc().task_cancel(task_id)
+        return {'message': f'task {task.id} is {task.state}'
+                           + (' (stops at the next progress step)' if task.state == RUNNING else ''),
+                'task': task.to_dict()}
 
     @command('rbd migration task get', 'r', render.message)
     def _task_get(self, task_id: str) -> Dict[str, Any]:
@@ -423,6 +426,12 @@ class Module(MgrModule):
             except (ValueError, RecursionError):
                 continue
         return mask_text(text, secrets)
+
+
+def _queued(queued: Queued) -> Dict[str, Any]:
+    """What execute, commit, verify and abort answer."""
+    return {'message': queued.message,
+            'task': queued.task.to_dict() if queued.task is not None else None}
 
 
 #: Arguments that name what a command is about, in the order looked for.

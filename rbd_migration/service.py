@@ -64,6 +64,16 @@ class Prepared:
 
 
 @dataclass
+class Queued:
+    """What a command that queues a task did: the task (the one already
+    active when repeated; None when there was nothing to do), and the
+    sentence that says so."""
+
+    task: Optional[Task]
+    message: str
+
+
+@dataclass
 class Children:
     """What a child process running librbd's execute needs from the mgr:
     its client identity, and a way to register that client's address so
@@ -368,12 +378,12 @@ class MigrationService:
         return refs
 
     # -- tasks -------------------------------------------------------------
-    def execute(self, image: str, batch: Optional[str] = None) -> Dict[str, Any]:
+    def execute(self, image: str, batch: Optional[str] = None) -> 'Queued':
         info = self.find(image)
         _refuse_unavailable(info, 'execute')
         if info.state == 'executed':
-            return {'message': f'the migration of {info.dest} is already executed; '
-                               'commit it', 'task': None}
+            return Queued(None, f'the migration of {info.dest} is already executed; '
+                                'commit it')
         self._refuse_other_action(info, 'execute')
         options: Dict[str, Any] = {'size': self._size(info.dest), 'batch': batch}
         if info.source is not None:
@@ -403,7 +413,7 @@ class MigrationService:
             f'the migration of {info.dest} is not executed yet (state: '
             f'{info.state}); run ceph rbd migration execute {info.dest} first')
 
-    def verify(self, image: str, batch: Optional[str] = None) -> Dict[str, Any]:
+    def verify(self, image: str, batch: Optional[str] = None) -> 'Queued':
         info = self.find(image)
         self._require_executed(info, 'verify')
         self._refuse_other_action(info, 'verify')
@@ -418,7 +428,7 @@ class MigrationService:
         return bool(verified) and (verified[-1].started or 0) >= max(executed, default=0)
 
     def commit(self, image: str, force: bool = False,
-               verified: bool = False, batch: Optional[str] = None) -> Dict[str, Any]:
+               verified: bool = False, batch: Optional[str] = None) -> 'Queued':
         info = self.find(image)
         _refuse_interrupted(info, 'commit')
         changed = self.registration(info.dest).get('source_changed')
@@ -444,7 +454,7 @@ class MigrationService:
         return self._submit('commit', info, f'Committing migration of {info.dest}',
                             {'force': bool(force), 'source': source, 'batch': batch})
 
-    def abort(self, image: str) -> Dict[str, Any]:
+    def abort(self, image: str) -> 'Queued':
         info = self.find(image)
         _refuse_interrupted(info, 'abort')
         active = self.queue.active_for(info.dest.key)
@@ -472,15 +482,14 @@ class MigrationService:
         return f'Importing {what} into {info.dest}'
 
     def _submit(self, action: str, info: MigrationInfo, message: str,
-                options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                options: Optional[Dict[str, Any]] = None) -> 'Queued':
         d = info.dest
         options = dict(options or {}, path=info.path)
         task, created = self.queue.submit(action, d.pool_id, d.pool, d.namespace,
                                           d.id, d.name, message, options)
         self.queue.schedule()
         verb = 'queued' if created else 'already queued'
-        return {'message': f'{action} of {d} {verb} as task {task.id}',
-                'task': task.to_dict()}
+        return Queued(task, f'{action} of {d} {verb} as task {task.id}')
 
     def _run(self, task: Task, report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
         ref = task.ref
@@ -638,16 +647,15 @@ class MigrationService:
                         'writes wait until space is added or freed: ceph health detail')
         return ''
 
-    def task_cancel(self, task_id: str) -> Dict[str, Any]:
+    def task_cancel(self, task_id: str) -> Task:
+        """Cancel a task: at once if queued, at its next progress step if
+        running; refused for what librbd runs and cannot interrupt."""
         task = self.queue.get(task_id)
         if not self._interruptible(task):
             raise Busy(f'task {task.id} ({task.action} of {task.image_spec}) is running in '
                        "librbd, which cannot interrupt it; it ends on its own (abort the "
                        'migration afterwards to undo an execute)')
-        task = self.queue.cancel(task_id)
-        return {'message': f'task {task.id} is {task.state}'
-                           + (' (stops at the next progress step)' if task.state == RUNNING else ''),
-                'task': task.to_dict()}
+        return self.queue.cancel(task_id)
 
     def _scan(self) -> List[MigrationInfo]:
         """Every migration librbd's path holds, read from the cluster."""

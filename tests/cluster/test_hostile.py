@@ -257,8 +257,9 @@ def undo(svc: MigrationService, result: Dict[str, Any]) -> None:
     assert SECRET not in text, text
     d = result['dest']
     ns = f"{d['namespace']}/" if d['namespace'] else ''
-    task = svc.abort(f"{d['pool']}/{ns}{d['name']}")['task']
-    _wait_task(svc, task['id'])
+    task = svc.abort(f"{d['pool']}/{ns}{d['name']}").task
+    assert task is not None
+    _wait_task(svc, task.id)
     store = svc.store
     assert isinstance(store, DictStore)
     left = {k for k in store if not k.startswith('task/') and k != 'task_sequence'}
