@@ -7,7 +7,7 @@ copies stay sparse) and lists snapshots oldest first.
 import abc
 import enum
 from dataclasses import dataclass, field
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
                     Tuple, TypeVar)
 
 from ..context import SourceContext
@@ -210,15 +210,19 @@ def _merge_sorted(a: List[Extent], b: List[Extent]) -> Iterator[Extent]:
             j += 1
 
 
-def coalesce(extents: Iterable[Extent]) -> Iterator[Extent]:
-    """Adjacent extents of one kind fused into one (readers report them per
-    cluster or per object)."""
+def _adjacent(a: Extent, b: Extent) -> bool:
+    return a.kind == b.kind and a.end == b.offset
+
+
+def coalesce(extents: Iterable[Extent],
+             fuse: Callable[[Extent, Extent], bool] = _adjacent) -> Iterator[Extent]:
+    """Extents fused while ``fuse(pending, next)`` says so, by default the
+    adjacent ones of one kind (readers report them per cluster or per
+    object)."""
     pending: Optional[Extent] = None
     for ext in extents:
-        if pending is not None and pending.kind == ext.kind \
-                and pending.end == ext.offset:
-            pending = Extent(pending.offset, pending.length + ext.length,
-                             ext.kind)
+        if pending is not None and fuse(pending, ext):
+            pending = Extent(pending.offset, ext.end - pending.offset, ext.kind)
             continue
         if pending is not None:
             yield pending

@@ -24,7 +24,7 @@ import struct
 import sys
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
@@ -55,6 +55,8 @@ MAX_DESCRIPTOR = 1 << 20
 #: Bytes read for one compressed grain before its marker tells its length:
 #: deflate output of an incompressible grain is a little longer than it.
 GRAIN_SLACK = 4096
+#: Bytes one read of consecutive compressed grains spans at most.
+INFLATE_SPAN = 8 << 20
 
 _HEADER = struct.Struct('<IIIQQQQIQQQB4sH')
 _MARKER = struct.Struct('<QI')
@@ -160,7 +162,7 @@ class _SparseFile:
                 yield Extent(offset, length,
                              ExtentKind.ZERO if entry == GTE_ZERO else ExtentKind.DATA)
 
-    def inflate(self, sector: int, stored: bytes, lba: int) -> bytes:
+    def inflate(self, sector: int, stored: Union[bytes, memoryview], lba: int) -> bytes:
         """The grain at ``sector`` from its stored bytes (marker, deflate)."""
         if len(stored) < _MARKER.size:
             raise corrupt(self.where, f'the grain at sector {sector} is cut short')
@@ -178,7 +180,7 @@ class _SparseFile:
         except zlib.error as e:
             raise corrupt(self.where, f'the grain at sector {sector} does not '
                           f'inflate ({e})') from None
-        return data + bytes(self.grain - len(data))
+        return data if len(data) == self.grain else data + bytes(self.grain - len(data))
 
 
 @dataclass
@@ -204,7 +206,8 @@ class _Reads:
 
     direct: Dict[int, List[Tuple[int, memoryview]]] = field(default_factory=dict)
     streams: Dict[int, Stream] = field(default_factory=dict)
-    grains: List[Tuple[_SparseFile, int, int, bytearray, memoryview, int]] = \
+    #: (extent, sector, its lba, where the grain goes, offset in the grain)
+    grains: List[Tuple[_SparseFile, int, int, memoryview, int]] = \
         field(default_factory=list)
 
     def add(self, stream: Stream, offset: int, view: memoryview) -> None:
@@ -333,9 +336,31 @@ class VmdkFormat(PieceReader):
             counts = reads.streams[key].read_pieces(wanted)
             for (at, view), n in zip(wanted, counts):
                 zero_fill(view[n:])    # a flat file shorter than its extent
-        for sparse, sector, lba, stored, view, within in reads.grains:
-            data = sparse.inflate(sector, bytes(stored), lba)
-            view[:] = data[within:within + len(view)]
+        self._inflate_grains(reads.grains)
+
+    @staticmethod
+    def _inflate_grains(grains: List[Tuple['_SparseFile', int, int, memoryview, int]]) -> None:
+        """Compressed grains lie one after another (streamOptimized writes
+        them in order): each run of them is one read, from the first marker
+        to past the last grain's longest possible end, then inflated from
+        that buffer (a grain that turns out longer is read again whole)."""
+        grains = sorted(grains, key=lambda g: (id(g[0]), g[1]))
+        i = 0
+        while i < len(grains):
+            sparse = grains[i][0]
+            reach = _MARKER.size + sparse.grain + GRAIN_SLACK
+            j = i + 1
+            while j < len(grains) and grains[j][0] is sparse \
+                    and (grains[j][1] - grains[j - 1][1]) * SECTOR <= reach \
+                    and (grains[j][1] - grains[i][1]) * SECTOR + reach <= INFLATE_SPAN:
+                j += 1
+            start = grains[i][1] * SECTOR
+            data = memoryview(sparse.stream.read(start, (grains[j - 1][1] * SECTOR - start) + reach))
+            for _, sector, lba, view, within in grains[i:j]:
+                at = sector * SECTOR - start
+                grain = sparse.inflate(sector, data[at:at + reach], lba)
+                view[:] = grain[within:within + len(view)]
+            i = j
 
     def _plan(self, part: _Part, lo: int, hi: int, view: memoryview, reads: _Reads) -> None:
         if part.kind == 'zero':
@@ -355,10 +380,7 @@ class VmdkFormat(PieceReader):
                 zero_fill(target)
             elif sparse.header.compressed:
                 within = at % sparse.grain
-                stored = bytearray(_MARKER.size + sparse.grain + GRAIN_SLACK)
-                reads.add(part.stream, entry * SECTOR, memoryview(stored))
-                reads.grains.append((sparse, entry, (at - within) // SECTOR, stored,
-                                     target, within))
+                reads.grains.append((sparse, entry, (at - within) // SECTOR, target, within))
             else:
                 reads.add(part.stream, entry * SECTOR + at % sparse.grain, target)
 

@@ -236,3 +236,17 @@ def test_raw_read_size_is_its_streams() -> None:
     assert RawFormat(Local()).read_size == 0
     assert RawFormat(Local(), [Remote()], ['s1']).read_size == 16 * MiB
     assert RawFormat(Remote()).read_size == 16 * MiB
+
+
+def test_scattered_data_of_one_chunk_is_copied_as_one() -> None:
+    from rbd_migration.engine.copier import MERGE_GAP, _merged
+    KiB = 1 << 10
+    D, Z = ExtentKind.DATA, ExtentKind.ZERO
+    exts = [Extent(0, 4096), Extent(64 * KiB, 4096), Extent(200 * KiB, 4096),
+            Extent(300 * KiB, 4096, Z), Extent(400 * KiB, 4096),
+            Extent(400 * KiB + 4096 + MERGE_GAP + 1, 4096),
+            Extent(4 * MiB - 8192, 4096), Extent(4 * MiB + 4096, 4096)]
+    got = [(e.offset, e.length, e.kind) for e in _merged(iter(exts), 4 * MiB)]
+    assert got == [(0, 200 * KiB + 4096, D), (300 * KiB, 4096, Z), (400 * KiB, 4096, D),
+                   (400 * KiB + 4096 + MERGE_GAP + 1, 4096, D),
+                   (4 * MiB - 8192, 4096, D), (4 * MiB + 4096, 4096, D)]

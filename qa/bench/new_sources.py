@@ -1,0 +1,276 @@
+#!/usr/bin/python3
+"""The newer sources against what an operator would use instead.
+
+    qa/bench/new_sources.py [--dir DIR] [--size 1G] [--repeat 2] [--only NAME,...]
+
+Rows (NAME), each imported by the module (``prepare --import-only``,
+``execute``, ``commit``: the wall time an operator waits, over librados) and
+by its peer, into the same pool, one after the other, each target's sha256
+checked against the source's:
+
+  vmdk          a streamOptimized vmdk file     peer: qemu-img convert -m 16 -W to rbd:
+  vmdk-http     the same served by nginx        peer: qemu-img convert of the URL
+  ova           an OVA holding it (a file)      peer: tar -x, then qemu-img convert
+  remote        an image of a second cluster    peer: rbd export | rbd import
+                with two snapshots                    (--export-format 2, snapshots kept)
+
+The disk is --size virtual, half of it random data in 4 MiB pieces spread
+over the disk, the rest zeros (VMware's exports are sparse).  MB/s is 10^6
+bytes of virtual size per second; the ratio is ours over the peer (above 1:
+faster).  Target: >= 1.0 for every row, best of --repeat in one run.  Starts
+a cluster (with nginx) under DIR unless one runs there, and for ``remote``
+a second one under DIR-other; stops only what it started.  Prints, asserts
+nothing.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cluster import Cluster, parse_size  # noqa: E402
+
+MiB = 1 << 20
+ROWS = ('vmdk', 'vmdk-http', 'ova', 'remote')
+
+
+def log(message: str) -> None:
+    print(f'[new_sources {time.strftime("%H:%M:%S")}] {message}', file=sys.stderr, flush=True)
+
+
+def sh(*argv: str, **kw: object) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, check=True, capture_output=True, **kw)  # type: ignore
+
+
+def timed(action: Callable[[], None]) -> float:
+    start = time.monotonic()
+    action()
+    return time.monotonic() - start
+
+
+def make_disk(path: str, size: int, seed: int = 1) -> None:
+    """Half random data in 4 MiB pieces at random places, zeros elsewhere."""
+    rng = random.Random(seed)
+    pieces = size // (4 * MiB)
+    chosen = sorted(rng.sample(range(pieces), pieces // 2))
+    with open(path, 'wb') as f:
+        f.truncate(size)
+        for index in chosen:
+            f.seek(index * 4 * MiB)
+            f.write(rng.randbytes(4 * MiB))
+
+
+def sha_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(MiB), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Row:
+    name: str
+    peer: str
+    size: int
+    ours: List[float] = field(default_factory=list)
+    theirs: List[float] = field(default_factory=list)
+    failed: str = ''
+
+    def line(self) -> str:
+        if self.failed:
+            return f'{self.name:<10} {self.peer:<30} FAILED: {self.failed}'
+        best, peer = min(self.ours), min(self.theirs)
+        mbs = self.size / 1e6
+        return (f'{self.name:<10} {self.peer:<30} {best:7.2f} {mbs / best:8.1f} '
+                f'{peer:7.2f} {mbs / peer:8.1f} {peer / best:7.2f}x')
+
+
+class Bench:
+    def __init__(self, cluster: Cluster, work: str, size: int) -> None:
+        self.cluster = cluster
+        self.work = work
+        self.size = size
+        assert cluster.state
+        self.conf = cluster.state.conf
+
+    def ceph_json(self, *args: str) -> Dict:
+        r = self.cluster.run_ceph(*args, '-f', 'json', timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f'ceph {" ".join(args)}: {r.stderr.strip()}')
+        return json.loads(r.stdout)
+
+    def wait(self, task: str) -> None:
+        while True:
+            r = self.cluster.run_ceph('rbd', 'migration', 'task', 'get', task, timeout=60)
+            if r.returncode != 11:
+                if r.returncode != 0:
+                    raise RuntimeError(f'task {task}: {r.stderr.strip()}')
+                return
+            time.sleep(0.1)
+
+    def ours(self, spec: Dict, image: str) -> None:
+        target = f'rbd/{image}'
+        self.ceph_json('rbd', 'migration', 'prepare', '--import-only', target,
+                       '--source-spec', json.dumps(spec))
+        self.wait(str(self.ceph_json('rbd', 'migration', 'execute', target)['task']['id']))
+        self.wait(str(self.ceph_json('rbd', 'migration', 'commit', target)['task']['id']))
+
+    def qemu(self, source: str, image: str) -> None:
+        sh('qemu-img', 'convert', '-m', '16', '-W', '-O', 'raw', source,
+           f'rbd:rbd/{image}:conf={self.conf}')
+
+    def sha(self, image: str, conf: Optional[str] = None) -> str:
+        out = sh('rbd', '--conf', conf or self.conf, 'export', '--no-progress', image, '-').stdout
+        return hashlib.sha256(out).hexdigest()
+
+    def remove(self, image: str) -> None:
+        subprocess.run(['rbd', '--conf', self.conf, 'snap', 'purge', f'rbd/{image}'],
+                       capture_output=True)
+        subprocess.run(['rbd', '--conf', self.conf, 'rm', '--no-progress', f'rbd/{image}'],
+                       capture_output=True)
+
+    def measure(self, row: Row, want: str, ours: Callable[[str], None],
+                theirs: Callable[[str], None], repeat: int,
+                sha: Optional[Callable[[str], str]] = None) -> None:
+        for _ in range(repeat):
+            for runs, action in ((row.ours, ours), (row.theirs, theirs)):
+                image = f'bench-{row.name}-{uuid.uuid4().hex[:6]}'
+                try:
+                    runs.append(timed(lambda: action(image)))
+                    got = (sha or (lambda i: self.sha(f'rbd/{i}')))(image)
+                    if got != want:
+                        row.failed = f'{image}: sha256 differs from the source'
+                finally:
+                    self.remove(image)
+                log(f'{row.name}: {"ours" if runs is row.ours else row.peer} {runs[-1]:.2f}s')
+
+
+def remote_cluster(path: str) -> Tuple[Cluster, bool, str, str]:
+    other = Cluster(path)
+    started = not other.running()
+    if started:
+        log(f'starting a second cluster in {path}')
+        other.start(osds=3, osd_size=3 << 30)
+    assert other.state
+    conf = open(other.state.conf).read()
+    mon_host = re.search(r'^mon host = (.+)$', conf, re.M).group(1)  # type: ignore[union-attr]
+    keyring = open(os.path.join(os.path.dirname(other.state.conf), 'keyring')).read()
+    key = re.search(r'\[client\.admin\]\s+key = (\S+)', keyring).group(1)  # type: ignore[union-attr]
+    return other, started, mon_host, key
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--dir', default='/tmp/rbd-migration-bench-sources')
+    p.add_argument('--size', type=parse_size, default=1 << 30)
+    p.add_argument('--repeat', type=int, default=2)
+    p.add_argument('--only', default=','.join(ROWS))
+    args = p.parse_args()
+    only = [r for r in args.only.split(',') if r]
+    cluster = Cluster(args.dir)
+    started = not cluster.running()
+    if started:
+        log(f'starting a cluster in {args.dir}')
+        cluster.start(http=True, osd_size=4 << 30)
+    assert cluster.state and cluster.state.http_root
+    work = os.path.join(args.dir, 'sources-work')
+    os.makedirs(work, exist_ok=True)
+    cluster.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/file_source_roots', work)
+    other: Optional[Cluster] = None
+    other_started = False
+    rows: List[Row] = []
+    try:
+        raw = os.path.join(work, 'disk.raw')
+        make_disk(raw, args.size)
+        want = sha_file(raw)
+        bench = Bench(cluster, work, args.size)
+        vmdk = os.path.join(work, 'disk.vmdk')
+        sh('qemu-img', 'convert', '-f', 'raw', '-O', 'vmdk', '-o',
+           'subformat=streamOptimized', raw, vmdk)
+        file_spec = {'type': 'vmdk', 'stream': {'type': 'file', 'file_path': vmdk}}
+        if 'vmdk' in only:
+            row = Row('vmdk', 'qemu-img convert', args.size)
+            bench.measure(row, want, lambda i: bench.ours(file_spec, i),
+                          lambda i: bench.qemu(vmdk, i), args.repeat)
+            rows.append(row)
+        if 'vmdk-http' in only:
+            served = os.path.join(cluster.state.http_root, 'bench-disk.vmdk')
+            os.link(vmdk, served) if not os.path.exists(served) else None
+            url = f'http://127.0.0.1:{cluster.state.http_port}/bench-disk.vmdk'
+            row = Row('vmdk-http', 'qemu-img convert (URL)', args.size)
+            bench.measure(row, want,
+                          lambda i: bench.ours({'type': 'vmdk', 'stream': {
+                              'type': 'http', 'url': url}}, i),
+                          lambda i: bench.qemu(f'json:{json.dumps({"file.driver": "http", "file.url": url, "driver": "vmdk"})}', i),
+                          args.repeat)
+            rows.append(row)
+        if 'ova' in only:
+            ova = os.path.join(work, 'vm.ova')
+            with open(os.path.join(work, 'vm.ovf'), 'w') as f:
+                f.write('<Envelope/>')
+            sh('tar', '-C', work, '-cf', ova, 'vm.ovf', 'disk.vmdk')
+            unpacked = os.path.join(work, 'unpacked')
+
+            def tar_then_qemu(image: str) -> None:
+                os.makedirs(unpacked, exist_ok=True)
+                sh('tar', '-C', unpacked, '-xf', ova)
+                bench.qemu(os.path.join(unpacked, 'disk.vmdk'), image)
+            row = Row('ova', 'tar -x; qemu-img convert', args.size)
+            bench.measure(row, want, lambda i: bench.ours({'type': 'ova', 'stream': {
+                'type': 'file', 'file_path': ova}}, i), tar_then_qemu, args.repeat)
+            rows.append(row)
+        if 'remote' in only:
+            other, other_started, mon_host, key = remote_cluster(args.dir.rstrip('/') + '-other')
+            assert other.state
+            oconf = other.state.conf
+            name = 'bench-far'
+            subprocess.run(['rbd', '--conf', oconf, 'snap', 'purge', f'rbd/{name}'],
+                           capture_output=True)
+            subprocess.run(['rbd', '--conf', oconf, 'rm', '--no-progress', f'rbd/{name}'],
+                           capture_output=True)
+            sh('rbd', '--conf', oconf, 'import', '--no-progress', raw, f'rbd/{name}')
+            sh('rbd', '--conf', oconf, 'snap', 'create', f'rbd/{name}@one')
+            sh('rbd', '--conf', oconf, 'bench', '--io-type', 'write', '--io-total', '64M',
+               '--io-pattern', 'rand', f'rbd/{name}')
+            sh('rbd', '--conf', oconf, 'snap', 'create', f'rbd/{name}@two')
+            far = bench.sha(f'rbd/{name}@two', oconf)
+            spec = {'type': 'native', 'pool_name': 'rbd', 'image_name': name,
+                    'snap_name': 'two', 'mon_host': mon_host, 'key': key}
+
+            def pipe(image: str) -> None:
+                exporter = subprocess.Popen(
+                    ['rbd', '--conf', oconf, 'export', '--export-format', '2',
+                     '--no-progress', f'rbd/{name}@two', '-'], stdout=subprocess.PIPE)
+                sh('rbd', '--conf', bench.conf, 'import', '--export-format', '2',
+                   '--no-progress', '-', f'rbd/{image}', stdin=exporter.stdout)
+                if exporter.wait() != 0:
+                    raise RuntimeError('rbd export failed')
+            row = Row('remote', 'rbd export | rbd import', args.size)
+            bench.measure(row, far, lambda i: bench.ours(spec, i), pipe, args.repeat)
+            rows.append(row)
+    finally:
+        cluster.reset_module_option('file_source_roots')
+        if other is not None and other_started:
+            other.stop()
+        if started:
+            cluster.stop()
+    print(f'\nnew sources, {args.size / MiB:.0f} MiB virtual (half data), best of '
+          f'{args.repeat}; ours = prepare + execute + commit; target ratio >= 1.0')
+    print(f'{"source":<10} {"peer":<30} {"ours s":>7} {"MB/s":>8} {"peer s":>7} '
+          f'{"MB/s":>8} {"ratio":>8}')
+    for row in rows:
+        print(row.line())
+    return 1 if any(r.failed for r in rows) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
