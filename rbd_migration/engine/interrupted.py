@@ -14,19 +14,16 @@ state ("preparing" until the target is whole) tell the cases apart.
 """
 import logging
 import struct
-from typing import TYPE_CHECKING, Iterator, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import rados
 import rbd
 
-from ..errors import Busy, NotFound
-from . import ondisk
-from .migration import ImageRef, MigrationInfo, ProgressFn
-from ..errors import TransientClusterError
+from ..errors import Busy, NotFound, TransientClusterError
 from ..rbd_errors import name_taken, translate
-
-if TYPE_CHECKING:
-    from .librbd import LibrbdEngine
+from . import ondisk
+from .cluster import Cluster
+from .migration import ImageRef, MigrationInfo, ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +49,11 @@ def _target(header: ondisk.MigrationHeader, pool: Optional[str]) -> ImageRef:
 
 class Interrupted:
     """Finds interrupted commits and aborts for status, and finishes them
-    for the engine's commit and abort."""
+    for the engine's commit and abort: from the cluster and the on-disk
+    headers alone, below both."""
 
-    def __init__(self, engine: 'LibrbdEngine') -> None:
-        self.engine = engine
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
 
     # -- finding them ------------------------------------------------------
     def find(self, io: rados.Ioctx, src_id: str, src_name: str) -> Optional[MigrationInfo]:
@@ -67,7 +65,7 @@ class Interrupted:
         source = ImageRef(io.get_pool_id(), io.get_pool_name(), io.nspace,
                           src_name, src_id)
         try:
-            with self.engine.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
+            with self.cluster.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
                 pool: Optional[str] = dst_io.get_pool_name()
                 # An abort marks both headers "aborting" first, then removes
                 # the target (header object before directory entry); a
@@ -129,7 +127,7 @@ class Interrupted:
         if header is None or header.header_type != ondisk.HEADER_SOURCE:
             return None
         try:
-            with self.engine.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
+            with self.cluster.ioctx_by_id(header.pool_id, header.namespace) as dst_io:
                 if ondisk.header_exists(dst_io, header.image_id):
                     return None
                 pool: Optional[str] = dst_io.get_pool_name()
@@ -144,10 +142,10 @@ class Interrupted:
     def _trashed_sources(self) -> Iterator[Tuple[rados.Ioctx, str, str]]:
         """(ioctx, id, name) of every migration source in every rbd pool's
         and namespace's trash."""
-        for pool_id in self.engine.rbd_pool_ids():
-            for _, ns, src_id, name in self.engine.pool_sources(pool_id):
+        for pool_id in self.cluster.rbd_pool_ids():
+            for _, ns, src_id, name in self.cluster.pool_sources(pool_id):
                 try:
-                    io = self.engine.ioctx_by_id(pool_id, ns)
+                    io = self.cluster.ioctx_by_id(pool_id, ns)
                 except NotFound:
                     break  # the pool went away meanwhile
                 with io:
@@ -166,7 +164,7 @@ class Interrupted:
             source = info.source
         if source is None:
             return
-        with self.engine.ioctx_by_id(source.pool_id, source.namespace) as io:
+        with self.cluster.ioctx_by_id(source.pool_id, source.namespace) as io:
             if (source.id, source.name) not in ondisk.trashed_migration_sources(io):
                 return
             header = ondisk.migration_header(io, source.id)
@@ -193,7 +191,7 @@ class Interrupted:
         image and its trash entry."""
         if ondisk.migration_header(io, source.id) is not None:
             io.execute(f'rbd_header.{source.id}', 'rbd', 'migration_remove', b'')
-        self.engine.remove_trashed(io, source.id)
+        self.cluster.remove_trashed(io, source.id)
 
     # -- finishing an abort ------------------------------------------------
     def finish_abort(self, dst: ImageRef, progress: ProgressFn,
@@ -211,11 +209,11 @@ class Interrupted:
             if info.interrupted not in ('abort', 'prepare'):
                 raise Busy(f'cannot abort {dst}: {info.state_description}')
             src = info.source
-            with self.engine.ioctx_by_id(src.pool_id, src.namespace) as io:
+            with self.cluster.ioctx_by_id(src.pool_id, src.namespace) as io:
                 if _name_holder(io, src.name) not in (None, src.id):
                     raise name_taken(f'aborting the migration of {dst}')
                 try:
-                    self.engine.rbd.migration_abort(io, src.name, on_progress=progress)
+                    self.cluster.rbd.migration_abort(io, src.name, on_progress=progress)
                 except rbd.Error as e:
                     raise translate(e, f'aborting the migration of {dst} from its '
                                        f'source {src}')
@@ -235,8 +233,8 @@ class Interrupted:
         log.warning('prepare of %s stopped before the target was whole; removing it', dst)
         try:
             with rbd.Image(io, image_id=dst.id) as img:
-                self.engine.remove_snapshots(img)
-            self.engine.rbd.remove(io, dst.name)
+                self.cluster.remove_snapshots(img)
+            self.cluster.rbd.remove(io, dst.name)
         except rbd.ImageNotFound:
             pass  # cut short while librbd created it: its remnants are dropped
         except rbd.Error as e:
@@ -254,7 +252,7 @@ class Interrupted:
         and the image's "migrating" feature with it.
         """
         try:
-            io = self.engine.ioctx_by_id(source.pool_id, source.namespace)
+            io = self.cluster.ioctx_by_id(source.pool_id, source.namespace)
         except NotFound:
             return
         with io:
@@ -275,7 +273,7 @@ class Interrupted:
         and its object map.  (Object maps of its snapshots are named by
         snapshot ids that only the gone header held.)"""
         try:
-            io = self.engine.ioctx_by_id(dst.pool_id, dst.namespace)
+            io = self.cluster.ioctx_by_id(dst.pool_id, dst.namespace)
         except NotFound:
             return
         with io:
@@ -308,7 +306,7 @@ class Interrupted:
         except rbd.Error:
             return False
         for snap_id in trashed:
-            with self.engine.ioctx_by_id(data_pool, dst.namespace) as data_io:
+            with self.cluster.ioctx_by_id(data_pool, dst.namespace) as data_io:
                 try:
                     data_io.remove_self_managed_snap(snap_id)
                 except rados.Error:
