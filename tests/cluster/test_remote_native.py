@@ -58,6 +58,7 @@ def test_import_from_another_cluster_with_snapshots(
     shown = json.dumps(prepared) + json.dumps(mig(cluster, 'status', target))
     assert key not in shown and '***' in shown
     wait_task(cluster, str(mig(cluster, 'execute', target)['task']['id']))
+    wait_task(cluster, str(mig(cluster, 'verify', target)['task']['id']))  # reconnects
     wait_task(cluster, str(mig(cluster, 'commit', target)['task']['id']))
     assert [s['name'] for s in json.loads(cluster.rbd('snap', 'ls', '--format', 'json',
                                                       target))] == ['one']

@@ -47,6 +47,8 @@ def _import(cluster: Cluster, spec: Dict[str, Any], reference: Path) -> str:
                    '--source-spec', json.dumps(spec))
     assert prepared['path'] == 'adapter', prepared
     wait_task(cluster, str(mig(cluster, 'execute', f'rbd/{name}')['task']['id']))
+    # verify reads the source again through the same reader, and must pass.
+    wait_task(cluster, str(mig(cluster, 'verify', f'rbd/{name}')['task']['id']))
     wait_task(cluster, str(mig(cluster, 'commit', f'rbd/{name}')['task']['id']))
     assert _sha_rbd(cluster, f'rbd/{name}') == \
         hashlib.sha256(reference.read_bytes()).hexdigest()
