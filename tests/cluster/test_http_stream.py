@@ -320,15 +320,22 @@ def faulty() -> Iterator[Faulty]:
     thread.join()
 
 
-@pytest.mark.parametrize('faults', [['503', '502'], ['reset'], ['truncate'],
-                                    ['truncate', '503']])
-def test_transient_failures_are_retried(faulty: Faulty,
-                                        faults: List[str]) -> None:
+WHOLE, REST = 'bytes=1000-200999', 'bytes=101000-200999'
+
+
+@pytest.mark.parametrize('faults,ranges', [
+    (['503', '502'], [WHOLE] * 3),
+    (['reset'], [WHOLE] * 2),
+    # An answer cut off halfway keeps its bytes: the retry asks for the rest.
+    (['truncate'], [WHOLE, REST]),
+    (['truncate', '503'], [WHOLE, REST, REST])])
+def test_transient_failures_are_retried(faulty: Faulty, faults: List[str],
+                                        ranges: List[str]) -> None:
     data = faulty.data
     with open_url(faulty.url) as stream:
         faulty.faults = list(faults)
         assert stream.read(1000, 200_000) == data[1000:201_000]
-    assert faulty.gets() == ['bytes=1000-200999'] * (len(faults) + 1)
+    assert faulty.gets() == ranges
 
 
 def test_failures_beyond_the_retries(faulty: Faulty) -> None:
@@ -340,9 +347,10 @@ def test_failures_beyond_the_retries(faulty: Faulty) -> None:
                                 f'answered HTTP 503 Service Unavailable after '
                                 f'3 attempts')
         faulty.faults = ['truncate'] * 3
+        # Each attempt brings half of what is left: 50, 25, then 12 of 25.
         with pytest.raises(SourceUnreachable,
-                           match=r'broke off after 50 of 100 bytes at offset '
-                                 r'0 after 3 attempts'):
+                           match=r'broke off after 12 of 25 bytes at offset '
+                                 r'75 after 3 attempts'):
             stream.read(0, 100)
         assert stream.read(0, 100) == faulty.data[:100]   # and recovers
 

@@ -367,18 +367,25 @@ def proxy(rgw: Cluster) -> Iterator[FaultyProxy]:
     thread.join()
 
 
-@pytest.mark.parametrize('faults', [['503'], ['reset'], ['truncate'],
-                                    ['truncate', '503', 'reset']])
+WHOLE, REST = 'bytes=1000-200999', 'bytes=101000-200999'
+
+
+@pytest.mark.parametrize('faults,ranges', [
+    (['503'], [WHOLE] * 2),
+    (['reset'], [WHOLE] * 2),
+    # An answer cut off halfway keeps its bytes: the retries ask for the rest.
+    (['truncate'], [WHOLE, REST]),
+    (['truncate', '503', 'reset'], [WHOLE, REST, REST, REST])])
 def test_transient_failures_are_retried(proxy: FaultyProxy, bucket: Bucket,
                                         image: Tuple[str, bytes],
-                                        faults: List[str]) -> None:
+                                        faults: List[str], ranges: List[str]) -> None:
     data = image[1]
     # One attempt per fault and the one that succeeds.
     with open_s3(bucket.url('disk.img', proxy.endpoint),
                  ctx(retries=len(faults) + 1)) as stream:
         proxy.faults = list(faults)
         assert stream.read(1000, 200_000) == data[1000:201_000]
-    assert proxy.gets == ['bytes=1000-200999'] * (len(faults) + 1)
+    assert proxy.gets == ranges
 
 
 def test_truncated_beyond_the_retries(proxy: FaultyProxy, bucket: Bucket,
