@@ -1,6 +1,7 @@
 """A native source in another cluster: two real clusters on this machine,
 the image imported whole with its snapshots, the key never shown, and a
 cluster that does not answer refused within the connect bound."""
+import hashlib
 import json
 import re
 import time
@@ -79,3 +80,31 @@ def test_a_wrong_key_and_a_silent_cluster_are_refused_in_one_line(
     assert 'cannot connect to cluster' in err and key not in err
     assert time.monotonic() - started < 60
     assert 'far-wrong' not in cluster.rbd('ls', 'rbd').split()
+
+
+def test_cluster_name_finds_its_conf_and_keyring(
+        other: Tuple[Cluster, str, str], tmp_path: Path) -> None:
+    """The other form: ``<cluster>.conf`` and ``<cluster>.<client>.keyring``
+    in the conf directory, nothing else read."""
+    from rbd_migration.context import SourceContext
+    from rbd_migration.errors import NotFound
+    from rbd_migration.formats import open_format
+    remote, _, _ = other
+    assert remote.state
+    image = f'far-{uuid.uuid4().hex[:6]}'
+    remote.rbd('create', '--size', '8M', f'rbd/{image}')
+    remote.rbd('bench', '--io-type', 'write', '--io-total', '2M', f'rbd/{image}')
+    remote.rbd('snap', 'create', f'rbd/{image}@now')
+    spec = {'type': 'native', 'pool_name': 'rbd', 'image_name': image, 'snap_name': 'now',
+            'cluster_name': 'old'}
+    ctx = SourceContext(remote_conf_dir=str(tmp_path))
+    with pytest.raises(NotFound) as caught:
+        open_format(spec, ctx)
+    assert 'old.conf' in str(caught.value) and '\n' not in str(caught.value)
+    (tmp_path / 'old.conf').write_text(Path(remote.state.conf).read_text())
+    keyring = Path(remote.state.conf).with_name('keyring')
+    (tmp_path / 'old.client.admin.keyring').write_text(keyring.read_text())
+    with open_format(spec, ctx) as fmt:
+        assert fmt.size() == 8 * MiB
+        data = fmt.read(0, 8 * MiB)
+    assert hashlib.sha256(data).hexdigest() == remote.image_sha(f'rbd/{image}@now')
