@@ -15,13 +15,13 @@ parent that has clones can only be committed with ``--force``; the batch
 does that only when no clone is open by a client.
 """
 import fnmatch
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Protocol, Set, Tuple
 
 from .errors import Busy, InvalidArgument, MigrationError, NotFound
+from .records import NewerRecord, Record, Upgrade
 from .store import Store
 from .tasks import CANCELLED, COMPLETED, FAILED, Task, ValueEnum
 
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 BATCH_PREFIX = 'batch/'
 BATCH_SEQUENCE_KEY = 'batch_sequence'
 KEEP_FINISHED = 20
-
+#: The layouts of the batch header and item records this code writes.
+BATCH_RECORD_VERSION = 1
+ITEM_RECORD_VERSION = 2
 
 
 class ItemState(ValueEnum):
@@ -75,8 +77,19 @@ class ImageFacts:
     blocked: Optional[str] = None
 
 
+def _retrying_flag(data: Dict[str, Any]) -> None:
+    """Version 1 items came before the retrying flag: their reason told."""
+    if 'retrying' not in data:
+        reason = data.get('reason')
+        data['retrying'] = bool(reason and reason.startswith(RETRYING))
+
+
 @dataclass
-class BatchItem:
+class BatchItem(Record):
+    KIND: ClassVar[str] = 'batch item'
+    VERSION: ClassVar[int] = ITEM_RECORD_VERSION
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: _retrying_flag}
+
     index: int
     name: str
     size: int
@@ -95,6 +108,7 @@ class BatchItem:
     key: Optional[str] = None
     started: Optional[float] = None
     finished: Optional[float] = None
+    version: int = ITEM_RECORD_VERSION
 
     def __post_init__(self) -> None:
         self.state = ItemState(self.state)
@@ -103,17 +117,21 @@ class BatchItem:
     def needs_force(self) -> bool:
         return self.clones > 0
 
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> 'BatchItem':
-        known = {f.name for f in fields(cls)}
-        item = cls(**{k: v for k, v in data.items() if k in known})
-        if 'retrying' not in data:  # written before the flag: its reason told
-            item.retrying = bool(item.reason and item.reason.startswith(RETRYING))
-        return item
+    def to_dict(self) -> Dict[str, Any]:
+        """As batch status shows it: the record but its version."""
+        d = self.__dict__.copy()
+        del d['version']
+        return d
 
 
 @dataclass
-class Batch:
+class Batch(Record):
+    """A batch; its header record holds everything but the items, which
+    are records of their own."""
+
+    KIND: ClassVar[str] = 'batch'
+    VERSION: ClassVar[int] = BATCH_RECORD_VERSION
+
     id: str
     source_pool: str
     source_namespace: str
@@ -129,6 +147,7 @@ class Batch:
     #: Its failures were acknowledged (batch cancel after it ended).
     acknowledged: bool = False
     items: List[BatchItem] = field(default_factory=list)
+    version: int = BATCH_RECORD_VERSION
 
     def source_spec(self, name: str) -> str:
         return _spec(self.source_pool, self.source_namespace, name)
@@ -150,13 +169,14 @@ class Batch:
             out[item.state] = out.get(item.state, 0) + 1
         return out
 
-    def header(self) -> Dict[str, Any]:
-        d = asdict(self)
+    def stored(self) -> Dict[str, Any]:
+        d = super().stored()
         del d['items']
         return d
 
     def summary(self, progress: float) -> Dict[str, Any]:
-        d = self.header()
+        d = self.stored()
+        del d['version']
         d.update(state=self.state, counts=self.counts(), images=len(self.items),
                  bytes_total=sum(i.size for i in self.items if i.state != SKIPPED),
                  progress=round(progress, 4))
@@ -278,22 +298,28 @@ class BatchBook:
         self.batches: Dict[str, Batch] = {}
 
     def load(self) -> None:
-        headers: Dict[str, Dict[str, Any]] = {}
+        """Restore the batches.  A batch with a record from a newer module
+        is left alone whole: driving it without that record would end it
+        wrongly."""
+        headers: Dict[str, Batch] = {}
         items: Dict[str, List[BatchItem]] = {}
+        newer: Set[str] = set()
         for key, text in self.store.get_store_prefix(BATCH_PREFIX).items():
             parts = key[len(BATCH_PREFIX):].split('/')
             try:
-                data = json.loads(text)
                 if len(parts) == 1:
-                    headers[parts[0]] = data
+                    headers[parts[0]] = Batch.from_json(text)
                 else:
-                    items.setdefault(parts[0], []).append(BatchItem.from_dict(data))
+                    items.setdefault(parts[0], []).append(BatchItem.from_json(text))
+            except NewerRecord as e:
+                log.error('leaving batch %s alone: %s: %s', parts[0], key, e)
+                newer.add(parts[0])
             except (ValueError, TypeError) as e:
                 log.error('dropping unreadable batch record %s: %s', key, e)
                 self.store.set_store(key, None)
-        for batch_id, header in headers.items():
-            known = {f.name for f in fields(Batch)} - {'items'}
-            batch = Batch(**{k: v for k, v in header.items() if k in known})
+        for batch_id, batch in headers.items():
+            if batch_id in newer:
+                continue
             batch.items = sorted(items.get(batch_id, []), key=lambda i: i.index)
             self.batches[batch_id] = batch
 
@@ -309,11 +335,10 @@ class BatchBook:
         return batch
 
     def save(self, batch: Batch) -> None:
-        self.store.set_store(BATCH_PREFIX + batch.id, json.dumps(batch.header()))
+        self.store.set_store(BATCH_PREFIX + batch.id, batch.to_json())
 
     def save_item(self, batch: Batch, item: BatchItem) -> None:
-        self.store.set_store(f'{BATCH_PREFIX}{batch.id}/{item.index:06d}',
-                             json.dumps(asdict(item)))
+        self.store.set_store(f'{BATCH_PREFIX}{batch.id}/{item.index:06d}', item.to_json())
 
     def get(self, batch_id: str) -> Batch:
         try:

@@ -137,7 +137,7 @@ class BatchService:
         batch = self.book.get(batch_id)
         items = []
         for item in batch.items:
-            d = item.__dict__.copy()
+            d = item.to_dict()
             d['image'], d['target'] = batch.source_spec(item.name), batch.dest_spec(item.name)
             task = self.task(item.task_id) if item.task_id else None
             d['task'] = ({'id': task.id, 'action': task.action, 'state': task.state,

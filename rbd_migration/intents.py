@@ -10,17 +10,17 @@ A note written before the prepare and dropped after it lets the next mgr
 remove exactly such an image, and nothing else.
 """
 import dataclasses
-import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, List, Optional
+from typing import TYPE_CHECKING, ClassVar, Iterator, List, Optional
 
 import rados
 import rbd
 
 from .images import ImageSpec
 from .inventory import OP_FEATURE_MIGRATION
+from .records import NewerRecord, Record
 
 if TYPE_CHECKING:
     from .engine.librbd import LibrbdEngine
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 INTENT_PREFIX = 'preparing/'
+#: The layout of the notes this code writes (the first wrote version 1 too).
+INTENT_RECORD_VERSION = 1
 # The target's create_timestamp comes from an OSD's clock, the note's time
 # from a mgr's: an image older than the note by more than this was not
 # created by that prepare.
@@ -39,14 +41,17 @@ WATCH_WAIT = 90.0
 
 
 @dataclasses.dataclass
-class Intent:
+class Intent(Record):
     """One import prepare handed to librbd and not yet answered."""
 
-    version: int
+    KIND: ClassVar[str] = 'prepare note'
+    VERSION: ClassVar[int] = INTENT_RECORD_VERSION
+
     pool: str
     namespace: str
     name: str
     since: float
+    version: int = INTENT_RECORD_VERSION
 
     @property
     def spec(self) -> ImageSpec:
@@ -66,13 +71,16 @@ class Intents:
         self.engine = engine
 
     def held(self, dst: ImageSpec) -> '_Held':
-        return _Held(self, Intent(1, dst.pool, dst.namespace, dst.name, time.time()))
+        return _Held(self, Intent(dst.pool, dst.namespace, dst.name, time.time()))
 
     def pending(self) -> List[Intent]:
+        """The notes this code can read; a newer module's are left for it."""
         found = []
         for key, text in self.store.get_store_prefix(INTENT_PREFIX).items():
             try:
-                found.append(Intent(**json.loads(text)))
+                found.append(Intent.from_json(text))
+            except NewerRecord as e:
+                log.warning('leaving prepare note %s alone: %s', key, e)
             except (TypeError, ValueError):
                 log.warning('dropping unreadable prepare note %s', key)
                 self.store.set_store(key, None)
@@ -139,7 +147,7 @@ class _Held:
         self.intent = intent
 
     def __enter__(self) -> Intent:
-        self.intents.store.set_store(self.intent.key, json.dumps(dataclasses.asdict(self.intent)))
+        self.intents.store.set_store(self.intent.key, self.intent.to_json())
         return self.intent
 
     def __exit__(self, *exc: object) -> None:

@@ -8,17 +8,17 @@ image says they were.  Tasks run in sequence order, at most
 is retried with capped exponential backoff a bounded number of times; a
 permanent one fails the task at once.
 """
-import json
 import logging
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Protocol, Tuple
 
 from .engine.migration import ImageRef
 from .errors import Cancelled, MigrationError, NotFound
+from .records import NewerRecord, Record, Upgrade
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,18 @@ SEQUENCE_KEY = 'task_sequence'
 TASK_RECORD_VERSION = 2
 
 
+def _cancels_kept(data: Dict[str, Any]) -> None:
+    """Version 1 came before cancels were kept in the record: a task it
+    shows running was not asked to stop."""
+    data.setdefault('cancel_requested', False)
+
+
 @dataclass
-class Task:
+class Task(Record):
+    KIND: ClassVar[str] = 'task'
+    VERSION: ClassVar[int] = TASK_RECORD_VERSION
+    UPGRADES: ClassVar[Mapping[int, Upgrade]] = {1: _cancels_kept}
+
     id: str
     action: TaskAction
     pool_id: int
@@ -124,37 +134,6 @@ class Task:
         d['image_spec'] = self.image_spec
         return d
 
-    @classmethod
-    def from_json(cls, text: str) -> 'Task':
-        data = _upgrade(json.loads(text))
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-class NewerRecord(ValueError):
-    """A record a newer module wrote (the mgr was downgraded): kept as it
-    is, for the newer module to find again, and left alone here."""
-
-
-def _upgrade(data: Any) -> Dict[str, Any]:
-    """A stored task record in this code's layout.
-
-    Version 1 (no ``version`` field) came before cancels were kept in the
-    record: it has no ``cancel_requested``, and a task it shows running was
-    not asked to stop.  Fields a newer minor change adds get their
-    defaults; a record from a newer major layout is refused (it would be
-    rewritten without what this code does not know).
-    """
-    if not isinstance(data, dict):
-        raise ValueError(f'expected a JSON object, got {type(data).__name__}')
-    version = data.get('version', 1)
-    if version > TASK_RECORD_VERSION:
-        raise NewerRecord(f'task record version {version} is newer than this module '
-                         f'knows ({TASK_RECORD_VERSION})')
-    if version < 2:
-        data.setdefault('cancel_requested', False)
-        data['version'] = 2
-    return data
 
 
 @dataclass
@@ -239,7 +218,7 @@ class TaskQueue:
             self.events.changed(self.list())
 
     def _save(self, task: Task) -> None:
-        self.store.set_store(TASK_PREFIX + task.id, json.dumps(asdict(task)))
+        self.store.set_store(TASK_PREFIX + task.id, task.to_json())
 
     def _next_sequence(self) -> int:
         seq = int(self.store.get_store(SEQUENCE_KEY) or 0) + 1

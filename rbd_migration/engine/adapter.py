@@ -8,21 +8,22 @@ from the trash under its final name; abort removes it.  The record lives in
 the mgr's store and the copy's checkpoint on the image itself, so a mgr
 failover resumes from the checkpoint, not from zero.
 """
-import json
+import logging
 import re
 import time
 import uuid
-from dataclasses import asdict
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import rados
 import rbd
 
 from ..context import SourceContext
-from ..errors import AlreadyExists, InvalidArgument, NotFound
+from ..errors import AlreadyExists, InvalidArgument, NotFound, Unsupported
 from ..formats import open_format
 from ..formats.base import Format
 from ..images import ImageSpec, Layout
+from ..records import NewerRecord, Record
 from ..secrets import mask_spec
 from ..validators import Validators, check_unchanged
 from . import ondisk
@@ -39,6 +40,40 @@ PRIVATE_NAME = re.compile(re.escape(PRIVATE_PREFIX) + '[0-9a-f]{12}')
 CHECKPOINT_KEY = 'rbd_migration.checkpoint'
 TRASH_DEFERMENT = 100 * 365 * 86400  # never expires on its own
 ADAPTER = 'adapter'
+#: The layout of the import records this code writes (the first had no
+#: version field and the same fields).
+ADAPTER_RECORD_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportRecord(Record):
+    """One import in progress on the adapter path, under its target's key."""
+
+    KIND: ClassVar[str] = 'adapter import'
+    VERSION: ClassVar[int] = ADAPTER_RECORD_VERSION
+
+    #: The target, by its final name and the id it keeps.
+    dest: ImageRef
+    #: The source-spec as given (with its config:// references).
+    spec: Dict[str, Any]
+    #: 'prepared', 'executing' or 'executed'.
+    state: str
+    created: float = 0.0
+    #: The name the target has in the trash until commit.
+    private_name: str = ''
+    #: What prepare saw of the source, checked before and after the copy.
+    validators: Validators = field(default_factory=dict)
+    #: Why the last execute stopped ('' when it did not fail).
+    error: str = ''
+    #: What the finished copy read and wrote.
+    stats: Optional[Dict[str, int]] = None
+    version: int = ADAPTER_RECORD_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dest, dict):  # as read from the store
+            self.dest = ImageRef(**self.dest)
 
 
 class AdapterEngine:
@@ -51,39 +86,47 @@ class AdapterEngine:
     def _key(self, ref: ImageRef) -> str:
         return RECORD_PREFIX + ref.key
 
-    def _records(self) -> List[Dict[str, Any]]:
-        out = []
-        for text in self.store.get_store_prefix(RECORD_PREFIX).values():
+    def _records(self) -> Tuple[List[ImportRecord], int]:
+        """The records this code can read, and how many a newer module
+        wrote (left alone: that module finds them again)."""
+        out, newer = [], 0
+        for key, text in self.store.get_store_prefix(RECORD_PREFIX).items():
             try:
-                out.append(json.loads(text))
-            except ValueError:
+                out.append(ImportRecord.from_json(text))
+            except NewerRecord as e:
+                log.warning('leaving import record %s alone: %s', key, e)
+                newer += 1
+            except (ValueError, TypeError):
                 continue
-        return out
+        return out, newer
 
-    def _save(self, record: Dict[str, Any]) -> None:
-        self.store.set_store(self._key(ImageRef(**record['dest'])), json.dumps(record))
+    def _save(self, record: ImportRecord) -> None:
+        self.store.set_store(self._key(record.dest), record.to_json())
 
-    def _record(self, ref: ImageRef) -> Dict[str, Any]:
+    def _record(self, ref: ImageRef) -> ImportRecord:
         text = self.store.get_store(self._key(ref))
         if not text:
             raise NotFound(f'{ref} is not an import in progress')
-        return dict(json.loads(text))
+        try:
+            return ImportRecord.from_json(text)
+        except NewerRecord as e:
+            raise Unsupported(f'{ref}: {e}; a newer rbd_migration module must '
+                              'finish this import') from None
 
-    def _info(self, record: Dict[str, Any]) -> MigrationInfo:
-        return MigrationInfo(dest=ImageRef(**record['dest']), state=record['state'],
-                             state_description=record.get('error', ''),
-                             source_spec=mask_spec(record['spec']), path=ADAPTER)
+    def _info(self, record: ImportRecord) -> MigrationInfo:
+        return MigrationInfo(dest=record.dest, state=record.state,
+                             state_description=record.error,
+                             source_spec=mask_spec(record.spec), path=ADAPTER)
 
     def find(self, spec: ImageSpec) -> Optional[MigrationInfo]:
         """The import whose final name is ``spec``, if one is in progress."""
-        for record in self._records():
-            d = record['dest']
-            if (d['pool'], d['namespace'], d['name']) == (spec.pool, spec.namespace, spec.name):
+        for record in self._records()[0]:
+            if record.dest.spec == spec:
                 return self._info(record)
         return None
 
     def list(self) -> List[MigrationInfo]:
-        return [self._info(r) for r in self._records()]
+        return [self._info(r) for r in self._records()[0]]
 
     # -- prepare -----------------------------------------------------------
     def prepare_import(self, spec: Mapping[str, Any], dst: ImageSpec, layout: Layout,
@@ -107,9 +150,9 @@ class AdapterEngine:
                 self._discard(io, private)
                 raise translate(e, f'creating the target {dst}')
             ref = ImageRef(io.get_pool_id(), dst.pool, dst.namespace, dst.name, image_id)
-        record = {'dest': asdict(ref), 'spec': dict(spec), 'state': 'prepared',
-                  'created': time.time(), 'private_name': private,
-                  'validators': validators or {}}
+        record = ImportRecord(dest=ref, spec=dict(spec), state='prepared',
+                              created=time.time(), private_name=private,
+                              validators=validators or {})
         self._save(record)
         return self._info(record)
 
@@ -124,8 +167,8 @@ class AdapterEngine:
     def execute(self, ref: ImageRef, progress: ProgressFn, ctx: SourceContext,
                 options: CopyOptions) -> Dict[str, int]:
         record = self._record(ref)
-        check_unchanged(record['spec'], record.get('validators'), ctx, 'before the copy')
-        record['state'], record['error'] = 'executing', ''
+        check_unchanged(record.spec, record.validators, ctx, 'before the copy')
+        record.state, record.error = 'executing', ''
         self._save(record)
 
         def keep_going(done: int, total: int) -> bool:
@@ -133,7 +176,7 @@ class AdapterEngine:
 
         with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io, \
                 rbd.Image(io, image_id=ref.id) as img, \
-                open_format(record['spec'], ctx) as fmt:
+                open_format(record.spec, ctx) as fmt:
             start = Checkpoint.decode(_metadata(img, CHECKPOINT_KEY))
             options = options.fitted(int(img.stat()['obj_size']), fmt.read_size)
 
@@ -143,17 +186,17 @@ class AdapterEngine:
             stats = Copier(fmt, img, options, keep_going, checkpoint).run(start)
             _carry_over(fmt, img)
         # Only now is the copy known to be the source's as prepare saw it.
-        check_unchanged(record['spec'], record.get('validators'), ctx, 'during the copy')
-        record['state'] = 'executed'
-        record['stats'] = asdict(stats)
+        check_unchanged(record.spec, record.validators, ctx, 'during the copy')
+        record.state = 'executed'
+        record.stats = asdict(stats)
         self._save(record)
         return asdict(stats)
 
     def commit(self, ref: ImageRef) -> None:
         record = self._record(ref)
-        if record['state'] != 'executed':
+        if record.state != 'executed':
             raise InvalidArgument(f'the import into {ref} is not executed yet '
-                                  f"(state: {record['state']})")
+                                  f'(state: {record.state})')
         with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io:
             try:
                 with rbd.Image(io, image_id=ref.id) as img:
@@ -183,8 +226,10 @@ class AdapterEngine:
         the record leaves a private-named image, in the trash or not, that
         no command finds and that holds no data of anyone's.  Returns what
         it removed."""
-        known = {(r['dest']['pool_id'], r['dest']['namespace'], r['dest']['id'])
-                 for r in self._records()}
+        records, newer = self._records()
+        if newer:
+            return []  # their targets are unknown here: leave every image alone
+        known = {(r.dest.pool_id, r.dest.namespace, r.dest.id) for r in records}
         removed = []
         for pool_id in self.librbd.rbd_pool_ids():
             with self.librbd.rados.open_ioctx2(pool_id) as io:
@@ -222,7 +267,7 @@ class AdapterEngine:
             return False
 
     def source_spec(self, ref: ImageRef) -> Dict[str, Any]:
-        return dict(self._record(ref)['spec'])
+        return dict(self._record(ref).spec)
 
     def fail(self, ref: ImageRef, error: str) -> None:
         """Note why the last execute stopped (shown by status)."""
@@ -230,7 +275,7 @@ class AdapterEngine:
             record = self._record(ref)
         except NotFound:
             return
-        record['error'] = error
+        record.error = error
         self._save(record)
 
 
