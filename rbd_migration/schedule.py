@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, List, Optional, Tuple
 
 from .errors import InvalidArgument
+from .settings import Settings
 from .tasks import Task
 
 #: Actions that read or copy a whole image, and so obey the limits.
@@ -83,6 +84,13 @@ class Limits:
     executes_per_pool: int = 0
     bandwidth: float = 0.0          # bytes/s, all running executes together
     window: Window = field(default_factory=Window)
+
+    @classmethod
+    def of(cls, settings: Settings) -> 'Limits':
+        """The limits ``settings`` set (a bad execute_window raises here)."""
+        return cls(executes_per_pool=settings.max_concurrent_executes_per_pool,
+                   bandwidth=settings.max_bandwidth_mbps * 1e6,
+                   window=Window.parse(settings.execute_window))
 
 
 def task_pools(task: Task) -> List[str]:

@@ -32,7 +32,7 @@ from .intents import Intents
 from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
-from .schedule import Limits, Window, must_pause, wait_reason
+from .schedule import Limits, must_pause, wait_reason
 from .settings import OptionGetter, Settings
 from .source_spec import native_spec, parse_source_spec, spec_summary
 from .validators import Validators, check_unchanged, read_validators
@@ -100,13 +100,11 @@ class MigrationService:
         self.listing = Listing(self._scan)
         self.queue = TaskQueue(
             store, self._run, MeteredEvents(events, self.meter),
-            max_concurrent=lambda: self.settings().max_concurrent_tasks,
-            policy=lambda: self.settings().retry_policy,
-            stall_after=lambda: self.settings().stall_warning_after,
+            settings=self.settings,
             diagnose=self.diagnose,
             gate=self.wait_reason,
-            pause=lambda task: self._interruptible(task) and must_pause(
-                task, self.limits(), time.time()))
+            pause=lambda task, settings: self._interruptible(task) and must_pause(
+                task, Limits.of(settings), time.time()))
 
     def use_clients(self, cluster: Optional[rados.Rados] = None,
                     bulk: Optional[rados.Rados] = None) -> None:
@@ -130,15 +128,14 @@ class MigrationService:
 
     def limits(self) -> Limits:
         """The scheduling options, read afresh (they change at run time)."""
-        s = self.settings()
-        return Limits(executes_per_pool=s.max_concurrent_executes_per_pool,
-                      bandwidth=s.max_bandwidth_mbps * 1e6,
-                      window=Window.parse(s.execute_window))
+        return Limits.of(self.settings())
 
-    def wait_reason(self, task: Task, running: List[Task]) -> Optional[str]:
+    def wait_reason(self, task: Task, running: List[Task],
+                    settings: Optional[Settings] = None) -> Optional[str]:
         """Why ``task`` may not start now beside ``running`` (window, per-pool
-        and bandwidth limits); None when it may."""
-        return wait_reason(task, running, self.limits(), time.time(), self.meter.rate)
+        and bandwidth limits, as ``settings`` set them); None when it may."""
+        limits = self.limits() if settings is None else Limits.of(settings)
+        return wait_reason(task, running, limits, time.time(), self.meter.rate)
 
     # -- prepare -----------------------------------------------------------
     def prepare(self, source: Optional[str], dest: Optional[str], layout: Layout,

@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, cast
 
 from .limits import SourceLimits
-from .tasks import RetryPolicy
 
 #: How the mgr gives out an option's current value.
 OptionGetter = Callable[[str], Any]
@@ -18,6 +17,18 @@ OptionGetter = Callable[[str], Any]
 #: Where config:// references may point by default: keys operators keep
 #: for rbd, except rbd-mirror's (the service refuses those whatever this says).
 DEFAULT_CONFIG_KEY_PREFIXES = 'rbd/'
+
+
+@dataclass
+class RetryPolicy:
+    """How often and how far apart a task's transient failures are retried."""
+
+    max_attempts: int = 8
+    backoff: float = 5.0        # seconds before the first retry
+    max_backoff: float = 300.0
+
+    def delay(self, attempts: int) -> float:
+        return float(min(self.max_backoff, self.backoff * 2 ** max(0, attempts - 1)))
 
 
 @dataclass(frozen=True)

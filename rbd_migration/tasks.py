@@ -19,6 +19,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Proto
 from .engine.migration import ImageRef
 from .errors import Cancelled, MigrationError, NotFound
 from .records import NewerRecord, Record, Upgrade
+from .settings import Settings
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -136,16 +137,6 @@ class Task(Record):
 
 
 
-@dataclass
-class RetryPolicy:
-    max_attempts: int = 8
-    backoff: float = 5.0        # seconds before the first retry
-    max_backoff: float = 300.0
-
-    def delay(self, attempts: int) -> float:
-        return float(min(self.max_backoff, self.backoff * 2 ** max(0, attempts - 1)))
-
-
 class Events(Protocol):
     """Where the queue reports what happens (progress events, health)."""
 
@@ -161,26 +152,28 @@ class Events(Protocol):
 Runner = Callable[[Task, Callable[[int, int], bool]], Optional[Dict[str, Any]]]
 
 
+#: Why a task may not start now beside the running ones, under one pass's
+#: settings (scheduling limits); None: it may.
+Gate = Callable[[Task, List[Task], Settings], Optional[str]]
+
+
 class TaskQueue:
     def __init__(self, store: Store, runner: Runner, events: Events,
-                 max_concurrent: Callable[[], int],
-                 policy: Callable[[], RetryPolicy] = RetryPolicy,
+                 settings: Callable[[], Settings] = Settings,
                  keep_finished: int = 200,
                  clock: Callable[[], float] = time.time,
-                 stall_after: Callable[[], float] = lambda: 0.0,
                  diagnose: Callable[[Task], str] = lambda task: '',
-                 gate: Callable[[Task, List[Task]], Optional[str]] = lambda t, r: None,
-                 pause: Callable[[Task], bool] = lambda task: False) -> None:
+                 gate: Gate = lambda task, running, settings: None,
+                 pause: Callable[[Task, Settings], bool] = lambda task, settings: False) -> None:
         self.store = store
         self.runner = runner
         self.events = events
-        self.max_concurrent = max_concurrent
-        self.policy = policy
+        #: The options now; a scheduling pass reads them once and hands
+        #: that snapshot to every step, so one pass sees one set of values.
+        self.settings = settings
         self.keep_finished = keep_finished
         self.clock = clock
-        self.stall_after = stall_after
         self.diagnose = diagnose
-        #: Why a task may not start now (scheduling limits); None: it may.
         self.gate = gate
         #: Whether a running task must stop at its next step and wait.
         self.pause = pause
@@ -327,19 +320,25 @@ class TaskQueue:
         runs at the start of every pass (the batch driver)."""
         while not stop.is_set():
             self._emit(before)
-            self.schedule()
-            self.check_pauses()
-            self.check_stalls()
+            self.run_pass()
             with self.cv:
                 self.cv.wait(tick)
         self.shutdown()
 
-    def check_stalls(self) -> None:
-        """Mark running tasks that have not moved for ``stall_after``
+    def run_pass(self) -> None:
+        """One scheduling pass: start, pause and watch tasks under one
+        snapshot of the options, read once."""
+        settings = self.settings()
+        self.schedule(settings)
+        self.check_pauses(settings)
+        self.check_stalls(settings)
+
+    def check_stalls(self, settings: Optional[Settings] = None) -> None:
+        """Mark running tasks that have not moved for ``stall_warning_after``
         seconds as stalled, with the reason ``diagnose`` finds (a full
         target pool makes librbd's writes wait without a word).  A task is
         never stopped for it: it goes on by itself once the cause is gone."""
-        limit = self.stall_after()
+        limit = (settings or self.settings()).stall_warning_after
         if limit <= 0:
             return
         now = self.clock()
@@ -361,15 +360,17 @@ class TaskQueue:
         if changed:
             self._emit(self.events.changed, self.list())
 
-    def schedule(self) -> None:
-        """Start every task that may run now."""
+    def schedule(self, settings: Optional[Settings] = None) -> None:
+        """Start every task that may run now (under ``settings``, read now
+        when not given)."""
+        s = settings or self.settings()
         now = self.clock()
         with self.cv:
             if self.stopping:
                 return
             running = [t for t in self.tasks.values() if t.state == RUNNING]
             busy = {t.image_key for t in running}
-            slots = self.max_concurrent() - len(running)
+            slots = s.max_concurrent_tasks - len(running)
             waiting: Dict[str, str] = {}
             for task in self.list():
                 if task.image_key in busy:
@@ -381,9 +382,9 @@ class TaskQueue:
                     continue
                 if slots <= 0:
                     waiting[task.id] = (f'{len(running)} task(s) running '
-                                        f'(max_concurrent_tasks {self.max_concurrent()})')
+                                        f'(max_concurrent_tasks {s.max_concurrent_tasks})')
                     continue
-                reason = self._gate(task, running)
+                reason = self._gate(task, running, s)
                 if reason:
                     waiting[task.id] = reason
                     busy.add(task.image_key)
@@ -394,9 +395,9 @@ class TaskQueue:
                 running.append(task)
             self.waiting = waiting
 
-    def _gate(self, task: Task, running: List[Task]) -> Optional[str]:
+    def _gate(self, task: Task, running: List[Task], settings: Settings) -> Optional[str]:
         try:
-            return self.gate(task, running)
+            return self.gate(task, running, settings)
         except MigrationError as e:  # a bad option value: say so, start nothing heavy
             return str(e)
 
@@ -404,15 +405,16 @@ class TaskQueue:
         with self.cv:
             return [t for t in self.tasks.values() if t.state == RUNNING]
 
-    def check_pauses(self) -> None:
+    def check_pauses(self, settings: Optional[Settings] = None) -> None:
         """Ask running tasks that must pause (the execute window closed) to
         stop at their next step; they go back to the queue, not to failed."""
+        s = settings or self.settings()
         with self.cv:
             for task in self.tasks.values():
                 if task.state != RUNNING or task.id in self._paused:
                     continue
                 try:
-                    stop = self.pause(task)
+                    stop = self.pause(task, s)
                 except MigrationError:
                     stop = False
                 if stop:
@@ -484,6 +486,7 @@ class TaskQueue:
             self._emit(self.events.changed, self.list())
 
     def _failed(self, task: Task, e: MigrationError) -> None:
+        policy = self.settings().retry_policy
         with self.cv:
             if task.cancel_requested:
                 self._finish(task, CANCELLED, 'cancelled by request')
@@ -493,10 +496,10 @@ class TaskQueue:
                 task.state = QUEUED
                 task.attempts -= 1
                 self._save(task)
-            elif e.transient and task.attempts < self.policy().max_attempts:
+            elif e.transient and task.attempts < policy.max_attempts:
                 task.state = RETRYING
                 task.last_error, task.errno = str(e), e.errno
-                task.next_attempt = self.clock() + self.policy().delay(task.attempts)
+                task.next_attempt = self.clock() + policy.delay(task.attempts)
                 self._save(task)
                 log.info('task %s %s %s: attempt %d failed, retrying in %.0f s: %s',
                          task.id, task.action, task.image_spec, task.attempts,

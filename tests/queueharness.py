@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from rbd_migration.errors import Cancelled
-from rbd_migration.tasks import RUNNING, TASK_PREFIX, RetryPolicy, Task, TaskQueue
+from rbd_migration.settings import RetryPolicy, Settings
+from rbd_migration.tasks import RUNNING, TASK_PREFIX, Task, TaskQueue
 
 #: Upper bound for anything a test waits for; only reached when a test fails.
 TIMEOUT = 5.0
@@ -214,6 +215,15 @@ class Harness:
     queue: TaskQueue
     limit: List[int] = field(default_factory=lambda: [2])
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    stall_after: List[float] = field(default_factory=lambda: [0.0])
+
+    def settings(self) -> Settings:
+        """The queue's options: ``limit``, ``policy`` and ``stall_after``."""
+        return Settings(max_concurrent_tasks=self.limit[0],
+                        retry_max_attempts=self.policy.max_attempts,
+                        retry_backoff=self.policy.backoff,
+                        retry_max_backoff=self.policy.max_backoff,
+                        stall_warning_after=self.stall_after[0])
 
     def submit(self, image: str = 'img', action: str = 'execute',
                namespace: str = '', pool_id: int = 1) -> Task:
@@ -241,11 +251,11 @@ def make_harness(store: Optional[MemStore] = None, limit: int = 2,
     store = store if store is not None else MemStore()
     runner, events = ControlledRunner(), Recorder()
     clock = clock or FakeClock()
-    limits = [limit]
     pol = policy or RetryPolicy(max_attempts=3, backoff=10.0, max_backoff=25.0)
-    q = TaskQueue(store, runner, events, max_concurrent=lambda: limits[0],
-                  policy=lambda: pol, keep_finished=keep_finished, clock=clock)
-    return Harness(store, runner, events, clock, q, limits, pol)
+    q = TaskQueue(store, runner, events, keep_finished=keep_finished, clock=clock)
+    harness = Harness(store, runner, events, clock, q, [limit], pol)
+    q.settings = harness.settings
+    return harness
 
 
 def new_harness(harnesses: List[Harness], **kwargs: Any) -> Harness:

@@ -15,8 +15,9 @@ import pytest
 
 from rbd_migration.errors import InvalidArgument, SourceUnreachable
 from rbd_migration.progress import ProgressEvents, event_message, failure_text
+from rbd_migration.settings import Settings
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED, RETRYING,
-                                 RUNNING, RetryPolicy, Task, TaskAction, TaskQueue,
+                                 RUNNING, Task, TaskAction, TaskQueue,
                                  TaskState)
 
 Call = Tuple[str, Tuple[Any, ...], Dict[str, Any]]
@@ -382,8 +383,8 @@ def _queue(outcomes: List[Outcome], store: Optional[MemStore] = None,
         report(1, 10)
         outcomes.pop(0)(t)
         return None
-    q = TaskQueue(store or MemStore(), runner, qe, max_concurrent=lambda: 1,
-                  policy=lambda: RetryPolicy(4, 0.0, 0.0))
+    q = TaskQueue(store or MemStore(), runner, qe, settings=lambda: Settings(
+        max_concurrent_tasks=1, retry_max_attempts=4, retry_backoff=0.0, retry_max_backoff=0.0))
     return q, qe, remote
 
 

@@ -11,6 +11,7 @@ from rbd_migration.engine.migration import ImageRef, MigrationInfo
 from rbd_migration.health import FAILED_CHECK, STALLED_CHECK, health_checks
 from rbd_migration.progress import ProgressEvents
 from rbd_migration import render
+from rbd_migration.settings import Settings
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
                                  RETRYING, RUNNING, Task, TaskAction, TaskQueue,
                                  TaskState)
@@ -126,7 +127,7 @@ def test_a_later_submit_for_the_image_supersedes_a_failure() -> None:
         store.set_store(f'task/{t.id}', json.dumps(t.to_dict()))
     store.set_store('task_sequence', '2')
     events = HealthEvents()
-    queue = TaskQueue(store, never_run, events, max_concurrent=lambda: 0)
+    queue = TaskQueue(store, never_run, events, settings=lambda: Settings(max_concurrent_tasks=0))
     queue.load()
     assert events.checks[FAILED_CHECK]['count'] == 2
 

@@ -1,12 +1,14 @@
 """Scheduling limits: the execute window, executes per pool, the bandwidth
 budget, and how the task queue holds and pauses tasks by them."""
 import calendar
-from typing import List
+from dataclasses import fields
+from typing import Any, Dict, List
 
 import pytest
 
 from rbd_migration.errors import InvalidArgument
 from rbd_migration.schedule import Limits, Window, must_pause, task_pools, wait_reason
+from rbd_migration.settings import Settings
 from rbd_migration.tasks import QUEUED, RUNNING, Task, TaskAction
 
 from tests.queueharness import Harness, new_harness
@@ -120,8 +122,8 @@ def test_bandwidth_budget_holds_new_executes_while_spent() -> None:
 
 def gated(harnesses: List[Harness], limits: List[Limits], now: List[float]) -> Harness:
     h = new_harness(harnesses, limit=8)
-    h.queue.gate = lambda t, running: wait_reason(t, running, limits[0], now[0])
-    h.queue.pause = lambda t: must_pause(t, limits[0], now[0])
+    h.queue.gate = lambda t, running, settings: wait_reason(t, running, limits[0], now[0])
+    h.queue.pause = lambda t, settings: must_pause(t, limits[0], now[0])
     return h
 
 
@@ -163,7 +165,7 @@ def test_window_closing_pauses_and_opening_resumes(harnesses: List[Harness]) -> 
 def test_a_bad_option_value_holds_heavy_tasks_with_the_message(harnesses: List[Harness]) -> None:
     h = new_harness(harnesses)
 
-    def gate(t: Task, running: List[Task]) -> None:
+    def gate(t: Task, running: List[Task], settings: Settings) -> None:
         Window.parse('tonight')
 
     h.queue.gate = gate
@@ -171,3 +173,34 @@ def test_a_bad_option_value_holds_heavy_tasks_with_the_message(harnesses: List[H
     h.queue.schedule()
     assert t.state == QUEUED
     assert h.queue.waiting[t.id].startswith('execute_window: ')
+
+
+def test_a_pass_reads_every_option_once_and_hands_that_snapshot_down(
+        harnesses: List[Harness]) -> None:
+    h = new_harness(harnesses)
+    reads: Dict[str, int] = {}
+
+    def option(name: str) -> Any:
+        reads[name] = reads.get(name, 0) + 1
+        return {'max_concurrent_tasks': 2, 'stall_warning_after': 60.0}.get(name)
+
+    seen: List[Settings] = []
+
+    def gate(t: Task, running: List[Task], settings: Settings) -> None:
+        seen.append(settings)
+
+    def pause(t: Task, settings: Settings) -> bool:
+        seen.append(settings)
+        return False
+
+    h.queue.settings = lambda: Settings.read(option)
+    h.queue.gate, h.queue.pause = gate, pause
+    h.start(h.submit('a'))
+    waiting = [h.submit(name) for name in 'bcd']
+    reads.clear()
+    seen.clear()
+    h.queue.run_pass()
+    assert reads == {f.name: 1 for f in fields(Settings)}
+    assert len(seen) == 3 and all(s is seen[0] for s in seen)   # b's gate; a's and b's pause
+    assert [t.state for t in waiting] == [RUNNING, QUEUED, QUEUED]
+    assert h.queue.waiting[waiting[1].id] == '2 task(s) running (max_concurrent_tasks 2)'

@@ -18,8 +18,9 @@ from rbd_migration.errors import (Cancelled, InvalidArgument, NotFound,
                                   SourceUnreachable)
 from rbd_migration.tasks import (CANCELLED, COMPLETED, FAILED, QUEUED,
                                  RETRYING, RUNNING, SEQUENCE_KEY, TASK_PREFIX,
-                                 TASK_RECORD_VERSION, RetryPolicy, Task, TaskAction,
+                                 TASK_RECORD_VERSION, Task, TaskAction,
                                  TaskQueue, TaskState)
+from rbd_migration.settings import RetryPolicy, Settings
 from tests.queueharness import (TIMEOUT, ControlledRunner, FakeClock, Harness, MemStore,
                                 Recorder, make_harness, new_harness)
 
@@ -427,14 +428,13 @@ def test_retry_waiting_keeps_the_image_order(h: Harness) -> None:
 
 
 def test_retry_policy_is_read_when_a_task_fails(harnesses: List[Harness]) -> None:
-    policies = [RetryPolicy(max_attempts=5, backoff=1.0)]
+    settings = [Settings(max_concurrent_tasks=1, retry_max_attempts=5, retry_backoff=1.0)]
     store, runner, events, clock = MemStore(), ControlledRunner(), Recorder(), FakeClock()
-    q = TaskQueue(store, runner, events, max_concurrent=lambda: 1,
-                  policy=lambda: policies[0], clock=clock)
+    q = TaskQueue(store, runner, events, settings=lambda: settings[0], clock=clock)
     harnesses.append(Harness(store, runner, events, clock, q))
     task, _ = q.submit('execute', 1, 'rbd', '', 'x', 'x', 'm')
     q.schedule()
-    policies[0] = RetryPolicy(max_attempts=1)
+    settings[0] = Settings(max_concurrent_tasks=1, retry_max_attempts=1)
     runner.call(task.id).fail(SourceUnreachable('down'))
     assert task.state == FAILED
 
@@ -604,7 +604,8 @@ class BrokenStartEvents(Recorder):
 
 def test_a_failing_started_event_does_not_wedge_the_task(harnesses: List[Harness]) -> None:
     store, runner, events, clock = MemStore(), ControlledRunner(), BrokenStartEvents(), FakeClock()
-    q = TaskQueue(store, runner, events, max_concurrent=lambda: 1, clock=clock)
+    q = TaskQueue(store, runner, events, settings=lambda: Settings(max_concurrent_tasks=1),
+                  clock=clock)
     harnesses.append(Harness(store, runner, events, clock, q))
     task, _ = q.submit('execute', 1, 'rbd', '', 'x', 'x', 'm')
     q.schedule()
@@ -625,7 +626,7 @@ def test_a_failing_started_event_does_not_wedge_the_task(harnesses: List[Harness
 
 def _stall_harness(after: float, diagnosis: List[str]) -> Harness:
     h = make_harness()
-    h.queue.stall_after = lambda: after
+    h.stall_after[0] = after
     h.queue.diagnose = lambda task: diagnosis[0]
     return h
 
@@ -666,7 +667,7 @@ def test_stall_detection_off_and_failing_diagnosis() -> None:
     h.clock.advance(10_000)
     h.queue.check_stalls()
     assert task.stalled is None
-    h.queue.stall_after = lambda: 5.0
+    h.stall_after[0] = 5.0
 
     def broken(task: Task) -> str:
         raise RuntimeError('mon unreachable')
