@@ -645,7 +645,7 @@ class Bench:
                 break
             time.sleep(0.1)
         if check and r.returncode != 0:
-            raise BenchError(f"ceph {' '.join(args)} failed (exit {r.returncode}): "
+            raise BenchError(f"{_shown(['ceph', *args])} failed (exit {r.returncode}): "
                              f'{_tail(r.stderr or r.stdout)}')
         return r
 
@@ -723,8 +723,19 @@ class Bench:
         stats = self.ceph_json('df')['stats']
         return int(stats['total_used_raw_bytes']), int(stats['total_avail_bytes'])
 
-    def check_room(self, size: int) -> None:
+    def pool_full(self) -> bool:
+        pools = self.ceph_json('osd', 'dump')['pools']
+        return any(p['pool_name'] == POOL and 'full' in str(p.get('flags_names', ''))
+                   for p in pools)
+
+    def check_room(self, size: int, wait: float = 120) -> None:
+        """Room for one more import, waiting a while for the OSDs to free
+        what the targets before held (memstore frees removed images late)."""
+        deadline = time.monotonic() + wait
         used, avail = self.df()
+        while (avail < 1.5 * size or self.pool_full()) and time.monotonic() < deadline:
+            time.sleep(2)
+            used, avail = self.df()
         if avail < 1.5 * size:
             raise BenchError(f'ceph df: {human(avail)} available, {human(used)} used; '
                              f'an import of {human(size)} would not fit; restart with '
