@@ -187,6 +187,8 @@ def _why_not_librbd(spec: Mapping[str, Any], f: FormatFeatures, where: str) -> L
     if spec['type'] == 'native' and ('cluster_name' in spec or 'mon_host' in spec):
         reasons.append(f'{where} is in another cluster, which librbd 16.2 cannot '
                        'open (its native format has no cluster_name or mon_host)')
+    if any(stream.get('type') == 'nbd' for stream in _streams(spec)):
+        reasons.append('librbd 16.2 has no nbd stream (it came with Ceph 19)')
     reasons += _urls_librbd_mangles(spec)
     reasons += _files_librbd_reopens(spec)
     reasons += _secrets_librbd_would_store(spec)

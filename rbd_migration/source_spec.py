@@ -39,6 +39,9 @@ HTTP_URL = r'^https?://(?:[^\s/?#@]+@)?' + _AUTHORITY + r'(?:[/?#]\S*)?\Z'
 #: (AWS signature v2), so the bucket must be the first path segment and no
 #: query string may follow the key.
 S3_URL = r'^https?://' + _AUTHORITY + r'/[^\s/?#]+/[^\s?#]+\Z'
+#: An NBD URI as libnbd reads it (the stream checks the rest: port, query,
+#: local paths); ``nbd://`` alone is localhost:10809, as upstream accepts.
+NBD_URI = r'^nbds?(?:\+unix)?://\S*\Z'
 #: An id given as a string: librbd accepts "5" as well as 5.
 DECIMAL = r'^[0-9]+\Z'
 #: A name librbd takes as a C string: a NUL would cut it short ('img\x00x'
@@ -138,6 +141,10 @@ STREAMS: Dict[str, Dict[str, Any]] = {
     'http': _closed({'type': {'const': 'http'},
                      'url': {'type': 'string', 'pattern': HTTP_URL}},
                     'type', 'url'),
+    # Upstream's field name: a spec written for librbd carries over.
+    'nbd': _closed({'type': {'const': 'nbd'},
+                    'uri': {'type': 'string', 'pattern': NBD_URI}},
+                   'type', 'uri'),
     's3': _closed({'type': {'const': 's3'},
                    'url': {'type': 'string', 'pattern': S3_URL},
                    'access_key': _CREDENTIAL,
@@ -305,6 +312,8 @@ _PATTERN_MESSAGES = {
     HTTP_URL: '{value} is not an http(s) URL',
     S3_URL: '{value} is not an S3 object URL '
             '(expected http(s)://host[:port]/bucket/key)',
+    NBD_URI: '{value} is not an NBD URI (expected nbd[s]://host[:port][/export] '
+             'or nbd[s]+unix:///[export]?socket=PATH)',
     DECIMAL: '{value} is not a non-negative integer',
     NO_NUL: '{value} contains a NUL character',
     CREDENTIAL: f"'{CONFIG_PREFIX}' must be followed by a config-key name",
@@ -547,7 +556,7 @@ def _native_name(spec: Mapping[str, Any]) -> str:
 def _stream_location(stream: Mapping[str, Any]) -> str:
     if stream.get('type') == 'file':
         return _printable(stream.get('file_path'))
-    return _printable(mask_url(str(stream.get('url'))))
+    return _printable(mask_url(str(stream.get('url', stream.get('uri')))))
 
 
 def spec_summary(spec: Mapping[str, Any]) -> str:

@@ -13,6 +13,7 @@ from .base import Stream
 REGISTRY: Dict[str, str] = {
     'file': 'file:FileStream',
     'http': 'http:HttpStream',
+    'nbd': 'nbd:NbdStream',
     's3': 's3:S3Stream',
 }
 

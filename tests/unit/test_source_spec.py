@@ -158,8 +158,8 @@ ERRORS = {
                              'source-spec: stream: expected an object, got a string'),
     'stream without type': (spec(stream={'file_path': '/x'}),
                             "source-spec: stream: missing required field 'type'"),
-    'unknown stream': (spec(stream={'type': 'nbd', 'uri': 'nbd://h'}),
-                       "source-spec: stream.type: 'nbd' is not one of file, http, s3"),
+    'unknown stream': (spec(stream={'type': 'ftp', 'url': 'ftp://h'}),
+                       "source-spec: stream.type: 'ftp' is not one of file, http, nbd, s3"),
     # file
     'file without path': (spec(stream={'type': 'file'}),
                           "source-spec: stream: missing required field 'file_path'"),

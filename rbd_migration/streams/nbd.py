@@ -1,0 +1,492 @@
+"""An NBD export as a stream, read through libnbd (``python3-libnbd``).
+
+The spec is upstream's: ``{"type": "nbd", "uri": "<NBD URI>"}`` with
+``nbd://host[:port][/export]``, ``nbds://`` (TLS) or
+``nbd+unix:///[export]?socket=PATH``; the port defaults to 10809.  Any
+image QEMU can read becomes importable this way (``qemu-nbd -f vhdx ...``).
+
+The server is not trusted any more than an HTTP one, so
+
+* the URI is checked before libnbd sees it: only the TCP and unix-socket
+  transports, a port that exists, no query parameter besides ``socket``,
+  ``tls-certificates`` and ``tls-psk-file``, and every local path those
+  name (the socket included) must lie under ``file_source_roots``, as a
+  ``file`` stream's path must;
+* nothing blocks without a limit: libnbd is driven through its
+  asynchronous calls, the handshake within the context's connect limit and
+  every request within ``ctx.timeout``, checking the deadline and the stop
+  event between polls of at most POLL_TICK;
+* a connection that breaks or stops answering is dropped and a new one
+  made on the next attempt (``with_retries``), and the export must still
+  have the size it had at open.
+
+Several requests are in flight on one connection (NBD pipelines them; a
+server such as ``qemu-nbd`` allows one client unless told otherwise, so one
+connection it is): the pieces of a read, and the reads of the copier's
+threads, are sent together and their answers read by one of the waiting
+threads at a time.  Sparse data stays sparse: ranges
+that the ``base:allocation`` block status calls zero are left out of
+``allocated``; what a server does not answer, or answers past the range
+asked, is read as data or cut off, never taken on trust.
+"""
+import os
+import select
+import stat
+import threading
+import time
+from itertools import islice
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+try:
+    import nbd
+except ImportError:     # the module loads without it; only nbd sources need it
+    nbd = None
+
+from ..context import SourceContext
+from ..errors import (InvalidArgument, NotFound, PermissionDenied, SourceChanged,
+                      Unsupported)
+from ..secrets import mask_text, mask_url
+from .base import Stream
+from .file import ROOTS_OPTION, _is_under, _real_roots
+from .net import Transient, with_retries
+
+FIELD = 'source-spec: stream.uri'
+DEFAULT_PORT = 10809
+TCP_SCHEMES = ('nbd', 'nbds')
+UNIX_SCHEMES = ('nbd+unix', 'nbds+unix')
+EXPECTED = ('expected nbd://host[:port][/export], nbds://host[:port][/export] '
+            'or nbd+unix:///[export]?socket=PATH')
+#: Query parameters that name a local file or directory.
+LOCAL_PARAMS = ('socket', 'tls-certificates', 'tls-psk-file')
+#: Longest wait in one poll, so that a stop or deadline is seen this soon.
+POLL_TICK = 0.1
+#: The most bytes one request asks for (qemu-nbd's own limit is 32 MiB),
+#: unless the server names a smaller maximum.
+MAX_REQUEST = 32 << 20
+#: Requests one read sends before it waits for their answers.
+MAX_BATCH = 16
+#: The least a server's largest request is taken to be: one that names
+#: less would make every read thousands of requests.
+MIN_REQUEST = 64 << 10
+#: Most bytes one block-status request asks about (its count is 32-bit).
+MAX_STATUS = 1 << 30
+#: Zero runs shorter than this are read as data, and extents past the first
+#: MAX_EXTENTS of an answer asked for again: a server answering in 1-byte
+#: extents costs neither memory nor a flood of tiny reads.
+MIN_HOLE = 64 << 10
+MAX_EXTENTS = 1 << 14
+
+
+# -- The URI -----------------------------------------------------------------
+
+@dataclass
+class Target:
+    """What a checked URI names: shown masked, with the local files it uses."""
+    uri: str
+    shown: str
+    export: str
+    local_files: bool
+
+
+def check_uri(uri: str, ctx: SourceContext, what: str = FIELD) -> Target:
+    """``uri`` checked as the module reads NBD URIs (see the module's
+    docstring); one-line InvalidArgument or PermissionDenied otherwise."""
+    shown = mask_url(uri)
+    bad = f'{what}: {shown!r} is not an NBD URI'
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        raise InvalidArgument(f'{bad} (a port is 1 to 65535); {EXPECTED}') from None
+    if parts.scheme not in TCP_SCHEMES + UNIX_SCHEMES or not uri.startswith(f'{parts.scheme}://'):
+        raise InvalidArgument(f'{bad}; {EXPECTED}')
+    if parts.fragment or '#' in uri or ';' in parts.query:
+        raise InvalidArgument(f"{bad} ('#' and ';' have no meaning in it); {EXPECTED}")
+    if parts.password is not None:
+        raise InvalidArgument(f'{what}: {shown!r} carries a password, which NBD has no '
+                              'place for; give a TLS PSK file with ?tls-psk-file=PATH')
+    if parts.username is not None and parts.scheme not in ('nbds', 'nbds+unix'):
+        raise InvalidArgument(f'{what}: {shown!r} names a TLS user without TLS; use '
+                              f'{parts.scheme.replace("nbd", "nbds", 1)}://')
+    if port == 0:
+        raise InvalidArgument(f'{bad} (a port is 1 to 65535); {EXPECTED}')
+    params = _params(parts.query, bad)
+    unix = parts.scheme in UNIX_SCHEMES
+    if unix and (parts.hostname or port is not None):
+        raise InvalidArgument(f'{what}: {shown!r} names a host, which a unix socket '
+                              'has none of; write nbd+unix:///[export]?socket=PATH')
+    if unix != ('socket' in params):
+        raise InvalidArgument(
+            f'{what}: {shown!r}: ' + ('a unix socket URI needs ?socket=PATH' if unix
+                                      else '?socket= needs the nbd+unix:// scheme'))
+    for name in LOCAL_PARAMS:
+        if name in params:
+            _check_local(params[name], name, shown, what, ctx)
+    return Target(uri=uri, shown=shown, export=unquote(parts.path[1:]),
+                  local_files=any(p in params for p in LOCAL_PARAMS[1:]))
+
+
+def _params(query: str, bad: str) -> Dict[str, str]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise InvalidArgument(f'{bad} (its query is not name=value pairs); {EXPECTED}') from None
+    params: Dict[str, str] = {}
+    for name, value in pairs:
+        if name not in LOCAL_PARAMS:
+            raise InvalidArgument(f'{bad} (unknown parameter {name!r}; allowed: '
+                                  f'{", ".join(LOCAL_PARAMS)}); {EXPECTED}')
+        if name in params:
+            raise InvalidArgument(f'{bad} (parameter {name!r} given twice); {EXPECTED}')
+        params[name] = value
+    return params
+
+
+def _check_local(path: str, name: str, shown: str, what: str, ctx: SourceContext) -> None:
+    """A local path the URI names: absolute, and under an allowed root (the
+    mgr connects to or reads it with its own rights)."""
+    where = f'{what}: {name} {path!r}'
+    if not os.path.isabs(path):
+        raise InvalidArgument(f'{where} is not an absolute path; give the full path '
+                              'on the host of the active mgr')
+    roots = _real_roots(ctx.allowed_file_roots)
+    real = os.path.realpath(path)
+    if not roots or not _is_under(real, roots):
+        raise PermissionDenied(
+            f'{where} is not under an allowed directory; move it under one of '
+            f'{", ".join(roots) or "them"} or add its directory with '
+            f'`ceph config set mgr {ROOTS_OPTION} DIR`')
+    if name == 'socket':
+        try:
+            kind = os.stat(real).st_mode
+        except OSError:
+            return      # a server not started yet: connecting says so, retried
+        if not stat.S_ISSOCK(kind):
+            raise InvalidArgument(f'{where} is not a unix socket; give the path of '
+                                  "the NBD server's socket (qemu-nbd --socket PATH)")
+
+
+# -- One connection ----------------------------------------------------------
+
+@dataclass
+class _Request:
+    """One command in flight: set done by its completion callback."""
+    done: threading.Event = field(default_factory=threading.Event)
+    error: int = 0
+
+    def complete(self, error: Any) -> int:
+        self.error = int(getattr(error, 'value', error) or 0)
+        self.done.set()
+        return 1        # retire the command: nobody calls aio_command_completed
+
+
+class _Link:
+    """One libnbd handle, connected.  Any thread may send commands on it;
+    one waiting thread at a time reads the answers for all of them."""
+
+    def __init__(self, handle: 'nbd.NBD', size: int, max_request: int) -> None:
+        self.handle = handle
+        self.size = size
+        self.max_request = max_request
+        #: Whose turn it is to read answers: one thread at a time, the
+        #: others woken after each of its polls to look at their own.
+        self._turn = threading.Condition()
+        self._polling = False
+        #: Why the link is no use any more; None while it is.
+        self.broken: Optional[str] = None
+
+    @classmethod
+    def connect(cls, target: Target, ctx: SourceContext) -> '_Link':
+        handle = nbd.NBD()
+        handle.set_handle_name('rbd_migration')
+        handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        handle.set_uri_allow_transports(nbd.ALLOW_TRANSPORT_TCP | nbd.ALLOW_TRANSPORT_UNIX)
+        handle.set_uri_allow_local_file(target.local_files)
+        limit = ctx.connect_wait()
+        started = time.monotonic()
+        try:
+            handle.aio_connect_uri(target.uri)
+            while handle.aio_is_connecting():
+                ctx.check()
+                left = limit - (time.monotonic() - started)
+                if left <= 0:
+                    raise Transient(f'no answer to the NBD handshake within {limit:g}s')
+                _pump(handle, min(POLL_TICK, left))
+            if not handle.aio_is_ready():
+                raise Transient('the server closed the connection during the handshake')
+            size = handle.get_size()
+            most = handle.get_block_size(nbd.SIZE_MAXIMUM) or MAX_REQUEST
+        except nbd.Error as e:
+            raise _connect_error(e, target) from None
+        return cls(handle, size, max(MIN_REQUEST, min(MAX_REQUEST, most)))
+
+    def run(self, send: Callable[[Callable[[Any], int]], object],
+            ctx: SourceContext, count: int = 1) -> List[_Request]:
+        """Send ``count`` commands (``send(completion)`` each) and wait for
+        all their answers, within ``ctx.timeout`` from the first; Transient
+        when the link breaks or is too slow (it is then of no more use)."""
+        requests = [_Request() for _ in range(count)]
+        started = time.monotonic()
+        try:
+            for request in requests:
+                self._check()
+                send(request.complete)
+            for request in requests:
+                while not request.done.is_set():
+                    ctx.check()
+                    self._check()
+                    if time.monotonic() - started > ctx.timeout:
+                        self.broken = f'no answer within {ctx.timeout:g}s'
+                        self._check()
+                    self._wait(request, ctx.wait_for(POLL_TICK))
+        except nbd.Error as e:
+            self.broken = _reason(e)
+            self._check()
+        return requests
+
+    def _wait(self, request: _Request, seconds: float) -> None:
+        """Read answers for ``seconds`` at most, or, while another thread
+        reads them, wait until it has read some."""
+        with self._turn:
+            if self._polling:
+                self._turn.wait(seconds)
+                return
+            self._polling = True
+        try:
+            if not request.done.is_set() and self.broken is None:
+                _pump(self.handle, seconds)
+        finally:
+            with self._turn:
+                self._polling = False
+                self._turn.notify_all()
+
+    def _check(self) -> None:
+        if self.broken is not None:
+            raise Transient(self.broken)
+
+    def close(self) -> None:
+        """Tell the server goodbye without waiting for it; the socket closes
+        once the last thread using the handle lets go of it."""
+        self.broken = self.broken or 'closed'
+        try:
+            self.handle.aio_disconnect(0)
+        except nbd.Error:
+            pass
+
+
+def _pump(handle: 'nbd.NBD', seconds: float) -> None:
+    """One poll of the handle's socket, at most ``seconds``: libnbd's state
+    machine moves on with what arrived.  select releases the GIL and holds
+    no libnbd lock, so other threads send commands meanwhile."""
+    direction = handle.aio_get_direction()
+    fd = handle.aio_get_fd()
+    readable, writable, _ = select.select(
+        [fd] if direction & nbd.AIO_DIRECTION_READ else [],
+        [fd] if direction & nbd.AIO_DIRECTION_WRITE else [], [], seconds)
+    if readable:
+        handle.aio_notify_read()
+    elif writable:
+        handle.aio_notify_write()
+
+
+def _reason(e: 'nbd.Error') -> str:
+    """libnbd's message without the name of the call that failed."""
+    text = (e.string or str(e)).strip()
+    head, sep, tail = text.partition(': ')
+    return tail if sep and head.startswith('nbd_') else text
+
+
+def _connect_error(e: 'nbd.Error', target: Target) -> Exception:
+    """A handshake's failure: a missing export or TLS refused is an answer,
+    anything else (refused, reset, no such socket yet) may pass."""
+    reason = _reason(e)
+    if 'no export named' in reason:
+        name = f'export {target.export!r}' if target.export else 'default export (none named)'
+        return NotFound(mask_text(f'{FIELD}: the NBD server at {target.shown} has no '
+                                  f'{name}; name one it serves (qemu-nbd -x NAME serves '
+                                  'NAME: nbd://host/NAME)', []))
+    if 'TLS' in reason or e.errno in ('ENOTSUP', 'EINVAL'):
+        return InvalidArgument(mask_text(f'{FIELD}: {target.shown}: {reason}', []))
+    return Transient(mask_text(reason, []))
+
+
+# -- The stream --------------------------------------------------------------
+
+class NbdStream(Stream):
+    """Reads of one NBD export over one connection, made afresh when it
+    breaks; the size seen at open is pinned."""
+
+    #: A request costs one round trip, and several are in flight at once:
+    #: the pieces of a read are sent together rather than merged.
+    merge_gap = -1
+
+    def __init__(self, target: Target, ctx: SourceContext, what: str) -> None:
+        self._target = target
+        self._ctx = ctx
+        self._what = f'{what}: {target.shown}'
+        self.description = f'nbd {target.shown}'
+        self._lock = threading.Lock()
+        self._link: Optional[_Link] = None
+        self._size = -1
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], ctx: SourceContext) -> 'NbdStream':
+        uri = spec.get('uri')
+        if not isinstance(uri, str):
+            raise InvalidArgument(f'{FIELD}: {EXPECTED}')
+        if nbd is None:
+            raise Unsupported(f'{FIELD}: reading NBD needs libnbd; install python3-libnbd '
+                              'on the mgr hosts')
+        stream = cls(check_uri(uri, ctx), ctx, FIELD)
+        try:
+            stream._size = stream._with_link(lambda link: link.size)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
+
+    def size(self) -> int:
+        self._check_open()
+        return self._size
+
+    def validators(self) -> Dict[str, str]:
+        """The export's size as a new connection finds it."""
+        self._check_open()
+        link = with_retries(self._ctx, self._what,
+                            lambda: _Link.connect(self._target, self._ctx), self._text)
+        link.close()
+        return {'size': str(link.size)}
+
+    def _read(self, offset: int, length: int) -> bytes:
+        data = bytearray(length)
+        self._read_into(offset, memoryview(data))
+        return bytes(data)
+
+    def _read_into(self, offset: int, view: memoryview) -> int:
+        return self.read_pieces([(offset, view)])[0]
+
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]]) -> List[int]:
+        """Every piece (cut to the export's end, split at the server's
+        largest request) asked for at once, MAX_BATCH requests in flight."""
+        counts = []
+        spans: List[Tuple[int, memoryview]] = []
+        for offset, view in pieces:
+            want = self._span(offset, len(view))
+            counts.append(want)
+            step = self._max_request()
+            spans += [(offset + at, view[at:min(want, at + step)]) for at in range(0, want, step)]
+        for first in range(0, len(spans), MAX_BATCH):
+            self._fetch(spans[first:first + MAX_BATCH])
+        return counts
+
+    def _fetch(self, spans: List[Tuple[int, memoryview]]) -> None:
+        buffers = [nbd.Buffer(len(view)) for _, view in spans]
+
+        def attempt(link: _Link) -> None:
+            sent = iter(zip(spans, buffers))
+
+            def send(completion: Callable[[Any], int]) -> object:
+                (offset, _), buf = next(sent)
+                return link.handle.aio_pread(buf, offset, completion=completion)
+            for (offset, view), request in zip(spans, link.run(send, self._ctx, len(spans))):
+                if request.error:
+                    raise Transient(f'read of {len(view)} bytes at {offset} failed '
+                                    f'({os.strerror(request.error)})')
+        self._with_link(attempt)
+        for (_, view), buf in zip(spans, buffers):
+            view[:] = memoryview(buf.to_buffer())[:len(view)]
+
+    def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
+        """What block status does not call zero; all of it where the server
+        has no ``base:allocation``, or fails to say."""
+        end = min(offset + length, self.size())
+        pos = offset
+        while pos < end:
+            self._ctx.check()
+            found = self._block_status(pos, min(end - pos, MAX_STATUS))
+            if not found:   # no answer for pos: read the rest as data
+                yield pos, end - pos
+                return
+            for start, stop, zero in found:
+                if not zero:
+                    yield start, stop - start
+            pos = found[-1][1]
+
+    def _block_status(self, pos: int, count: int) -> List[Tuple[int, int, bool]]:
+        """(start, end, reads as zero) from ``pos`` on, contiguous, within
+        [pos, pos+count); empty when the server gives nothing usable."""
+        def attempt(link: _Link) -> List[Tuple[int, int, bool]]:
+            if not link.handle.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION):
+                return []
+            found: List[Tuple[int, int, bool]] = []
+
+            def extent(meta: str, start: int, entries: List[int], err: Any) -> int:
+                if meta == nbd.CONTEXT_BASE_ALLOCATION and start == pos and not found:
+                    found.extend(_extents(start, entries, pos + count))
+                return 0
+
+            def send(completion: Callable[[Any], int]) -> object:
+                return link.handle.aio_block_status(count, pos, extent, completion=completion)
+            if link.run(send, self._ctx)[0].error:
+                return []
+            return found
+        return self._with_link(attempt)
+
+    def _max_request(self) -> int:
+        link = self._link
+        return link.max_request if link is not None else MAX_REQUEST
+
+    def _with_link(self, use: Callable[[_Link], Any]) -> Any:
+        """``use(link)`` with retries, on a new link after one breaks."""
+        return with_retries(self._ctx, self._what, lambda: use(self._current()), self._text)
+
+    def _current(self) -> _Link:
+        with self._lock:
+            self._check_open()
+            link = self._link
+            if link is not None and link.broken is None:
+                return link
+            if link is not None:
+                link.close()
+            self._link = None
+            link = _Link.connect(self._target, self._ctx)
+            if self._size >= 0 and link.size != self._size:
+                link.close()
+                raise SourceChanged(self._text(
+                    f'{self._what}: {self._target.shown} changed since it was opened '
+                    f'(size {self._size} → {link.size}); do not change the image '
+                    'while it is imported'))
+            self._link = link
+            return link
+
+    def _text(self, text: str) -> str:
+        return mask_text(text, [])
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            link, self._link = self._link, None
+        if link is not None:
+            link.close()
+
+
+def _extents(start: int, entries: Sequence[int], end: int) -> List[Tuple[int, int, bool]]:
+    """The (start, end, zero) runs in libnbd's flat [length, flags, ...]
+    list, cut at ``end``, at the first entry that makes no progress and
+    after MAX_EXTENTS entries; zero runs under MIN_HOLE count as data, and
+    neighbours alike are merged."""
+    runs: List[Tuple[int, int, bool]] = []
+    pos = start
+    for length, flags in islice(zip(entries[0::2], entries[1::2]), MAX_EXTENTS):
+        if length <= 0 or pos >= end:
+            break
+        stop = min(end, pos + length)
+        zero = bool(flags & nbd.STATE_ZERO) and stop - pos >= MIN_HOLE
+        if runs and runs[-1][2] == zero:
+            runs[-1] = (runs[-1][0], stop, zero)
+        else:
+            runs.append((pos, stop, zero))
+        pos = stop
+    return runs

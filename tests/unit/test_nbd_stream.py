@@ -1,0 +1,419 @@
+"""NbdStream against real servers (qemu-nbd, nbdkit): the URI forms upstream
+tests and the ones it refuses, exports by name, bytes equal to
+``qemu-img convert``'s, sparse ranges, requests in flight together, and
+servers that stop, vanish, come back or lie in block status.
+
+Every server is a child of the test, killed in teardown; every wait is
+bounded."""
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+from rbd_migration.context import SourceContext
+from rbd_migration.errors import (Cancelled, InvalidArgument, MigrationError, NotFound,
+                                  PermissionDenied, SourceChanged, SourceUnreachable)
+from rbd_migration.formats import open_format
+from rbd_migration.probe import ADAPTER, probe
+from rbd_migration.source_spec import spec_summary, validate_source_spec
+from rbd_migration.streams import open_stream
+from rbd_migration.streams.base import Stream
+from rbd_migration.streams.nbd import DEFAULT_PORT, MAX_EXTENTS, NbdStream, _extents
+
+pytest.importorskip('nbd')
+pytestmark = pytest.mark.skipif(
+    not (shutil.which('qemu-nbd') and shutil.which('nbdkit') and shutil.which('qemu-img')),
+    reason='needs qemu-nbd, nbdkit and qemu-img')
+
+#: Longest wait for a server to listen, or to exit once killed.
+START_LIMIT = 10.0
+KiB, MiB = 1 << 10, 1 << 20
+
+
+# -- Servers -------------------------------------------------------------------
+
+
+class Servers:
+    """The servers one test started, each killed (and reaped) at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self, argv: List[str], sock: Optional[Path] = None,
+              port: Optional[int] = None) -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        self.procs.append(proc)
+        until = time.monotonic() + START_LIMIT
+        while not _listening(sock, port):
+            if proc.poll() is not None:
+                error = proc.stderr.read() if proc.stderr else b''
+                raise AssertionError(f'{argv[0]} exited: {error.decode()}')
+            assert time.monotonic() < until, f'{argv[0]} did not listen within {START_LIMIT}s'
+            time.sleep(0.02)
+        return proc
+
+    def qemu_nbd(self, image: Path, fmt: str = 'qcow2', name: Optional[str] = None,
+                 sock: Optional[Path] = None, port: Optional[int] = None) -> subprocess.Popen:
+        argv = ['qemu-nbd', '--read-only', '--persistent', '--shared', '8', '-f', fmt]
+        argv += ['-x', name] if name is not None else []
+        argv += ['--socket', str(sock)] if sock else ['-b', '127.0.0.1', '-p', str(port)]
+        return self.start(argv + [str(image)], sock, port)
+
+    def nbdkit(self, sock: Path, *args: str) -> subprocess.Popen:
+        return self.start(['nbdkit', '--foreground', '--exit-with-parent', '-U', str(sock),
+                           *args], sock)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGCONT)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(START_LIMIT)
+        if proc.stderr:
+            proc.stderr.close()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+
+
+def _listening(sock: Optional[Path], port: Optional[int]) -> bool:
+    family = socket.AF_UNIX if sock else socket.AF_INET
+    address: Any = str(sock) if sock else ('127.0.0.1', port)
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        return s.connect_ex(address) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A short directory (a unix socket's path has 107 bytes at most)."""
+    path = Path(tempfile.mkdtemp(prefix='nbd', dir='/tmp'))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def servers(root: Path) -> Iterator[Servers]:
+    made = Servers(root)
+    yield made
+    made.close()
+
+
+def ctx_for(root: Path, **kw: Any) -> SourceContext:
+    return SourceContext(allowed_file_roots=[str(root)], **{'timeout': 5.0, 'retries': 2, **kw})
+
+
+def qcow2(root: Path, name: str = 'disk.qcow2', size: str = '24M') -> Path:
+    """A qcow2 with data here and there, holes between."""
+    path = root / name
+    subprocess.run(['qemu-img', 'create', '-q', '-f', 'qcow2', str(path), size], check=True)
+    subprocess.run(['qemu-io', '-c', 'write -P 0x5a 1M 3M', '-c', 'write -P 0x11 17M 64k',
+                    '-c', 'write -P 0x77 8388096 1024', str(path)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return path
+
+
+def converted(image: Path) -> bytes:
+    """The guest's bytes as qemu-img reads them."""
+    out = image.with_suffix('.raw')
+    subprocess.run(['qemu-img', 'convert', '-O', 'raw', str(image), str(out)], check=True)
+    return out.read_bytes()
+
+
+def read_all(stream: Stream, piece: int = 4 * MiB) -> bytes:
+    data = bytearray(stream.size())
+    view = memoryview(data)
+    pieces = [(at, view[at:at + piece]) for at in range(0, len(data), piece)]
+    assert sum(stream.read_pieces(pieces)) == len(data)
+    return bytes(data)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def nbd(uri: str, root: Path, **kw: Any) -> NbdStream:
+    stream = open_stream({'type': 'nbd', 'uri': uri}, ctx_for(root, **kw))
+    assert isinstance(stream, NbdStream)
+    return stream
+
+
+# -- Reading -------------------------------------------------------------------
+
+
+def test_unix_export_by_name_reads_what_qemu_img_converts(root: Path, servers: Servers) -> None:
+    image = qcow2(root)
+    servers.qemu_nbd(image, name='vm0', sock=root / 'q.sock')
+    want = converted(image)
+    with nbd(f'nbd+unix:///vm0?socket={root}/q.sock', root) as stream:
+        assert stream.size() == len(want)
+        assert sha(read_all(stream)) == sha(want)
+        assert stream.read(MiB - 2, 4) == want[MiB - 2:MiB + 2]
+        assert stream.read(len(want) - 3, 100) == want[-3:]
+        assert stream.read(len(want), 10) == b''
+        assert stream.validators() == {'size': str(len(want))}
+        assert list(stream.allocated(0, len(want))) == [
+            (MiB, 3 * MiB), (8 * MiB - 64 * KiB, 128 * KiB), (17 * MiB, 64 * KiB)]
+        assert list(stream.allocated(2 * MiB, MiB)) == [(2 * MiB, MiB)]
+        assert 'vm0' in stream.description
+
+
+@pytest.mark.parametrize('fmt, sparse', [('vpc', True), ('vdi', True), ('vmdk', True),
+                                         ('vhdx', False)])   # qemu: no block status
+def test_formats_qemu_reads_import_as_raw(root: Path, servers: Servers, fmt: str,
+                                         sparse: bool) -> None:
+    source = qcow2(root)
+    image = root / f'disk.{fmt}'
+    subprocess.run(['qemu-img', 'convert', '-O', fmt, str(source), str(image)], check=True)
+    servers.qemu_nbd(image, fmt=fmt, sock=root / 'q.sock')
+    spec = validate_source_spec({'type': 'raw', 'stream': {
+        'type': 'nbd', 'uri': f'nbd+unix:///?socket={root}/q.sock'}})
+    want = converted(image)
+    with open_format(spec, ctx_for(root)) as raw:
+        size = raw.size()
+        assert raw.read(0, size)[:len(want)] == want[:size]
+        data = [(e.offset, e.length) for e in raw.extents()]
+        assert (sum(length for _, length in data) < size) == sparse    # holes stay holes
+
+
+def test_tcp_forms(root: Path, servers: Servers) -> None:
+    image = qcow2(root)
+    want = sha(converted(image))
+    named, unnamed = free_port(), free_port()
+    servers.qemu_nbd(image, name='myexport', port=named)
+    servers.qemu_nbd(image, port=unnamed)
+    for uri in (f'nbd://127.0.0.1:{named}/myexport', f'nbd://localhost:{named}/myexport',
+                f'nbd://127.0.0.1:{unnamed}', f'nbd://127.0.0.1:{unnamed}/'):
+        with nbd(uri, root) as stream:
+            assert sha(read_all(stream)) == want, uri
+
+
+def test_shortest_uri_is_localhost_default_port(root: Path, servers: Servers) -> None:
+    if _listening(None, DEFAULT_PORT):
+        pytest.skip(f'port {DEFAULT_PORT} is taken')
+    image = qcow2(root)
+    servers.qemu_nbd(image, port=DEFAULT_PORT)
+    with nbd('nbd://', root) as stream:
+        assert stream.size() == 24 * MiB
+    with pytest.raises(NotFound, match="has no export 'myexport'"):
+        nbd('nbd:///myexport', root)
+
+
+def test_missing_export_is_an_answer_not_retried(root: Path, servers: Servers) -> None:
+    servers.qemu_nbd(qcow2(root), name='myexport', sock=root / 'q.sock')
+    started = time.monotonic()
+    with pytest.raises(NotFound) as e:
+        nbd(f'nbd+unix:///other?socket={root}/q.sock', root, retries=5)
+    assert "has no export 'other'" in str(e.value) and '\n' not in str(e.value)
+    with pytest.raises(NotFound, match='default export'):
+        nbd(f'nbd+unix:///?socket={root}/q.sock', root)
+    assert time.monotonic() - started < 2
+
+
+def test_no_server(root: Path) -> None:
+    port = free_port()
+    for uri in (f'nbd://127.0.0.1:{port}/x', f'nbd+unix:///x?socket={root}/none.sock'):
+        with pytest.raises(SourceUnreachable, match='after 2 attempts'):
+            nbd(uri, root)
+
+
+# -- Refused URIs ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize('stream, message', [
+    ({'type': 'nbd'}, "source-spec: stream: missing required field 'uri'"),
+    ({'type': 'nbd', 'uri': 123456}, 'source-spec: stream.uri: expected a string, got an integer'),
+    ({'type': 'nbd', 'uri': ''}, "source-spec: stream.uri: '' is not an NBD URI"),
+    ({'type': 'nbd', 'uri': 'foo.example.com'}, "'foo.example.com' is not an NBD URI"),
+    ({'type': 'nbd', 'uri': 'nbd+vsock:///'}, "'nbd+vsock:///' is not an NBD URI"),
+    ({'type': 'nbd', 'uri': 'NBD://host'}, "'NBD://host' is not an NBD URI"),
+    ({'type': 'nbd', 'uri': 'nbd://host', 'url': 'x'}, 'source-spec: stream.url: unknown field'),
+])
+def test_schema_refuses(stream: Dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        validate_source_spec({'type': 'raw', 'stream': stream})
+    assert message in str(e.value) and '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize('uri, message', [
+    ('nbd://host:99999/x', 'a port is 1 to 65535'),
+    ('nbd://host:0/x', 'a port is 1 to 65535'),
+    ('nbd://host/x?foo=1', "unknown parameter 'foo'"),
+    ('nbd://host/x?tls-verify-peer=false', "unknown parameter 'tls-verify-peer'"),
+    ('nbd://host/x#frag', "'#' and ';' have no meaning"),
+    ('nbd://alice@host/x', 'TLS user without TLS; use nbds://'),
+    ('nbd://host/x?socket=/tmp/s', '?socket= needs the nbd+unix:// scheme'),
+    ('nbd+unix:///x', 'a unix socket URI needs ?socket=PATH'),
+    ('nbd+unix://host/x?socket=/tmp/s', 'names a host'),
+    ('nbd+unix:///x?socket=s.sock', 'is not an absolute path'),
+    ('nbd+unix:///x?socket=/a&socket=/b', "parameter 'socket' given twice"),
+])
+def test_stream_refuses(root: Path, uri: str, message: str) -> None:
+    with pytest.raises(InvalidArgument) as e:
+        nbd(uri, root)
+    assert message in str(e.value) and str(e.value).startswith('source-spec: stream.uri: ')
+    assert '\n' not in str(e.value)
+
+
+def test_password_is_refused_and_masked(root: Path) -> None:
+    uri = 'nbds://alice:s3cret-pass@host/x'
+    with pytest.raises(InvalidArgument) as e:
+        nbd(uri, root)
+    assert 's3cret' not in str(e.value) and 'carries a password' in str(e.value)
+    assert 's3cret' not in spec_summary({'type': 'raw', 'stream': {'type': 'nbd', 'uri': uri}})
+
+
+def test_local_paths_only_under_the_roots(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(PermissionDenied, match='file_source_roots'):
+        nbd('nbd+unix:///x?socket=/run/other.sock', root)
+    with pytest.raises(PermissionDenied, match='tls-psk-file'):
+        nbd(f'nbds://host/x?tls-psk-file={tmp_path}/keys.psk', root)
+    (root / 'link.sock').symlink_to('/run/other.sock')
+    with pytest.raises(PermissionDenied, match='not under an allowed directory'):
+        nbd(f'nbd+unix:///x?socket={root}/link.sock', root)
+    (root / 'plain').write_bytes(b'x')
+    with pytest.raises(InvalidArgument, match='is not a unix socket'):
+        nbd(f'nbd+unix:///x?socket={root}/plain', root)
+    with pytest.raises(PermissionDenied):
+        open_stream({'type': 'nbd', 'uri': f'nbd+unix:///x?socket={root}/q.sock'},
+                    SourceContext())
+
+
+# -- Servers that misbehave -----------------------------------------------------
+
+
+def test_server_that_stops_answering(root: Path, servers: Servers) -> None:
+    proc = servers.qemu_nbd(qcow2(root), sock=root / 'q.sock')
+    with nbd(f'nbd+unix:///?socket={root}/q.sock', root, timeout=1.0) as stream:
+        assert stream.read(MiB, 4) == b'ZZZZ'
+        os.killpg(proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(SourceUnreachable) as e:
+            stream.read(2 * MiB, 4)
+        took = time.monotonic() - started
+    assert took < 6, took      # two 1 s requests and a 1 s handshake, a pause
+    assert 'after 2 attempts' in str(e.value)
+
+
+def test_stop_event_ends_a_blocked_read(root: Path, servers: Servers) -> None:
+    proc = servers.qemu_nbd(qcow2(root), sock=root / 'q.sock')
+    stop = threading.Event()
+    with nbd(f'nbd+unix:///?socket={root}/q.sock', root, timeout=30.0, stop=stop) as stream:
+        os.killpg(proc.pid, signal.SIGSTOP)
+        threading.Timer(0.3, stop.set).start()
+        started = time.monotonic()
+        with pytest.raises(Cancelled):
+            stream.read(0, 4)
+        assert time.monotonic() - started < 2
+
+
+def test_server_that_goes_away_and_comes_back(root: Path, servers: Servers) -> None:
+    image = qcow2(root)
+    sock = root / 'q.sock'
+    proc = servers.qemu_nbd(image, sock=sock)
+    with nbd(f'nbd+unix:///?socket={sock}', root, retries=3) as stream:
+        assert stream.read(MiB, 2) == b'ZZ'
+        servers.kill(proc)
+        sock.unlink()
+        with pytest.raises(SourceUnreachable):
+            stream.read(MiB, 2)
+        servers.qemu_nbd(image, sock=sock)
+        assert stream.read(MiB, 2) == b'ZZ'         # a new connection
+        servers.kill(servers.procs[-1])
+        sock.unlink()
+        servers.qemu_nbd(qcow2(root, 'other.qcow2', '32M'), sock=sock)
+        with pytest.raises(SourceChanged, match='size 25165824 → 33554432'):
+            stream.read(MiB, 2)
+
+
+def test_requests_are_in_flight_together(root: Path, servers: Servers) -> None:
+    """Eight reads of a server that takes 0.5 s for each: sent one at a
+    time (as upstream does) they would take 4 s."""
+    servers.nbdkit(root / 'k.sock', '--filter=delay', 'pattern', '16M', 'rdelay=500ms')
+    with nbd(f'nbd+unix:///?socket={root}/k.sock', root) as stream:
+        started = time.monotonic()
+        data = read_all(stream, 2 * MiB)
+        assert time.monotonic() - started < 2.5
+    assert data[8:16] == (8).to_bytes(8, 'big')      # the pattern plugin's offsets
+
+
+def test_without_block_status_everything_is_data(root: Path, servers: Servers) -> None:
+    servers.nbdkit(root / 'k.sock', '--filter=noextents', 'memory', '4M')
+    with nbd(f'nbd+unix:///?socket={root}/k.sock', root) as stream:
+        assert list(stream.allocated(0, 4 * MiB)) == [(0, 4 * MiB)]
+
+
+def eval_server(servers: Servers, root: Path, extents: str) -> None:
+    """1 MiB of 0xaa whose block status is whatever ``extents`` prints."""
+    servers.nbdkit(root / 'k.sock', 'eval', 'get_size=echo 1048576',
+                   'pread=head -c $3 /dev/zero | tr "\\0" "\\252"',
+                   'can_extents=exit 0', f'extents={extents}', 'thread_model=echo parallel')
+
+
+def test_block_status_that_answers_part_of_the_range(root: Path, servers: Servers) -> None:
+    """Only the first 64 KiB are described per answer: the rest is asked
+    for again, and what is called zero left out."""
+    eval_server(servers, root, 'echo $4 65536 hole,zero')
+    with nbd(f'nbd+unix:///?socket={root}/k.sock', root) as stream:
+        assert list(stream.allocated(0, MiB)) == []
+        assert stream.read(0, 2) == b'\xaa\xaa'
+
+
+def test_block_status_that_fails_reads_as_data(root: Path, servers: Servers) -> None:
+    eval_server(servers, root, 'echo EIO broken >&2; exit 1')
+    with nbd(f'nbd+unix:///?socket={root}/k.sock', root) as stream:
+        assert list(stream.allocated(4096, 8192)) == [(4096, 8192)]
+
+
+def test_block_status_past_the_range_is_cut(root: Path, servers: Servers) -> None:
+    eval_server(servers, root, 'echo 0 1048576 0')
+    with nbd(f'nbd+unix:///?socket={root}/k.sock', root) as stream:
+        assert list(stream.allocated(4096, 8192)) == [(4096, 8192)]
+
+
+def test_extents_that_lie_are_cut_at_the_first_that_makes_no_progress() -> None:
+    zero, data, end = 3, 0, 10 * MiB
+    assert _extents(100, [MiB, zero, 0, data, 10, data], end) == [(100, 100 + MiB, True)]
+    assert _extents(100, [end * 2, data], end) == [(100, end, False)]
+    assert _extents(100, [10, data, 10], end) == [(100, 110, False)]
+    assert _extents(100, [], end) == []
+
+
+def test_extents_in_tiny_pieces_cost_neither_memory_nor_reads() -> None:
+    zero, data = 3, 0
+    assert _extents(0, [1, zero, 1, data] * 1000 + [MiB, zero], 10 * MiB) == [
+        (0, 2000, False), (2000, 2000 + MiB, True)]
+    many = _extents(0, [1, data] * (MAX_EXTENTS * 2), 10 * MiB)
+    assert many == [(0, MAX_EXTENTS, False)]
+
+
+# -- Routing ------------------------------------------------------------------
+
+
+def test_probe_sends_nbd_to_the_adapter_engine(root: Path, servers: Servers) -> None:
+    servers.qemu_nbd(qcow2(root), sock=root / 'q.sock')
+    spec = validate_source_spec({'type': 'raw', 'stream': {
+        'type': 'nbd', 'uri': f'nbd+unix:///?socket={root}/q.sock'}})
+    report = probe(spec, ctx_for(root))
+    assert report.path == ADAPTER and report.size == 24 * MiB
+    assert any('no nbd stream' in reason for reason in report.reasons)
+    assert report.location == f'nbd nbd+unix:///?socket={root}/q.sock'
+    with pytest.raises(MigrationError, match='no nbd stream'):
+        probe({**spec, 'rbd_migration': {'engine': 'librbd'}}, ctx_for(root))
