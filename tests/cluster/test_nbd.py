@@ -77,9 +77,8 @@ def _import(cluster: Cluster, uri: str, want: str) -> None:
     prepared = mig(cluster, 'prepare', '--import-only', f'rbd/{name}',
                    '--source-spec', json.dumps(spec))
     assert prepared['path'] == 'adapter', prepared
-    wait_task(cluster, str(mig(cluster, 'execute', f'rbd/{name}')['task']['id']))
-    wait_task(cluster, str(mig(cluster, 'verify', f'rbd/{name}')['task']['id']))
-    wait_task(cluster, str(mig(cluster, 'commit', f'rbd/{name}')['task']['id']))
+    for step in ('execute', 'verify', 'commit'):   # verify reads the source again
+        wait_task(cluster, str(mig(cluster, step, f'rbd/{name}')['task']['id']))
     assert _sha_rbd(cluster, f'rbd/{name}') == want
 
 
