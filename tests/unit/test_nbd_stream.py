@@ -75,9 +75,14 @@ class Servers:
                            *args], sock)
 
     def kill(self, proc: subprocess.Popen) -> None:
+        """SIGTERM first, so that nbdkit removes its scripts' directory."""
         if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
             os.killpg(proc.pid, signal.SIGCONT)
-            os.killpg(proc.pid, signal.SIGKILL)
+            try:
+                proc.wait(START_LIMIT / 2)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(START_LIMIT)
         if proc.stderr:
             proc.stderr.close()
@@ -331,13 +336,13 @@ def test_server_that_goes_away_and_comes_back(root: Path, servers: Servers) -> N
     with nbd(f'nbd+unix:///?socket={sock}', root, retries=3) as stream:
         assert stream.read(MiB, 2) == b'ZZ'
         servers.kill(proc)
-        sock.unlink()
+        sock.unlink(missing_ok=True)
         with pytest.raises(SourceUnreachable):
             stream.read(MiB, 2)
         servers.qemu_nbd(image, sock=sock)
         assert stream.read(MiB, 2) == b'ZZ'         # a new connection
         servers.kill(servers.procs[-1])
-        sock.unlink()
+        sock.unlink(missing_ok=True)
         servers.qemu_nbd(qcow2(root, 'other.qcow2', '32M'), sock=sock)
         with pytest.raises(SourceChanged, match='size 25165824 → 33554432'):
             stream.read(MiB, 2)
