@@ -42,7 +42,7 @@ from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
 from ..streams import open_stream
 from ..streams.base import Stream
-from .base import (Extent, Format, FormatFeatures, Snapshot, coalesce,
+from .base import (Extent, Format, FormatFeatures, PieceReader, Snapshot, coalesce,
                    zero_fill)
 from .detect import SNIFF_LENGTH, sniff
 from .qcow_cache import _Budget
@@ -72,7 +72,7 @@ class _LayerReads:
     lower: List[Tuple[int, memoryview]] = field(default_factory=list)
 
 
-class QcowFormat(Format):
+class QcowFormat(PieceReader):
     """A qcow or qcow2 image on a stream.
 
     ``backing`` is the image under this one, when the caller has opened it;
@@ -261,27 +261,6 @@ class QcowFormat(Format):
         lower = self.backing.extents()
         return coalesce(_show_through(own, lower, size))
 
-    def read(self, offset: int, length: int,
-             snap: Optional[Snapshot] = None) -> bytes:
-        """Past the virtual size reads as zeros, as for a raw image."""
-        self._check_read(offset, length)
-        end = min(offset + length, self.size(snap))
-        parts: List[bytes] = []
-        if offset < end:
-            l1 = self._l1_for(snap)
-            for run in _merge_runs(self._runs(l1, offset, end)):
-                parts.append(self._read_run(run))
-        tail = offset + length - max(end, offset)
-        if tail:
-            parts.append(bytes(tail))
-        return parts[0] if len(parts) == 1 else b''.join(parts)
-
-    def read_into(self, offset: int, view: memoryview,
-                  snap: Optional[Snapshot] = None) -> None:
-        """As ``read``, each run straight into its part of ``view``; the
-        layers underneath fill their parts the same way."""
-        self.read_pieces([(offset, view)], snap)
-
     def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
                     snap: Optional[Snapshot] = None) -> None:
         """Every piece mapped to runs first, then read together: this
@@ -311,15 +290,18 @@ class QcowFormat(Format):
         elif run.kind == _RunKind.COMPRESSED and run.offset % cs == 0 \
                 and run.length == cs:
             reads.compressed.append((run.host, bytearray(run.csize), view))
-        elif run.kind == _RunKind.COMPRESSED:
-            self._read_run_into(run, view)   # in part: through the cache
+        elif run.kind == _RunKind.COMPRESSED:   # in part: through the cache
+            within = run.offset % cs
+            view[:] = memoryview(self._decompressed(run.host, run.csize))[
+                within:within + run.length]
         else:
             reads.data.append((run.host, view))
 
     def _read_planned(self, reads: '_LayerReads') -> None:
         compressed = [(host, memoryview(buf)) for host, buf, _ in reads.compressed]
         if self.header.has_data_file:
-            data_counts = self._data().read_pieces(reads.data)
+            # The data file is opened only when a read needs it.
+            data_counts = self._data().read_pieces(reads.data) if reads.data else []
             counts = self._stream.read_pieces(compressed)
         else:
             both = self._stream.read_pieces(reads.data + compressed)
@@ -333,8 +315,8 @@ class QcowFormat(Format):
 
     def _read_lower_pieces(self, pieces: List[Tuple[int, memoryview]]) -> None:
         if self.backing is None:
-            for offset, view in pieces:
-                view[:] = self._read_lower(offset, len(view))  # zeros, or refused
+            for _, view in pieces:
+                self._without_backing(view)
             return
         size = self.backing.size()
         inside = []
@@ -393,54 +375,15 @@ class QcowFormat(Format):
 
     # -- reading --------------------------------------------------------------
 
-    def _read_run(self, run: _Run) -> bytes:
-        if run.kind == _RunKind.ZERO:
-            return bytes(run.length)
-        if run.kind == _RunKind.UNALLOCATED:
-            return self._read_lower(run.offset, run.length)
-        if run.kind == _RunKind.COMPRESSED:
-            within = run.offset % self.header.cluster_size
-            data = self._decompressed(run.host, run.csize, within, run.length)
-            return data[within:within + run.length]
-        data = self._data().read(run.host, run.length)
-        # As QEMU does, bytes past the end of the file read as zeros.
-        if len(data) < run.length:
-            data += bytes(run.length - len(data))
-        return data
-
-    def _read_run_into(self, run: _Run, view: memoryview) -> None:
-        if run.kind == _RunKind.ZERO:
-            zero_fill(view)
-        elif run.kind == _RunKind.UNALLOCATED:
-            self._read_lower_into(run.offset, view)
-        elif run.kind == _RunKind.COMPRESSED:
-            within = run.offset % self.header.cluster_size
-            data = memoryview(self._decompressed(run.host, run.csize, within, run.length))
-            view[:] = data[within:within + run.length]
-        else:
-            n = self._data().read_into(run.host, view)
-            zero_fill(view[n:])  # past the end of the file: zeros, as QEMU
-
-    def _read_lower_into(self, offset: int, view: memoryview) -> None:
-        if self.backing is None:
-            view[:] = self._read_lower(offset, len(view))  # zeros, or refused
-            return
-        n = max(0, min(offset + len(view), self.backing.size()) - offset)
-        self.backing.read_into(offset, view[:n])
-        zero_fill(view[n:])
-
-    def _read_lower(self, offset: int, length: int) -> bytes:
-        """What shows through where this layer maps nothing."""
-        if self.backing is not None:
-            lower_end = min(offset + length, self.backing.size())
-            data = self.backing.read(offset, max(0, lower_end - offset))
-            return data + bytes(length - len(data))
+    def _without_backing(self, view: memoryview) -> None:
+        """What shows through where this layer maps nothing and no backing
+        image is attached: zeros, unless the header names a backing file."""
         if self.backing_file:
             raise Unsupported(
                 f"{self._file.where}: the image has a backing file "
                 f"'{self.backing_file}', which is not opened here; flatten "
                 f"the chain with `qemu-img convert -O qcow2` first")
-        return bytes(length)
+        zero_fill(view)
 
     def _data(self) -> Stream:
         """The stream holding guest clusters: this file, or the external data
@@ -478,17 +421,15 @@ class QcowFormat(Format):
                 f'{len(data)} bytes, not {cs}')
         return data
 
-    def _decompressed(self, host: int, csize: int, within: int, length: int) -> bytes:
-        """The cluster at ``host``, decompressed.  Only a cluster read in part
-        is cached, for the read of its other part: a copy reads whole
-        clusters, and caching them would hold 16 MiB per running task for
-        nothing."""
+    def _decompressed(self, host: int, csize: int) -> bytes:
+        """The cluster at ``host``, decompressed and cached, for a cluster
+        read in part (the read of its other part finds it).  Whole clusters
+        are inflated where they are read and never cached: a copy reads
+        whole clusters, and caching them would hold 16 MiB per running task
+        for nothing."""
         cs = self.header.cluster_size
 
         def load() -> Tuple[Any, int]:
             return self._inflate(host, self._stream.read(host, csize)), cs
-        if within == 0 and length == cs:
-            whole: bytes = load()[0]
-            return whole
         data: bytes = self._budget.clusters.get(('z', self._tag, host), load)
         return data

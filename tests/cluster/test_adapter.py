@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import pytest
 
 from qa.cluster import Cluster
+from tests.clusterops import wait_task
 
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -28,14 +29,7 @@ def _rbd(cluster: Cluster, *args: str) -> str:
 
 
 def _wait(cluster: Cluster, task: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode != 11:
-            assert r.returncode == 0, r.stderr
-            return
-        time.sleep(0.3)
-    raise AssertionError(f'task {task} did not finish in {timeout}s')
+    wait_task(cluster, task, timeout)
 
 
 def _task(cluster: Cluster, *command: str) -> str:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, Tuple
@@ -16,6 +15,7 @@ import pytest
 from botocore.config import Config
 
 from qa.cluster import S3_BUCKET, Cluster
+from tests.clusterops import wait_task
 
 
 def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -24,15 +24,7 @@ def _ceph(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
 
 
 def _run_task(cluster: Cluster, *command: str) -> None:
-    task = cluster.ceph_json('rbd', 'migration', *command)['task']['id']
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        r = _ceph(cluster, 'rbd', 'migration', 'task', 'get', task)
-        if r.returncode != 11:
-            assert r.returncode == 0, r.stderr
-            return
-        time.sleep(0.3)
-    raise AssertionError(f'task {task} did not finish')
+    wait_task(cluster, str(cluster.ceph_json('rbd', 'migration', *command)['task']['id']))
 
 
 def _sha_export(cluster: Cluster, spec: str) -> str:
