@@ -32,6 +32,8 @@ from .intents import Intents
 from .listing import Listing
 from .metrics import MeteredEvents, RateMeter
 from .probe import ADAPTER, probe
+from .records import NewerRecord
+from .registrations import Registration, Registrations
 from .schedule import Limits, must_pause, wait_reason
 from .settings import OptionGetter, Settings
 from .source_spec import native_spec, parse_source_spec, spec_summary
@@ -40,8 +42,6 @@ from .store import Store
 from .tasks import COMPLETED, RUNNING, Events, Task, TaskAction, TaskQueue
 from .verify import summary as verify_summary
 from .verify import verify as run_verify
-
-MIGRATION_PREFIX = 'migration/'
 
 #: Keys no source-spec may name, whatever ``config_key_prefixes`` says: the
 #: mgr modules' own (this one's records and secrets among them), the
@@ -90,6 +90,7 @@ class MigrationService:
                  children: Optional[Children] = None,
                  blocklisted: Callable[[rados.Rados], None] = lambda client: None) -> None:
         self.store = store
+        self.registrations = Registrations(store)
         self.use_clients(cluster, bulk if bulk is not None else cluster)
         #: Told when a task finds its client blocklisted, to replace it.
         self.blocklisted = blocklisted
@@ -348,31 +349,35 @@ class MigrationService:
     def _register(self, info: MigrationInfo, layout: Layout,
                   probe_report: Optional[Dict[str, Any]] = None,
                   validators: Optional[Validators] = None) -> None:
-        self.store.set_store(_migration_key(info.dest), json.dumps({
-            'dest': asdict(info.dest), 'prepared': time.time(),
-            'layout': layout.describe(), 'probe': probe_report,
-            'validators': validators or {}}))
+        self.registrations.save(Registration(
+            dest=info.dest, prepared=time.time(), layout=layout.describe(),
+            probe=probe_report, validators=validators or {}))
 
     def registration(self, dest: ImageRef) -> Dict[str, Any]:
-        """What prepare recorded of a librbd-path migration: its layout,
-        probe and source validators; empty when nothing was."""
-        text = self.store.get_store(_migration_key(dest))
+        """What prepare recorded of a librbd-path migration, as status shows
+        it: its layout, probe and source validators; empty when nothing
+        was, or when a newer module wrote it."""
         try:
-            return dict(json.loads(text)) if text else {}
-        except ValueError:
+            record = self.registrations.get(dest)
+        except NewerRecord:
             return {}
+        return record.stored() if record is not None else {}
+
+    def _registration(self, dest: ImageRef, action: str) -> Optional[Registration]:
+        """The registration ``action`` goes by.  A newer module's may hold
+        what this code cannot check (why commit must wait), so the action
+        is refused rather than run without it."""
+        try:
+            return self.registrations.get(dest)
+        except NewerRecord as e:
+            raise Unsupported(f'cannot {action} {dest}: {e}; a newer rbd_migration '
+                              'module must do it') from None
 
     def _unregister(self, dest: ImageRef) -> None:
-        self.store.set_store(_migration_key(dest), None)
+        self.registrations.remove(dest)
 
     def _registered(self) -> List[ImageRef]:
-        refs = []
-        for text in self.store.get_store_prefix(MIGRATION_PREFIX).values():
-            try:
-                refs.append(ImageRef(**json.loads(text)['dest']))
-            except (ValueError, TypeError, KeyError):
-                continue
-        return refs
+        return self.registrations.refs()
 
     # -- tasks -------------------------------------------------------------
     def execute(self, image: str, batch: Optional[str] = None) -> 'Queued':
@@ -428,9 +433,10 @@ class MigrationService:
                verified: bool = False, batch: Optional[str] = None) -> 'Queued':
         info = self.find(image)
         _refuse_interrupted(info, 'commit')
-        changed = self.registration(info.dest).get('source_changed')
-        if changed and not info.interrupted:
-            raise SourceChanged(f'cannot commit {info.dest}: {changed}')
+        # A commit librbd already began goes on whatever the source did.
+        registered = None if info.interrupted else self._registration(info.dest, 'commit')
+        if registered is not None and registered.source_changed:
+            raise SourceChanged(f'cannot commit {info.dest}: {registered.source_changed}')
         if info.interrupted != 'commit':
             self._require_executed(info, 'commit')
         self._refuse_other_action(info, 'commit')
@@ -572,12 +578,13 @@ class MigrationService:
         """librbd's execute, between two looks at the source: librbd
         zero-fills what a shrunken file no longer has and reads a rewritten
         object as it is now, and says neither."""
-        record = self.registration(ref)
-        recorded = record.get('validators')
+        record = self._registration(ref, 'execute')
+        checked = record if record is not None and record.validators else None
         spec = None
-        if recorded:
+        if checked is not None:
             spec = self.engine.verify_source_spec(self.engine.status(ref.spec))
-            check_unchanged(spec, recorded, self.source_context(self.queue.stop_event(task.id)),
+            check_unchanged(spec, checked.validators,
+                            self.source_context(self.queue.stop_event(task.id)),
                             'before the copy')
         if self.children is not None:
             isolated.execute(self.children.client, ref, progress,
@@ -585,12 +592,13 @@ class MigrationService:
                              self.children.unregister)
         else:
             self.bulk.execute(ref, progress)
-        if spec is not None:
+        if checked is not None and spec is not None:
             try:
-                check_unchanged(spec, recorded, self.source_context(), 'during the copy')
+                check_unchanged(spec, checked.validators, self.source_context(),
+                                'during the copy')
             except SourceChanged as e:
-                record['source_changed'] = str(e)
-                self.store.set_store(_migration_key(ref), json.dumps(record))
+                checked.source_changed = str(e)
+                self.registrations.save(checked)
                 raise
 
     def _relist(self, ref: ImageRef) -> None:
@@ -722,7 +730,3 @@ def _refuse_unavailable(info: MigrationInfo, action: str) -> None:
     if info.source_unavailable:
         raise SourceGone(
             f'cannot {action} {info.dest}: {info.state_description}')
-
-
-def _migration_key(ref: ImageRef) -> str:
-    return MIGRATION_PREFIX + ref.key
