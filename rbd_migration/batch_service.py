@@ -20,6 +20,7 @@ from .inventory import describe as describe_image
 from .inventory import image_names
 from .schedule import HEAVY
 from .service import NAMESPACED_PARENT, MigrationService, Queued
+from .settings import Settings
 from .tasks import RUNNING, Task, TaskAction
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class BatchService:
         self._reported: Dict[str, float] = {}
         #: Serialises changes to batches: the driver's passes and commands.
         self.lock = threading.RLock()
+        #: Whether the driver is in a tick, and the options as that tick
+        #: read them at its first check (None until then).
+        self._ticking = False
+        self._tick_settings: Optional[Settings] = None
 
     def load(self) -> None:
         self.book.load()
@@ -45,7 +50,11 @@ class BatchService:
     def tick(self) -> None:
         """One pass of the batch driver, then the batches' progress events."""
         with self.lock:
-            self.driver.advance()
+            self._ticking, self._tick_settings = True, None
+            try:
+                self.driver.advance()
+            finally:
+                self._ticking, self._tick_settings = False, None
         now = time.monotonic()
         for batch in self.book.list():
             if batch.id not in self._reported and batch.finished is not None:
@@ -184,23 +193,34 @@ class BatchService:
         return {'message': message, 'batch': batch.summary(self.driver.progress(batch))}
 
     # -- the driver's steps (batch.Actions) --------------------------------------
+    def _settings(self) -> Settings:
+        """The options for this tick's checks: read once, at the first, so
+        every item of one tick is weighed against the same values (an
+        operator may change them meanwhile); afresh outside a tick."""
+        if not self._ticking:
+            return self.service.settings()
+        if self._tick_settings is None:
+            self._tick_settings = self.service.settings()
+        return self._tick_settings
+
     def start_reason(self, batch: Batch, item: BatchItem) -> Optional[str]:
         """Why the item's execute could not start now.  Prepared only when it
         can, so the queue never holds a heap of prepared, idle migrations."""
+        settings = self._settings()
         active = [t for t in self.service.tasks() if t.active]
         running = [t for t in active if t.state == RUNNING]
         probe = Task(id='', action=TaskAction.EXECUTE, pool_id=-1, pool=batch.dest_pool,
                      namespace=batch.dest_namespace, image_id='', image_name=item.name,
                      sequence=0, message='', options={'source_pool': batch.source_pool})
         try:
-            reason = self.service.wait_reason(probe, running)
+            reason = self.service.wait_reason(probe, running, settings)
         except MigrationError as e:
             reason = str(e)
         if reason:
             return reason
         if any(t.action in HEAVY and t.state != RUNNING for t in active):
             return 'waiting for queued tasks to start first'
-        limit = self.service.settings().max_concurrent_tasks
+        limit = settings.max_concurrent_tasks
         if len(running) >= limit:
             return f'{len(running)} task(s) running (max_concurrent_tasks {limit})'
         return None

@@ -2,7 +2,9 @@
 migration service's public methods: a step that reached into the service's
 engine or queue would fail here with an AttributeError."""
 import errno
-from typing import Any, List, Optional
+import time
+from dataclasses import fields
+from typing import Any, Dict, List, Optional
 
 import pytest
 
@@ -13,9 +15,10 @@ from rbd_migration.errors import MigrationError, StillActive
 from rbd_migration.listing import Listing
 from rbd_migration.metrics import RateMeter
 from rbd_migration.reports import Reports
+from rbd_migration.schedule import Limits, wait_reason
 from rbd_migration.service import Queued
 from rbd_migration.settings import Settings
-from rbd_migration.tasks import COMPLETED, FAILED, Task
+from rbd_migration.tasks import COMPLETED, FAILED, RUNNING, Task
 from tests.queueharness import Harness, make_harness
 
 
@@ -31,6 +34,11 @@ class PublicService:
         self.meter = RateMeter()
         self.children: List[str] = []
         self.aborted: List[str] = []
+        #: The module's options by name (absent: the default), how often
+        #: each was read, and the snapshots wait_reason was handed.
+        self.options: Dict[str, Any] = {}
+        self.reads: Dict[str, int] = {}
+        self.weighed: List[Settings] = []
 
     def find(self, image: str) -> MigrationInfo:
         pool, name = image.split('/')
@@ -70,8 +78,20 @@ class PublicService:
     def waiting_reason(self, task_id: str) -> Optional[str]:
         return self.queue.waiting.get(task_id)
 
+    def _option(self, name: str) -> Any:
+        self.reads[name] = self.reads.get(name, 0) + 1
+        return self.options.get(name)
+
     def settings(self) -> Settings:
-        return Settings()
+        return Settings.read(self._option)
+
+    def tasks(self) -> List[Task]:
+        return self.queue.list()
+
+    def wait_reason(self, task: Task, running: List[Task],
+                    settings: Settings) -> Optional[str]:
+        self.weighed.append(settings)
+        return wait_reason(task, running, Limits.of(settings), time.time(), self.meter.rate)
 
 
 def _batch(book: BatchBook, *names: str) -> Batch:
@@ -136,3 +156,30 @@ def test_batch_failures_outside_tasks_are_reported_until_acknowledged() -> None:
     assert [b['id'] for b in reports.metrics()['batches']] == [batch.id]
     batch.acknowledged = True
     assert reports.failures() == []
+
+
+def test_a_batch_tick_reads_the_options_once_and_weighs_every_item_by_that_snapshot() -> None:
+    service, batches, _ = _peers()
+    service.harness.submit('x').state = RUNNING
+    service.options['max_concurrent_tasks'] = 1
+    batch = _batch(batches.book, 'a', 'b', 'c')
+    weigh = service.wait_reason
+
+    def changed_meanwhile(task: Task, running: List[Task], settings: Settings) -> Optional[str]:
+        service.options['max_concurrent_tasks'] = 0    # an operator, mid-tick
+        return weigh(task, running, settings)
+
+    service.wait_reason = changed_meanwhile
+    for limit in (1, 0):
+        service.reads.clear()
+        service.weighed.clear()
+        batches.tick()
+        assert service.reads == {f.name: 1 for f in fields(Settings)}
+        assert len(service.weighed) == 3 and all(s is service.weighed[0]
+                                                 for s in service.weighed)
+        assert [batches.driver.waiting[(batch.id, i.index)] for i in batch.items] == \
+            [f'1 task(s) running (max_concurrent_tasks {limit})'] * 3
+    service.reads.clear()
+    for item in batch.items:    # outside a tick, each check reads afresh
+        batches.start_reason(batch, item)
+    assert service.reads['max_concurrent_tasks'] == 3
