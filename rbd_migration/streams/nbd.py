@@ -24,7 +24,9 @@ Several requests are in flight on one connection (NBD pipelines them; a
 server such as ``qemu-nbd`` allows one client unless told otherwise, so one
 connection it is): the pieces of a read, and the reads of the copier's
 threads, are sent together and their answers read by one of the waiting
-threads at a time.  Sparse data stays sparse: ranges
+threads at a time, straight into the caller's buffers (no buffer of
+libnbd's to allocate, zero and copy out of per read).  Sparse data stays
+sparse: ranges
 that the ``base:allocation`` block status calls zero are left out of
 ``allocated``; what a server does not answer, or answers past the range
 asked, is read as data or cut off, never taken on trust.
@@ -184,7 +186,12 @@ class _Request:
 
 class _Link:
     """One libnbd handle, connected.  Any thread may send commands on it;
-    one waiting thread at a time reads the answers for all of them."""
+    one waiting thread at a time reads the answers for all of them.
+
+    Answers land in the callers' own buffers, which a retry on another link
+    fills again: so every libnbd call that may move answers into them is
+    made under ``_io`` and only while the link is whole, and a link is
+    broken under ``_io`` too.  Once broken, nothing more lands from it."""
 
     def __init__(self, handle: 'nbd.NBD', size: int, max_request: int) -> None:
         self.handle = handle
@@ -194,6 +201,7 @@ class _Link:
         #: others woken after each of its polls to look at their own.
         self._turn = threading.Condition()
         self._polling = False
+        self._io = threading.Lock()
         #: Why the link is no use any more; None while it is.
         self.broken: Optional[str] = None
 
@@ -213,7 +221,7 @@ class _Link:
                 left = limit - (time.monotonic() - started)
                 if left <= 0:
                     raise Transient(f'no answer to the NBD handshake within {limit:g}s')
-                _pump(handle, min(POLL_TICK, left))
+                _notify(handle, _ready(handle, min(POLL_TICK, left)))
             if not handle.aio_is_ready():
                 raise Transient('the server closed the connection during the handshake')
             size = handle.get_size()
@@ -231,19 +239,18 @@ class _Link:
         started = time.monotonic()
         try:
             for request in requests:
-                self._check()
-                send(request.complete)
+                with self._io:
+                    self._check()
+                    send(request.complete)
             for request in requests:
                 while not request.done.is_set():
                     ctx.check()
                     self._check()
                     if time.monotonic() - started > ctx.timeout:
-                        self.broken = f'no answer within {ctx.timeout:g}s'
-                        self._check()
+                        self._break(f'no answer within {ctx.timeout:g}s')
                     self._wait(request, ctx.wait_for(POLL_TICK))
         except nbd.Error as e:
-            self.broken = _reason(e)
-            self._check()
+            self._break(_reason(e))
         return requests
 
     def _wait(self, request: _Request, seconds: float) -> None:
@@ -256,7 +263,10 @@ class _Link:
             self._polling = True
         try:
             if not request.done.is_set() and self.broken is None:
-                _pump(self.handle, seconds)
+                ready = _ready(self.handle, seconds)
+                with self._io:
+                    if self.broken is None:
+                        _notify(self.handle, ready)
         finally:
             with self._turn:
                 self._polling = False
@@ -266,28 +276,43 @@ class _Link:
         if self.broken is not None:
             raise Transient(self.broken)
 
+    def _break(self, reason: str) -> None:
+        """The link is no more use (the first reason given stays)."""
+        with self._io:
+            self.broken = self.broken or reason
+        self._check()
+
     def close(self) -> None:
-        """Tell the server goodbye without waiting for it; the socket closes
+        """Tell the server goodbye without waiting for it, unless the link
+        is broken (its handle then says nothing more); the socket closes
         once the last thread using the handle lets go of it."""
-        self.broken = self.broken or 'closed'
-        try:
-            self.handle.aio_disconnect(0)
-        except nbd.Error:
-            pass
+        with self._io:
+            whole, self.broken = self.broken is None, self.broken or 'closed'
+            if whole:
+                try:
+                    self.handle.aio_disconnect(0)
+                except nbd.Error:
+                    pass
 
 
-def _pump(handle: 'nbd.NBD', seconds: float) -> None:
-    """One poll of the handle's socket, at most ``seconds``: libnbd's state
-    machine moves on with what arrived.  select releases the GIL and holds
-    no libnbd lock, so other threads send commands meanwhile."""
+def _ready(handle: 'nbd.NBD', seconds: float) -> int:
+    """One poll of the handle's socket, at most ``seconds``: the direction
+    it is ready in (0 for none).  select releases the GIL and holds no
+    libnbd lock, so other threads send commands meanwhile."""
     direction = handle.aio_get_direction()
     fd = handle.aio_get_fd()
     readable, writable, _ = select.select(
         [fd] if direction & nbd.AIO_DIRECTION_READ else [],
         [fd] if direction & nbd.AIO_DIRECTION_WRITE else [], [], seconds)
-    if readable:
+    return (nbd.AIO_DIRECTION_READ if readable else
+            nbd.AIO_DIRECTION_WRITE if writable else 0)
+
+
+def _notify(handle: 'nbd.NBD', ready: int) -> None:
+    """libnbd's state machine moves on with what ``_ready`` found."""
+    if ready == nbd.AIO_DIRECTION_READ:
         handle.aio_notify_read()
-    elif writable:
+    elif ready == nbd.AIO_DIRECTION_WRITE:
         handle.aio_notify_write()
 
 
@@ -382,7 +407,8 @@ class NbdStream(Stream):
         return counts
 
     def _fetch(self, spans: List[Tuple[int, memoryview]]) -> None:
-        buffers = [nbd.Buffer(len(view)) for _, view in spans]
+        """The spans read, each answer straight into its view."""
+        buffers = [nbd.Buffer.from_buffer(view) for _, view in spans]
 
         def attempt(link: _Link) -> None:
             sent = iter(zip(spans, buffers))
@@ -395,8 +421,6 @@ class NbdStream(Stream):
                     raise Transient(f'read of {len(view)} bytes at {offset} failed '
                                     f'({os.strerror(request.error)})')
         self._with_link(attempt)
-        for (_, view), buf in zip(spans, buffers):
-            view[:] = memoryview(buf.to_buffer())[:len(view)]
 
     def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
         """What block status does not call zero; all of it where the server

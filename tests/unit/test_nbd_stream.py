@@ -27,7 +27,9 @@ from rbd_migration.probe import ADAPTER, probe
 from rbd_migration.source_spec import spec_summary, validate_source_spec
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.base import Stream
-from rbd_migration.streams.nbd import DEFAULT_PORT, MAX_EXTENTS, NbdStream, _extents
+from rbd_migration.streams.net import Transient
+from rbd_migration.streams.nbd import (DEFAULT_PORT, MAX_EXTENTS, NbdStream, _extents, _Link,
+                                       _Request, check_uri)
 
 pytest.importorskip('nbd')
 pytestmark = pytest.mark.skipif(
@@ -357,6 +359,30 @@ def test_requests_are_in_flight_together(root: Path, servers: Servers) -> None:
         data = read_all(stream, 2 * MiB)
         assert time.monotonic() - started < 2.5
     assert data[8:16] == (8).to_bytes(8, 'big')      # the pattern plugin's offsets
+
+
+def test_a_broken_link_lands_nothing_more(root: Path, servers: Servers) -> None:
+    """Answers land in the caller's buffer, which a retry fills again: an
+    answer arriving while another thread waits on the link must not land
+    once the link is broken (here 0.2 s before the answer comes)."""
+    import nbd as libnbd
+    servers.nbdkit(root / 'k.sock', '--filter=delay', 'pattern', '1M', 'rdelay=400ms')
+    ctx = ctx_for(root)
+    link = _Link.connect(check_uri(f'nbd+unix:///?socket={root}/k.sock', ctx), ctx)
+    data = bytearray(b'\xee' * 4096)
+    sent = _Request()
+    link.handle.aio_pread(libnbd.Buffer.from_buffer(memoryview(data)), 4096,
+                          completion=sent.complete)
+    before = bytes(data)      # libnbd zeroes it first
+    waiter = threading.Thread(target=link._wait, args=(_Request(), 1.5))
+    waiter.start()
+    time.sleep(0.2)
+    with pytest.raises(Transient, match='gave up'):
+        link._break('gave up')
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert data == before and not sent.done.is_set()
+    link.close()
 
 
 def test_without_block_status_everything_is_data(root: Path, servers: Servers) -> None:
