@@ -4,12 +4,13 @@ Snapshots are reproduced oldest first, then HEAD; for each, only what the
 format says changed since the previous one is considered, and of that only
 what differs from what the target already holds is written.  All-zero data
 is never written on a fresh layer, so the target stays as sparse as the
-data allows.  A few reader threads read chunks and hand their data to
-librbd's asynchronous writes, with at most ``window`` chunks read and not
-yet on the target: memory is bounded whatever the image size, and many
-writes are in flight without a thread waiting on each (reading a qcow2
-chain is Python work, and more threads than cores only contend for the
-GIL).
+data allows.  A few reader threads read chunks (consecutive ones in groups
+where the source's every read is a request: the format then merges the
+chunks' reads) and hand their data to librbd's asynchronous writes, with
+at most ``window`` chunks read and not yet on the target: memory is
+bounded whatever the image size, and many writes are in flight without a
+thread waiting on each (reading a qcow2 chain is Python work, and more
+threads than cores only contend for the GIL).
 A checkpoint (layer, offset below which everything is written) is handed to
 the caller every few seconds, so an interrupted copy resumes there.
 """
@@ -18,7 +19,7 @@ import queue
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, List, Optional, Set, Tuple
 
 import rbd
@@ -41,25 +42,33 @@ class CopyOptions:
     #: Bytes per second written at most; 0 for no limit.
     bandwidth: float = 0.0
     checkpoint_interval: float = 5.0
+    #: Consecutive chunks read with one ``read_pieces`` (at most ``window``).
+    group: int = 1
 
     def fitted(self, object_size: int, read_size: int = 0) -> 'CopyOptions':
         """These options for a target with ``object_size`` objects and a
-        source whose reads are worth ``read_size`` bytes each: chunks of
+        source whose reads are worth ``read_size`` bytes each.  Chunks are
         whole objects (no object is written by two workers), at least
-        ``read_size`` long, and fewer of them when they grow.  A copy holds
-        up to ``window + readers`` chunk buffers (a reader takes one before
-        the chunk it replaces has given its own back), so that sum times the
-        chunk stays within what the defaults hold; with 16 MiB chunks that
-        is two in the window and one reader."""
+        ``chunk`` long; a copy holds up to ``window + readers`` chunk
+        buffers (a reader takes one before the chunk it replaces has given
+        its own back), so objects larger than the chunk mean fewer of them,
+        within what the defaults hold: with 16 MiB objects, two in the
+        window and one reader.  A source worth ``read_size`` reads gets
+        groups of chunks that long read together (the format then merges
+        each layer's units across the chunks into few requests), each chunk
+        still in the window with a buffer of its own: no more memory, and
+        no more readers than the window has groups."""
         unit = max(1, object_size)
-        chunk = -(-max(self.chunk, unit, read_size) // unit) * unit
-        if chunk <= self.chunk:
-            return replace(self, chunk=chunk)
-        held = (self.window + self.readers) * self.chunk
-        buffers = max(3, held // chunk)
-        window = max(2, buffers * self.window // (self.window + self.readers))
-        readers = max(1, min(self.readers, buffers - window))
-        return replace(self, chunk=chunk, window=window, readers=readers)
+        chunk = -(-max(self.chunk, unit) // unit) * unit
+        window, readers = self.window, self.readers
+        if chunk > self.chunk:
+            held = (self.window + self.readers) * self.chunk
+            buffers = max(3, held // chunk)
+            window = max(2, buffers * self.window // (self.window + self.readers))
+            readers = max(1, min(self.readers, buffers - window))
+        group = max(1, min(window, -(-read_size // chunk)))
+        readers = max(1, min(readers, window // group))
+        return replace(self, chunk=chunk, window=window, readers=readers, group=group)
 
 
 @dataclass(frozen=True)
@@ -227,53 +236,93 @@ class Copier:
 
         pool = ThreadPoolExecutor(max_workers=max(1, min(self.opts.readers, self.opts.window)),
                                   thread_name_prefix='rbd_migration copy')
+        group = _Group(self.opts.chunk, max(1, min(self.opts.group, self.opts.window)))
+
+        def submit() -> None:
+            if group.exts:
+                pool.submit(self._copy_chunks, group.take(), snap, fresh, landing)
         try:
             changed = _merged(self.fmt.changed_extents(prev, snap), self.opts.chunk)
             for ext in _chunks(changed, self.opts.chunk, offset):
-                landing.enter(ext.offset)  # room for one more; the first error
-                pool.submit(self._copy_chunk, ext, snap, fresh, landing)
+                if not group.joins(ext):
+                    submit()
+                # Room for one more; the first error.  The chunks of the group
+                # being gathered are in the window and not yet submitted, but
+                # fewer than ``group.most`` <= ``window``: a full window holds
+                # a submitted chunk too, which lands (or fails), so this wait
+                # ends.
+                landing.enter(ext.offset)
+                group.exts.append(ext)
+                if group.full():
+                    submit()
                 report(landing.low(ext.end))
+            submit()
             landing.drain()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             landing.quiesce()  # no write may land after the caller moves on
         report(size)
 
-    def _copy_chunk(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
-                    landing: '_Landing') -> None:
+    def _copy_chunks(self, exts: List[Extent], snap: Optional[Snapshot], fresh: bool,
+                     landing: '_Landing') -> None:
         try:
-            self._copy(ext, snap, fresh, landing)
+            self._copy(exts, snap, fresh, landing)
         except BaseException as e:
             landing.failed(e)
 
-    def _copy(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
+    def _copy(self, exts: List[Extent], snap: Optional[Snapshot], fresh: bool,
               landing: '_Landing') -> None:
-        """Read a chunk and write what the target lacks of it; the chunk has
-        landed (``landing.landed``) once all its writes completed."""
+        """Read a ZERO extent, or a group of DATA chunks, and write what the
+        target lacks of them; a chunk has landed (``landing.landed``) once
+        all its writes completed."""
+        ext = exts[0]
         try:
             if ext.kind is ExtentKind.ZERO:
                 if not fresh:
                     self.image.write_zeroes(ext.offset, ext.length)
                     self._count(zeroed=ext.length)
                 return landing.landed(ext.offset)
-            buf = self.buffers.take()
-            try:
-                self._copy_data(ext, snap, fresh, landing, buf)
-            except BaseException:
-                self.buffers.forget()  # a write issued may still hold it
-                raise
+            bufs = self._read_chunks(exts, snap)
+            for i, (ext, buf) in enumerate(zip(exts, bufs)):
+                try:
+                    self._write_data(ext, fresh, landing, buf)
+                except BaseException:
+                    self.buffers.forget()  # a write issued may still hold it
+                    for unwritten in bufs[i + 1:]:
+                        self.buffers.give(unwritten)
+                    raise
         except rbd.Error as e:
             raise translate(e, f'writing the target at offset {ext.offset}')
         return None
 
-    def _copy_data(self, ext: Extent, snap: Optional[Snapshot], fresh: bool,
-                   landing: '_Landing', buf: bytearray) -> None:
-        """The data of a chunk read into ``buf``, which goes back to the
-        pool once nothing refers to it any more."""
-        with memoryview(buf) as view:
-            self.fmt.read_into(ext.offset, view[:ext.length], snap)
+    def _read_chunks(self, exts: List[Extent], snap: Optional[Snapshot]) -> List[bytearray]:
+        """The chunks' data, each in a buffer of its own, read together: the
+        format plans all their units at once, so each layer's reads merge
+        across the chunks' boundaries.  One chunk is read with
+        ``read_into``, which every format has."""
+        bufs: List[bytearray] = []
+        try:
+            for _ in exts:
+                bufs.append(self.buffers.take())
+            views = [memoryview(buf)[:ext.length] for buf, ext in zip(bufs, exts)]
+            if len(views) == 1:
+                self.fmt.read_into(exts[0].offset, views[0], snap)
+            else:
+                self.fmt.read_pieces([(ext.offset, view) for ext, view in zip(exts, views)],
+                                     snap)
+        except BaseException:
+            for _ in bufs:
+                self.buffers.forget()  # as after a write: not known to be let go
+            raise
+        self._count(read=sum(ext.length for ext in exts))
+        return bufs
+
+    def _write_data(self, ext: Extent, fresh: bool, landing: '_Landing',
+                    buf: bytearray) -> None:
+        """The data of a chunk, read into ``buf``, written where the target
+        lacks it; ``buf`` goes back to the pool once nothing refers to it
+        any more."""
         data = buf if ext.length == len(buf) else buf[:ext.length]
-        self._count(read=ext.length)
         if not fresh and not self.fmt.exact_diffs:
             if self.image.read(ext.offset, ext.length) == data:
                 self._count(skipped=ext.length)
@@ -312,6 +361,34 @@ class Copier:
             self.stats.bytes_written += written
             self.stats.bytes_zeroed += zeroed
             self.stats.bytes_skipped += skipped
+
+
+@dataclass
+class _Group:
+    """Chunks read together: consecutive DATA chunks of one aligned region
+    of ``most`` chunks (so a group never passes a region's end, whatever
+    chunks are missing), or a ZERO extent alone."""
+
+    chunk: int
+    most: int
+    exts: List[Extent] = field(default_factory=list)
+
+    def joins(self, ext: Extent) -> bool:
+        if not self.exts:
+            return True
+        span = self.chunk * self.most
+        return ext.kind is ExtentKind.DATA and ext.offset // span == self.exts[0].offset // span
+
+    def full(self) -> bool:
+        """Nothing more can join: read it now, not when the next extent
+        comes (finding it may take a while)."""
+        last = self.exts[-1]
+        return (last.kind is ExtentKind.ZERO or len(self.exts) >= self.most
+                or last.end % (self.chunk * self.most) == 0)
+
+    def take(self) -> List[Extent]:
+        exts, self.exts = self.exts, []
+        return exts
 
 
 class _Buffers:
