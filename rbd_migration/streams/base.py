@@ -13,7 +13,7 @@ import abc
 from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 from ..context import SourceContext
-from .coalesce import plan
+from .coalesce import Scatter, plan
 
 
 class Stream(abc.ABC):
@@ -63,8 +63,9 @@ class Stream(abc.ABC):
 
     def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]]) -> List[int]:
         """Each view filled from its offset, as ``read_into`` would, with
-        as few requests as ``merge_gap`` and ``merge_limit`` allow; the
-        counts of bytes put in each (fewer only past the end)."""
+        as few requests as ``merge_gap`` and ``merge_limit`` allow, each
+        read straight into the views (see ``Scatter``); the counts of bytes
+        put in each (fewer only past the end)."""
         counts = [0] * len(pieces)
         spans = [(offset, len(view)) for offset, view in pieces]
         for request in plan(spans, self.merge_gap, self.merge_limit):
@@ -72,14 +73,21 @@ class Stream(abc.ABC):
                 i = request.pieces[0]
                 counts[i] = self.read_into(*pieces[i])
                 continue
-            data = self.read(request.start, request.end - request.start)
-            for i in request.pieces:
-                offset, view = pieces[i]
-                at = offset - request.start
-                n = max(0, min(len(view), len(data) - at))
-                view[:n] = data[at:at + n]
+            want = self._span(request.start, request.end - request.start)
+            scatter = Scatter(request.start, pieces, request.pieces, want)
+            got = self._read_scatter(scatter) if scatter.length else 0
+            for i, n in zip(request.pieces, scatter.finish(got)):
                 counts[i] = n
         return counts
+
+    def _read_scatter(self, scatter: Scatter) -> int:
+        """The ``scatter.length`` bytes at ``scatter.start`` (all inside the
+        stream) put where ``scatter`` says; their count.  This default reads
+        them as one ``bytes``; a stream that can fill buffers straight from
+        an answer overrides it."""
+        data = self._read(scatter.start, scatter.length)
+        scatter.put(0, data)
+        return len(data)
 
     def _read_into(self, offset: int, view: memoryview) -> int:
         """``_read`` into ``view``.  Streams that can fill the caller's

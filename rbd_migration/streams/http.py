@@ -29,17 +29,20 @@ The retries, time limits and network errors it shares with the S3 stream
 live in ``net``.
 """
 import http.client
+import os
 import queue
 import re
 import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple,
+                    Union)
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import requests
 import requests.adapters
+import requests.utils
 import urllib3
 import urllib3.connection
 
@@ -48,6 +51,7 @@ from ..errors import (InvalidArgument, MigrationError, NotFound,
                       PermissionDenied, SourceChanged, Unsupported)
 from ..secrets import mask_text, mask_url
 from .base import Stream
+from .coalesce import Scatter
 from .net import (PIECE, Guard, Transient, WatchedAdapter, causes, changed, clip,
                   guarded, host_port, network_reason, same_validator, timed_out,
                   tls_error, with_retries)
@@ -101,8 +105,13 @@ def _without_userinfo(url: str) -> str:
 
 def _new_session() -> requests.Session:
     """A session with the watched connections and no credentials of its own
-    (they are given per request, to the URL's own origin only)."""
+    (they are given per request, to the URL's own origin only).  It does not
+    look at the environment per request (``trust_env``): that read the
+    mgr's ``~/.netrc``, whose passwords must not go to hosts a spec names,
+    and re-read the proxy variables at a cost of about half a millisecond a
+    request; ``_Environment`` reads them once instead."""
     session = requests.Session()
+    session.trust_env = False
     session.headers.update({'User-Agent': USER_AGENT,
                             'Accept-Encoding': 'identity'})
     for prefix in ('http://', 'https://'):
@@ -147,7 +156,51 @@ class _Sessions:
             session.close()
 
 
+class _Environment:
+    """What a requests session with ``trust_env`` would take from the mgr's
+    environment for each request, read once per origin: the proxy (and
+    ``no_proxy``) variables, and a CA bundle (``REQUESTS_CA_BUNDLE`` or
+    ``CURL_CA_BUNDLE``), as before."""
+
+    def __init__(self) -> None:
+        self._proxies: Dict[Origin, Dict[str, str]] = {}
+        self._lock = threading.Lock()
+        self.verify: Union[bool, str] = (os.environ.get('REQUESTS_CA_BUNDLE')
+                                         or os.environ.get('CURL_CA_BUNDLE') or True)
+
+    def proxies(self, url: str, origin: Origin) -> Dict[str, str]:
+        with self._lock:
+            found = self._proxies.get(origin)
+        if found is None:
+            found = dict(requests.utils.get_environ_proxies(url))
+            with self._lock:
+                self._proxies[origin] = found
+        return found
+
+
 # -- Answers and validators --------------------------------------------------
+
+
+def _readinto1(fp: http.client.HTTPResponse, view: memoryview) -> int:
+    """http.client's ``read1`` into ``view``, without the bytes object: one
+    receive at most, within the answer's length, which it keeps as
+    ``read1`` does (so ``_finish`` sees the answer's end)."""
+    if fp.length is not None:
+        view = view[:fp.length]
+    n: int = fp.fp.readinto1(view)
+    if fp.length is not None:
+        fp.length -= n
+    return n
+
+
+@dataclass
+class _Into:
+    """Where the bytes of a ranged GET go: into ``scatter`` from ``done``
+    bytes on, ``done`` growing as they come, so that a retry asks only for
+    the rest."""
+
+    scatter: Scatter
+    done: int = 0
 
 
 @dataclass
@@ -257,6 +310,7 @@ class HttpStream(Stream):
                           unquote(parts.password or ''))
             self._secrets = [self._auth[1], parts.password or '']
         self._sessions = _Sessions(_new_session)
+        self._env = _Environment()
         self._size = 0
         #: What open saw (validators()' keys); answers are checked against it.
         self._pinned: Dict[str, str] = {}
@@ -308,21 +362,29 @@ class HttpStream(Stream):
         return self._size
 
     def _read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        n = self._read_into(offset, memoryview(buf))
+        return bytes(buf if n == length else buf[:n])
+
+    def _read_into(self, offset: int, view: memoryview) -> int:
+        return self._read_scatter(Scatter.of(offset, view))
+
+    def _read_scatter(self, scatter: Scatter) -> int:
         """The bytes, from as many attempts as it takes: an answer that
         breaks off keeps what it brought, and the next attempt asks for the
         rest only (a fault in a 4 MiB answer costs what was still missing)."""
-        parts: List[bytes] = []
+        into = _Into(scatter)
 
         def attempt() -> _Answer:
-            first = offset + sum(map(len, parts))
-            return self._attempt('GET', first, offset + length - 1, True, parts)
+            return self._attempt('GET', scatter.start + into.done,
+                                 scatter.start + scatter.length - 1, True, into)
         answer = with_retries(self._ctx, self._what, attempt, self._text)
         if answer.status == 416:
             raise SourceChanged(self._text(
                 f'{self._what}: {self._shown} changed since it was opened '
                 f'(now shorter than its {self._size} bytes: HTTP 416); do '
                 f'not change the image while it is imported'))
-        return parts[0] if len(parts) == 1 else b''.join(parts)
+        return into.done
 
     def validators(self) -> Dict[str, str]:
         """Size, ETag and Last-Modified as the server tells them now (not
@@ -368,7 +430,7 @@ class HttpStream(Stream):
                             self._text)
 
     def _attempt(self, method: str, first: int = 0, last: int = -1,
-                 check: bool = False, sink: Optional[List[bytes]] = None) -> _Answer:
+                 check: bool = False, into: Optional[_Into] = None) -> _Answer:
         """One request, its redirects followed, under a Guard.  Raises
         Transient for what a retry may cure and a MigrationError for a
         definite refusal; for GET returns 206 with the bytes asked for, 200
@@ -387,7 +449,7 @@ class HttpStream(Stream):
                         self._unchanged(answer)
                     if status != 416:
                         answer.body = self._body(response, first, last,
-                                                 guard, sink)
+                                                 guard, into)
                         return answer
                 _discard(response)
                 if status >= 500 and (method, status) != ('HEAD', 501):
@@ -403,10 +465,13 @@ class HttpStream(Stream):
         to an allowed origin; the credentials only go to the URL's own."""
         url = self._target
         for _ in range(MAX_REDIRECTS + 1):
-            auth = self._auth if origin_of(url) == self._origin else None
+            origin = origin_of(url)
+            auth = self._auth if origin == self._origin else None
             try:
                 response = session.request(
                     method, url, headers=headers, auth=auth, stream=True,
+                    proxies=self._env.proxies(url, origin or self._origin),
+                    verify=self._env.verify,
                     timeout=(self._ctx.connect_wait(), self._ctx.wait_for()),
                     allow_redirects=False)
             except requests.RequestException as e:
@@ -452,7 +517,7 @@ class HttpStream(Stream):
                                   value, self._text)
 
     def _body(self, response: requests.Response, first: int, last: int,
-              guard: Guard, sink: Optional[List[bytes]] = None) -> bytes:
+              guard: Guard, into: Optional[_Into] = None) -> bytes:
         """The body of a 200 or 206, checked to be the bytes asked for."""
         headers = response.headers
         if headers.get('Content-Encoding', 'identity').lower() != 'identity':
@@ -477,33 +542,45 @@ class HttpStream(Stream):
                     f"{'' if whole is None else f'{whole}-byte '}body); the "
                     f'server must support Range requests'))
             want = whole
-        return self._read_exactly(response, want, first, guard, sink)
+        return self._read_exactly(response, want, first, guard, into)
 
     def _read_exactly(self, response: requests.Response, want: int,
                       first: int, guard: Guard,
-                      sink: Optional[List[bytes]] = None) -> bytes:
+                      into: Optional[_Into] = None) -> bytes:
         """``want`` bytes straight from the socket, in pieces of at most
         PIECE bytes, each one receive at most (http.client's ``read1``): the
         attempt's time and the context are checked between any two, so a
         trickle is cut off even where no watchdog is (a SOCKS proxy).  A body
-        cut short is Transient.  With ``sink``, the pieces go there as they
-        come (and stay there when the answer breaks off), and b'' is
+        cut short is Transient.  With ``into``, the bytes go there as they
+        come (and stay there when the answer breaks off), straight from the
+        socket where the answer is plain (not chunked), and b'' is
         returned."""
         raw = response.raw
         fp: Any = getattr(raw, '_fp', None)
         direct = isinstance(fp, http.client.HTTPResponse)
-        chunks: List[bytes] = [] if sink is None else sink
+        fill = direct and into is not None and not fp.chunked
+        chunks: List[bytes] = []
         got = 0
         try:
             while got < want:
                 guard.pace(self._shown, got, want)
                 n = min(PIECE, want - got)
-                chunk = fp.read1(n) if direct else \
-                    raw.read(n, decode_content=False)
-                if not chunk:
+                if fill:
+                    assert into is not None
+                    k = _readinto1(fp, into.scatter.window(into.done, n))
+                else:
+                    chunk = fp.read1(n) if direct else \
+                        raw.read(n, decode_content=False)
+                    k = len(chunk)
+                    if into is not None:
+                        into.scatter.put(into.done, chunk)
+                    else:
+                        chunks.append(chunk)
+                if not k:
                     break
-                chunks.append(chunk)
-                got += len(chunk)
+                got += k
+                if into is not None:
+                    into.done += k
         except (urllib3.exceptions.HTTPError, OSError,
                 http.client.HTTPException, requests.RequestException) as e:
             if guard.cut or timed_out(e):
@@ -516,8 +593,6 @@ class HttpStream(Stream):
                             f'{got} of {want} bytes at offset {first}')
         if direct:
             self._finish(fp, raw)
-        if sink is not None:
-            return b''
         return chunks[0] if len(chunks) == 1 else b''.join(chunks)
 
     @staticmethod

@@ -37,6 +37,7 @@ from ..errors import (InvalidArgument, MigrationError, NotFound,
                       PermissionDenied, SourceChanged, Unsupported)
 from ..secrets import is_config_ref, mask_text, mask_url, resolve_secrets
 from .base import Stream
+from .coalesce import Scatter
 from .net import (PIECE, Guard, Transient, WatchedConnection, changed,
                   guarded, host_port, network_reason, same_validator,
                   timed_out, tls_error, with_retries)
@@ -339,6 +340,9 @@ class S3Stream(Stream):
         return bytes(buf)
 
     def _read_into(self, offset: int, view: memoryview) -> int:
+        return self._read_scatter(Scatter.of(offset, view))
+
+    def _read_scatter(self, scatter: Scatter) -> int:
         """As many attempts as it takes; each asks only for what the ones
         before did not bring (an answer that breaks off keeps its bytes)."""
         done = [0]
@@ -348,9 +352,9 @@ class S3Stream(Stream):
 
             def brought(got: int) -> None:
                 done[0] = start + got
-            self._get_into(offset + start, view[start:], brought)
+            self._get_into(scatter, start, brought)
         with_retries(self._ctx, self._what, attempt, self._text)
-        return len(view)
+        return scatter.length
 
     def validators(self) -> Dict[str, str]:
         """Size, ETag and modification time as S3 tells them now (not
@@ -389,12 +393,13 @@ class S3Stream(Stream):
         except bce.BotoCoreError as e:
             raise self._failure(e, guard) from None
 
-    def _get_into(self, offset: int, view: memoryview,
+    def _get_into(self, scatter: Scatter, skip: int,
                   brought: Callable[[int], None] = lambda got: None) -> None:
-        """One ranged GetObject for ``len(view)`` bytes of the version open
-        saw (If-Match its ETag), put in ``view``; a body cut short or too
-        slow is Transient."""
-        want = len(view)
+        """One ranged GetObject for what ``scatter`` wants past its first
+        ``skip`` bytes, of the version open saw (If-Match its ETag), put
+        where it says; a body cut short or too slow is Transient."""
+        offset = scatter.start + skip
+        want = scatter.length - skip
         extra = {'IfMatch': self._pinned['etag']} \
             if 'etag' in self._pinned else {}
         with guarded(self._ctx) as guard:
@@ -402,38 +407,41 @@ class S3Stream(Stream):
                                 Range=f'bytes={offset}-{offset + want - 1}')
             body = answer['Body']
             try:
-                got = self._body(answer, body, offset, view, guard, brought)
+                got = self._body(answer, body, scatter, skip, guard, brought)
             finally:
                 body.close()
         if got < want:
             raise Transient(f'{self._shown}: the answer broke off after '
                             f'{got} of {want} bytes at offset {offset}')
 
-    def _body(self, answer: Mapping[str, Any], body: Any, offset: int,
-              view: memoryview, guard: Guard,
+    def _body(self, answer: Mapping[str, Any], body: Any, scatter: Scatter,
+              skip: int, guard: Guard,
               brought: Callable[[int], None] = lambda got: None) -> int:
-        """The answer's bytes put in ``view``, once its Content-Range and
-        validators are what was asked for; their count."""
+        """The answer's bytes put where ``scatter`` says from ``skip`` on,
+        once its Content-Range and validators are what was asked for;
+        their count."""
+        offset = scatter.start + skip
+        want = scatter.length - skip
         where = str(answer.get('ContentRange', ''))
         if not where.startswith(f'bytes {offset}-'):
             raise Unsupported(self._text(
                 f'{self._what}: {self._shown}: S3 answered a request for '
-                f'{len(view)} bytes at {offset} with Content-Range {where!r}'))
+                f'{want} bytes at {offset} with Content-Range {where!r}'))
         self._unchanged(_validators_of(answer, _total(where)))
         progress = [0]
 
         def pace(got: int) -> None:
             progress[0] = got
             brought(got)
-            guard.pace(self._shown, got, len(view))
+            guard.pace(self._shown, got, want)
         try:
-            return _fill(body, view, pace)
+            return _fill(body, scatter, skip, pace)
         except (bce.IncompleteReadError, bce.ReadTimeoutError,
                 bce.ResponseStreamingError, http.client.HTTPException,
                 OSError) as e:
             if guard.cut or timed_out(e):
                 raise guard.overran(self._shown, progress[0],
-                                    len(view)) from None
+                                    want) from None
             self._ctx.check()
             raise Transient(f'{self._shown}: the answer broke off '
                             f'({network_reason(e)})') from None
@@ -539,11 +547,12 @@ class S3Stream(Stream):
             f'{self._what}: {self._shown}: {type(e).__name__}: {e}'))
 
 
-def _fill(body: Any, view: memoryview,
+def _fill(body: Any, scatter: Scatter, skip: int,
           pace: Optional[Callable[[int], None]] = None) -> int:
-    """Read the answer's body into ``view``; the count of bytes put there.
+    """Read the answer's body into the buffers ``scatter`` names from
+    ``skip`` bytes on; the count of bytes put there.
 
-    Straight from the socket into the caller's buffer when the body is the
+    Straight from the socket into the caller's buffers when the body is the
     usual botocore-over-urllib3 stream of a plain (not chunked) answer:
     reading it as ``bytes`` would allocate and copy every 16 MiB once more
     (a tenth of the mgr's CPU in an S3 import, measured).  The
@@ -552,40 +561,42 @@ def _fill(body: Any, view: memoryview,
     way in pieces of at most PIECE bytes, ``pace(bytes so far)`` called
     before each (it raises to end the read)."""
     check = pace or (lambda got: None)
+    want = scatter.length - skip
     raw: Any = getattr(body, '_raw_stream', None)
     fp = getattr(raw, '_fp', None)
     if not isinstance(fp, http.client.HTTPResponse) or fp.chunked or \
             raw.headers.get('Content-Encoding', 'identity').lower() != 'identity':
-        return _fill_documented(body, view, check)
+        return _fill_documented(body, scatter, skip, check)
     got = 0
-    while got < len(view):
+    while got < want:
         check(got)
-        n = fp.readinto(view[got:got + PIECE])
+        n = fp.readinto(scatter.window(skip + got, min(PIECE, want - got)))
         if not n:   # http.client leaves a body cut short to its caller
-            raise http.client.IncompleteRead(b'', len(view) - got)
+            raise http.client.IncompleteRead(b'', want - got)
         got += n
     if fp.isclosed():
         raw.release_conn()
     return got
 
 
-def _fill_documented(body: Any, view: memoryview,
+def _fill_documented(body: Any, scatter: Scatter, skip: int,
                      check: Callable[[int], None]) -> int:
     """``_fill`` through the body's own ``read``: in pieces for botocore's
     StreamingBody (a body longer than asked for is not read at all), whole
     for any other."""
+    want = scatter.length - skip
     if not isinstance(body, StreamingBody):
         check(0)
         data = body.read()   # botocore checks it against Content-Length
-        n = min(len(data), len(view))
-        view[:n] = data[:n]
+        n = min(len(data), want)
+        scatter.put(skip, data[:n])
         return n
     got = 0
-    while got < len(view):
+    while got < want:
         check(got)
-        data = body.read(min(PIECE, len(view) - got))
+        data = body.read(min(PIECE, want - got))
         if not data:
             break
-        view[got:got + len(data)] = data
+        scatter.put(skip + got, data)
         got += len(data)
     return got

@@ -15,7 +15,9 @@ from hypothesis import given, settings, strategies as st
 
 from rbd_migration.context import SourceContext
 from rbd_migration.formats import open_format
+from rbd_migration.streams.base import Stream
 from rbd_migration.streams.coalesce import plan
+from rbd_migration.streams.http import HttpStream
 from tests.profile import examples
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -60,6 +62,79 @@ def test_plan_merges_neighbours_and_splits_at_the_limit() -> None:
     assert [(r.start, r.end) for r in plan(pieces, 64, 200)] == \
         [(0, 200), (250, 300), (1000, 1010)]
     assert len(plan(pieces, -1, 1 << 20)) == 4
+
+
+# -- merged reads straight into the pieces --------------------------------------
+
+
+class BytesStream(Stream):
+    """Bytes in memory, merging like a remote stream, through the base's
+    ``_read_scatter`` (one ``bytes`` per request, put where it goes)."""
+
+    merge_gap = 4 * KiB
+    merge_limit = 64 * KiB
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.requests = 0
+
+    @classmethod
+    def from_spec(cls, spec: object, ctx: SourceContext) -> 'BytesStream':
+        raise NotImplementedError
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def _read(self, offset: int, length: int) -> bytes:
+        self.requests += 1
+        return self.data[offset:offset + length]
+
+
+PIECES = st.lists(st.tuples(st.integers(0, 80 * KiB), st.integers(0, 9 * KiB)),
+                  min_size=1, max_size=30)
+
+
+def _scattered(stream: Stream, pieces: List[Tuple[int, int]]) -> Tuple[List[int], List[bytes]]:
+    """``read_pieces`` of ``pieces``, each into a buffer of its own poisoned
+    beforehand, so a byte left unwritten shows."""
+    bufs = [bytearray(b'\xee' * length) for _, length in pieces]
+    counts = stream.read_pieces([(offset, memoryview(buf))
+                                 for (offset, _), buf in zip(pieces, bufs)])
+    return counts, [bytes(buf[:n]) for buf, n in zip(bufs, counts)]
+
+
+def _expected(data: bytes, pieces: List[Tuple[int, int]]) -> List[bytes]:
+    return [data[offset:offset + length] for offset, length in pieces]
+
+
+@settings(max_examples=examples(quick=200, thorough=3000), deadline=None, database=None)
+@given(pieces=PIECES, size=st.integers(1, 96 * KiB))
+def test_a_merged_read_fills_every_piece_as_its_own_read_would(
+        pieces: List[Tuple[int, int]], size: int) -> None:
+    """Gaps, overlapping pieces (a compressed cluster's stored length runs
+    into the next), pieces inside others, and the stream's end."""
+    data = bytes((i * 131 + i // 251) % 256 for i in range(size))
+    stream = BytesStream(data)
+    counts, got = _scattered(stream, pieces)
+    assert got == _expected(data, pieces)
+    assert counts == [len(b) for b in _expected(data, pieces)]
+    assert stream.requests <= len(pieces)
+
+
+def test_merged_reads_over_http_land_in_the_pieces_without_a_copy(
+        tmp_path: Path, server: 'FileServer') -> None:
+    """The same through the HTTP stream's own filling, with requests merged
+    and overlapping pieces among them."""
+    data = bytes((i * 7 + i // 4099) % 256 for i in range(2 * MiB))
+    (tmp_path / 'blob').write_bytes(data)
+    pieces = [(0, 1000), (500, 700), (1200, 10), (100 * KiB, 64 * KiB),
+              (100 * KiB + 32 * KiB, 8 * KiB), (2 * MiB - 5, 100), (900 * KiB, 300 * KiB)]
+    with HttpStream.open(server.url('blob'), SourceContext(), 'blob') as stream:
+        before = len(server.gets)
+        counts, got = _scattered(stream, pieces)
+        assert got == _expected(data, pieces)
+        assert counts == [len(b) for b in _expected(data, pieces)]
+        assert len(server.gets) - before <= 3, server.gets[before:]
 
 
 # -- over HTTP ------------------------------------------------------------------

@@ -7,6 +7,7 @@ from typing import Dict, List
 
 import pytest
 
+from rbd_migration.streams.coalesce import Scatter
 from rbd_migration.streams.s3 import _fill
 
 
@@ -46,7 +47,7 @@ def _answer(body: bytes, length: int) -> bytes:
 def test_a_plain_body_goes_straight_into_the_buffer() -> None:
     raw = _Urllib3Response(_answer(b'abcdefgh', 8), {})
     buf = bytearray(8)
-    assert _fill(_Body(raw), memoryview(buf)) == 8
+    assert _fill(_Body(raw), Scatter.of(0, memoryview(buf)), 0) == 8
     assert buf == b'abcdefgh'
     assert raw.released == [True], 'the connection goes back to the pool'
 
@@ -54,7 +55,7 @@ def test_a_plain_body_goes_straight_into_the_buffer() -> None:
 def test_a_body_cut_short_is_an_incomplete_read() -> None:
     raw = _Urllib3Response(_answer(b'abc', 8), {})
     with pytest.raises(http.client.IncompleteRead):
-        _fill(_Body(raw), memoryview(bytearray(8)))
+        _fill(_Body(raw), Scatter.of(0, memoryview(bytearray(8))), 0)
     assert raw.released == []
 
 
@@ -64,7 +65,7 @@ def test_other_bodies_are_read_the_documented_way() -> None:
             return b'0123456789'
 
     buf = bytearray(4)
-    assert _fill(Plain(), memoryview(buf)) == 4 and buf == b'0123'
+    assert _fill(Plain(), Scatter.of(0, memoryview(buf)), 0) == 4 and buf == b'0123'
     encoded = _Urllib3Response(_answer(b'zz', 2), {'Content-Encoding': 'gzip'})
 
     class Wrapped(_Body):
@@ -72,4 +73,23 @@ def test_other_bodies_are_read_the_documented_way() -> None:
             return b'ok'
 
     buf = bytearray(2)
-    assert _fill(Wrapped(encoded), memoryview(buf)) == 2 and buf == b'ok'
+    assert _fill(Wrapped(encoded), Scatter.of(0, memoryview(buf)), 0) == 2 and buf == b'ok'
+
+
+def test_a_plain_body_goes_straight_into_every_piece_of_a_merged_read() -> None:
+    raw = _Urllib3Response(_answer(b'aaXXbbbYcc', 10), {})
+    a, b, c = bytearray(2), bytearray(3), bytearray(2)
+    pieces = [(0, memoryview(a)), (4, memoryview(b)), (8, memoryview(c))]
+    scatter = Scatter(0, pieces, [0, 1, 2], 10)
+    assert _fill(_Body(raw), scatter, 0) == 10
+    assert scatter.finish(10) == [2, 3, 2]
+    assert (a, b, c) == (b'aa', b'bbb', b'cc'), 'the gaps are thrown away'
+
+
+def test_a_resumed_answer_fills_from_where_the_last_one_stopped() -> None:
+    buf = bytearray(8)
+    scatter = Scatter.of(0, memoryview(buf))
+    buf[:3] = b'abc'
+    raw = _Urllib3Response(_answer(b'defgh', 5), {})
+    assert _fill(_Body(raw), scatter, 3) == 5
+    assert buf == b'abcdefgh'
