@@ -323,6 +323,25 @@ def test_redirect_to_a_listed_origin_keeps_the_credentials_home(
     assert all('Authorization' not in r.headers for r in other.requests())
 
 
+def test_the_mgr_hosts_netrc_is_never_sent(origin: Server, other: Server,
+                                           tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Passwords in the mgr's ~/.netrc are not the spec author's to send:
+    neither to a URL without credentials nor to a redirect's origin."""
+    netrc = tmp_path / 'netrc'
+    netrc.write_text('machine 127.0.0.1 login root password hunter2\n')
+    netrc.chmod(0o600)
+    monkeypatch.setenv('NETRC', str(netrc))
+    other.images['/mirror/disk.img'] = Image(DATA)
+    origin.redirects['/disk.img'] = (307, other.url('/mirror/disk.img'))
+    with open_url(origin.url('/disk.img'),
+                  ctx(redirect_origins=[other.origin + '/'])) as stream:
+        assert stream.read(10, 20) == DATA[10:30]
+    assert other.requests('GET')
+    assert all('Authorization' not in r.headers
+               for r in origin.requests() + other.requests())
+
+
 def test_redirect_loop_ends(origin: Server) -> None:
     origin.redirects['/a'] = (302, '/b')
     origin.redirects['/b'] = (302, '/a')
