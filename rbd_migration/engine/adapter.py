@@ -8,6 +8,7 @@ from the trash under its final name; abort removes it.  The record lives in
 the mgr's store and the copy's checkpoint on the image itself, so a mgr
 failover resumes from the checkpoint, not from zero.
 """
+import json
 import logging
 import re
 import time
@@ -43,6 +44,9 @@ ADAPTER = 'adapter'
 #: The layout of the import records this code writes (the first had no
 #: version field and the same fields).
 ADAPTER_RECORD_VERSION = 1
+#: The layout of the copy checkpoint this code writes in the target's
+#: metadata: a JSON object; version 1 was ``layer:offset`` text.
+CHECKPOINT_VERSION = 2
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,44 @@ class ImportRecord(Record):
     def __post_init__(self) -> None:
         if isinstance(self.dest, dict):  # as read from the store
             self.dest = ImageRef(**self.dest)
+
+
+@dataclass
+class StoredCheckpoint(Record):
+    """Where an interrupted copy resumes, as kept in the target's metadata."""
+
+    KIND: ClassVar[str] = 'copy checkpoint'
+    VERSION: ClassVar[int] = CHECKPOINT_VERSION
+
+    layer: int = 0
+    offset: int = 0
+    version: int = CHECKPOINT_VERSION
+
+
+def encode_checkpoint(cp: Checkpoint) -> str:
+    return StoredCheckpoint(cp.layer, cp.offset).to_json()
+
+
+def decode_checkpoint(text: Optional[str]) -> Checkpoint:
+    """Where the copy resumes: from the start when there is no checkpoint
+    or it cannot be trusted (copying again what is already written is
+    always safe; skipping what is not never is)."""
+    try:
+        data = json.loads(text or '')
+    except ValueError:
+        return Checkpoint.decode(text)  # version 1's 'layer:offset' (or nothing)
+    try:
+        stored = StoredCheckpoint.from_dict(data)
+    except NewerRecord as e:
+        # A newer module may count layers or offsets otherwise: resuming at
+        # its numbers could skip data never copied, so the copy starts over.
+        log.warning('copying from the start: %s', e)
+        return Checkpoint()
+    except (TypeError, ValueError):
+        return Checkpoint()
+    if not all(type(n) is int and n >= 0 for n in (stored.layer, stored.offset)):
+        return Checkpoint()
+    return Checkpoint(stored.layer, stored.offset)
 
 
 class AdapterEngine:
@@ -144,7 +186,7 @@ class AdapterEngine:
                                 **layout.librbd_kwargs())
                 with rbd.Image(io, private) as img:
                     image_id = img.id()
-                    img.metadata_set(CHECKPOINT_KEY, Checkpoint().encode())
+                    img.metadata_set(CHECKPOINT_KEY, encode_checkpoint(Checkpoint()))
                 self.rbd.trash_move(io, private, delay=TRASH_DEFERMENT)
             except rbd.Error as e:
                 self._discard(io, private)
@@ -177,11 +219,11 @@ class AdapterEngine:
         with self.librbd.ioctx_by_id(ref.pool_id, ref.namespace) as io, \
                 rbd.Image(io, image_id=ref.id) as img, \
                 open_format(record.spec, ctx) as fmt:
-            start = Checkpoint.decode(_metadata(img, CHECKPOINT_KEY))
+            start = decode_checkpoint(_metadata(img, CHECKPOINT_KEY))
             options = options.fitted(int(img.stat()['obj_size']), fmt.read_size)
 
             def checkpoint(cp: Checkpoint) -> None:
-                img.metadata_set(CHECKPOINT_KEY, cp.encode())
+                img.metadata_set(CHECKPOINT_KEY, encode_checkpoint(cp))
 
             stats = Copier(fmt, img, options, keep_going, checkpoint).run(start)
             _carry_over(fmt, img)
