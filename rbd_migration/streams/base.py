@@ -31,7 +31,9 @@ class Stream(abc.ABC):
     #: sending another request (``read_pieces``); -1: never merge (a file,
     #: where a read costs no more than its bytes).
     merge_gap: int = -1
-    #: Bytes one merged request reads at most: the memory a merge may cost.
+    #: Bytes one merged request reads at most: how long one answer may hold
+    #: its connection (a merged answer lands in the caller's buffers, and
+    #: one that breaks off is resumed, so its length costs no memory).
     merge_limit: int = 4 << 20
 
     @classmethod
