@@ -122,6 +122,11 @@ class LayeredFormat(PieceReader):
     def snapshots(self) -> List[Snapshot]:
         return list(self._snapshots)
 
+    @property
+    def read_size(self) -> int:
+        """The largest of the layers' streams'."""
+        return max(layer.stream.request_size for layer in self._layers)
+
     def protected_snapshots(self) -> List[str]:
         """Snapshots the source had protected (v2 diffs record it), so the
         copier may protect them again."""

@@ -243,6 +243,19 @@ class QcowFormat(PieceReader):
         return [Snapshot(s.name, s.disk_size, ident=s.ident)
                 for s in self._snapshots]
 
+    @property
+    def read_size(self) -> int:
+        """The largest of the chain's streams': this file's, an external
+        data file's once opened (a sibling, through the same kind of
+        stream), the layers' below."""
+        sizes = [self._stream.request_size]
+        data = self._data_stream
+        if data is not None:
+            sizes.append(data.request_size)
+        if self.backing is not None:
+            sizes.append(self.backing.read_size)
+        return max(sizes)
+
     def own_extents(self, snap: Optional[Snapshot] = None) -> Iterator[Extent]:
         """What this layer maps: data (plain or compressed) and explicit
         zeros.  Unallocated ranges are left out; they read from the backing

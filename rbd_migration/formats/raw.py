@@ -5,7 +5,7 @@ oldest first), as exported from a platform that keeps snapshots as files.
 Zero detection is left to the copier: a raw image says nothing about which
 ranges are allocated, so every byte is reported as data.
 """
-from typing import Any, Iterator, List, Mapping, Optional, Set
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..context import SourceContext
 from ..errors import InvalidArgument
@@ -92,6 +92,26 @@ class RawFormat(Format):
             raise ValueError(f'bad read: offset={offset}')
         n = self._stream(snap).read_into(offset, view)
         zero_fill(view[n:])
+
+    def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
+                    snap: Optional[Snapshot] = None) -> None:
+        """One ``read_pieces`` of the stream: the copier's group of adjacent
+        chunks of a source on S3 is one request.  Past the end reads as
+        zeros, as in ``read_into``; a piece wholly past it is not asked
+        for."""
+        stream = self._stream(snap)
+        size = stream.size()
+        inside = []
+        for offset, view in pieces:
+            if offset < 0:
+                raise ValueError(f'bad read: offset={offset}')
+            if offset < size:
+                inside.append((offset, view))
+            else:
+                zero_fill(view)
+        counts = stream.read_pieces(inside)
+        for (_, view), n in zip(inside, counts):
+            zero_fill(view[n:])
 
     def _stream(self, snap: Optional[Snapshot]) -> Stream:
         if snap is None:

@@ -304,6 +304,13 @@ class VmdkFormat(PieceReader):
     def snapshots(self) -> List[Snapshot]:
         return []
 
+    @property
+    def read_size(self) -> int:
+        """The largest of its files' streams' (an OVA's members share the
+        archive's)."""
+        streams = self._streams + [p.stream for p in self._parts if p.stream is not None]
+        return max((s.request_size for s in streams), default=0)
+
     def extents(self, snap: Optional[Snapshot] = None) -> Iterator[Extent]:
         def each() -> Iterator[Extent]:
             for part in self._parts:

@@ -225,7 +225,7 @@ def test_options_fit_whole_objects_and_group_a_streams_request_size() -> None:
     assert base.fitted(64 * MiB, 16 * MiB) == huge
 
 
-def test_raw_read_size_is_its_streams() -> None:
+def test_read_size_is_the_largest_of_the_streams() -> None:
     from rbd_migration.formats.raw import RawFormat
     from rbd_migration.streams.base import Stream
 
@@ -248,6 +248,28 @@ def test_raw_read_size_is_its_streams() -> None:
     assert RawFormat(Local()).read_size == 0
     assert RawFormat(Local(), [Remote()], ['s1']).read_size == 16 * MiB
     assert RawFormat(Remote()).read_size == 16 * MiB
+    # Diff layers, a vmdk's files: the largest of their streams'.
+    from rbd_migration.context import SourceContext
+    from rbd_migration.formats.export_records import Where
+    from rbd_migration.formats.layered import Layer, LayeredFormat
+    from rbd_migration.formats.runs import Runs
+    from rbd_migration.formats.vmdk import VmdkFormat
+
+    class Diffs(LayeredFormat):
+        @classmethod
+        def from_spec(cls, spec, ctx):
+            raise NotImplementedError
+
+    def layered(*streams: Stream) -> LayeredFormat:
+        return Diffs([Layer(f's{i}', MiB, s, Runs()) for i, s in enumerate(streams)],
+                             Where('path', streams[0]))
+    assert layered(Local(), Local()).read_size == 0
+    assert layered(Local(), Remote()).read_size == 16 * MiB
+
+    def vmdk(*streams: Stream) -> VmdkFormat:
+        return VmdkFormat([], list(streams), 'disk.vmdk', SourceContext(), 'monolithicFlat')
+    assert vmdk(Local()).read_size == 0
+    assert vmdk(Local(), Remote()).read_size == 16 * MiB
 
 
 def test_scattered_data_of_one_chunk_is_copied_as_one() -> None:
@@ -489,6 +511,22 @@ def _requests(files: Dict[str, bytes], group: int, expected: bytes) -> List[Tupl
     return requests[opened:]
 
 
+def test_a_qcow2_chains_read_size_is_its_layers(chain: Tuple[Dict[str, bytes], bytes]) -> None:
+    """Any layer's stream worth 16 MiB reads makes the chain worth them:
+    the copier then reads it in groups of four chunks."""
+    files, _ = chain
+    top = CountingStream(files, 'top.qcow2', [])
+    top.request_size = 0
+    with QcowFormat.open_chain(top) as fmt:
+        assert fmt.read_size == 16 * MiB
+        assert CopyOptions().fitted(4 * MiB, fmt.read_size).group == 4
+    files = {'top.qcow2': files['base.qcow2']}
+    alone = CountingStream(files, 'top.qcow2', [])
+    alone.request_size = 0
+    with QcowFormat.open_chain(alone) as fmt:
+        assert fmt.read_size == 0
+
+
 def test_a_qcow2_chain_read_in_groups_takes_fewer_requests(
         chain: Tuple[Dict[str, bytes], bytes]) -> None:
     """Besides each layer's L2 table: per chunk, each layer is a request
@@ -501,3 +539,38 @@ def test_a_qcow2_chain_read_in_groups_takes_fewer_requests(
     assert len(per_chunk) == 3 + 24, per_chunk
     assert len(grouped) == 3 + 2 * (1 + 1 + 4), grouped
     assert ('top.qcow2', 16 * 64 << 10) in grouped
+
+
+class S3Like(CountingStream):
+    """Merges what lies within 1 MiB, up to 16 MiB a request."""
+
+    merge_gap = 1 * MiB
+    merge_limit = 16 * MiB
+
+
+def test_a_raw_source_read_in_groups_is_a_request_per_group() -> None:
+    from rbd_migration.formats.raw import RawFormat
+    requests: List[Tuple[str, int]] = []
+    data = _PATTERN[:30 * MiB]
+    fmt = RawFormat(S3Like({'disk.raw': data}, 'disk.raw', requests))
+    target = MemoryTarget(30 * MiB)
+    _copy(fmt, target, fmt.read_size // (4 * MiB))
+    assert target.data == data
+    assert sorted(requests) == [('disk.raw', 14 * MiB), ('disk.raw', 16 * MiB)]
+
+
+def test_raw_pieces_past_the_end_read_as_zeros() -> None:
+    from rbd_migration.formats.raw import RawFormat
+    requests: List[Tuple[str, int]] = []
+    fmt = RawFormat(S3Like({'disk.raw': _PATTERN[:5 * MiB]}, 'disk.raw', requests))
+    views = [memoryview(bytearray(b'\xff' * (2 * MiB))) for _ in range(4)]
+    fmt.read_pieces([(2 * i * MiB, view) for i, view in enumerate(views)])
+    assert b''.join(views) == _PATTERN[:5 * MiB] + bytes(3 * MiB)
+    assert requests == [('disk.raw', 5 * MiB)]
+    # Wholly past the end, next to a piece inside: only the inside is read.
+    views = [memoryview(bytearray(b'\xff' * MiB)) for _ in range(2)]
+    fmt.read_pieces([(4 * MiB, views[0]), (5 * MiB + 100, views[1])])
+    assert bytes(views[0]) == _PATTERN[4 * MiB:5 * MiB] and bytes(views[1]) == bytes(MiB)
+    assert requests[1:] == [('disk.raw', MiB)]
+    with pytest.raises(ValueError, match='bad read'):
+        fmt.read_pieces([(-1, views[0])])

@@ -19,6 +19,7 @@ from rbd_migration.formats import open_format
 from rbd_migration.formats.base import ExtentKind, Format
 from rbd_migration.formats.vmdk import VmdkFormat
 from rbd_migration.probe import ADAPTER, probe
+from rbd_migration.streams.file import FileStream
 from tests.profile import examples
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -196,6 +197,18 @@ def test_ova_disk_read_in_place(tmp_path: Path) -> None:
         assert fmt.read(0, 2 * MiB) == b'\x01' * MiB + bytes(MiB)
         assert fmt.features.compressed
         assert [e.kind for e in fmt.extents()] == [ExtentKind.DATA]
+
+
+def test_ova_read_size_is_its_archives(tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk inside an archive read from S3 is worth S3's request size:
+    the copier then reads it in groups of chunks."""
+    ova = make_ova(tmp_path, ['disk1.vmdk'])
+    with open_ova(ova) as fmt:
+        assert fmt.read_size == 0
+    monkeypatch.setattr(FileStream, 'request_size', 8 * MiB)
+    with open_ova(ova) as fmt:
+        assert fmt.read_size == 8 * MiB
 
 
 def test_ova_with_several_disks_needs_a_choice(tmp_path: Path) -> None:
