@@ -61,10 +61,12 @@ class Scatter:
         self._pieces = pieces
         self._order = order
         end = start + length
-        scratch = memoryview(bytearray(_widest_gap(start, pieces, order)))
+        scratch = memoryview(bytearray(_widest_gap(start, end, pieces, order)))
         pos = start
         for i in order:
             offset, view = pieces[i]
+            if offset >= end:
+                break       # past the stream's end, as are all after it
             if offset > pos:
                 self._add(pos, scratch[:offset - pos])
                 pos = offset
@@ -119,12 +121,15 @@ class Scatter:
                 for i in self._order]
 
 
-def _widest_gap(start: int, pieces: Sequence[Tuple[int, memoryview]],
+def _widest_gap(start: int, end: int, pieces: Sequence[Tuple[int, memoryview]],
                 order: Sequence[int]) -> int:
-    """The most bytes between one piece and the next (in ``order``)."""
+    """The most bytes between one piece and the next (in ``order``) before
+    ``end``."""
     widest, pos = 0, start
     for i in order:
         offset, view = pieces[i]
+        if offset >= end:
+            break
         widest = max(widest, offset - pos)
         pos = max(pos, offset + len(view))
     return widest

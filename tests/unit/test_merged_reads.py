@@ -86,6 +86,8 @@ class BytesStream(Stream):
         return len(self.data)
 
     def _read(self, offset: int, length: int) -> bytes:
+        assert 0 <= offset and offset + length <= len(self.data), \
+            'the base hands _read only spans inside the stream'
         self.requests += 1
         return self.data[offset:offset + length]
 
