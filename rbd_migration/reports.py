@@ -83,7 +83,7 @@ class Reports:
         key = info.dest.key
         task = latest.get(key) if latest is not None else self.queue.latest_for(key)
         d['task'] = task.to_dict() if task else None
-        d['layout'] = self.service.registration(info.dest).get('layout', {})
+        d['layout'] = self.service.layout_of(info.dest)
         d['state_text'] = _state_text(info, task)
         return d
 

@@ -353,15 +353,15 @@ class MigrationService:
             dest=info.dest, prepared=time.time(), layout=layout.describe(),
             probe=probe_report, validators=validators or {}))
 
-    def registration(self, dest: ImageRef) -> Dict[str, Any]:
-        """What prepare recorded of a librbd-path migration, as status shows
-        it: its layout, probe and source validators; empty when nothing
-        was, or when a newer module wrote it."""
+    def layout_of(self, dest: ImageRef) -> Dict[str, Any]:
+        """The layout options prepare recorded for a librbd-path migration,
+        as status shows them; empty when nothing was, or when a newer
+        module wrote the record."""
         try:
             record = self.registrations.get(dest)
         except NewerRecord:
             return {}
-        return record.stored() if record is not None else {}
+        return dict(record.layout) if record is not None else {}
 
     def _registration(self, dest: ImageRef, action: str) -> Optional[Registration]:
         """The registration ``action`` goes by.  A newer module's may hold
@@ -638,7 +638,7 @@ class MigrationService:
         flags are the first place to look."""
         pools = self.engine.full_pools()
         ref = task.ref
-        data_pool = self.registration(ref).get('layout', {}).get('data_pool')
+        data_pool = self.layout_of(ref).get('data_pool')
         for name in [task.pool] + ([data_pool] if data_pool else []):
             pool = pools.get(name, {})
             flags = set(str(pool.get('flags_names', '')).split(','))

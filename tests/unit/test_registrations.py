@@ -156,8 +156,8 @@ def test_a_source_changed_under_the_copy_is_noted_and_holds_commit_back(
 
 def test_status_shows_the_layout_prepare_recorded() -> None:
     service = _service(_store(a=MIGRATION))
-    assert service.registration(REF)['layout'] == {'data_pool': 'ec'}
-    assert service.registration(ImageRef(2, 'rbd2', '', 'x', 'none')) == {}
+    assert service.layout_of(REF) == {'data_pool': 'ec'}
+    assert service.layout_of(ImageRef(2, 'rbd2', '', 'x', 'none')) == {}
 
 
 def test_a_newer_record_refuses_execute_and_commit_and_stays_as_it_was(
@@ -175,7 +175,7 @@ def test_a_newer_record_refuses_execute_and_commit_and_stays_as_it_was(
     cast(Any, service).find = lambda image: MigrationInfo(REF, 'executed', '')
     with pytest.raises(Unsupported, match='^cannot commit rbd2/img: '):
         service.commit('rbd2/img')
-    assert service.registration(REF) == {}
+    assert service.layout_of(REF) == {}
     assert service._registered() == []
     service._unregister(REF)
     assert store.data == {KEY: newer}
