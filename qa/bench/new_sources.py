@@ -13,14 +13,23 @@ checked against the source's:
   ova           an OVA holding it (a file)      peer: tar -x, then qemu-img convert
   remote        an image of a second cluster    peer: rbd export | rbd import
                 with two snapshots                    (--export-format 2, snapshots kept)
+  nbd           the disk as a qcow2 served by   peers: upstream's NBD reading (one
+                qemu-nbd --read-only over TCP         request in flight, see serial_nbd),
+                                                      and qemu-img convert of nbd://
+  nbd-2ms       the raw disk served by nbdkit   the same two
+                over TCP, each read and block
+                status answered 2 ms late (a
+                server some way off)
 
 The disk is --size virtual, half of it random data in 4 MiB pieces spread
 over the disk, the rest zeros (VMware's exports are sparse).  MB/s is 10^6
 bytes of virtual size per second; the ratio is ours over the peer (above 1:
-faster).  Target: >= 1.0 for every row, best of --repeat in one run.  Starts
+faster).  ``exec s`` is our execute alone, from sending it to the end the
+task records (the serial NBD reader is an execute alone too: its ratio is
+``exec ratio``).  Target: >= 1.0 for every row, best of --repeat in one run.  Starts
 a cluster (with nginx) under DIR unless one runs there, and for ``remote``
-a second one under DIR-other; stops only what it started.  Prints, asserts
-nothing.
+a second one under DIR-other, and for ``nbd`` a qemu-nbd; stops only
+what it started.  Prints, asserts nothing.
 """
 import argparse
 import hashlib
@@ -28,18 +37,26 @@ import json
 import os
 import random
 import re
+import socket
+import threading
 import subprocess
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cluster import Cluster, parse_size  # noqa: E402
 
 MiB = 1 << 20
-ROWS = ('vmdk', 'vmdk-http', 'ova', 'remote')
+ROWS = ('vmdk', 'vmdk-http', 'ova', 'remote', 'nbd', 'nbd-2ms')
+#: The object and request size of the serial NBD baseline: librbd copies
+#: one object per request, our copier one 4 MiB chunk.
+OBJECT = 4 * MiB
+#: Writes the serial NBD baseline keeps in flight: librbd's deep copy has
+#: rbd_concurrent_management_ops (10) objects under way at once.
+WRITES_IN_FLIGHT = 10
 
 
 def log(message: str) -> None:
@@ -83,15 +100,18 @@ class Row:
     size: int
     ours: List[float] = field(default_factory=list)
     theirs: List[float] = field(default_factory=list)
+    #: Our executes alone (sent to the task's recorded end).
+    execs: List[float] = field(default_factory=list)
     failed: str = ''
 
     def line(self) -> str:
         if self.failed:
             return f'{self.name:<10} {self.peer:<30} FAILED: {self.failed}'
-        best, peer = min(self.ours), min(self.theirs)
+        best, peer, run = min(self.ours), min(self.theirs), min(self.execs)
         mbs = self.size / 1e6
         return (f'{self.name:<10} {self.peer:<30} {best:7.2f} {mbs / best:8.1f} '
-                f'{peer:7.2f} {mbs / peer:8.1f} {peer / best:7.2f}x')
+                f'{peer:7.2f} {mbs / peer:8.1f} {peer / best:7.2f}x {run:7.2f} '
+                f'{peer / run:7.2f}x')
 
 
 class Bench:
@@ -101,6 +121,8 @@ class Bench:
         self.size = size
         assert cluster.state
         self.conf = cluster.state.conf
+        #: The last ``ours``'s execute, sent to the task's recorded end.
+        self.last_exec = 0.0
 
     def ceph_json(self, *args: str) -> Dict:
         r = self.cluster.run_ceph(*args, '-f', 'json', timeout=600)
@@ -121,11 +143,15 @@ class Bench:
         target = f'rbd/{image}'
         self.ceph_json('rbd', 'migration', 'prepare', '--import-only', target,
                        '--source-spec', json.dumps(spec))
-        self.wait(str(self.ceph_json('rbd', 'migration', 'execute', target)['task']['id']))
+        sent = time.time()
+        task = str(self.ceph_json('rbd', 'migration', 'execute', target)['task']['id'])
+        self.wait(task)
+        finished = self.ceph_json('rbd', 'migration', 'task', 'get', task)['task']['finished']
+        self.last_exec = finished - sent
         self.wait(str(self.ceph_json('rbd', 'migration', 'commit', target)['task']['id']))
 
-    def qemu(self, source: str, image: str) -> None:
-        sh('qemu-img', 'convert', '-m', '16', '-W', '-O', 'raw', source,
+    def qemu(self, source: str, image: str, *source_opts: str) -> None:
+        sh('qemu-img', 'convert', '-m', '16', '-W', *source_opts, '-O', 'raw', source,
            f'rbd:rbd/{image}:conf={self.conf}')
 
     def sha(self, image: str, conf: Optional[str] = None) -> str:
@@ -140,18 +166,149 @@ class Bench:
 
     def measure(self, row: Row, want: str, ours: Callable[[str], None],
                 theirs: Callable[[str], None], repeat: int,
-                sha: Optional[Callable[[str], str]] = None) -> None:
+                sha: Optional[Callable[[str], str]] = None,
+                also: Sequence[Tuple[Row, Callable[[str], None]]] = ()) -> None:
+        """``repeat`` rounds of ours then each peer; the rows ``also``
+        names share ``row``'s runs of ours, so every peer is compared with
+        the same imports of ours."""
         for _ in range(repeat):
-            for runs, action in ((row.ours, ours), (row.theirs, theirs)):
+            steps = [(row, row.ours, ours, 'ours'), (row, row.theirs, theirs, row.peer)]
+            steps += [(other, other.theirs, action, other.peer) for other, action in also]
+            for owner, runs, action, label in steps:
                 image = f'bench-{row.name}-{uuid.uuid4().hex[:6]}'
                 try:
                     runs.append(timed(lambda: action(image)))
+                    if runs is row.ours:
+                        row.execs.append(self.last_exec)
                     got = (sha or (lambda i: self.sha(f'rbd/{i}')))(image)
                     if got != want:
-                        row.failed = f'{image}: sha256 differs from the source'
+                        owner.failed = f'{image}: sha256 differs from the source'
                 finally:
                     self.remove(image)
-                log(f'{row.name}: {"ours" if runs is row.ours else row.peer} {runs[-1]:.2f}s')
+                log(f'{row.name}: {label} {runs[-1]:.2f}s')
+        for other, _ in also:
+            other.ours, other.execs = row.ours, row.execs
+            other.failed = other.failed or row.failed
+
+
+def serial_nbd(uri: str, conf: str, image: str) -> None:
+    """Upstream librbd's NBD import (src/librbd/migration/NBDStream.cc),
+    its reading mirrored: one libnbd handle, ``base:allocation`` asked for,
+    and on one strand, for each object, a block status then a blocking
+    pread per data extent, one request in flight at a time; a failed block
+    status reads as data.  Its writes, like librbd's deep copy, go out
+    asynchronously, WRITES_IN_FLIGHT at most, and zero extents are not
+    written (the target is new)."""
+    import nbd
+    import rados
+    import rbd
+    handle = nbd.NBD()
+    handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    handle.connect_uri(uri)
+    slots = threading.Semaphore(WRITES_IN_FLIGHT)
+    failed: List[int] = []
+
+    def written(completion: 'rbd.Completion') -> None:
+        if completion.get_return_value() < 0:
+            failed.append(completion.get_return_value())
+        slots.release()
+    try:
+        size = handle.get_size()
+        with rados.Rados(conffile=conf) as cluster, cluster.open_ioctx('rbd') as ioctx:
+            rbd.RBD().create(ioctx, image, size, old_format=False)
+            with rbd.Image(ioctx, image) as target:
+                for offset in range(0, size, OBJECT):
+                    for start, length in _data_extents(handle, offset,
+                                                       min(OBJECT, size - offset)):
+                        data = handle.pread(length, start)
+                        slots.acquire()
+                        target.aio_write(data, start, written)
+                for _ in range(WRITES_IN_FLIGHT):
+                    slots.acquire()
+                target.flush()
+        if failed:
+            raise RuntimeError(f'{len(failed)} writes failed: {os.strerror(-failed[0])}')
+    finally:
+        handle.shutdown()   # the handle closes when collected
+
+
+def _data_extents(handle: object, offset: int, length: int) -> List[Tuple[int, int]]:
+    """[offset, offset+length) less what block status calls a hole or zero,
+    as upstream's extent callback reads it."""
+    import nbd
+    holes: List[Tuple[int, int]] = []
+
+    def extent(meta: str, start: int, entries: List[int], err: object) -> int:
+        if meta == nbd.CONTEXT_BASE_ALLOCATION:
+            for size, state in zip(entries[0::2], entries[1::2]):
+                if size and state & (nbd.STATE_HOLE | nbd.STATE_ZERO):
+                    holes.append((start, start + size))
+                start += size
+        return 1
+    try:
+        handle.block_status(length, offset, extent)  # type: ignore[attr-defined]
+    except nbd.Error:
+        pass
+    data, pos, end = [], offset, offset + length
+    for start, stop in sorted(holes):
+        if start > pos:
+            data.append((pos, min(start, end) - pos))
+        pos = max(pos, stop)
+        if pos >= end:
+            break
+    if pos < end:
+        data.append((pos, end - pos))
+    return [(start, n) for start, n in data if n > 0]
+
+
+def qemu_nbd(image: str, port: int) -> List[str]:
+    """A qcow2 served read-only, as qemu-nbd serves a VM's disk."""
+    return ['qemu-nbd', '--read-only', '--persistent', '--shared', '8', '-f', 'qcow2',
+            '-x', 'disk', '-b', '127.0.0.1', '-p', str(port), image]
+
+
+def nbdkit_late(raw: str, port: int) -> List[str]:
+    """A raw file served read-only with every read and block status
+    answered 2 ms late (requests in flight wait side by side)."""
+    return ['nbdkit', '--foreground', '--exit-with-parent', '--readonly', '-e', 'disk',
+            '-i', '127.0.0.1', '-p', str(port), '--filter=delay', 'file', raw,
+            'rdelay=2ms', 'delay-extents=2ms']
+
+
+def serve_nbd(argv: Callable[[int], List[str]]) -> Tuple[subprocess.Popen, str]:
+    """The server ``argv(port)`` on a free loopback port, listening, and
+    the URI of its export ``disk``."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    until = time.monotonic() + 10
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(('127.0.0.1', port)) == 0:
+                return proc, f'nbd://127.0.0.1:{port}/disk'
+        if proc.poll() is not None or time.monotonic() > until:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f'{argv(port)[0]} did not listen within 10 s')
+        time.sleep(0.05)
+
+
+def nbd_rows(bench: Bench, name: str, server: Callable[[int], List[str]], want: str,
+             repeat: int) -> List[Row]:
+    """Imports of ``server``'s export against the serial reader and
+    qemu-img, one row each (the same imports of ours in both)."""
+    proc, uri = serve_nbd(server)
+    serial = Row(name, 'serial libnbd (upstream)', bench.size)
+    qemu = Row(name, 'qemu-img convert (nbd://)', bench.size)
+    try:
+        bench.measure(serial, want, lambda i: bench.ours({'type': 'raw', 'stream': {
+            'type': 'nbd', 'uri': uri}}, i), lambda i: serial_nbd(uri, bench.conf, i),
+            repeat, also=[(qemu, lambda i: bench.qemu(uri, i, '-f', 'raw'))])
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return [serial, qemu]
 
 
 def remote_cluster(path: str) -> Tuple[Cluster, bool, str, str]:
@@ -257,6 +414,13 @@ def main() -> int:
             row = Row('remote', 'rbd export | rbd import', args.size)
             bench.measure(row, far, lambda i: bench.ours(spec, i), pipe, args.repeat)
             rows.append(row)
+        qcow2 = os.path.join(work, 'disk.qcow2')
+        if 'nbd' in only:
+            sh('qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2)
+        for name, server in (('nbd', lambda port: qemu_nbd(qcow2, port)),
+                             ('nbd-2ms', lambda port: nbdkit_late(raw, port))):
+            if name in only:
+                rows += nbd_rows(bench, name, server, want, args.repeat)
     finally:
         cluster.reset_module_option('file_source_roots')
         if other is not None and other_started:
@@ -266,7 +430,7 @@ def main() -> int:
     print(f'\nnew sources, {args.size / MiB:.0f} MiB virtual (half data), best of '
           f'{args.repeat}; ours = prepare + execute + commit; target ratio >= 1.0')
     print(f'{"source":<10} {"peer":<30} {"ours s":>7} {"MB/s":>8} {"peer s":>7} '
-          f'{"MB/s":>8} {"ratio":>8}')
+          f'{"MB/s":>8} {"ratio":>8} {"exec s":>7} {"ratio":>8}')
     for row in rows:
         print(row.line())
     return 1 if any(r.failed for r in rows) else 0
