@@ -255,6 +255,10 @@ class _Link:
                     self._wait(request, ctx.wait_for(POLL_TICK))
         except nbd.Error as e:
             self._break(_reason(e))
+        failed = next((r.error for r in requests if r.error), 0)
+        if failed and (self.handle.aio_is_dead() or self.handle.aio_is_closed()):
+            # A command failed because the connection ended: retry on a new one.
+            self._break(f'the server closed the connection ({os.strerror(failed)})')
         return requests
 
     def _wait(self, request: _Request, seconds: float) -> None:
