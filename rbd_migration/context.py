@@ -25,6 +25,9 @@ from .limits import SourceLimits
 #: host that drops packets.  (Name resolution waits on the system
 #: resolver: its own timeout and attempts, resolv.conf's options.)
 CONNECT_LIMIT = 10.0
+#: Where a ``native`` source's ``cluster_name`` finds its files unless the
+#: ``remote_cluster_conf_dir`` option says otherwise (upstream's place).
+REMOTE_CONF_DIR = '/etc/ceph'
 
 
 @dataclass
@@ -36,8 +39,8 @@ class SourceContext:
     #: A connected ``rados.Rados`` for ``native`` sources.
     rados: Optional[Any] = None
     #: Where a ``native`` source's ``cluster_name`` finds ``<name>.conf`` and
-    #: ``<name>.<client>.keyring`` (upstream's place for them).
-    remote_conf_dir: str = '/etc/ceph'
+    #: ``<name>.<client>.keyring`` (an absolute path).
+    remote_conf_dir: str = REMOTE_CONF_DIR
     #: Longest wait for one request: connecting, and its whole answer (a
     #: server that trickles a body is cut off after this long too).
     timeout: float = 30.0

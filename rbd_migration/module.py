@@ -103,6 +103,11 @@ class Module(MgrModule):
                     "HTTP source's redirects may lead besides its own; empty: "
                     'redirects stay on the URL\'s own server',
                runtime=True),
+        Option('remote_cluster_conf_dir', type='str', default='/etc/ceph',
+               desc='absolute directory on the mgr hosts in which a native source '
+                    'naming cluster_name finds <name>.conf and '
+                    '<name>.<client>.keyring',
+               runtime=True),
         Option('command_wait', type='float', default=1.0, min=0.1, max=8.0,
                desc='seconds a command may hold the mgr\'s command thread; a command '
                     'still waiting on the cluster or a source then goes on in the '

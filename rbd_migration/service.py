@@ -327,7 +327,7 @@ class MigrationService:
         s = self.settings()
         return SourceContext(allowed_file_roots=s.file_roots, config_key=self._config_key,
                              rados=self.engine.rados, redirect_origins=s.redirect_origins,
-                             limits=s.source_limits, stop=stop)
+                             limits=s.source_limits, remote_conf_dir=s.remote_conf_dir, stop=stop)
 
     def _config_key(self, key: str) -> Optional[str]:
         """A config-key's value, for a config:// reference in a source-spec.

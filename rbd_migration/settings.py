@@ -6,9 +6,12 @@ one consistent set of values (an operator may change any of them at run
 time) and no caller casts.  The defaults are module.py's; a unit test keeps
 the two equal.
 """
+import os
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, List, cast
 
+from .context import REMOTE_CONF_DIR
+from .errors import InvalidArgument
 from .limits import SourceLimits
 
 #: How the mgr gives out an option's current value.
@@ -48,6 +51,7 @@ class Settings:
     file_source_roots: str = ''
     config_key_prefixes: str = DEFAULT_CONFIG_KEY_PREFIXES
     http_redirect_origins: str = ''
+    remote_cluster_conf_dir: str = REMOTE_CONF_DIR
     command_wait: float = 1.0
     probe_timeout: float = 60.0
     source_max_metadata_bytes: int = SourceLimits.metadata_bytes
@@ -76,6 +80,18 @@ class Settings:
     @property
     def redirect_origins(self) -> List[str]:
         return self.http_redirect_origins.split()
+
+    @property
+    def remote_conf_dir(self) -> str:
+        """``remote_cluster_conf_dir``, which must be absolute: the mgr's
+        working directory is nobody's idea of where a conf lies."""
+        path = self.remote_cluster_conf_dir
+        if not os.path.isabs(path):
+            raise InvalidArgument(
+                f'remote_cluster_conf_dir: {path!r} is not an absolute path; set it to '
+                'the directory holding the other clusters\' <name>.conf and keyrings: '
+                '`ceph config set mgr mgr/rbd_migration/remote_cluster_conf_dir /etc/ceph`')
+        return path
 
     @property
     def retry_policy(self) -> RetryPolicy:
