@@ -12,6 +12,13 @@ The server is not trusted any more than an HTTP one, so
   ``tls-certificates`` and ``tls-psk-file``, and every local path those
   name (the socket included) must lie under ``file_source_roots``, as a
   ``file`` stream's path must;
+* that check holds when the file is used: at each connection the module
+  opens those paths itself (``O_PATH``), checks the files it opened (their
+  real path in ``/proc/self/fd``, and their kind) and hands libnbd and
+  GnuTLS only ``/proc/self/fd/N``, which names that inode whatever the
+  path names by then; it connects a unix socket itself and gives libnbd
+  the connected socket.  A symbolic link swapped after the check cannot
+  redirect the connection, nor the TLS files read;
 * nothing blocks without a limit: libnbd is driven through its
   asynchronous calls, the handshake within the context's connect limit and
   every request within ``ctx.timeout``, checking the deadline and the stop
@@ -31,6 +38,7 @@ that the ``base:allocation`` block status calls zero are left out of
 ``allocated``; what a server does not answer, or answers past the range
 asked, is read as data or cut off, never taken on trust.
 """
+import errno
 import os
 import select
 import socket
@@ -86,12 +94,25 @@ MAX_EXTENTS = 1 << 14
 
 @dataclass
 class Target:
-    """What a checked URI names: shown masked, with the local files it uses."""
+    """What a checked URI names: shown masked, and how to reach it."""
     uri: str
     shown: str
     export: str
-    local_files: bool
-    tcp: bool
+    #: The local paths the URI names, by parameter (see LOCAL_PARAMS).
+    local: Dict[str, str] = field(default_factory=dict)
+    #: ``nbds://`` or ``nbds+unix://``, and the TLS user the URI names.
+    tls: bool = False
+    username: Optional[str] = None
+
+    @property
+    def tcp(self) -> bool:
+        return 'socket' not in self.local
+
+    @property
+    def tcp_uri(self) -> str:
+        """What libnbd connects to over TCP: the URI less its parameters
+        (the TLS files are handed to libnbd opened, see _Pinned)."""
+        return self.uri.split('?', 1)[0]
 
 
 def check_uri(uri: str, ctx: SourceContext, what: str = FIELD) -> Target:
@@ -125,11 +146,14 @@ def check_uri(uri: str, ctx: SourceContext, what: str = FIELD) -> Target:
         raise InvalidArgument(
             f'{what}: {shown!r}: ' + ('a unix socket URI needs ?socket=PATH' if unix
                                       else '?socket= needs the nbd+unix:// scheme'))
-    for name in LOCAL_PARAMS:
-        if name in params:
-            _check_local(params[name], name, shown, what, ctx)
-    return Target(uri=uri, shown=shown, export=unquote(parts.path[1:]),
-                  local_files=any(p in params for p in LOCAL_PARAMS[1:]), tcp=not unix)
+    local = {name: params[name] for name in LOCAL_PARAMS if name in params}
+    for name, path in local.items():
+        fd = _pin(path, name, what, ctx)    # said at once; checked again at each use
+        if fd is not None:
+            os.close(fd)
+    return Target(uri=uri, shown=shown, export=unquote(parts.path[1:]), local=local,
+                  tls=parts.scheme in ('nbds', 'nbds+unix'),
+                  username=None if parts.username is None else unquote(parts.username))
 
 
 def _params(query: str, bad: str) -> Dict[str, str]:
@@ -148,28 +172,130 @@ def _params(query: str, bad: str) -> Dict[str, str]:
     return params
 
 
-def _check_local(path: str, name: str, shown: str, what: str, ctx: SourceContext) -> None:
-    """A local path the URI names: absolute, and under an allowed root (the
-    mgr connects to or reads it with its own rights)."""
+@dataclass(frozen=True)
+class _Kind:
+    """What a local path must be, and what to give instead."""
+    test: Callable[[int], bool]
+    noun: str
+    fix: str
+
+
+KINDS = {
+    'socket': _Kind(stat.S_ISSOCK, 'a unix socket', "give the path of the NBD server's "
+                    'socket (qemu-nbd --socket PATH)'),
+    'tls-certificates': _Kind(stat.S_ISDIR, 'a directory', 'give the directory holding '
+                              'ca-cert.pem, client-cert.pem and client-key.pem'),
+    'tls-psk-file': _Kind(stat.S_ISREG, 'a regular file', 'give the PSK file (username:key '
+                          'lines, as psktool writes them)'),
+}
+
+
+def _pin(path: str, name: str, what: str, ctx: SourceContext) -> Optional[int]:
+    """``path`` opened without reading it (``O_PATH``, links followed) and
+    the file opened checked: its real path under an allowed root (the mgr
+    connects to or reads it with its own rights) and of the kind ``name``
+    takes.  The descriptor, or None when nothing is there yet (a server not
+    started: connecting says so, and is retried)."""
     where = f'{what}: {name} {path!r}'
     if not os.path.isabs(path):
         raise InvalidArgument(f'{where} is not an absolute path; give the full path '
                               'on the host of the active mgr')
     roots = _real_roots(ctx.allowed_file_roots)
-    real = os.path.realpath(path)
-    if not roots or not _is_under(real, roots):
-        raise PermissionDenied(
-            f'{where} is not under an allowed directory; move it under one of '
-            f'{", ".join(roots) or "them"} or add its directory with '
-            f'`ceph config set mgr {ROOTS_OPTION} DIR`')
-    if name == 'socket':
+    outside = PermissionDenied(
+        f'{where} is not under an allowed directory; move it under one of '
+        f'{", ".join(roots) or "them"} or add its directory with '
+        f'`ceph config set mgr {ROOTS_OPTION} DIR`')
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if not roots or not _is_under(os.path.realpath(path), roots):
+            raise outside from None
+        return None
+    except OSError as e:
+        raise InvalidArgument(f'{where} cannot be opened ({e.strerror}); '
+                              f'{KINDS[name].fix}') from None
+    try:
+        if not roots or not _is_under(os.readlink(f'/proc/self/fd/{fd}'), roots):
+            raise outside
+        kind = KINDS[name]
+        if not kind.test(os.fstat(fd).st_mode):
+            raise InvalidArgument(f'{where} is not {kind.noun}; {kind.fix}')
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Pinned:
+    """The local files of one connection, open from their check until its
+    handshake is over; libnbd and GnuTLS get ``path(name)``, which names
+    the file checked whatever its path names meanwhile.  (GnuTLS opens the
+    certificates inside a ``tls-certificates`` directory by name, within
+    the directory checked.)"""
+
+    def __init__(self, target: Target, ctx: SourceContext) -> None:
+        self.fds: Dict[str, int] = {}
         try:
-            kind = os.stat(real).st_mode
-        except OSError:
-            return      # a server not started yet: connecting says so, retried
-        if not stat.S_ISSOCK(kind):
-            raise InvalidArgument(f'{where} is not a unix socket; give the path of '
-                                  "the NBD server's socket (qemu-nbd --socket PATH)")
+            for name, path in target.local.items():
+                fd = _pin(path, name, FIELD, ctx)
+                if fd is None and name == 'socket':
+                    raise Transient(f'connect: {os.strerror(errno.ENOENT)}')
+                if fd is None:
+                    raise InvalidArgument(f'{FIELD}: {name} {path!r} does not exist; '
+                                          f'{KINDS[name].fix}')
+                self.fds[name] = fd
+        except BaseException:
+            self.close()
+            raise
+
+    def path(self, name: str) -> str:
+        return f'/proc/self/fd/{self.fds[name]}'
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> '_Pinned':
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _start(handle: 'nbd.NBD', target: Target, pinned: _Pinned, limit: float) -> None:
+    """The connection begun on ``handle``: over TCP libnbd connects by the
+    URI; a unix socket is connected here, to the socket checked, and libnbd
+    handed the connected socket and what the URI would have set."""
+    if 'tls-certificates' in pinned.fds:
+        handle.set_tls_certificates(pinned.path('tls-certificates'))
+    if 'tls-psk-file' in pinned.fds:
+        handle.set_tls_psk_file(pinned.path('tls-psk-file'))
+    if target.tcp:
+        handle.aio_connect_uri(target.tcp_uri)
+        return
+    handle.set_export_name(target.export)
+    if target.tls:
+        handle.set_tls(nbd.TLS_REQUIRE)
+    if target.username is not None:
+        handle.set_tls_username(target.username)
+    sock = _connect_unix(pinned.path('socket'), limit)
+    # libnbd's from here, even when the call fails (the handshake may fail
+    # within it): libnbd closes it, and so must nobody else.
+    handle.aio_connect_socket(sock.detach())
+
+
+def _connect_unix(path: str, limit: float) -> socket.socket:
+    """A unix socket connected to ``path`` within ``limit`` seconds (a
+    connect waits only while the server's backlog is full)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(limit)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        raise Transient(f'connect: {e.strerror or e}') from None
+    return sock
 
 
 # -- One connection ----------------------------------------------------------
@@ -212,20 +338,21 @@ class _Link:
         handle = nbd.NBD()
         handle.set_handle_name('rbd_migration')
         handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        handle.set_uri_allow_transports(nbd.ALLOW_TRANSPORT_TCP | nbd.ALLOW_TRANSPORT_UNIX)
-        handle.set_uri_allow_local_file(target.local_files)
+        handle.set_uri_allow_transports(nbd.ALLOW_TRANSPORT_TCP)
+        handle.set_uri_allow_local_file(False)
         limit = ctx.connect_wait()
         started = time.monotonic()
         try:
-            handle.aio_connect_uri(target.uri)
-            while handle.aio_is_connecting():
-                ctx.check()
-                left = limit - (time.monotonic() - started)
-                if left <= 0:
-                    raise Transient(f'no answer to the NBD handshake within {limit:g}s')
-                if target.tcp:
-                    _quick_ack(handle)
-                _notify(handle, _ready(handle, min(POLL_TICK, left)))
+            with _Pinned(target, ctx) as pinned:
+                _start(handle, target, pinned, limit)
+                while handle.aio_is_connecting():
+                    ctx.check()
+                    left = limit - (time.monotonic() - started)
+                    if left <= 0:
+                        raise Transient(f'no answer to the NBD handshake within {limit:g}s')
+                    if target.tcp:
+                        _quick_ack(handle)
+                    _notify(handle, _ready(handle, min(POLL_TICK, left)))
             if not handle.aio_is_ready():
                 raise Transient('the server closed the connection during the handshake')
             size = handle.get_size()

@@ -27,6 +27,7 @@ from rbd_migration.probe import ADAPTER, probe
 from rbd_migration.source_spec import spec_summary, validate_source_spec
 from rbd_migration.streams import open_stream
 from rbd_migration.streams.base import Stream
+from rbd_migration.streams import nbd as nbd_stream
 from rbd_migration.streams.net import Transient
 from rbd_migration.streams.nbd import (DEFAULT_PORT, MAX_EXTENTS, NbdStream, _extents, _Link,
                                        _Request, check_uri)
@@ -327,6 +328,103 @@ def test_local_paths_only_under_the_roots(root: Path, tmp_path: Path) -> None:
     with pytest.raises(PermissionDenied):
         open_stream({'type': 'nbd', 'uri': f'nbd+unix:///x?socket={root}/q.sock'},
                     SourceContext())
+
+
+def test_a_link_under_the_root_to_a_socket_outside_is_refused(
+        root: Path, tmp_path: Path, servers: Servers) -> None:
+    servers.nbdkit(tmp_path / 'outside.sock', 'memory', '1M')
+    (root / 'link.sock').symlink_to(tmp_path / 'outside.sock')
+    with pytest.raises(PermissionDenied, match="socket '.*link.sock' is not under an allowed"):
+        nbd(f'nbd+unix:///?socket={root}/link.sock', root)
+
+
+@pytest.fixture
+def swap_before_connecting(monkeypatch: pytest.MonkeyPatch) -> List[Path]:
+    """Each link named in the returned list is pointed at ``<link>.swap``'s
+    target between the check of the files a connection uses and the
+    connection: what an attacker racing the mgr would do."""
+    links: List[Path] = []
+    real = nbd_stream._start
+
+    def swapped(*args: Any) -> None:
+        for link in links:
+            fresh = link.with_name(link.name + '.new')
+            fresh.symlink_to(os.readlink(link.with_name(link.name + '.swap')))
+            fresh.replace(link)
+        real(*args)
+    monkeypatch.setattr(nbd_stream, '_start', swapped)
+    return links
+
+
+def test_a_socket_swapped_after_the_check_does_not_redirect(
+        root: Path, tmp_path: Path, servers: Servers, swap_before_connecting: List[Path]) -> None:
+    servers.qemu_nbd(qcow2(root), sock=root / 'q.sock')                # 24 MiB
+    servers.nbdkit(tmp_path / 'outside.sock', 'memory', '1M')
+    link = root / 'link.sock'
+    link.symlink_to(root / 'q.sock')
+    (root / 'link.sock.swap').symlink_to(tmp_path / 'outside.sock')
+    swap_before_connecting.append(link)
+    with nbd(f'nbd+unix:///?socket={link}', root) as stream:
+        assert os.readlink(link) == str(tmp_path / 'outside.sock')     # swapped
+        assert stream.size() == 24 * MiB and stream.read(MiB, 2) == b'ZZ'
+
+
+def test_a_reconnect_checks_the_socket_again(root: Path, tmp_path: Path,
+                                             servers: Servers) -> None:
+    proc = servers.qemu_nbd(qcow2(root), sock=root / 'q.sock')
+    servers.nbdkit(tmp_path / 'outside.sock', 'memory', '24M')
+    link = root / 'link.sock'
+    link.symlink_to(root / 'q.sock')
+    with nbd(f'nbd+unix:///?socket={link}', root, retries=2) as stream:
+        assert stream.read(MiB, 2) == b'ZZ'
+        (root / 'new.sock').symlink_to(tmp_path / 'outside.sock')
+        (root / 'new.sock').replace(link)
+        servers.kill(proc)
+        with pytest.raises(PermissionDenied, match='not under an allowed directory'):
+            stream.read(MiB, 2)
+
+
+def psk_server(servers: Servers, keys: Path, sock: Optional[Path] = None,
+               port: Optional[int] = None) -> None:
+    where = ['-U', str(sock)] if sock else ['-i', '127.0.0.1', '-p', str(port)]
+    servers.start(['nbdkit', '--foreground', '--exit-with-parent', '--tls=require',
+                   f'--tls-psk={keys}', *where, 'pattern', '1M'], sock, port)
+
+
+def write_psk(path: Path, key: str) -> Path:
+    path.write_text(f'alice:{key}\n')
+    return path
+
+
+def test_tls_psk_over_unix_and_tcp(root: Path, servers: Servers) -> None:
+    keys = write_psk(root / 'keys.psk', '0123456789abcdef' * 4)
+    port = free_port()
+    psk_server(servers, keys, sock=root / 't.sock')
+    psk_server(servers, keys, port=port)
+    for uri in (f'nbds+unix://alice@/?socket={root}/t.sock&tls-psk-file={keys}',
+                f'nbds://alice@127.0.0.1:{port}/?tls-psk-file={keys}'):
+        with nbd(uri, root) as stream:
+            assert stream.read(8, 8) == (8).to_bytes(8, 'big'), uri
+    with pytest.raises(InvalidArgument, match='is not a regular file; give the PSK file'):
+        nbd(f'nbds://alice@127.0.0.1:{port}/?tls-psk-file={root}', root)
+    with pytest.raises(InvalidArgument, match="tls-psk-file '.*none.psk' does not exist"):
+        nbd(f'nbds://alice@127.0.0.1:{port}/?tls-psk-file={root}/none.psk', root)
+
+
+def test_a_psk_file_swapped_after_the_check_is_not_read(
+        root: Path, tmp_path: Path, servers: Servers, swap_before_connecting: List[Path]) -> None:
+    """The server knows alice's key in keys.psk; the link is swapped to a
+    file outside the roots with another key before the handshake."""
+    keys = write_psk(root / 'keys.psk', '0123456789abcdef' * 4)
+    other = write_psk(tmp_path / 'other.psk', 'fedcba9876543210' * 4)
+    psk_server(servers, keys, sock=root / 't.sock')
+    link = root / 'link.psk'
+    link.symlink_to(keys)
+    (root / 'link.psk.swap').symlink_to(other)
+    swap_before_connecting.append(link)
+    with nbd(f'nbds+unix://alice@/?socket={root}/t.sock&tls-psk-file={link}', root) as stream:
+        assert os.readlink(link) == str(other)
+        assert stream.read(8, 8) == (8).to_bytes(8, 'big')
 
 
 # -- Servers that misbehave -----------------------------------------------------
