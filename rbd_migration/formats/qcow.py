@@ -3,8 +3,11 @@
 Following QEMU's docs/interop/qcow2.txt and block/qcow.c: a two-level table
 (L1 -> L2) maps each guest cluster to a host cluster in the file, to a
 compressed cluster, to zeros, or to nothing (the backing file shows through).
-Internal snapshots are other L1 tables.  Only what reading needs is parsed:
-refcounts and bitmaps are ignored, nothing is ever written.
+Internal snapshots are other L1 tables, sharing L2 tables and clusters with
+HEAD and each other: what changed between two of them is where their L2
+entries differ, found without reading a cluster (``exact_diffs``).  Only
+what reading needs is parsed: refcounts and bitmaps are ignored, nothing is
+ever written.
 
 Reads are safe from several threads: nothing keeps a seek position, the
 caches take a lock, and the streams underneath are thread-safe.
@@ -42,8 +45,8 @@ from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
 from ..streams import open_stream
 from ..streams.base import Stream
-from .base import (Extent, Format, FormatFeatures, PieceReader, Snapshot, coalesce,
-                   zero_fill)
+from .base import (Extent, ExtentKind, Format, FormatFeatures, PieceReader, Snapshot,
+                   coalesce, zero_fill)
 from .detect import SNIFF_LENGTH, sniff
 from .qcow_cache import _Budget
 from .qcow_header import (COMPRESSION_TYPES, CRYPT_METHODS, INCOMPAT_DIRTY,
@@ -70,6 +73,41 @@ class _LayerReads:
     data: List[Tuple[int, memoryview]] = field(default_factory=list)
     compressed: List[Tuple[int, bytearray, memoryview]] = field(default_factory=list)
     lower: List[Tuple[int, memoryview]] = field(default_factory=list)
+
+
+@dataclass
+class _Below:
+    """What shows through unallocated clusters: the backing's extents
+    (none without a backing), asked for ascending ranges."""
+
+    extents: Iterator[Extent]
+    pending: Optional[Extent] = None
+    started: bool = False
+
+    def over(self, start: int, end: int, gaps: bool) -> Iterator[Extent]:
+        """The extents over ``[start, end)``, cut to it; with ``gaps``, ZERO
+        where there are none (what the layer above had there is gone)."""
+        pos = start
+        while pos < end:
+            ext = self._reaching(pos)
+            if ext is None or ext.offset >= end:
+                break
+            if ext.offset > pos and gaps:
+                yield Extent(pos, ext.offset - pos, ExtentKind.ZERO)
+            pos = max(pos, ext.offset)
+            stop = min(ext.end, end)
+            yield Extent(pos, stop - pos, ext.kind)
+            pos = stop
+        if pos < end and gaps:
+            yield Extent(pos, end - pos, ExtentKind.ZERO)
+
+    def _reaching(self, pos: int) -> Optional[Extent]:
+        """The first extent ending past ``pos``."""
+        if not self.started:
+            self.pending, self.started = next(self.extents, None), True
+        while self.pending is not None and self.pending.end <= pos:
+            self.pending = next(self.extents, None)
+        return self.pending
 
 
 class QcowFormat(PieceReader):
@@ -273,6 +311,48 @@ class QcowFormat(PieceReader):
         size = self.size(snap)
         lower = self.backing.extents()
         return coalesce(_show_through(own, lower, size))
+
+    #: What changed between two states is what their L2 entries say.
+    exact_diffs = True
+
+    def changed_extents(self, prev: Optional[Snapshot],
+                        snap: Optional[Snapshot]) -> Iterator[Extent]:
+        """The clusters whose L2 entries differ between ``prev``'s and
+        ``snap``'s tables (``ClusterMap.changed_clusters``), as ``snap``
+        reads them: DATA, ZERO, and where ``snap`` maps nothing, the
+        backing's extents with ZERO in their gaps (that backing's HEAD lies
+        under every state alike, so what neither maps is unchanged).  Past
+        ``prev``'s size, what ``snap`` has (the copier grows the target
+        with zeros).  Both states are read from the file as it is now, so
+        this holds for any two, in either order."""
+        if prev is None:
+            return self.extents(snap)
+        return coalesce(self._changed(self._l1_for(prev), self.size(prev), snap))
+
+    def _changed(self, old: 'array.array[int]', old_size: int,
+                 snap: Optional[Snapshot]) -> Iterator[Extent]:
+        """``changed_extents`` from the L1 table ``old`` of a state of
+        ``old_size`` bytes; the backing's extents are walked once, as the
+        ranges ascend."""
+        cs = self.header.cluster_size
+        size = self.size(snap)
+        common = min(old_size, size)
+        l1 = self._l1_for(snap)
+        below = _Below(self.backing.extents() if self.backing is not None else iter(()))
+        for first, end in self._map.changed_clusters(old, l1, -(-common // cs)):
+            yield from self._as_read(l1, first * cs, min(end * cs, common), below, True)
+        if common < size:
+            yield from self._as_read(l1, common, size, below, False)
+
+    def _as_read(self, l1: 'array.array[int]', start: int, end: int,
+                 below: '_Below', gaps: bool) -> Iterator[Extent]:
+        """``[start, end)`` as the table ``l1`` reads it; where it maps
+        nothing, the backing's extents, and ZERO in their gaps if ``gaps``."""
+        for run in _merge_runs(self._runs(l1, start, end)):
+            if run.kind == _RunKind.UNALLOCATED:
+                yield from below.over(run.offset, run.end, gaps)
+            else:
+                yield Extent(run.offset, run.length, _EXTENT_KIND[run.kind])
 
     def read_pieces(self, pieces: Sequence[Tuple[int, memoryview]],
                     snap: Optional[Snapshot] = None) -> None:

@@ -5,7 +5,8 @@ an L2 table, an L2 entry names a host cluster, a compressed cluster, zeros
 (qcow2 v3), or nothing (the backing file shows through); with extended L2
 entries, each of a cluster's 32 subclusters is data, zero or nothing.
 Tables decode to runs (guest ranges of one kind), merged so that a read
-costs one stream request per contiguous host range, and cached by pieces.
+costs one stream request per contiguous host range, and cached by pieces;
+two states' tables compare entry by entry to tell which clusters changed.
 """
 import array
 import bisect
@@ -253,6 +254,33 @@ def _highest_host(raw: bytes, marks: bytes, h: QcowHeader) -> int:
     return max(_words(clean)[0::h.entry_words], default=0)
 
 
+#: The byte of a table entry, as the arrays hold it (native order), that
+#: holds bit 63: qcow2's COPIED flag.
+_COPIED_BYTE = 7 if sys.byteorder == 'little' else 0
+#: Byte translations: bit 7 cleared; any non-zero byte to 1.
+_CLEAR_TOP = bytes(b & 0x7f for b in range(256))
+_NONZERO = bytes([0]) + bytes([1]) * 255
+
+
+def _differing(a: 'array.array[int]', b: 'array.array[int]', step: int,
+               flag: Optional[int]) -> Iterator[int]:
+    """Indices of the ``step``-byte entries that differ between the tables
+    ``a`` and ``b`` (the shorter padded with zeros), bit 7 of byte
+    ``flag`` of each entry aside: found with C-speed operations over the
+    tables, a Python step per differing entry only."""
+    length = max(len(a), len(b)) * a.itemsize
+    x = bytearray((int.from_bytes(a, 'little') ^ int.from_bytes(b, 'little'))
+                  .to_bytes(length, 'little'))
+    if flag is not None:
+        x[flag::step] = x[flag::step].translate(_CLEAR_TOP)
+    marks = x.translate(_NONZERO)
+    at = marks.find(1)
+    while at >= 0:
+        index = at // step
+        yield index
+        at = marks.find(1, (index + 1) * step)
+
+
 # --------------------------------------------------------------------------
 # One layer's mapping
 
@@ -421,6 +449,57 @@ class ClusterMap:
         if kind is not None:
             runs.add(kind, start, base + count * cs, host0)
         return runs
+
+    # -- differences ----------------------------------------------------------
+
+    def changed_clusters(self, old: 'array.array[int]', new: 'array.array[int]',
+                         count: int) -> Iterator[Tuple[int, int]]:
+        """Ranges ``[first, end)`` of the guest clusters below ``count``
+        whose L2 entries differ between the L1 tables ``old`` and ``new``
+        (HEAD's or a snapshot's), ascending.  Snapshots share tables and
+        clusters, and both tables are read from the file as it is now, so
+        an entry alike in both (host offset, compressed descriptor, zero
+        flag, subcluster bitmap) reads alike; an L2 table both name is
+        skipped unread.  The COPIED flag only says whether a cluster is
+        shared, and is ignored (but not with an external data file, where
+        it marks allocation)."""
+        h = self.header
+        per = 1 << h.l2_bits
+        slots = -(-count // per)
+        flag = self._copied_byte(h)
+        l1_flag = None if h.version == 1 else _COPIED_BYTE
+        pending: Optional[Tuple[int, int]] = None
+        for start in range(0, slots, L1_SCAN):
+            self._ctx.check()
+            stop = min(slots, start + L1_SCAN)
+            a, b = old[start:stop], new[start:stop]
+            if a == b:
+                continue
+            for slot in _differing(a, b, 8, l1_flag):
+                self._ctx.check()
+                slot += start
+                tables = [self._l2_table(offset) if offset else array.array('Q')
+                          for offset in (self.l2_offset(old, slot),
+                                         self.l2_offset(new, slot))]
+                for i in _differing(tables[0], tables[1], 8 * h.entry_words, flag):
+                    cluster = slot * per + i
+                    if cluster >= count:
+                        break
+                    if pending is not None and pending[1] == cluster:
+                        pending = (pending[0], cluster + 1)
+                        continue
+                    if pending is not None:
+                        yield pending
+                    pending = (cluster, cluster + 1)
+        if pending is not None:
+            yield pending
+
+    @staticmethod
+    def _copied_byte(h: QcowHeader) -> Optional[int]:
+        """Where an L2 entry's COPIED flag lies in the table's bytes, or
+        None where that bit is no mere flag (qcow v1: compressed; an
+        external data file: allocated)."""
+        return None if h.version == 1 or h.has_data_file else _COPIED_BYTE
 
     # -- entries --------------------------------------------------------------
 
