@@ -124,12 +124,29 @@ class RateLimiter:
 MERGE_GAP = 256 << 10
 
 
-def _merged(extents: Iterator[Extent], chunk: int) -> Iterator[Extent]:
-    """Data extents within one chunk and MERGE_GAP of each other, fused."""
+def _merged(extents: Iterator[Extent], chunk: int, gap: int = MERGE_GAP) -> Iterator[Extent]:
+    """Data extents within one chunk and ``gap`` of each other, fused."""
     def near(a: Extent, b: Extent) -> bool:
-        return (a.kind is b.kind is ExtentKind.DATA and b.offset - a.end <= MERGE_GAP
+        return (a.kind is b.kind is ExtentKind.DATA and b.offset - a.end <= gap
                 and a.offset // chunk == (b.end - 1) // chunk)
     return coalesce(extents, near)
+
+
+def _planned(extents: Iterator[Extent], chunk: int, group: int,
+             fresh: bool) -> Iterator[Extent]:
+    """What a layer's copy walks: on a fresh layer without the ZERO extents
+    (the target holds zeros already, so they cost nothing but would end a
+    group), and with the data of a chunk fused whole when chunks are read in
+    groups: each extent takes a place in the window and a buffer, so a
+    chunk whose data lies in several pieces (a chain's base between its
+    overlays' extents) would otherwise fill a group with one chunk's pieces
+    and leave the next chunk's reads unmerged.  A fused gap reads as the
+    source has it at this layer, which is what the target holds there
+    already (unchanged since the layer before, or zeros), and being within
+    the chunk it is within an object a write touches anyway."""
+    if fresh:
+        extents = (e for e in extents if e.kind is ExtentKind.DATA)
+    return _merged(extents, chunk, MERGE_GAP if group <= 1 else chunk)
 
 
 def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Extent]:
@@ -242,7 +259,8 @@ class Copier:
             if group.exts:
                 pool.submit(self._copy_chunks, group.take(), snap, fresh, landing)
         try:
-            changed = _merged(self.fmt.changed_extents(prev, snap), self.opts.chunk)
+            changed = _planned(self.fmt.changed_extents(prev, snap), self.opts.chunk,
+                               group.most, fresh)
             for ext in _chunks(changed, self.opts.chunk, offset):
                 if not group.joins(ext):
                     submit()

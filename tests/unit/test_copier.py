@@ -286,6 +286,27 @@ def test_scattered_data_of_one_chunk_is_copied_as_one() -> None:
                    (4 * MiB - 8192, 4096, D), (4 * MiB + 4096, 4096, D)]
 
 
+def test_a_layer_read_in_groups_fuses_each_chunks_data_and_a_fresh_one_drops_zeros() -> None:
+    from rbd_migration.engine.copier import _planned
+    KiB = 1 << 10
+    D, Z = ExtentKind.DATA, ExtentKind.ZERO
+    exts = [Extent(0, 4096), Extent(1 * MiB, 4096), Extent(2 * MiB, 4096, Z),
+            Extent(3 * MiB, 4096), Extent(4 * MiB + 64 * KiB, 4096)]
+
+    def planned(group: int, fresh: bool) -> List[Tuple[int, int, ExtentKind]]:
+        return [(e.offset, e.length, e.kind)
+                for e in _planned(iter(exts), 4 * MiB, group, fresh)]
+    # Grouped, on a layer over earlier ones: a ZERO extent stays, and nothing
+    # fuses across it or across a chunk's end.
+    assert planned(4, False) == [(0, 1 * MiB + 4096, D), (2 * MiB, 4096, Z),
+                                 (3 * MiB, 4096, D), (4 * MiB + 64 * KiB, 4096, D)]
+    # Grouped on a fresh target: the zeros are there already.
+    assert planned(4, True) == [(0, 3 * MiB + 4096, D), (4 * MiB + 64 * KiB, 4096, D)]
+    # Chunk by chunk: only gaps up to MERGE_GAP fuse, as before.
+    assert planned(1, True) == [(0, 4096, D), (1 * MiB, 4096, D), (3 * MiB, 4096, D),
+                                (4 * MiB + 64 * KiB, 4096, D)]
+
+
 # -- chunks read in groups ------------------------------------------------------
 
 
@@ -392,14 +413,15 @@ def _copy(fmt: Format, target: MemoryTarget, group: int,
 
 def test_chunks_of_one_region_are_read_together() -> None:
     """Consecutive DATA chunks of one aligned 16 MiB region are one read:
-    a group stops at a ZERO extent and at the region's end."""
+    a group stops at the region's end; on a fresh target a ZERO extent is
+    no write and ends no group, and the data of one chunk is one piece."""
     fmt = PatternFormat(MIXED)
     target = MemoryTarget(64 * MiB)
     _copy(fmt, target, 4)
-    assert fmt.into == [16 * MiB]    # a group of one: read_into, as ever
+    assert fmt.into == []
     assert sorted(fmt.pieces) == [
-        [0, 4 * MiB, 8 * MiB, 12 * MiB], [24 * MiB, 28 * MiB],
-        [32 * MiB, 36 * MiB], [48 * MiB, 49 * MiB, 60 * MiB]]
+        [0, 4 * MiB, 8 * MiB, 12 * MiB], [16 * MiB, 24 * MiB, 28 * MiB],
+        [32 * MiB, 36 * MiB], [48 * MiB, 60 * MiB]]
     assert target.data == fmt.content
 
 
