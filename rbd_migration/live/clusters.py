@@ -25,7 +25,7 @@ and layer (the layer whose host cluster it reads, or zeros).  It is built on
 demand from the runs, for one range at a time.
 
 Which clusters changed comes from the format's ``changed_extents``: formats
-with ``exact_diffs`` (export, export-diff, native) name only what changed,
+with ``exact_diffs`` (qcow2, export, export-diff, native) name only what changed,
 so later layers share everything else; the others name everything
 allocated, so each layer owns all its data clusters (correct, but nothing
 is shared and librbd copies each snapshot whole).  Whatever the format
