@@ -37,6 +37,7 @@ Inputs (``--inputs``, comma-separated, all but ``raw-http`` by default;
 ``s3``           the same in the RGW bucket, keys inline (adapter)
 ``qcow2-http``   the same as an uncompressed qcow2 over HTTP (librbd's path)
 ``qcow2-z``      compressible data in a compressed qcow2 file (adapter)
+``qcow2-z-http`` the same over HTTP (adapter: groups of chunks in one plan)
 ``snaps-http``   a qcow2 with ``--snapshots`` internal snapshots whose L1
                  tables are ``--snapshot-l1`` bytes each (4 KiB clusters, the
                  virtual size that makes such an L1), 1 MiB of data, over
@@ -83,7 +84,8 @@ S3_KEY = f'mem-{RUN}/data.raw'
 MiB = 1 << 20
 EINPROGRESS = 115
 PROBE_TARGET, EXECUTE_TARGET = 16 * MiB, 64 * MiB
-INPUTS = ('raw', 'raw-http', 's3', 'qcow2-http', 'qcow2-z', 'snaps-http', 'snaps-z-http')
+INPUTS = ('raw', 'raw-http', 's3', 'qcow2-http', 'qcow2-z', 'qcow2-z-http', 'snaps-http',
+          'snaps-z-http')
 #: All but raw-http (librbd's path, as qcow2-http): the run stays near ten
 #: minutes.
 DEFAULT_INPUTS = tuple(k for k in INPUTS if k != 'raw-http')
@@ -415,15 +417,22 @@ def make_inputs(wanted: List[str], work: str, http_root: str, http_port: int,
             out.append(Input(key, f'qcow2 over HTTP, {human} random',
                              {'type': 'qcow', 'stream': {
                                  'type': 'http', 'url': f'{url}/{serve(path, http_root)}'}}))
-        elif key == 'qcow2-z':
-            plain = os.path.join(work, 'compressible.raw')
+        elif key in ('qcow2-z', 'qcow2-z-http'):
             path = os.path.join(work, 'compressed.qcow2')
-            write_compressible(plain, size)
-            run('qemu-img', 'convert', '-c', '-O', 'qcow2', plain, path)
-            os.unlink(plain)
-            out.append(Input(key, f'qcow2 compressed file, {human} '
-                                  f'({os.path.getsize(path) / MiB:.0f} MiB on disk)',
-                             {'type': 'qcow', 'stream': {'type': 'file', 'file_path': path}}))
+            if not os.path.exists(path):
+                plain = os.path.join(work, 'compressible.raw')
+                write_compressible(plain, size)
+                run('qemu-img', 'convert', '-c', '-O', 'qcow2', plain, path)
+                os.unlink(plain)
+            on_disk = f'({os.path.getsize(path) / MiB:.0f} MiB on disk)'
+            if key == 'qcow2-z':
+                out.append(Input(key, f'qcow2 compressed file, {human} {on_disk}',
+                                 {'type': 'qcow', 'stream': {'type': 'file',
+                                                             'file_path': path}}))
+            else:   # the adapter reading consecutive chunks in 16 MiB requests
+                out.append(Input(key, f'qcow2 compressed over HTTP, {human} {on_disk}',
+                                 {'type': 'qcow', 'stream': {
+                                     'type': 'http', 'url': f'{url}/{serve(path, http_root)}'}}))
         elif key in ('snaps-http', 'snaps-z-http'):
             compressed = key == 'snaps-z-http'
             path = snaps_path(work, compressed)
