@@ -296,9 +296,9 @@ def test_a_layer_read_in_groups_fuses_each_chunks_data_and_a_fresh_one_drops_zer
     def planned(group: int, fresh: bool) -> List[Tuple[int, int, ExtentKind]]:
         return [(e.offset, e.length, e.kind)
                 for e in _planned(iter(exts), 4 * MiB, group, fresh)]
-    # Grouped, on a layer over earlier ones: a ZERO extent stays, and nothing
-    # fuses across it or across a chunk's end.
-    assert planned(4, False) == [(0, 1 * MiB + 4096, D), (2 * MiB, 4096, Z),
+    # Grouped, on a layer over earlier ones: a ZERO extent stays, and only
+    # gaps up to MERGE_GAP fuse (the others hold earlier layers' data).
+    assert planned(4, False) == [(0, 4096, D), (1 * MiB, 4096, D), (2 * MiB, 4096, Z),
                                  (3 * MiB, 4096, D), (4 * MiB + 64 * KiB, 4096, D)]
     # Grouped on a fresh target: the zeros are there already.
     assert planned(4, True) == [(0, 3 * MiB + 4096, D), (4 * MiB + 64 * KiB, 4096, D)]
