@@ -46,6 +46,12 @@ MAX_NAME = 4096
 #: request covers many small records, and a payload larger than this is
 #: skipped without being read at all.
 INDEX_WINDOW = 64 << 10
+#: The most a window grows to while the payloads it skips are ones the
+#: stream would rather read than send another request for (``merge_gap``):
+#: over HTTP a diff of 1 MiB records cost a request per record header (110
+#: for a 125 MiB diff) at every open; read through in growing windows it
+#: costs a few dozen.  Bounded so an index stays within a probe's memory.
+INDEX_WINDOW_MAX = 4 << 20
 #: Records indexed between calls to ``ctx.check()``; index room is reserved
 #: against the budget a batch at a time.
 RECORD_BATCH = 4096
@@ -108,6 +114,8 @@ class RecordReader:
         self._reserved = 0
         self._buf = b''
         self._buf_start = 0
+        #: What the next refill reads at least (see INDEX_WINDOW_MAX).
+        self._window = INDEX_WINDOW
 
     def next_record(self) -> None:
         """Count one more record: refused past ``limits.records``; at the
@@ -137,11 +145,24 @@ class RecordReader:
         the stream) and where they start in it, for parsing in place."""
         lo = self.pos - self._buf_start
         if lo < 0 or lo + length > len(self._buf):
-            want = min(max(length, INDEX_WINDOW), self.end - self.pos)
-            self._buf = self.where.stream.read(self.pos, max(0, want))
-            self._buf_start = self.pos
+            self._refill(self.pos, length)
             lo = 0
         return self._buf, lo
+
+    def _refill(self, pos: int, length: int) -> None:
+        """Read the window at ``pos``.  It doubles (up to INDEX_WINDOW_MAX)
+        while what was skipped since the last one is within the stream's
+        ``merge_gap``: reading through payloads that small costs less than
+        a request per header; a file (no merging) always reads the least."""
+        skipped = pos - (self._buf_start + len(self._buf))
+        gap = self.where.stream.merge_gap
+        if self._buf and gap >= 0 and skipped <= gap:
+            self._window = min(2 * self._window, INDEX_WINDOW_MAX)
+        else:
+            self._window = INDEX_WINDOW
+        want = min(max(length, self._window), self.end - pos)
+        self._buf = self.where.stream.read(pos, max(0, want))
+        self._buf_start = pos
 
     def truncated(self, at: int, what: str) -> InvalidArgument:
         return self.where.corrupt(at, f'{what} is cut short (the file ends at '
@@ -155,9 +176,7 @@ class RecordReader:
             raise self.truncated(at, what)
         lo = pos - self._buf_start
         if lo < 0 or lo + length > len(self._buf):
-            want = max(length, min(INDEX_WINDOW, self.end - pos))
-            self._buf = self.where.stream.read(pos, want)
-            self._buf_start = pos
+            self._refill(pos, length)
             lo = 0
             if len(self._buf) < length:
                 raise self.truncated(at, what)

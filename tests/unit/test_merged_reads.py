@@ -4,6 +4,7 @@ A real ThreadingHTTPServer on 127.0.0.1 serves files with Range support and
 counts the GETs; images are made with qemu-img and read back against
 ``qemu-img convert``.
 """
+import struct
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -14,6 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from rbd_migration.context import SourceContext
+from rbd_migration.formats.export_records import RecordReader, Where, parse_diff
 from rbd_migration.formats import open_format
 from rbd_migration.streams.base import Stream
 from rbd_migration.streams.coalesce import plan
@@ -137,6 +139,30 @@ def test_merged_reads_over_http_land_in_the_pieces_without_a_copy(
         assert got == _expected(data, pieces)
         assert counts == [len(b) for b in _expected(data, pieces)]
         assert len(server.gets) - before <= 3, server.gets[before:]
+
+
+def _diff_of_records(count: int, length: int) -> bytes:
+    """A v1 export-diff writing ``count`` records of ``length`` bytes."""
+    body = b''.join(b'w' + struct.pack('<QQ', i * length, length) + bytes([i % 251]) * length
+                    for i in range(count))
+    return b'rbd diff v1\n' + b't' + struct.pack('<I', 2) + b's1' \
+        + b's' + struct.pack('<Q', count * length) + body + b'e'
+
+
+@pytest.mark.parametrize('gap, most', [(-1, 66), (128 * KiB, 66), (1 * MiB, 12)])
+def test_indexing_reads_through_payloads_the_stream_would_merge(gap: int, most: int) -> None:
+    """Each record header of a diff of 64 records of 256 KiB lies past the
+    last window: a request per record, unless the stream would rather read
+    256 KiB than send a request, when the windows grow to read through."""
+    data = _diff_of_records(64, 256 * KiB)
+    stream = BytesStream(data)
+    stream.merge_gap = gap
+    reader = RecordReader(Where('stream', stream), 0, len(data))
+    diff = parse_diff(reader, 1, 64 * 256 * KiB)
+    assert len(diff.records) == 64
+    assert stream.requests <= most, stream.requests
+    if gap < 256 * KiB:
+        assert stream.requests >= 64     # payloads skipped, never read
 
 
 # -- over HTTP ------------------------------------------------------------------
