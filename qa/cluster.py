@@ -115,6 +115,9 @@ class ClusterState:
     rgw_port: Optional[int] = None
     http_port: Optional[int] = None
     http_root: Optional[str] = None
+    #: Where the module serves live imports' views (a free port per cluster,
+    #: so that clusters side by side do not take each other's).
+    live_port: Optional[int] = None
     extra: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -448,7 +451,7 @@ class Cluster:
             os.makedirs(self.path(sub))
         self.state = ClusterState(dir=self.dir, fsid=str(uuid.uuid4()),
                                   mon_port=free_port(), osds=osds,
-                                  osd_size=osd_size)
+                                  osd_size=osd_size, live_port=free_port())
         if rgw:
             self.state.rgw_port = free_port()
         if http:
@@ -594,6 +597,9 @@ rgw dns name = 127.0.0.1
         self.ceph('auth', 'get-or-create', 'mgr.x', 'mon', 'allow profile mgr',
                   'osd', 'allow *', 'mds', 'allow *',
                   '-o', self.path('mgr.x', 'keyring'))
+        if s.live_port:
+            self.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/live_endpoint_port',
+                      str(s.live_port), '--force')
         self._run('ceph-mgr', '--conf', s.conf, '-i', 'x')
         self.ceph('mgr', 'module', 'enable', 'rbd_migration', '--force')
 

@@ -127,6 +127,18 @@ class Module(MgrModule):
                desc='records one export or export-diff stream may hold', runtime=True),
         Option('source_max_chain_depth', type='int', default=16,
                min=1, desc='layers of a qcow2 backing chain', runtime=True),
+        Option('live_imports', type='bool', default=True,
+               desc='serve imports librbd cannot read itself to librbd as a view, so '
+                    'that clients use the target from prepare on (false: such imports '
+                    'stay hidden until commit)', runtime=True),
+        Option('live_endpoint_address', type='str', default='',
+               desc="address the live endpoint listens on and librbd clients reach "
+                    "it at (default: the active mgr's public address); it must be "
+                    'reachable from every host that opens an imported image before '
+                    'commit; takes effect when the module restarts'),
+        Option('live_endpoint_port', type='int', default=9290, min=1, max=65535,
+               desc='TCP port of the live endpoint; the same on every mgr host, as '
+                    "the URL is kept in each live target's header"),
     ]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -158,12 +170,25 @@ class Module(MgrModule):
         self.dispatcher.waits = self.service.listing.waits
         self.service.queue.load()
         self.batches.load()
+        self._start_live_endpoint()
         self._ready.set()
         threading.Thread(target=self._sweep, args=(time.time(),), daemon=True,
                          name='rbd_migration sweep').start()
         self.log.info('rbd_migration ready: %d task(s), %d batch(es) restored',
                       len(self.service.queue.list()), len(self.batches.book.batches))
         self.service.queue.run(self._stop, before=self._tick)
+
+    def _start_live_endpoint(self) -> None:
+        """Listen for librbd's reads of live imports' views, and serve
+        those prepared before (by this mgr or the one before a failover)."""
+        assert self.service is not None
+        settings = Settings.read(self.get_module_option)
+        host = settings.live_endpoint_address or self.get_mgr_ip()
+        self.service.live.start(host, settings.live_endpoint_port, host)
+        if self.service.live.server is not None:
+            restored = self.service.restore_views()
+            if restored:
+                self.log.info('serving %d live import view(s) again', restored)
 
     def _sweep(self, started: float) -> None:
         """Remove targets a failover left unrecorded (see sweep_orphans);
@@ -192,6 +217,8 @@ class Module(MgrModule):
     def shutdown(self) -> None:
         self._stop.set()
         stopped = self.service.queue.shutdown() if self.service is not None else True
+        if self.service is not None:
+            self.service.live.stop()
         if self._bulk is not None and stopped:  # else a task still copies through it
             addrs = self._bulk.get_addrs()
             self._bulk.shutdown()

@@ -33,12 +33,16 @@ class ProbeReport:
     type: str
     size: int
     snapshots: List[str]
-    #: Which engine serves the migration; librbd until the adapter engine lands.
+    #: Which engine serves the migration: librbd reading the source itself,
+    #: librbd reading the module's view of it (live), or the adapter engine.
     path: str = LIBRBD
-    #: Why librbd cannot serve it, when the adapter engine does.
+    #: Why librbd cannot read the source itself, when it is not librbd's.
     reasons: List[str] = field(default_factory=list)
     features: Dict[str, Any] = field(default_factory=dict)
     location: str = ''
+    #: For the adapter engine's imports: why the target stays hidden until
+    #: commit ('' when it is live, served to librbd as a view).
+    hidden: str = ''
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

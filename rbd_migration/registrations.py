@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 MIGRATION_PREFIX = 'migration/'
 #: The layout of the registrations this code writes (the first had no
-#: version field and the same fields, ``source_changed`` only once set).
-REGISTRATION_VERSION = 1
+#: version field and the same fields, ``source_changed`` only once set;
+#: 2 added ``view``, which a module that knows only 1 would drop).
+REGISTRATION_VERSION = 2
 
 
 @dataclass
@@ -42,6 +43,10 @@ class Registration(Record):
     validators: Validators = field(default_factory=dict)
     #: Why the source is not the one the copy read ('' while it is).
     source_changed: str = ''
+    #: A live import's view, as the endpoint serves it (see live/imports.py):
+    #: its token, validators and the source-spec it presents; None for the
+    #: migrations librbd reads itself.
+    view: Optional[Dict[str, Any]] = None
     version: int = REGISTRATION_VERSION
 
     def __post_init__(self) -> None:

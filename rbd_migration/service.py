@@ -30,9 +30,13 @@ from .formats import open_format
 from .images import ImageSpec, Layout
 from .intents import Intents
 from .listing import Listing
+from .live.imports import LIVE, LiveImports, ViewRecord
 from .metrics import MeteredEvents, RateMeter
-from .probe import ADAPTER, probe
+from .live.pinned import Pinned
+from .live.view import QcowView
+from .probe import ADAPTER, ProbeReport, probe
 from .records import NewerRecord
+from .secrets import mask_spec
 from .registrations import Registration, Registrations
 from .schedule import Limits, must_pause, wait_reason
 from .settings import OptionGetter, Settings
@@ -98,6 +102,8 @@ class MigrationService:
         #: How librbd's executes run in child processes; None: in the mgr.
         self.children = children
         self.meter = RateMeter()
+        #: The endpoint live imports are served from (started by the module).
+        self.live = LiveImports(self.source_context)
         self.listing = Listing(self._scan)
         self.queue = TaskQueue(
             store, self._run, MeteredEvents(events, self.meter),
@@ -193,6 +199,9 @@ class MigrationService:
             report = probe(spec, ctx, self._object_size(layout))
             validators = read_validators(spec, ctx)
         if report.path == ADAPTER:
+            view = self._live_view(spec, report)
+            if view is not None:
+                return self._prepare_live(spec, dst, layout, report, validators, view)
             info = self.adapter.prepare_import(spec, dst, layout, report.size, validators)
         else:
             with self.intents.held(dst):
@@ -200,6 +209,76 @@ class MigrationService:
             self._register(info, layout, report.to_dict(), validators)
             self.listing.replace(info.dest.id, info)
         return Prepared(info, report.to_dict())
+
+    def _live_view(self, spec: Dict[str, Any],
+                   report: ProbeReport) -> Optional[Tuple[QcowView, Pinned]]:
+        """The view a live import serves, or None (and why, in the report)
+        when the import is to stay hidden until commit."""
+        hidden = self.live.why_hidden(spec, self.settings().live_imports)
+        if hidden is None:
+            try:
+                with self.listing.waits.on(f'the source, {spec_summary(spec)}'):
+                    return self.live.open_view(spec)
+            except InvalidArgument as e:
+                hidden = str(e).removeprefix('source-spec: ')
+        report.hidden = hidden
+        return None
+
+    def _prepare_live(self, spec: Dict[str, Any], dst: ImageSpec, layout: Layout,
+                      report: ProbeReport, validators: Validators,
+                      opened: Tuple[QcowView, Pinned]) -> 'Prepared':
+        """librbd's import-only migration on the view: clients get the
+        target from now on.  A failed prepare stops serving the view."""
+        view, pinned = opened
+        try:
+            record = self.live.serve(view, pinned, spec, validators)
+        except BaseException:
+            view.close()
+            raise
+        try:
+            with self.intents.held(dst):
+                info = self.engine.prepare_import(
+                    json.dumps(self.live.source_spec(record.token)), dst, layout)
+        except BaseException:
+            self.live.remove(record.token)
+            raise
+        report.path = LIVE
+        self._register(info, layout, report.to_dict(), validators, record)
+        info = self._as_live(info, record)
+        self.listing.replace(info.dest.id, info)
+        return Prepared(info, report.to_dict())
+
+    def _as_live(self, info: MigrationInfo, record: ViewRecord) -> MigrationInfo:
+        """A live import as status shows it: the source it imports, not
+        the endpoint's URL (whose token is the view's only lock)."""
+        info.path = LIVE
+        info.source_spec = mask_spec(record.spec)
+        return info
+
+    def _annotated(self, info: MigrationInfo) -> MigrationInfo:
+        """``info`` as librbd reports it, told apart when it is a live import."""
+        record = self._view_record(info.dest)
+        return self._as_live(info, record) if record is not None else info
+
+    def _view_record(self, dest: ImageRef) -> Optional[ViewRecord]:
+        try:
+            registration = self.registrations.get(dest)
+        except NewerRecord:
+            return None
+        if registration is None or not registration.view:
+            return None
+        return ViewRecord.from_dict(registration.view)
+
+    def restore_views(self) -> int:
+        """Serve every live import's view again (the module started, as
+        after a failover); how many."""
+        count = 0
+        for ref in self._registered():
+            record = self._view_record(ref)
+            if record is not None:
+                self.live.restore(record)
+                count += 1
+        return count
 
     def _object_size(self, layout: Layout) -> int:
         """The object size the target will have."""
@@ -267,7 +346,7 @@ class MigrationService:
         """The migration ``image`` takes part in, on either path."""
         spec = ImageSpec.parse(image)
         with self.listing.waits.on(f'pool {spec.pool}'):
-            return self.adapter.find(spec) or self.engine.status(spec)
+            return self.adapter.find(spec) or self._annotated(self.engine.status(spec))
 
     # -- what the batch service reads and does beside the commands ------------
     def ioctx(self, pool: str, namespace: str = '', what: str = '') -> rados.Ioctx:
@@ -348,10 +427,12 @@ class MigrationService:
 
     def _register(self, info: MigrationInfo, layout: Layout,
                   probe_report: Optional[Dict[str, Any]] = None,
-                  validators: Optional[Validators] = None) -> None:
+                  validators: Optional[Validators] = None,
+                  view: Optional[ViewRecord] = None) -> None:
         self.registrations.save(Registration(
             dest=info.dest, prepared=time.time(), layout=layout.describe(),
-            probe=probe_report, validators=validators or {}))
+            probe=probe_report, validators=validators or {},
+            view=view.to_dict() if view is not None else None))
 
     def layout_of(self, dest: ImageRef) -> Dict[str, Any]:
         """The layout options prepare recorded for a librbd-path migration,
@@ -374,7 +455,12 @@ class MigrationService:
                               'module must do it') from None
 
     def _unregister(self, dest: ImageRef) -> None:
+        """Forget a migration that ended; a live import's view is no
+        longer served."""
+        record = self._view_record(dest)
         self.registrations.remove(dest)
+        if record is not None:
+            self.live.remove(record.token)
 
     def _registered(self) -> List[ImageRef]:
         return self.registrations.refs()
@@ -521,7 +607,8 @@ class MigrationService:
     def _run_action(self, task: Task, ref: ImageRef, progress: Callable[[int, int], int],
                     report: Callable[[int, int], bool]) -> Optional[Dict[str, Any]]:
         """The task's action on its migration's path, from ACTIONS."""
-        path = ADAPTER if task.options.get('path') == ADAPTER else LIBRBD
+        path = task.options.get('path')
+        path = path if path in (ADAPTER, LIVE) else LIBRBD
         try:
             run = ACTIONS[(path, task.action)]
         except KeyError:
@@ -582,7 +669,8 @@ class MigrationService:
         checked = record if record is not None and record.validators else None
         spec = None
         if checked is not None:
-            spec = self.engine.verify_source_spec(self.engine.status(ref.spec))
+            spec = (checked.view['spec'] if checked.view else
+                    self.engine.verify_source_spec(self.engine.status(ref.spec)))
             check_unchanged(spec, checked.validators,
                             self.source_context(self.queue.stop_event(task.id)),
                             'before the copy')
@@ -614,14 +702,19 @@ class MigrationService:
             return
         if info is not None and info.dest.id != ref.id:
             info = None  # the name now stands for another migration's image
+        if info is not None:
+            info = self._annotated(info)
         self.listing.replace(ref.id, info)
 
     def _run_verify(self, ref: ImageRef, path: Optional[str],
                     report: Callable[[int, int], bool],
                     stop: threading.Event) -> Dict[str, Any]:
         ctx = self.source_context(stop)
+        view = self._view_record(ref) if path == LIVE else None
         if path == ADAPTER:
             spec = self.adapter.source_spec(ref)
+        elif view is not None:
+            spec = view.spec
         else:
             info = self.engine.status(ref.spec)
             spec = self.engine.verify_source_spec(info)
@@ -666,7 +759,7 @@ class MigrationService:
         """Every migration librbd's path holds, read from the cluster."""
         infos = self.engine.list_migrations(iter(self._registered()), self.listing.waits)
         self._forget_finished(infos)
-        return infos
+        return [self._annotated(info) for info in infos]
 
     def _forget_finished(self, infos: List[MigrationInfo]) -> None:
         """Drop registry entries of migrations committed or aborted by other
@@ -707,6 +800,11 @@ ACTIONS: Dict[Tuple[str, str], Callable[[MigrationService, Step], Optional[Dict[
     (ADAPTER, TaskAction.COMMIT): MigrationService._adapter_commit,
     (ADAPTER, TaskAction.ABORT): MigrationService._adapter_abort,
     (ADAPTER, TaskAction.VERIFY): MigrationService._verify,
+    # librbd runs a live import; ending it also ends serving its view.
+    (LIVE, TaskAction.EXECUTE): MigrationService._librbd_execute,
+    (LIVE, TaskAction.COMMIT): MigrationService._librbd_commit,
+    (LIVE, TaskAction.ABORT): MigrationService._librbd_abort,
+    (LIVE, TaskAction.VERIFY): MigrationService._verify,
 }
 
 

@@ -58,6 +58,9 @@ class Settings:
     source_max_snapshots: int = SourceLimits.snapshots
     source_max_records: int = SourceLimits.records
     source_max_chain_depth: int = SourceLimits.chain_depth
+    live_imports: bool = True
+    live_endpoint_address: str = ''
+    live_endpoint_port: int = 9290
 
     @classmethod
     def read(cls, option: OptionGetter) -> 'Settings':

@@ -88,6 +88,9 @@ EXTENSION_PROPERTIES: Dict[str, Any] = {
     # Which engine imports: librbd's live import when it can read the source
     # (auto, the default), or always our adapter engine.
     'engine': {'enum': ['auto', 'librbd', 'adapter']},
+    # Whether an import librbd cannot read itself is live (served to librbd
+    # as a view by the mgr; the default) or hidden until commit (false).
+    'live': {'type': 'boolean'},
 }
 _EXTENSIONS = {'type': 'object', 'properties': EXTENSION_PROPERTIES,
                'additionalProperties': False}

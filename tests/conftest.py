@@ -33,14 +33,23 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             pytest.fail(f'RBD_MIGRATION_CLUSTER_DIR={reuse} names no running '
                         'cluster; start one with qa/cluster.py start --dir '
                         f'{reuse} --http --rgw, or unset it')
+        hidden_imports_by_default(existing)
         yield existing
         return
     c = Cluster(str(tmp_path_factory.mktemp('cluster')))
     try:
         c.start(http=True, osd_size=4 << 30)
+        hidden_imports_by_default(c)
         yield c
     finally:
         c.stop()
+
+
+def hidden_imports_by_default(c: Cluster) -> None:
+    """The suite's imports take the adapter engine's hidden path, which the
+    most tests were written for and which stays an operator's choice; the
+    live path's tests (test_live.py) turn ``live_imports`` on for theirs."""
+    c.ceph('config', 'set', 'mgr', 'mgr/rbd_migration/live_imports', 'false')
 
 
 @pytest.fixture(scope='session')

@@ -278,6 +278,18 @@ class QcowView(Stream):
         super().close()
         self._fmt.close()
 
+    def opening_bytes(self) -> Tuple[int, List[Tuple[int, bytes]]]:
+        """What librbd reads to open the view, as ``(end, pieces)``: every
+        byte below ``end`` is zero but for the pieces (offset, bytes).  The
+        header, the L1 tables, the snapshot table and the refcount table:
+        a few KiB for most images, tens of KiB at 64 snapshots of a large
+        one.  See ``live/pinned.py`` for why they are kept."""
+        end = self.layout.refcount_block_start
+        cs = self.cluster_size
+        pieces = [(slot * cs, bytes(self._metadata(slot)).rstrip(b'\0'))
+                  for slot in range(end)]
+        return end * cs, [(at, data) for at, data in pieces if data]
+
     # -- metadata -------------------------------------------------------------
 
     def _l2_tables(self) -> List['array[int]']:

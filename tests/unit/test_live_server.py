@@ -518,7 +518,9 @@ def test_a_factory_opens_the_view_once_at_first_use(serve: Callable[..., ViewSer
             expected(0, 4)
     assert len(calls) == 2
     server.remove(token)
-    assert view.closed
+    # closed once the last request has let go of it (the client may see
+    # its answer first)
+    wait_until(lambda: view.closed)
 
 
 def test_a_view_removed_while_read_closes_after(serve: Callable[..., ViewServer]) -> None:

@@ -50,11 +50,11 @@ def test_todays_unversioned_records_load_typed_and_are_written_back_versioned() 
     assert (record.dest, record.layout, record.probe, record.source_changed) == (
         REF, {'data_pool': 'ec'}, None, '')
     assert json.loads(record.to_json()) == dict(json.loads(MIGRATION), source_changed='',
-                                                version=REGISTRATION_VERSION)
+                                                view=None, version=REGISTRATION_VERSION)
     changed = Registration.from_json(IMPORT)
     assert (changed.validators, changed.source_changed) == ({'stream': {'size': '8'}},
                                                             'stream: size')
-    assert json.loads(changed.to_json()) == dict(json.loads(IMPORT),
+    assert json.loads(changed.to_json()) == dict(json.loads(IMPORT), view=None,
                                                  version=REGISTRATION_VERSION)
 
 
@@ -168,8 +168,10 @@ def test_a_newer_record_refuses_execute_and_commit_and_stays_as_it_was(
     engine = _Engine({})
     service.engine = service.bulk = cast(Any, engine)
     with pytest.raises(Unsupported, match=r'^cannot execute rbd2/img: migration registration '
-                                          'record version 2 is newer than this module '
-                                          r'knows \(1\); a newer rbd_migration module'):
+                                          f'record version {REGISTRATION_VERSION + 1} is '
+                                          'newer than this module '
+                                          rf'knows \({REGISTRATION_VERSION}\); a newer '
+                                          'rbd_migration module'):
         service._execute_librbd(_execute_task(REF), REF, lambda done, total: 0)
     assert engine.executed == 0
     cast(Any, service).find = lambda image: MigrationInfo(REF, 'executed', '')

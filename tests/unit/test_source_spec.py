@@ -146,7 +146,7 @@ ERRORS = {
                              'mon_host, key, rbd_migration)'),
     'unknown extension': (spec(rbd_migration={'speed': 1}),
                           'source-spec: rbd_migration.speed: unknown field '
-                          '(allowed: engine)'),
+                          '(allowed: engine, live)'),
     'unknown engine': (spec(rbd_migration={'engine': 'qemu'}),
                        "source-spec: rbd_migration.engine: 'qemu' is not one of "
                        'auto, librbd, adapter'),
