@@ -47,7 +47,7 @@ PACKAGES = [
 ]
 # What the test suite needs on top.
 TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-pytest-xdist', 'python3-hypothesis',
-                 'ceph-mgr-dashboard']
+                 'ceph-mgr-dashboard', 'openssl']
 # A binary each package provides, to tell cheaply whether it is installed.
 _PROBES = {'ceph-mon': '/usr/bin/ceph-mon', 'ceph-mgr': '/usr/bin/ceph-mgr',
            'ceph-osd': '/usr/bin/ceph-osd', 'ceph-common': '/usr/bin/ceph',

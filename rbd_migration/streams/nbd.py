@@ -17,8 +17,11 @@ The server is not trusted any more than an HTTP one, so
   real path in ``/proc/self/fd``, and their kind) and hands libnbd and
   GnuTLS only ``/proc/self/fd/N``, which names that inode whatever the
   path names by then; it connects a unix socket itself and gives libnbd
-  the connected socket.  A symbolic link swapped after the check cannot
-  redirect the connection, nor the TLS files read;
+  the connected socket; GnuTLS, which opens the files of a
+  ``tls-certificates`` directory by name, gets a private copy of them,
+  each read from a file opened and checked the same way.  A symbolic link
+  swapped after the check cannot redirect the connection, nor the TLS
+  files read;
 * nothing blocks without a limit: libnbd is driven through its
   asynchronous calls, the handshake within the context's connect limit and
   every request within ``ctx.timeout``, checking the deadline and the stop
@@ -43,6 +46,7 @@ import os
 import select
 import socket
 import stat
+import tempfile
 import threading
 import time
 from itertools import islice
@@ -226,15 +230,23 @@ def _pin(path: str, name: str, what: str, ctx: SourceContext) -> Optional[int]:
     return fd
 
 
+#: The files libnbd reads from a ``tls-certificates`` directory (the CRL
+#: is optional), and how large one may be.
+CERTIFICATE_FILES = ('ca-cert.pem', 'ca-crl.pem', 'client-cert.pem', 'client-key.pem')
+MAX_CERTIFICATE_BYTES = 1 << 20
+
+
 class _Pinned:
     """The local files of one connection, open from their check until its
     handshake is over; libnbd and GnuTLS get ``path(name)``, which names
-    the file checked whatever its path names meanwhile.  (GnuTLS opens the
-    certificates inside a ``tls-certificates`` directory by name, within
-    the directory checked.)"""
+    the file checked whatever its path names meanwhile.  GnuTLS opens the
+    files of a ``tls-certificates`` directory by name, so it gets a private
+    copy of them instead, each read from a file opened and checked here
+    (see ``_copy_certificates``)."""
 
     def __init__(self, target: Target, ctx: SourceContext) -> None:
         self.fds: Dict[str, int] = {}
+        self._copies: Optional[tempfile.TemporaryDirectory[str]] = None
         try:
             for name, path in target.local.items():
                 fd = _pin(path, name, FIELD, ctx)
@@ -244,23 +256,71 @@ class _Pinned:
                     raise InvalidArgument(f'{FIELD}: {name} {path!r} does not exist; '
                                           f'{KINDS[name].fix}')
                 self.fds[name] = fd
+            if 'tls-certificates' in self.fds:
+                self._copies = _copy_certificates(
+                    self.fds['tls-certificates'], target.local['tls-certificates'], ctx)
         except BaseException:
             self.close()
             raise
 
     def path(self, name: str) -> str:
+        if name == 'tls-certificates' and self._copies is not None:
+            return self._copies.name
         return f'/proc/self/fd/{self.fds[name]}'
 
     def close(self) -> None:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+        if self._copies is not None:
+            self._copies.cleanup()
+            self._copies = None
 
     def __enter__(self) -> '_Pinned':
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _copy_certificates(dir_fd: int, path: str,
+                       ctx: SourceContext) -> 'tempfile.TemporaryDirectory[str]':
+    """The certificate files of the checked directory ``dir_fd``, copied
+    into a directory only the mgr may read.  Each is opened here through
+    the directory opened (a link inside it is followed, and where it led
+    is checked against the roots as any path is), must be a regular file of
+    at most MAX_CERTIFICATE_BYTES, and is read from that open file: what
+    GnuTLS reads is what was checked, whatever the names point at later."""
+    roots = _real_roots(ctx.allowed_file_roots)
+    copies = tempfile.TemporaryDirectory(prefix='rbd_migration-nbd-tls-')
+    try:
+        for name in CERTIFICATE_FILES:
+            where = f'{FIELD}: tls-certificates {path!r}: {name}'
+            try:
+                fd = os.open(f'/proc/self/fd/{dir_fd}/{name}', os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue            # GnuTLS says which ones it needed
+            except OSError as e:
+                raise InvalidArgument(f'{where} cannot be read ({e.strerror})') from None
+            with os.fdopen(fd, 'rb') as f:
+                if not _is_under(os.readlink(f'/proc/self/fd/{fd}'), roots):
+                    raise PermissionDenied(
+                        f'{where} leads outside the allowed directories; keep the '
+                        f'certificates themselves under {", ".join(roots)}')
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_CERTIFICATE_BYTES:
+                    raise InvalidArgument(
+                        f'{where} is not a regular file of at most '
+                        f'{MAX_CERTIFICATE_BYTES} bytes; give PEM files')
+                data = f.read(MAX_CERTIFICATE_BYTES + 1)
+            target = os.open(os.path.join(copies.name, name),
+                             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(target, 'wb') as out:
+                out.write(data[:MAX_CERTIFICATE_BYTES])
+    except BaseException:
+        copies.cleanup()
+        raise
+    return copies
 
 
 def _start(handle: 'nbd.NBD', target: Target, pinned: _Pinned, limit: float) -> None:

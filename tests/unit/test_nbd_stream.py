@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -575,3 +575,70 @@ def test_probe_sends_nbd_to_the_adapter_engine(root: Path, servers: Servers) -> 
     assert report.location == f'nbd nbd+unix:///?socket={root}/q.sock'
     with pytest.raises(MigrationError, match='no nbd stream'):
         probe({**spec, 'rbd_migration': {'engine': 'librbd'}}, ctx_for(root))
+
+
+def make_certificates(where: Path) -> Tuple[Path, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate,
+    as nbdkit's and libnbd's ``tls-certificates`` directories hold them."""
+    server, client = where / 'server', where / 'client'
+    server.mkdir(parents=True)
+    client.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(['openssl', *args], cwd=where, check=True, capture_output=True)
+
+    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca-key.pem',
+            '-out', 'ca-cert.pem', '-days', '2', '-subj', '/CN=test CA')
+    for name, usage, san in (('server', 'serverAuth', 'subjectAltName=IP:127.0.0.1\n'),
+                             ('client', 'clientAuth', '')):
+        (where / f'{name}.ext').write_text(f'{san}extendedKeyUsage={usage}\n')
+        openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', f'{name}/{name}-key.pem',
+                '-out', f'{name}.csr', '-subj', f'/CN={name}')
+        openssl('x509', '-req', '-in', f'{name}.csr', '-CA', 'ca-cert.pem', '-CAkey',
+                'ca-key.pem', '-CAcreateserial', '-out', f'{name}/{name}-cert.pem',
+                '-days', '2', '-extfile', f'{name}.ext')
+        shutil.copy(where / 'ca-cert.pem', where / name / 'ca-cert.pem')
+    return server, client
+
+
+def cert_server(servers: Servers, certificates: Path, port: int) -> None:
+    servers.start(['nbdkit', '--foreground', '--exit-with-parent', '--tls=require',
+                   f'--tls-certificates={certificates}', '--tls-verify-peer',
+                   '-i', '127.0.0.1', '-p', str(port), 'pattern', '1M'], port=port)
+
+
+def test_tls_certificates_are_read_from_the_files_checked(
+        root: Path, tmp_path: Path, servers: Servers,
+        swap_before_connecting: List[Path]) -> None:
+    """Certificate TLS end to end, with the client key a link that is
+    swapped, between the check and the handshake, to another CA's key
+    outside the roots: GnuTLS gets the module's copy of the file checked,
+    so the handshake still succeeds."""
+    server, client = make_certificates(root / 'pki')
+    _, stranger = make_certificates(tmp_path / 'other')
+    port = free_port()
+    cert_server(servers, server, port)
+    uri = f'nbds://127.0.0.1:{port}/?tls-certificates={client}'
+    with nbd(uri, root) as stream:
+        assert stream.read(8, 8) == (8).to_bytes(8, 'big')
+    key = client / 'client-key.pem'
+    key.rename(client / 'real-key.pem')
+    key.symlink_to(client / 'real-key.pem')
+    (client / 'client-key.pem.swap').symlink_to(stranger / 'client-key.pem')
+    swap_before_connecting.append(key)
+    with nbd(uri, root) as stream:
+        assert os.readlink(key) == str(stranger / 'client-key.pem')
+        assert stream.read(16, 8) == (16).to_bytes(8, 'big')
+    assert not list(Path(tempfile.gettempdir()).glob('rbd_migration-nbd-tls-*'))
+
+
+def test_a_certificate_linked_outside_the_roots_is_refused(
+        root: Path, tmp_path: Path, servers: Servers) -> None:
+    server, client = make_certificates(root / 'pki')
+    _, stranger = make_certificates(tmp_path / 'other')
+    port = free_port()
+    cert_server(servers, server, port)
+    (client / 'client-key.pem').unlink()
+    (client / 'client-key.pem').symlink_to(stranger / 'client-key.pem')
+    with pytest.raises(PermissionDenied, match='client-key.pem leads outside the allowed'):
+        nbd(f'nbds://127.0.0.1:{port}/?tls-certificates={client}', root)
