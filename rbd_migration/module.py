@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 
 import rados
 import rbd
-from mgr_module import MgrModule, NotifyType, Option
+from mgr_module import MgrModule, MgrStandbyModule, NotifyType, Option
 
 from .batch import Batch
 from .errors import InvalidArgument, MigrationError, ModuleStarting
@@ -23,6 +23,7 @@ from .batch_service import BatchService
 from .health import health_checks
 from .dispatch import Dispatcher
 from .images import ImageSpec, Layout
+from .live.handover import close_inherited
 from .progress import ProgressEvents
 from . import render
 from .reports import Reports
@@ -564,3 +565,27 @@ class ModuleEvents:
 
     def batch_progress(self, batch: Batch, fraction: Optional[float], message: str) -> None:
         self.progress_events.batch(batch.id, fraction, message)
+
+
+class StandbyModule(MgrStandbyModule):
+    """The module in a standby mgr: it serves nothing, but lets go at once
+    of the live endpoint's listening socket a respawn handed it (see
+    live/handover.py), so that no client waits on a socket nobody accepts
+    from and the active mgr can bind the port."""
+
+    MODULE_OPTIONS = list(Module.MODULE_OPTIONS)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._stop = threading.Event()
+
+    def serve(self) -> None:
+        settings = Settings.read(self.get_module_option)
+        host = settings.live_endpoint_address or self.get_mgr_ip()
+        if close_inherited((host, settings.live_endpoint_port)):
+            self.log.info('closed the live endpoint socket this mgr held as the '
+                          'active one')
+        self._stop.wait()
+
+    def shutdown(self) -> None:
+        self._stop.set()

@@ -36,6 +36,7 @@ from ..context import SourceContext
 from ..errors import InvalidArgument
 from ..source_spec import EXTENSION_FIELD
 from ..validators import Validators, check_unchanged
+from . import handover
 from .pinned import Pinned, PinnedView, check_same, pin
 from .server import ServerLimits, ViewServer, mask_token
 from .view import QcowView
@@ -103,7 +104,8 @@ class LiveImports:
         kept (``down``) and imports then take the hidden path."""
         self.stop()
         try:
-            server = ViewServer((bind, port), self._limits, log=log)
+            server = ViewServer((bind, port), self._limits, log=log,
+                                listener=handover.listen((bind, port)))
         except OSError as e:
             self.down = (f'the live endpoint cannot listen on {bind or "*"}:{port} '
                          f'({e.strerror or e}); set live_endpoint_address and '

@@ -276,7 +276,8 @@ class ViewServer:
     the constructor (port 0: any free port), ended by ``stop``."""
 
     def __init__(self, address: Tuple[str, int], limits: ServerLimits = ServerLimits(),
-                 log: Optional[logging.Logger] = None, access_log: bool = False) -> None:
+                 log: Optional[logging.Logger] = None, access_log: bool = False,
+                 listener: Optional[socket.socket] = None) -> None:
         self.limits = limits
         self.log = log or logging.getLogger(__name__)
         self.access_log = access_log
@@ -290,7 +291,10 @@ class ViewServer:
         self._returns: Deque[_Conn] = deque()
         self._local = threading.local()
         family = socket.AF_INET6 if ':' in address[0] else socket.AF_INET
-        self._listener = socket.create_server(address, family=family, backlog=128)
+        #: A listening socket given (one a mgr respawn handed over) is used
+        #: as it is; else one is bound to ``address``.
+        self._listener = listener or socket.create_server(address, family=family,
+                                                          backlog=128)
         self._listener.setblocking(False)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
