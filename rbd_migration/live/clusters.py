@@ -273,6 +273,10 @@ class ClusterIndex:
             self.gone.append(before.minus(data))
             self._check_budget(before.nbytes + data.nbytes)
             before, prev = data, snap
+        #: The format calls every cluster of HEAD data (a raw source, which
+        #: says nothing of where its zeros are): librbd then writes zeros too.
+        self.head_dense = sum(end - start for start, end in before) >= \
+            -(-self.sizes[-1] // cs)
 
     @staticmethod
     def _everything_changes(fmt: Format) -> bool:

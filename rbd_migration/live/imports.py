@@ -62,6 +62,9 @@ class ViewRecord:
     validators: Validators
     #: What librbd reads to open the view (``Pinned.to_text``).
     pinned: str = ''
+    #: Whether the copy is to be made sparse after execute: the source says
+    #: nothing of its zeros (raw), so librbd wrote them as data.
+    sparsify: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -71,7 +74,8 @@ class ViewRecord:
         return cls(token=str(data['token']), etag=str(data['etag']),
                    modified=float(data['modified']), spec=dict(data['spec']),
                    validators=dict(data.get('validators') or {}),
-                   pinned=str(data.get('pinned') or ''))
+                   pinned=str(data.get('pinned') or ''),
+                   sparsify=bool(data.get('sparsify')))
 
 
 def asks_hidden(spec: Mapping[str, Any]) -> Optional[str]:
@@ -163,7 +167,8 @@ class LiveImports:
         server = self._server()
         record = ViewRecord(token=secrets.token_urlsafe(32), etag=secrets.token_hex(8),
                             modified=time.time(), spec=dict(spec),
-                            validators=dict(validators), pinned=pinned.to_text())
+                            validators=dict(validators), pinned=pinned.to_text(),
+                            sparsify=view.index.head_dense)
         server.add(PinnedView(pinned, lambda: view), record.token, record.etag,
                    record.modified)
         return record
