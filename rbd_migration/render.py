@@ -53,6 +53,12 @@ def status(result: Dict[str, Any]) -> str:
     tasks = _tasks(result['tasks'])
     if tasks:
         parts.append('tasks:\n' + tasks)
+    endpoint = result.get('live_endpoint') or {}
+    if endpoint.get('views'):
+        parts.append(f"live endpoint: {endpoint['views']} view(s) served, "
+                     f"{endpoint['requests']} requests, {endpoint['errors']} errors")
+    elif endpoint and not endpoint.get('listening'):
+        parts.append(f"live endpoint: not listening ({endpoint.get('why')})")
     listed = result.get('listed') or {}
     age = listed.get('age', 0.0)
     waits = ', '.join(listed.get('waiting_on') or [])

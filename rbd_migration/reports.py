@@ -64,7 +64,7 @@ class Reports:
             shown['waiting_on'] = unanswered
         return {'migrations': [self.describe(i, latest) for i in infos],
                 'tasks': [t.to_dict() for t in tasks], 'listed': shown,
-                'metrics': self.metrics()}
+                'metrics': self.metrics(), 'live_endpoint': self.service.live.counters()}
 
     def keep_listing_warm(self) -> None:
         """While tasks run, keep the listing young enough for status to
