@@ -1,0 +1,508 @@
+"""Live imports on a real cluster: sources librbd cannot read itself
+(compressed and layered qcow2, rbd export and export-diff files, VMDK, a URL
+with a query string) are served by the mgr as a qcow2 view, so clients read
+and write the target from prepare on, before execute.  Checked: what they
+read equals the source at HEAD and each snapshot, their writes survive the
+copy, the committed image is no bigger than ``rbd import`` makes it, abort
+leaves nothing, a mgr failover costs a reader no error, and a source gone
+away fails reads instead of crash-looping the mgr."""
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+import rados
+import rbd
+
+from qa.cluster import Cluster
+from tests.clusterops import ceph_run, mig
+
+MiB = 1 << 20
+KiB = 1 << 10
+SIZE = 32 * MiB
+BLOCK = 4 * KiB
+
+
+@dataclass
+class Source:
+    """A source-spec and what the target must read: each snapshot, oldest
+    first, then HEAD."""
+
+    spec: Dict[str, Any]
+    head: bytes
+    snaps: List[Tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass
+class Places:
+    """Where a case's sources are written: a file root and nginx's root."""
+
+    files: Path
+    www: Path
+    url: str
+
+
+@pytest.fixture(scope='module')
+def live(cluster: Cluster) -> Iterator[Cluster]:
+    """The cluster with live imports on (the suite turns them off)."""
+    with cluster.module_option('live_imports', 'true'):
+        yield cluster
+
+
+@pytest.fixture
+def places(live: Cluster, roots: Path) -> Iterator[Places]:
+    assert live.state and live.state.http_root
+    www = Path(live.state.http_root) / f'live-{uuid.uuid4().hex[:8]}'
+    www.mkdir()
+    try:
+        yield Places(roots, www, f'http://127.0.0.1:{live.state.http_port}/{www.name}')
+    finally:
+        shutil.rmtree(www, ignore_errors=True)
+
+
+# -- sources ----------------------------------------------------------------------
+
+def _run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def _qemu_io(image: Path, *commands: str) -> None:
+    _run('qemu-io', *[a for c in commands for a in ('-c', c)], str(image))
+
+
+def _raw_of(image: Path, snapshot: Optional[str] = None) -> bytes:
+    """What qemu reads of an image (at a snapshot)."""
+    out = image.with_name(image.name + '.ref')
+    _run('qemu-img', 'convert', '-O', 'raw',
+         *(['-l', f'snapshot.name={snapshot}'] if snapshot else []), str(image), str(out))
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def _disk(seed: int) -> bytes:
+    """SIZE bytes: random data in a few places, holes between."""
+    rng = random.Random(seed)
+    data = bytearray(SIZE)
+    for at, length in ((0, MiB), (5 * MiB + 4096, MiB), (17 * MiB, 2 * MiB)):
+        data[at:at + length] = rng.randbytes(length)
+    return bytes(data)
+
+
+def _compressed_qcow2_http(p: Places, origin: 'Origin') -> Source:
+    base = p.files / 'base.qcow2'
+    _run('qemu-img', 'create', '-f', 'qcow2', str(base), '32M')
+    _qemu_io(base, 'write -P 0x11 0 3M', 'write -P 0x22 9M 1M')
+    image = p.www / 'compressed.qcow2'
+    _run('qemu-img', 'convert', '-c', '-O', 'qcow2', str(base), str(image))
+    _qemu_io(image, 'write -c -P 0x55 12M 64k')
+    _run('qemu-img', 'snapshot', '-c', 'one', str(image))
+    _qemu_io(image, 'write -c -P 0x77 16M 64k', 'write -P 0x33 1M 64k')
+    return Source({'type': 'qcow', 'stream': {'type': 'http',
+                                              'url': f'{p.url}/compressed.qcow2'}},
+                  _raw_of(image), [('one', _raw_of(image, 'one'))])
+
+
+def _qcow2_overlay_file(p: Places, origin: 'Origin') -> Source:
+    backing = p.files / 'backing.qcow2'
+    _run('qemu-img', 'create', '-f', 'qcow2', str(backing), '32M')
+    _qemu_io(backing, 'write -P 0x01 0 8M', 'write -P 0x02 20M 1M')
+    overlay = p.files / 'overlay.qcow2'
+    _run('qemu-img', 'create', '-f', 'qcow2', '-b', backing.name, '-F', 'qcow2', str(overlay))
+    _qemu_io(overlay, 'write -P 0x03 4M 6M', 'write -z 20M 512k')
+    return Source({'type': 'qcow', 'stream': {'type': 'file', 'file_path': str(overlay)}},
+                  _raw_of(overlay))
+
+
+def _export_v2_file(p: Places, origin: 'Origin') -> Source:
+    path = p.files / 'origin.export'
+    origin.cluster.rbd('export', '--no-progress', '--export-format', '2',
+                       f'rbd/{origin.name}', str(path))
+    return Source({'type': 'export', 'stream': {'type': 'file', 'file_path': str(path)}},
+                  origin.head, [('s1', origin.s1)])
+
+
+def _export_diff_http(p: Places, origin: 'Origin') -> Source:
+    rbd_ = origin.cluster.rbd
+    rbd_('export-diff', '--no-progress', f'rbd/{origin.name}@s1', str(p.www / 'd1'))
+    rbd_('export-diff', '--no-progress', '--from-snap', 's1', f'rbd/{origin.name}',
+         str(p.www / 'dh'))
+    return Source({'type': 'export-diff', 'stream': {'type': 'http', 'url': f'{p.url}/d1'},
+                   'diffs': [{'stream': {'type': 'http', 'url': f'{p.url}/dh'}}]},
+                  origin.head, [('s1', origin.s1)])
+
+
+def _raw_http_query(p: Places, origin: 'Origin') -> Source:
+    data = _disk(11)
+    (p.www / 'disk.raw').write_bytes(data)
+    return Source({'type': 'raw', 'stream': {
+        'type': 'http', 'url': f'{p.url}/disk.raw?versionId=7&x-id=GetObject'}}, data)
+
+
+def _vmdk_file(p: Places, origin: 'Origin') -> Source:
+    data = _disk(12)
+    raw = p.files / 'disk.raw'
+    raw.write_bytes(data)
+    vmdk = p.files / 'disk.vmdk'
+    _run('qemu-img', 'convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized',
+         str(raw), str(vmdk))
+    raw.unlink()
+    return Source({'type': 'vmdk', 'stream': {'type': 'file', 'file_path': str(vmdk)}}, data)
+
+
+@dataclass
+class Origin:
+    """An rbd image with a snapshot, which export and export-diff files
+    are made of: its data is the reference."""
+
+    cluster: Cluster
+    name: str
+    s1: bytes
+    head: bytes
+
+
+@pytest.fixture(scope='module')
+def origin(live: Cluster, rados_handle: rados.Rados) -> Iterator[Origin]:
+    name = f'live-origin-{uuid.uuid4().hex[:6]}'
+    live.rbd('create', '--size', '32M', f'rbd/{name}')
+    try:
+        rng = random.Random(5)
+        with rados_handle.open_ioctx('rbd') as io, rbd.Image(io, name) as img:
+            img.write(rng.randbytes(MiB), 0)
+            img.write(rng.randbytes(MiB), 5 * MiB + 4096)
+            img.create_snap('s1')
+            img.write(rng.randbytes(2 * MiB), 17 * MiB)
+            img.discard(5 * MiB, MiB)
+            img.write(rng.randbytes(64 * KiB), 8 * MiB + 512)
+        yield Origin(live, name, _export(live, f'rbd/{name}@s1'), _export(live, f'rbd/{name}'))
+    finally:
+        _remove(live, name)
+
+
+#: Every case: the format and stream a live import is to serve.
+CASES: Dict[str, Callable[[Places, Origin], Source]] = {
+    'compressed-qcow2-snapshot-http': _compressed_qcow2_http,
+    'qcow2-overlay-file': _qcow2_overlay_file,
+    'export-v2-snapshot-file': _export_v2_file,
+    'export-diff-chain-http': _export_diff_http,
+    'raw-http-query-string': _raw_http_query,
+    'vmdk-file': _vmdk_file,
+}
+
+
+# -- the cluster's side -------------------------------------------------------------
+
+def _export(cluster: Cluster, spec: str) -> bytes:
+    """What a client reads of an image (or image@snap)."""
+    assert cluster.state
+    r = subprocess.run(['rbd', '--conf', cluster.state.conf, 'export', '--no-progress',
+                        spec, '-'], capture_output=True, timeout=180)
+    assert r.returncode == 0, f'rbd export {spec}: {r.stderr.decode().strip()}'
+    return r.stdout
+
+
+def _same(actual: bytes, expected: bytes, what: str) -> None:
+    """Equal, or a message naming the first differing 4 KiB block."""
+    if actual == expected:
+        return
+    first = next((off for off in range(0, min(len(actual), len(expected)), BLOCK)
+                  if actual[off:off + BLOCK] != expected[off:off + BLOCK]), None)
+    raise AssertionError(f'{what}: {len(actual)} bytes read, {len(expected)} expected, '
+                         f'first difference in the block at {first}')
+
+
+def _check_reads(cluster: Cluster, name: str, head: bytes, src: Source, when: str) -> None:
+    _same(_export(cluster, f'rbd/{name}'), head, f'{when}: rbd/{name}')
+    for snap, data in src.snaps:
+        _same(_export(cluster, f'rbd/{name}@{snap}'), data, f'{when}: rbd/{name}@{snap}')
+
+
+def _prepare(cluster: Cluster, name: str, spec: Dict[str, Any]) -> Dict[str, Any]:
+    return mig(cluster, 'prepare', '--import-only', f'rbd/{name}',
+               '--source-spec', json.dumps(spec), timeout=120)
+
+
+def _prepare_live(cluster: Cluster, name: str, spec: Dict[str, Any]) -> None:
+    prepared = _prepare(cluster, name, spec)
+    assert prepared['path'] == 'live', prepared
+    assert prepared['probe']['path'] == 'live' and prepared['probe']['hidden'] == '', prepared
+    status = mig(cluster, 'status', f'rbd/{name}')['migrations']
+    assert [m['path'] for m in status] == ['live'], status
+    assert name in cluster.rbd('ls', 'rbd').split()   # visible from prepare on
+
+
+def _task(cluster: Cluster, action: str, name: str, timeout: float = 240) -> None:
+    """Run a migration action as a module task, which must complete (riding
+    out a mgr failover)."""
+    task = str(mig(cluster, action, f'rbd/{name}', timeout=120)['task']['id'])
+    r = cluster.task_end(task, timeout)
+    said = f'{action} rbd/{name}: {r.stdout.strip()} {r.stderr.strip()}'
+    assert r.returncode == 0 and r.stdout.strip().endswith(' completed'), said
+
+
+def _execute_commit(cluster: Cluster, name: str) -> None:
+    _task(cluster, 'execute', name)
+    _task(cluster, 'commit', name)
+
+
+def _remove(cluster: Cluster, name: str) -> None:
+    """Whatever is left of a test's image: its migration aborted, the image gone."""
+    assert cluster.state
+    r = ceph_run(cluster, 'rbd', 'migration', 'abort', f'rbd/{name}', '-f', 'json')
+    if r.returncode == 0 and r.stdout.strip():
+        task = json.loads(r.stdout).get('task', {}).get('id')
+        if task:
+            cluster.task_end(str(task), 120)
+    for args in (('snap', 'purge'), ('rm',)):
+        subprocess.run(['rbd', '--conf', cluster.state.conf, *args, '--no-progress',
+                        f'rbd/{name}'], capture_output=True)
+
+
+def _client_write(io: rados.Ioctx, name: str, blocks: Dict[int, bytes]) -> None:
+    with rbd.Image(io, name) as img:
+        for offset, data in blocks.items():
+            img.write(data, offset)
+
+
+def _patched(data: bytes, blocks: Dict[int, bytes]) -> bytes:
+    out = bytearray(data)
+    for offset, block in blocks.items():
+        out[offset:offset + len(block)] = block
+    return bytes(out)
+
+
+def _used(cluster: Cluster, name: str) -> int:
+    """``rbd du``'s USED of an image and its snapshots."""
+    du = json.loads(cluster.rbd('du', '--format', 'json', f'rbd/{name}'))
+    return sum(int(entry['used_size']) for entry in du['images'])
+
+
+def _imported(cluster: Cluster, io: rados.Ioctx, layers: List[Tuple[Optional[str], bytes]],
+              scratch: Path) -> str:
+    """What ``rbd import`` makes of the same data: the oldest layer imported,
+    each later one written over it where it differs (zeros as zeroes, not
+    data), a snapshot after each named layer; it must read as the layers."""
+    name = f'live-ref-{uuid.uuid4().hex[:6]}'
+    raw = scratch / f'{name}.raw'
+    raw.write_bytes(layers[0][1])
+    cluster.rbd('import', '--no-progress', str(raw), f'rbd/{name}')
+    raw.unlink()
+    with rbd.Image(io, name) as img:
+        previous = layers[0][1]
+        for snap, data in layers:
+            for offset, length, zeros in _changed_runs(previous, data):
+                if zeros:
+                    img.write_zeroes(offset, length)
+                else:
+                    img.write(data[offset:offset + length], offset)
+            previous = data
+            if snap:
+                img.create_snap(snap)
+    for snap, data in layers:
+        spec = f'rbd/{name}@{snap}' if snap else f'rbd/{name}'
+        _same(_export(cluster, spec), data, f'the reference {spec}')
+    return name
+
+
+def _changed_runs(before: bytes, after: bytes) -> Iterator[Tuple[int, int, bool]]:
+    """(offset, length, all zeros) of each run of 4 KiB blocks that differ."""
+    zero = bytes(BLOCK)
+    run: Optional[Tuple[int, int, bool]] = None
+    for offset in range(0, len(after), BLOCK):
+        block = after[offset:offset + BLOCK]
+        kind = None if block == before[offset:offset + BLOCK] else block == zero[:len(block)]
+        if run is not None and kind == run[2] and run[0] + run[1] == offset:
+            run = (run[0], run[1] + len(block), run[2])
+            continue
+        if run is not None:
+            yield run
+        run = None if kind is None else (offset, len(block), kind)
+    if run is not None:
+        yield run
+
+
+def _blocks(head: bytes) -> Dict[int, bytes]:
+    """What a client writes during live use: data in three places, one a
+    hole of every source, and zeros over the source's data."""
+    assert head[512 * KiB:516 * KiB] != bytes(BLOCK), 'the source has data at 512 KiB'
+    rng = random.Random(3)
+    return {4 * KiB: rng.randbytes(BLOCK), 9 * MiB + 8 * KiB: rng.randbytes(BLOCK),
+            30 * MiB: rng.randbytes(2 * BLOCK), 512 * KiB: bytes(BLOCK)}
+
+
+# -- the tests ---------------------------------------------------------------------
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_clients_read_and_write_before_execute(live: Cluster, places: Places, origin: Origin,
+                                               rados_handle: rados.Rados, case: str) -> None:
+    """Right after prepare any client reads the source at HEAD and each
+    snapshot; its writes win over the copy; the committed image reads the
+    same and takes no more room than ``rbd import`` of the same data."""
+    src = CASES[case](places, origin)
+    name = f'live-{case[:12]}-{uuid.uuid4().hex[:6]}'
+    ref = ''
+    with rados_handle.open_ioctx('rbd') as io:
+        try:
+            _prepare_live(live, name, src.spec)
+            _check_reads(live, name, src.head, src, 'before execute')
+            blocks = _blocks(src.head)
+            _client_write(io, name, blocks)
+            head = _patched(src.head, blocks)
+            _same(_export(live, f'rbd/{name}'), head, 'after the client wrote')
+            _execute_commit(live, name)
+            _check_reads(live, name, head, src, 'after commit')
+            ref = _imported(live, io, [*src.snaps, (None, head)], places.files)
+            used, expected = _used(live, name), _used(live, ref)
+            print(f'{case}: rbd du USED {used}, rbd import of the same data {expected}')
+            assert used <= expected * 1.05, f'{name} uses {used} bytes, rbd import {expected}'
+        finally:
+            _remove(live, name)
+            if ref:
+                _remove(live, ref)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_abort_after_a_client_read(live: Cluster, places: Places, origin: Origin,
+                                   rados_handle: rados.Rados) -> None:
+    src = _qcow2_overlay_file(places, origin)
+    files = {p: _sha(p) for p in places.files.iterdir()}
+    name = f'live-abort-{uuid.uuid4().hex[:6]}'
+    try:
+        _prepare_live(live, name, src.spec)
+        _same(_export(live, f'rbd/{name}'), src.head, 'before abort')
+        with rados_handle.open_ioctx('rbd') as io:
+            _client_write(io, name, _blocks(src.head))
+        _task(live, 'abort', name)
+        assert name not in live.rbd('ls', 'rbd').split()
+        assert {p: _sha(p) for p in places.files.iterdir()} == files
+    finally:
+        _remove(live, name)
+
+
+@dataclass
+class Reads:
+    """What a reader of random 4 KiB blocks saw."""
+
+    count: int = 0
+    errors: List[str] = field(default_factory=list)
+    mismatches: List[int] = field(default_factory=list)
+    longest: float = 0.0
+
+
+def _read_randomly(io: rados.Ioctx, name: str, expected: bytes, stop: threading.Event,
+                   out: Reads) -> None:
+    rng = random.Random(9)
+    try:
+        with rbd.Image(io, name) as img:
+            while not stop.is_set():
+                offset = rng.randrange(len(expected) // BLOCK) * BLOCK
+                began = time.monotonic()
+                try:
+                    data = img.read(offset, BLOCK)
+                except rbd.Error as e:
+                    out.errors.append(f'{offset}: {e}')
+                    continue
+                finally:
+                    out.longest = max(out.longest, time.monotonic() - began)
+                if data != expected[offset:offset + BLOCK]:
+                    out.mismatches.append(offset)
+                out.count += 1
+                time.sleep(0.01)
+    except Exception as e:  # the open itself, reported to the test
+        out.errors.append(f'open: {e!r}')
+
+
+def test_reader_sees_no_error_across_mgr_failover(live: Cluster, places: Places,
+                                                  origin: Origin,
+                                                  rados_handle: rados.Rados) -> None:
+    src = _raw_http_query(places, origin)
+    name = f'live-failover-{uuid.uuid4().hex[:6]}'
+    stop, reads = threading.Event(), Reads()
+    with rados_handle.open_ioctx('rbd') as io:
+        reader = threading.Thread(target=_read_randomly,
+                                  args=(io, name, src.head, stop, reads), daemon=True)
+        try:
+            _prepare_live(live, name, src.spec)
+            reader.start()
+            began = time.monotonic()
+            time.sleep(2)
+            before = reads.count
+            live.ceph('mgr', 'fail', 'x')
+            live.wait_module()
+            time.sleep(max(0.0, 10 - (time.monotonic() - began)))
+            stop.set()
+            reader.join(60)
+            assert not reader.is_alive(), 'the reader is stuck'
+            print(f'failover: {reads.count} reads, longest {reads.longest:.2f} s')
+            assert reads.errors == [] and reads.mismatches == [], reads
+            assert before > 0 and reads.count > before + 50, reads
+            _execute_commit(live, name)
+            _same(_export(live, f'rbd/{name}'), src.head, 'after failover and commit')
+        finally:
+            stop.set()
+            if reader.is_alive():
+                reader.join(60)
+            _remove(live, name)
+
+
+def test_source_gone_across_failover_fails_reads_not_the_mgr(live: Cluster,
+                                                            places: Places,
+                                                            origin: Origin) -> None:
+    log = Path(live.path('out', 'mgr.x.log'))
+    seen = log.stat().st_size
+    src = _compressed_qcow2_http(places, origin)
+    path = places.www / 'compressed.qcow2'
+    away = places.www.parent / f'{places.www.name}.away'
+    name = f'live-gone-{uuid.uuid4().hex[:6]}'
+    assert live.state
+    try:
+        _prepare_live(live, name, src.spec)
+        path.rename(away)
+        live.ceph('mgr', 'fail', 'x')
+        live.wait_module()
+        status = mig(live, 'status', f'rbd/{name}')['migrations']
+        assert [m['path'] for m in status] == ['live'], status
+        r = subprocess.run(['rbd', '--conf', live.state.conf, 'export', '--no-progress',
+                            f'rbd/{name}', '-'], capture_output=True, timeout=120)
+        err = r.stderr.decode()
+        print(f'source gone: {err.strip().splitlines()[-1:]}')
+        assert r.returncode != 0 and 'Input/output error' in err, err
+        time.sleep(3)   # a crash would show by now
+        mig(live, 'status', f'rbd/{name}')
+        with open(log, 'rb') as f:
+            f.seek(seen)
+            assert b'Caught signal' not in f.read()
+        away.rename(path)
+        _same(_export(live, f'rbd/{name}'), src.head, 'with the source back')
+        _task(live, 'abort', name)
+        assert name not in live.rbd('ls', 'rbd').split()
+    finally:
+        if away.exists():
+            away.rename(path)
+        _remove(live, name)
+
+
+def test_spec_asking_for_the_hidden_path(live: Cluster, places: Places,
+                                         origin: Origin) -> None:
+    src = _qcow2_overlay_file(places, origin)
+    name = f'live-hidden-{uuid.uuid4().hex[:6]}'
+    try:
+        prepared = _prepare(live, name, dict(src.spec, rbd_migration={'live': False}))
+        assert prepared['path'] == 'adapter', prepared
+        assert prepared['probe']['path'] == 'adapter', prepared
+        assert '"live": false' in prepared['probe']['hidden'], prepared
+        assert name not in live.rbd('ls', 'rbd').split()
+        _task(live, 'abort', name)
+    finally:
+        _remove(live, name)
