@@ -28,9 +28,21 @@ snapshot, HEAD is that snapshot's state, as after ``rbd import-diff``.
 Opening indexes every stream once (``export_records``) and checks the
 chain; the snapshots it makes are bounded by the context's
 ``SourceLimits.snapshots``.  Reading is ``layered.LayeredFormat``'s.
+
+An import opens its chain several times (the probe, each execute, verify),
+and over HTTP or S3 indexing is most of the requests a chain costs: what
+indexing a stream found is kept (``_INDEXES``, a few entries) under the
+version the stream pinned at open (``Stream.version_key``: an HTTP or S3
+object's ETag), which every read of the stream is then checked against,
+and charged to the new format's budget as if indexed again.  (A file costs
+no requests, and its inode and timestamps do not tell a rewrite within a
+timestamp's granularity.)
 """
+import copy
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Hashable, List, Mapping, Optional
 
 from ..context import SourceContext
 from ..errors import InvalidArgument
@@ -59,6 +71,73 @@ class _Part:
     @property
     def desc(self) -> str:
         return 'the base' if self.label == 'stream' else self.label
+
+
+@dataclass(frozen=True)
+class _Indexed:
+    """What opening one stream of a chain learnt from it."""
+
+    kind: Optional[str]
+    diff: Optional[Diff] = None    # its records emptied: ``runs`` holds them
+    runs: Optional[Runs] = None
+    charged: int = 0               # budget bytes the runs took
+
+
+class _IndexCache:
+    """The last few streams' indexes, by (version key, place in the chain,
+    size before it, limits): the same stream indexes alike only at the
+    same place."""
+
+    def __init__(self, entries: int = 8) -> None:
+        self._entries = entries
+        self._lock = threading.Lock()
+        self._items: 'OrderedDict[Hashable, _Indexed]' = OrderedDict()
+
+    def get(self, key: Hashable) -> Optional[_Indexed]:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: Hashable, value: _Indexed) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._entries:
+                self._items.popitem(last=False)
+
+
+_INDEXES = _IndexCache()
+
+
+def _index_part(part: _Part, where: Where, index: int, size: int,
+                ctx: SourceContext, budget: IndexBudget) -> _Indexed:
+    """What ``part``'s stream holds: its kind and, for a diff, its index
+    (from ``_INDEXES`` when the stream's pinned version was indexed at this
+    place before)."""
+    version = part.stream.version_key()
+    # The limits too: an index found within one set of limits is no proof
+    # that it is within another.
+    key = None if version is None else (version, index, size, ctx.limits)
+    found = _INDEXES.get(key) if key is not None else None
+    if found is not None:
+        if found.charged:
+            budget.charge(found.charged, where, 'the index of the diff')
+        return found
+    kind = known_type(part.stream.read(0, SNIFF))
+    if kind != 'export-diff':
+        indexed = _Indexed(kind)
+    else:
+        before = budget.used
+        diff = parse_diff(RecordReader(where, 0, part.stream.size(), ctx, budget),
+                          index, size)
+        runs = normalize(diff.records, where, budget)
+        diff.records = Runs()    # the layer's runs replace them
+        indexed = _Indexed(kind, diff, runs, budget.used - before)
+    if key is not None:
+        _INDEXES.put(key, indexed)
+    return indexed
 
 
 class ExportDiffFormat(LayeredFormat):
@@ -113,25 +192,22 @@ class ExportDiffFormat(LayeredFormat):
         for index, part in enumerate(parts):
             where = Where(part.field, part.stream)
             end = part.stream.size()
-            kind = known_type(part.stream.read(0, SNIFF))
-            if index == 0 and kind != 'export-diff':
-                _refuse_base(kind, where)
+            indexed = _index_part(part, where, index, size, ctx, budget)
+            if index == 0 and indexed.kind != 'export-diff':
+                _refuse_base(indexed.kind, where)
                 layer = Layer(part.spec_name, end, part.stream,
                               Runs.of([Run(0, end, 0, 0)] if end else []))
             else:
-                if kind != 'export-diff':
-                    _refuse_diff(kind, where, part.label)
-                diff = parse_diff(RecordReader(where, 0, end, ctx, budget),
-                                  index, size)
+                if indexed.kind != 'export-diff':
+                    _refuse_diff(indexed.kind, where, part.label)
+                assert indexed.diff is not None and indexed.runs is not None
+                diff = copy.copy(indexed.diff)
                 _check_chain(diff, index, part, expected, parts)
                 if index == 0 and diff.size is None:
                     raise where.corrupt(0, 'the base diff has no size record')
                 layer = Layer(part.spec_name or diff.to_snap,
                               size if diff.size is None else diff.size,
-                              part.stream,
-                              normalize(diff.records, where, budget),
-                              diff.protected)
-                diff.records = Runs()   # the layer's runs replace them
+                              part.stream, indexed.runs, diff.protected)
                 part.diff = diff
                 if index == 1 and parts[0].diff is None \
                         and layers[0].name is None:

@@ -10,7 +10,7 @@ read is cut at the stream's end, so an implementation's ``_read`` only
 ever sees a span that lies wholly inside the stream.
 """
 import abc
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, Hashable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from ..context import SourceContext
 from .coalesce import Scatter, plan
@@ -123,6 +123,13 @@ class Stream(abc.ABC):
         ends: a completed import must hold the bytes the source had at
         prepare, not a mix of two versions."""
         return {'size': str(self.size())}
+
+    def version_key(self) -> Optional[Hashable]:
+        """What names this version of the source for as long as the stream
+        reads it (what its reads are checked against), for caching what was
+        learnt from it across opens; None where no version is pinned that
+        firmly (then nothing is cached)."""
+        return None
 
     def sibling(self, name: str) -> 'Stream':
         """A stream for ``name`` next to this one (a qcow2 backing file)."""

@@ -36,7 +36,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple,
+from typing import (Any, Callable, Dict, Hashable, Iterator, List, Mapping, Optional, Tuple,
                     Union)
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
@@ -393,6 +393,12 @@ class HttpStream(Stream):
                 f'(now shorter than its {self._size} bytes: HTTP 416); do '
                 f'not change the image while it is imported'))
         return into.done
+
+    def version_key(self) -> Optional[Hashable]:
+        """The object at its ETag, as opened (every answer is checked
+        against it); None when the server gave no ETag."""
+        etag = self._pinned.get('etag')
+        return ('http', self.description, etag, self._size) if etag else None
 
     def validators(self) -> Dict[str, str]:
         """Size, ETag and Last-Modified as the server tells them now (not

@@ -23,7 +23,7 @@ import http.client
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import (Any, Callable, Dict, Mapping, Optional, Tuple)
+from typing import (Any, Callable, Dict, Hashable, Mapping, Optional, Tuple)
 from urllib.parse import quote, unquote, urljoin, urlsplit
 
 import botocore.awsrequest
@@ -359,6 +359,12 @@ class S3Stream(Stream):
             self._get_into(scatter, start, brought)
         with_retries(self._ctx, self._what, attempt, self._text)
         return scatter.length
+
+    def version_key(self) -> Optional[Hashable]:
+        """The object at its ETag, as opened (every answer is checked
+        against it); None when the server gave no ETag."""
+        etag = self._pinned.get('etag')
+        return ('s3', self.description, etag, self._size) if etag else None
 
     def validators(self) -> Dict[str, str]:
         """Size, ETag and modification time as S3 tells them now (not

@@ -192,7 +192,7 @@ class Handler(BaseHTTPRequestHandler):
             first, last = int(a), min(int(b), len(data) - 1)
         self.send_response(206 if wanted else 200)
         self.send_header('Accept-Ranges', 'bytes')
-        self.send_header('ETag', '"v1"')
+        self.send_header('ETag', self.server.etag)
         if wanted:
             self.send_header('Content-Range', f'bytes {first}-{last}/{len(data)}')
         self.send_header('Content-Length', str(last - first + 1 if body else len(data)))
@@ -207,6 +207,7 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self, root: Path) -> None:
         super().__init__(('127.0.0.1', 0), Handler)
         self.root = root
+        self.etag = '"v1"'
         self.gets: List[Optional[str]] = []
         self._lock = threading.Lock()
 
@@ -255,3 +256,28 @@ def test_compressed_qcow2_over_http_takes_a_request_per_chunk(
         reads = len(server.gets) - opened
     assert bytes(got) == raw.read_bytes()
     assert reads <= 2 * (16 * MiB // chunk), server.gets[opened:]
+
+
+def test_a_chain_opened_again_at_the_same_version_is_not_indexed_again(
+        tmp_path: Path, server: FileServer) -> None:
+    """The probe, each execute and verify open the chain: the second open
+    of an unchanged diff (same ETag) reads no record headers; a new ETag
+    indexes it afresh."""
+    (tmp_path / 'base.diff').write_bytes(_diff_of_records(64, 256 * KiB))
+    spec = {'type': 'export-diff',
+            'stream': {'type': 'http', 'url': server.url('base.diff')}}
+
+    def open_and_read() -> Tuple[int, bytes]:
+        before = len(server.gets)
+        with open_format(spec, SourceContext()) as fmt:
+            opened = len(server.gets) - before
+            data = fmt.read(0, fmt.size())
+        return opened, data
+
+    first, data = open_and_read()
+    again, same = open_and_read()
+    assert first >= 3 and again == 0, (first, again)
+    assert same == data == b''.join(bytes([i % 251]) * 256 * KiB for i in range(64))
+    server.etag = '"v2"'
+    changed, _ = open_and_read()
+    assert changed == first
