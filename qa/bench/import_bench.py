@@ -623,6 +623,8 @@ class Bench:
         self.conf = cluster.state.conf
         self.work = work
         self.rados: Any = None
+        #: Imports librbd cannot read take the hidden path, not the live view.
+        self.hidden = False
 
     # -- plumbing ----------------------------------------------------------
     def connect(self) -> None:
@@ -808,8 +810,11 @@ class Bench:
     # -- peers -------------------------------------------------------------
     def ours(self, res: Result, name: str, force: bool) -> None:
         spec = res.source.spec()
-        if force:
-            spec['rbd_migration'] = {'engine': 'adapter'}
+        ours = {'engine': 'adapter'} if force else {}
+        if self.hidden:
+            ours['live'] = False
+        if ours:
+            spec['rbd_migration'] = ours
         target = f'{POOL}/{name}'
         prepared, res.prepare = timed(lambda: self.ceph_json(
             'rbd', 'migration', 'prepare', '--import-only', target,
@@ -1045,6 +1050,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         + ' (default ' + ','.join(DEFAULT_SOURCES) + ')')
     p.add_argument('--adapter-concurrency', type=int,
                    help='set mgr/rbd_migration/adapter_concurrency for the run')
+    p.add_argument('--hidden', action='store_true',
+                   help='imports librbd cannot read take the hidden path '
+                        '("live": false) instead of the live view')
     p.add_argument('--osds', type=int, default=3)
     p.add_argument('--osd-size', type=parse_size, default=5 * GiB)
     args = p.parse_args(argv)
@@ -1092,6 +1100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
         os.makedirs(work)
         bench = Bench(cluster, work)
+        bench.hidden = args.hidden
         bench.connect()
 
         def set_option(name: str, value: str) -> None:
