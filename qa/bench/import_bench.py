@@ -810,7 +810,7 @@ class Bench:
     # -- peers -------------------------------------------------------------
     def ours(self, res: Result, name: str, force: bool) -> None:
         spec = res.source.spec()
-        ours = {'engine': 'adapter'} if force else {}
+        ours: Dict[str, Any] = {'engine': 'adapter'} if force else {}
         if self.hidden:
             ours['live'] = False
         if ours:
