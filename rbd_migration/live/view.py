@@ -71,12 +71,14 @@ blocks and range maps.
 import bisect
 import struct
 import sys
+import threading
+from collections import OrderedDict
 from array import array
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from ..context import SourceContext
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, MigrationError
 from ..formats import open_format
 from ..formats.base import Format, zero_fill
 from ..formats.qcow_cache import _LruCache
@@ -99,6 +101,14 @@ COPIED = 1 << 63
 ZERO_FLAG = 1
 #: Built L2 tables and refcount blocks kept, in bytes.
 TABLE_CACHE_BYTES = 4 << 20
+#: Guest bytes of one layer read from the format at once when librbd asks
+#: for any cluster of them: librbd reads a 4 MiB object as four 1 MiB
+#: clusters, each its own request to the endpoint, and over HTTP or S3 one
+#: source request per cluster was a quarter of the hidden path's speed
+#: (measured: 1,028 requests per GiB against 74).  Windows are kept in an
+#: LRU of WINDOW_CACHE_BYTES, one load at a time per window.
+WINDOW = 4 << 20
+WINDOW_CACHE_BYTES = 48 << 20
 #: What every refusal suggests instead.
 ADAPTER = 'import it with "rbd_migration": {"engine": "adapter"}'
 
@@ -202,6 +212,56 @@ class HostLayout:
                     yield layer, c0, c1, start
 
 
+class _Windows:
+    """Loaded windows by (layer, index), least recently used dropped past
+    ``budget`` bytes; a window is loaded once however many readers want it
+    meanwhile (librbd asks for an object's clusters all at once)."""
+
+    def __init__(self, load: Callable[[int, int], Tuple[int, bytearray]],
+                 budget: int) -> None:
+        self._load = load
+        self._budget = budget
+        self._used = 0
+        self._items: 'OrderedDict[Tuple[int, int], Tuple[int, bytearray]]' = OrderedDict()
+        self._loading: Dict[Tuple[int, int], threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def get(self, layer: int, index: int) -> Tuple[int, bytearray]:
+        key = (layer, index)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+            loading = self._loading.get(key)
+            if loading is None:
+                self._loading[key] = threading.Event()
+        if loading is not None:
+            loading.wait()
+            with self._lock:
+                hit = self._items.get(key)
+            # else the load failed (or the window was dropped): load here
+            return hit if hit is not None else self._load(layer, index)
+        loaded: Optional[Tuple[int, bytearray]] = None
+        try:
+            loaded = self._load(layer, index)
+            return loaded
+        finally:
+            with self._lock:
+                if loaded is not None and len(loaded[1]) <= self._budget:
+                    self._items[key] = loaded
+                    self._used += len(loaded[1])
+                    while self._used > self._budget:
+                        _, (_, dropped) = self._items.popitem(last=False)
+                        self._used -= len(dropped)
+                self._loading.pop(key).set()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._used = 0
+
+
 class QcowView(Stream):
     """The qcow2 file that presents ``fmt`` (which the view owns and
     closes).  ``compare_bits``: how many low bits of an L2 entry librbd
@@ -260,6 +320,7 @@ class QcowView(Stream):
         self._maps = _LruCache(
             lambda: max(0, self._ctx.limits.metadata_bytes - self.index.nbytes))
         self._last_map: Optional[Tuple[int, RangeMap]] = None
+        self._windows = _Windows(self._load_window, WINDOW_CACHE_BYTES)
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], ctx: SourceContext) -> 'QcowView':
@@ -276,6 +337,7 @@ class QcowView(Stream):
 
     def close(self) -> None:
         super().close()
+        self._windows.clear()
         self._fmt.close()
 
     def opening_bytes(self) -> Tuple[int, List[Tuple[int, bytes]]]:
@@ -472,8 +534,42 @@ class QcowView(Stream):
             if inside:
                 pieces.setdefault(layer, []).append((guest, part[:inside]))
         for layer, layer_pieces in pieces.items():
-            self._fmt.read_pieces(layer_pieces, self.index.layers[layer])
+            for guest, part in layer_pieces:
+                self._copy_windows(layer, guest, part)
         return len(view)
+
+    def _copy_windows(self, layer: int, guest: int, part: memoryview) -> None:
+        done = 0
+        while done < len(part):
+            at = guest + done
+            index = at // WINDOW
+            start, window = self._windows.get(layer, index)
+            n = min(len(part) - done, (index + 1) * WINDOW - at,
+                    start + len(window) - at)
+            if at < start or n <= 0:
+                raise MigrationError(f'the view read layer {layer} at {at}, which '
+                                     'it does not own (a bug)')
+            part[done:done + n] = window[at - start:at - start + n]
+            done += n
+
+    def _load_window(self, layer: int, index: int) -> Tuple[int, bytearray]:
+        """Layer ``layer``'s window ``index``: where it starts, and the
+        bytes from its first cluster the layer owns to its last, read in
+        one ``read_pieces`` (zeros between, never served)."""
+        lo = index * WINDOW
+        hi = min(lo + WINDOW, self.index.sizes[layer])
+        cs = self.cluster_size
+        spans = [(max(start * cs, lo), min(end * cs, hi)) for start, end
+                 in self.index.owned[layer].clip(lo // cs, -(-hi // cs))]
+        spans = [(a, b) for a, b in spans if a < b]
+        if not spans:
+            return lo, bytearray()
+        first = spans[0][0]
+        buf = bytearray(spans[-1][1] - first)
+        view = memoryview(buf)
+        self._fmt.read_pieces([(a, view[a - first:b - first]) for a, b in spans],
+                              self.index.layers[layer])
+        return first, buf
 
     def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:
         """The metadata, and the data slots some layer's table points at;
