@@ -73,6 +73,7 @@ import struct
 import sys
 import threading
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from array import array
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -109,6 +110,10 @@ TABLE_CACHE_BYTES = 4 << 20
 #: LRU of WINDOW_CACHE_BYTES, one load at a time per window.
 WINDOW = 4 << 20
 WINDOW_CACHE_BYTES = 48 << 20
+#: Windows loaded ahead of the one asked for, in the background: librbd
+#: sends all its reads on one connection, answered in order, so without
+#: them each window's source request waits for the one before.
+READ_AHEAD = 4
 #: What every refusal suggests instead.
 ADAPTER = 'import it with "rbd_migration": {"engine": "adapter"}'
 
@@ -226,6 +231,38 @@ class _Windows:
         self._loading: Dict[Tuple[int, int], threading.Event] = {}
         self._lock = threading.Lock()
 
+    def prefetch(self, layer: int, index: int, pool: ThreadPoolExecutor) -> None:
+        """Load the window in ``pool`` unless it is held or being loaded;
+        a failure is left for the reader that asks for it."""
+        key = (layer, index)
+        with self._lock:
+            if key in self._items or key in self._loading:
+                return
+            self._loading[key] = threading.Event()
+        try:
+            pool.submit(self._fill, key)
+        except RuntimeError:        # the pool is shut down: the view closed
+            self._finish(key, None)
+
+    def _fill(self, key: Tuple[int, int]) -> None:
+        try:
+            self._finish(key, self._load(*key))
+        except Exception:
+            self._finish(key, None)
+
+    def _finish(self, key: Tuple[int, int],
+                loaded: Optional[Tuple[int, bytearray]]) -> None:
+        with self._lock:
+            if loaded is not None and len(loaded[1]) <= self._budget:
+                self._items[key] = loaded
+                self._used += len(loaded[1])
+                while self._used > self._budget:
+                    _, (_, dropped) = self._items.popitem(last=False)
+                    self._used -= len(dropped)
+            loading = self._loading.pop(key, None)
+        if loading is not None:
+            loading.set()
+
     def get(self, layer: int, index: int) -> Tuple[int, bytearray]:
         key = (layer, index)
         with self._lock:
@@ -247,19 +284,17 @@ class _Windows:
             loaded = self._load(layer, index)
             return loaded
         finally:
-            with self._lock:
-                if loaded is not None and len(loaded[1]) <= self._budget:
-                    self._items[key] = loaded
-                    self._used += len(loaded[1])
-                    while self._used > self._budget:
-                        _, (_, dropped) = self._items.popitem(last=False)
-                        self._used -= len(dropped)
-                self._loading.pop(key).set()
+            self._finish(key, loaded)
 
     def clear(self) -> None:
+        """Drop every window; a reader still waiting for a load that will
+        not come (its read-ahead was cancelled) loads it itself."""
         with self._lock:
             self._items.clear()
             self._used = 0
+            for loading in self._loading.values():
+                loading.set()
+            self._loading.clear()
 
 
 class QcowView(Stream):
@@ -321,6 +356,7 @@ class QcowView(Stream):
             lambda: max(0, self._ctx.limits.metadata_bytes - self.index.nbytes))
         self._last_map: Optional[Tuple[int, RangeMap]] = None
         self._windows = _Windows(self._load_window, WINDOW_CACHE_BYTES)
+        self._ahead = ThreadPoolExecutor(READ_AHEAD, thread_name_prefix='rbd_migration-view-ahead')
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], ctx: SourceContext) -> 'QcowView':
@@ -337,6 +373,7 @@ class QcowView(Stream):
 
     def close(self) -> None:
         super().close()
+        self._ahead.shutdown(wait=True, cancel_futures=True)
         self._windows.clear()
         self._fmt.close()
 
@@ -543,6 +580,7 @@ class QcowView(Stream):
         while done < len(part):
             at = guest + done
             index = at // WINDOW
+            self._read_ahead(layer, index)
             start, window = self._windows.get(layer, index)
             n = min(len(part) - done, (index + 1) * WINDOW - at,
                     start + len(window) - at)
@@ -551,6 +589,11 @@ class QcowView(Stream):
                                      'it does not own (a bug)')
             part[done:done + n] = window[at - start:at - start + n]
             done += n
+
+    def _read_ahead(self, layer: int, index: int) -> None:
+        last = (self.index.sizes[layer] - 1) // WINDOW
+        for ahead in range(index + 1, min(last, index + READ_AHEAD) + 1):
+            self._windows.prefetch(layer, ahead, self._ahead)
 
     def _load_window(self, layer: int, index: int) -> Tuple[int, bytearray]:
         """Layer ``layer``'s window ``index``: where it starts, and the
