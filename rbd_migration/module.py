@@ -185,11 +185,13 @@ class Module(MgrModule):
         assert self.service is not None
         settings = Settings.read(self.get_module_option)
         host = settings.live_endpoint_address or self.get_mgr_ip()
-        self.service.live.start(host, settings.live_endpoint_port, host)
-        if self.service.live.server is not None:
-            restored = self.service.restore_views()
+        service = self.service
+
+        def restore() -> None:
+            restored = service.restore_views()
             if restored:
                 self.log.info('serving %d live import view(s) again', restored)
+        service.live.start(host, settings.live_endpoint_port, host, before_serving=restore)
 
     def _sweep(self, started: float) -> None:
         """Remove targets a failover left unrecorded (see sweep_orphans);

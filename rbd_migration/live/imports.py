@@ -103,13 +103,19 @@ class LiveImports:
         self.down = 'the live endpoint is not started'
 
     # -- the endpoint ----------------------------------------------------------
-    def start(self, bind: str, port: int, host: str) -> None:
+    def start(self, bind: str, port: int, host: str,
+              before_serving: Callable[[], object] = lambda: None) -> None:
         """Listen on ``bind``:``port``, advertised as ``host``; a failure is
-        kept (``down``) and imports then take the hidden path."""
+        kept (``down``) and imports then take the hidden path.  Connections
+        are answered only once ``before_serving`` (which serves the views
+        prepared before) returns: librbd reads a 404 as a source that has no
+        data there and hands the client zeros (measured: one read of zeros
+        per ``ceph mgr fail`` while views were registered after listening).
+        Connections made meanwhile wait in the backlog."""
         self.stop()
         try:
             server = ViewServer((bind, port), self._limits, log=log,
-                                listener=handover.listen((bind, port)))
+                                listener=handover.listen((bind, port)), start=False)
         except OSError as e:
             self.down = (f'the live endpoint cannot listen on {bind or "*"}:{port} '
                          f'({e.strerror or e}); set live_endpoint_address and '
@@ -118,6 +124,10 @@ class LiveImports:
             return
         with self._lock:
             self.server, self.host, self.down = server, host, ''
+        try:
+            before_serving()
+        finally:
+            server.start()
         log.info('live endpoint listening on %s:%d, advertised as %s',
                  server.address[0], server.address[1], host)
 

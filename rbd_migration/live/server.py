@@ -277,7 +277,7 @@ class ViewServer:
 
     def __init__(self, address: Tuple[str, int], limits: ServerLimits = ServerLimits(),
                  log: Optional[logging.Logger] = None, access_log: bool = False,
-                 listener: Optional[socket.socket] = None) -> None:
+                 listener: Optional[socket.socket] = None, start: bool = True) -> None:
         self.limits = limits
         self.log = log or logging.getLogger(__name__)
         self.access_log = access_log
@@ -305,6 +305,18 @@ class ViewServer:
         self._workers = [threading.Thread(target=self._work, daemon=True,
                                           name=f'rbd_migration-view-{i}')
                          for i in range(limits.workers)]
+        self._started = False
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Begin accepting and answering (the constructor does, unless told
+        not to: a caller first registers the views clients already expect,
+        since librbd reads a 404 as a source with no data there, zeros)."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
         for thread in [self._selector, *self._workers]:
             thread.start()
 
@@ -396,6 +408,7 @@ class ViewServer:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        self.start()     # a server never started ends through its threads too
         self._wake()
         self._selector.join(wait)
         for _ in self._workers:

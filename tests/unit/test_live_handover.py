@@ -4,6 +4,7 @@ answered by the process that adopts the socket; a standby that closes it
 frees the port.  Real processes, real sockets."""
 import errno
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -12,8 +13,13 @@ import time
 from typing import List, Tuple
 
 import pytest
+import requests
 
+from rbd_migration.context import SourceContext
 from rbd_migration.live import handover
+from rbd_migration.live.imports import LiveImports
+from rbd_migration.live.server import TOKEN_BYTES
+from tests.unit.test_live_server import SIZE, PatternView
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -135,3 +141,34 @@ def test_binding_waits_for_a_port_still_held_within_patience() -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_views_are_served_before_the_first_connection_is_answered() -> None:
+    """A client that connects while the endpoint starts (a mgr respawn)
+    is answered once the views registered before serving are in: never a
+    404, which librbd would take for a source holding zeros there."""
+    live = LiveImports(lambda stop: SourceContext())
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    answers: List[int] = []
+    clients: List[threading.Thread] = []
+    free = socket.create_server(('127.0.0.1', 0))
+    address = free.getsockname()[:2]
+    free.close()
+
+    def restore() -> None:
+        server = live.server
+        assert server is not None
+        url = server.url(token)
+        clients.append(threading.Thread(
+            target=lambda: answers.append(requests.head(url, timeout=20).status_code)))
+        clients[0].start()
+        time.sleep(0.5)                    # the client is connected and waits
+        assert answers == []
+        server.add(PatternView(SIZE), token)
+
+    try:
+        live.start(address[0], address[1], '127.0.0.1', before_serving=restore)
+        clients[0].join(20)
+        assert answers == [200]
+    finally:
+        live.stop()
