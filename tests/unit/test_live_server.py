@@ -563,6 +563,8 @@ def test_logs_show_tokens_masked(serve: Callable[..., ViewServer],
     caplog.set_level(logging.INFO, logger='test_live_server')
     requests.get(server.url(token), headers={'Range': 'bytes=0-9'}, timeout=WAIT)
     requests.get(server.url(token) + 'x', timeout=WAIT)
+    # the access line is written once the answer is sent: the client may see it first
+    wait_until(lambda: ' 404 ' in caplog.text)
     server.add(PatternView(SIZE), token=token[::-1])
     with pytest.raises(ValueError) as exc:
         server.add(PatternView(SIZE), token=token[::-1])
