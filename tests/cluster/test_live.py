@@ -4,12 +4,15 @@ with a query string) are served by the mgr as a qcow2 view, so clients read
 and write the target from prepare on, before execute.  Checked: what they
 read equals the source at HEAD and each snapshot, their writes survive the
 copy, the committed image is no bigger than ``rbd import`` makes it, abort
-leaves nothing, a mgr failover costs a reader no error, and a source gone
-away fails reads instead of crash-looping the mgr."""
+leaves nothing, a mgr failover costs a reader no error, an execute cut by
+a failover runs again to the same image, and a source gone away fails reads
+instead of crash-looping the mgr."""
 import hashlib
 import json
 import random
 import shutil
+import socket
+import socketserver
 import subprocess
 import threading
 import time
@@ -454,6 +457,110 @@ def test_reader_sees_no_error_across_mgr_failover(live: Cluster, places: Places,
             if reader.is_alive():
                 reader.join(60)
             _remove(live, name)
+
+
+class PacedRelay(socketserver.ThreadingTCPServer):
+    """A TCP relay to nginx that passes its answers on at ``rate`` bytes a
+    second in all: a source slow enough for an execute to be caught in the
+    middle, with nginx's own answers (ranges, ETag)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, upstream: Tuple[str, int], rate: float) -> None:
+        super().__init__(('127.0.0.1', 0), _Relayed)
+        self.upstream, self.rate = upstream, rate
+        self._lock = threading.Lock()
+
+    def pace(self, length: int) -> None:
+        with self._lock:
+            time.sleep(length / self.rate)
+
+    def url(self, path: str) -> str:
+        return f'http://127.0.0.1:{self.server_address[1]}/{path}'
+
+
+class _Relayed(socketserver.BaseRequestHandler):
+    server: PacedRelay
+
+    def handle(self) -> None:
+        client: socket.socket = self.request
+        with socket.create_connection(self.server.upstream) as upstream:
+            threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
+            _pump(upstream, client, self.server.pace)
+
+
+def _pump(src: socket.socket, dst: socket.socket,
+          pace: Optional[Callable[[int], None]]) -> None:
+    """Copy until either side closes, then close both ways."""
+    try:
+        while True:
+            chunk = src.recv(64 * KiB)
+            if not chunk:
+                break
+            if pace:
+                pace(len(chunk))
+            dst.sendall(chunk)
+    except OSError:
+        pass
+    for sock in (src, dst):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def paced(live: Cluster, places: Places) -> Iterator[Tuple[PacedRelay, bytes]]:
+    """64 MiB of random data (nothing to sparsify) from nginx at 8 MiB/s:
+    an execute takes about 8 s."""
+    assert live.state and live.state.http_port
+    data = random.Random(21).randbytes(64 * MiB)
+    (places.www / 'disk.raw').write_bytes(data)
+    relay = PacedRelay(('127.0.0.1', live.state.http_port), 8 * MiB)
+    thread = threading.Thread(target=relay.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield relay, data
+    finally:
+        relay.shutdown()
+        relay.server_close()
+        thread.join(10)
+
+
+def _task_of(cluster: Cluster, task_id: str) -> Dict[str, Any]:
+    tasks = mig(cluster, 'task', 'list')['tasks']
+    return next(t for t in tasks if t['id'] == task_id)
+
+
+def test_execute_cut_by_mgr_failover_runs_again(live: Cluster, places: Places,
+                                                paced: Tuple[PacedRelay, bytes]) -> None:
+    """``ceph mgr fail`` while librbd copies from the view: the task runs
+    again under the next mgr, which serves the view again under the same
+    URL, and the committed image equals the source."""
+    name = f'live-exec-failover-{uuid.uuid4().hex[:6]}'
+    relay, data = paced
+    url = relay.url(f'{places.www.name}/disk.raw?v=1')
+    spec = {'type': 'raw', 'stream': {'type': 'http', 'url': url}}
+    try:
+        _prepare_live(live, name, spec)
+        task = str(mig(live, 'execute', f'rbd/{name}', timeout=120)['task']['id'])
+        live.task_running(task, past=0.05)
+        failed_at = time.time()
+        live.ceph('mgr', 'fail', 'x')
+        live.wait_module()
+        r = live.task_end(task, 240)
+        assert r.returncode == 0 and r.stdout.strip().endswith(' completed'), \
+            f'execute rbd/{name}: {r.stdout.strip()} {r.stderr.strip()}'
+        ended = _task_of(live, task)
+        print(f'execute across failover: {ended["attempts"]} attempts, '
+              f'{ended["finished"] - failed_at:.1f} s after mgr fail')
+        assert ended['finished'] > failed_at, f'it ended before the mgr failed: {ended}'
+        assert ended['started'] > failed_at, f'it did not run again: {ended}'
+        _task(live, 'commit', name)
+        _same(_export(live, f'rbd/{name}'), data, 'after failover and commit')
+    finally:
+        _remove(live, name)
 
 
 def test_source_gone_across_failover_fails_reads_not_the_mgr(live: Cluster,
