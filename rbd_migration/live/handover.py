@@ -14,13 +14,19 @@ closes it (``close_inherited``, from the module's standby class): otherwise
 clients would wait on a socket nobody accepts from, and the new active mgr
 on the same host could not bind the port.  The active one retries binding
 for ``BIND_PATIENCE`` seconds meanwhile.
+
+Only the module's own listener is taken over: its descriptor number is
+kept in the process environment (``ENV``), which ``execv`` carries into the
+respawn.  Another listener of the process at the same address (another mgr
+module's, should the port be set to the dashboard's by mistake) is never
+adopted or closed; binding then fails with the address in use.
 """
 import errno
 import logging
 import os
 import socket
 import time
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +35,33 @@ BIND_PATIENCE = 15.0
 BIND_RETRY = 0.25
 
 
-def _listeners(address: Tuple[str, int]) -> Iterator[Tuple[int, socket.socket]]:
-    """The process's listening TCP sockets bound to ``address``, each as
-    its descriptor and a duplicate to use."""
+#: The environment variable naming the descriptors of the module's listeners.
+ENV = 'RBD_MIGRATION_LIVE_LISTENERS'
+
+
+def _ours() -> List[int]:
+    return [int(fd) for fd in os.environ.get(ENV, '').split(',') if fd.isdigit()]
+
+
+def _keep(fds: List[int]) -> None:
+    os.environ[ENV] = ','.join(str(fd) for fd in sorted(set(fds)))
+
+
+def forget(sock: socket.socket) -> None:
+    """``sock`` (about to be closed) is no longer a listener to hand over."""
     try:
-        fds = [int(name) for name in os.listdir('/proc/self/fd')]
+        fd = sock.fileno()
+    except OSError:
+        return
+    _keep([f for f in _ours() if f != fd])
+
+
+def _listeners(address: Tuple[str, int]) -> Iterator[Tuple[int, socket.socket]]:
+    """The module's listening TCP sockets (``ENV``) bound to ``address``,
+    each as its descriptor and a duplicate to use."""
+    mine = set(_ours())
+    try:
+        fds = [int(name) for name in os.listdir('/proc/self/fd') if int(name) in mine]
     except OSError:
         return
     # Sockets only, all named before any is duplicated: a duplicate may take
@@ -68,6 +96,7 @@ def adopt(address: Tuple[str, int]) -> Optional[socket.socket]:
     found: Optional[socket.socket] = None
     for fd, sock in _listeners(address):
         os.close(fd)
+        _keep([f for f in _ours() if f != fd])
         if found is None:
             found = sock
         else:
@@ -80,6 +109,7 @@ def close_inherited(address: Tuple[str, int]) -> int:
     count = 0
     for fd, sock in _listeners(address):
         os.close(fd)
+        _keep([f for f in _ours() if f != fd])
         sock.close()
         count += 1
     return count
@@ -104,4 +134,5 @@ def listen(address: Tuple[str, int], patience: float = BIND_PATIENCE) -> socket.
                     raise
                 time.sleep(BIND_RETRY)
     sock.set_inheritable(True)
+    _keep(_ours() + [sock.fileno()])
     return sock

@@ -27,6 +27,7 @@ kept: a changed source fails the client's read instead of mixing data.
 """
 import logging
 import secrets
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -97,6 +98,7 @@ class LiveImports:
         self._limits = limits
         self._lock = threading.Lock()
         self.server: Optional[ViewServer] = None
+        self._listener: Optional[socket.socket] = None
         #: The host clients reach the endpoint at.
         self.host = ''
         #: Why the endpoint is not listening ('' once it is).
@@ -114,8 +116,9 @@ class LiveImports:
         Connections made meanwhile wait in the backlog."""
         self.stop()
         try:
+            listener = handover.listen((bind, port))
             server = ViewServer((bind, port), self._limits, log=log,
-                                listener=handover.listen((bind, port)), start=False)
+                                listener=listener, start=False)
         except OSError as e:
             self.down = (f'the live endpoint cannot listen on {bind or "*"}:{port} '
                          f'({e.strerror or e}); set live_endpoint_address and '
@@ -124,6 +127,7 @@ class LiveImports:
             return
         with self._lock:
             self.server, self.host, self.down = server, host, ''
+            self._listener = listener
         try:
             before_serving()
         finally:
@@ -132,9 +136,14 @@ class LiveImports:
                  server.address[0], server.address[1], host)
 
     def stop(self) -> None:
+        """Stop serving and close the listening socket (not handed over: a
+        respawn's ``execv`` happens without this)."""
         with self._lock:
             server, self.server = self.server, None
+            listener, self._listener = self._listener, None
             self.down = 'the live endpoint is stopped'
+        if listener is not None:
+            handover.forget(listener)
         if server is not None:
             server.stop()
 

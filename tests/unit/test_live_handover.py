@@ -112,6 +112,40 @@ def test_only_the_endpoint_address_is_adopted_or_closed() -> None:
         other.close()
 
 
+def test_another_modules_listener_at_the_address_is_never_taken() -> None:
+    """The port set to another mgr module's (the dashboard's) by mistake:
+    its listener, in the same process, is neither adopted nor closed, and
+    the endpoint does not start; the other module keeps serving."""
+    dashboard = socket.create_server(('127.0.0.1', 0))
+    address = dashboard.getsockname()[:2]
+    try:
+        assert handover.adopt(address) is None
+        assert handover.close_inherited(address) == 0
+        live = LiveImports(lambda stop: SourceContext())
+        saved = handover.listen.__defaults__
+        handover.listen.__defaults__ = (0.2,)
+        try:
+            live.start(address[0], address[1], '127.0.0.1')
+        finally:
+            handover.listen.__defaults__ = saved
+        assert live.server is None and 'live_endpoint_port' in live.down
+        assert dashboard.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        with socket.create_connection(address, timeout=5):
+            accepted, _ = dashboard.accept()     # still the dashboard's
+            accepted.close()
+    finally:
+        dashboard.close()
+
+
+def test_a_stopped_endpoint_is_not_handed_over() -> None:
+    live = LiveImports(lambda stop: SourceContext())
+    live.start('127.0.0.1', 0, '127.0.0.1')
+    assert live.server is not None
+    address = live.server.address
+    live.stop()
+    assert handover.adopt(address) is None
+
+
 def test_binding_waits_for_a_port_still_held_within_patience() -> None:
     """Another process (a standby not yet done) holds the port."""
     port = socket.create_server(('127.0.0.1', 0))
