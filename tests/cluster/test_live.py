@@ -5,7 +5,8 @@ and write the target from prepare on, before execute.  Checked: what they
 read equals the source at HEAD and each snapshot, their writes survive the
 copy, the committed image is no bigger than ``rbd import`` makes it, abort
 leaves nothing, a mgr failover costs a reader no error, an execute cut by
-a failover runs again to the same image, and a source gone away fails reads
+a failover runs again to the same image, writes and qemu-img reads during
+execute see the source with the writes, and a source gone away fails reads
 instead of crash-looping the mgr."""
 import hashlib
 import json
@@ -560,6 +561,51 @@ def test_execute_cut_by_mgr_failover_runs_again(live: Cluster, places: Places,
         _task(live, 'commit', name)
         _same(_export(live, f'rbd/{name}'), data, 'after failover and commit')
     finally:
+        _remove(live, name)
+
+
+def test_clients_write_and_qemu_reads_during_execute(live: Cluster, places: Places,
+                                                     rados_handle: rados.Rados,
+                                                     paced: Tuple[PacedRelay, bytes]) -> None:
+    """While librbd copies from the view: a python-rbd client writes blocks
+    at both ends (copied and not yet copied) and reads them back, the rbd
+    CLI and ``qemu-img`` over ``rbd:`` read the target as the source with
+    those writes, and after commit the image is the source with them."""
+    assert live.state
+    name = f'live-exec-writes-{uuid.uuid4().hex[:6]}'
+    relay, data = paced
+    url = relay.url(f'{places.www.name}/disk.raw?v=2')
+    spec = {'type': 'raw', 'stream': {'type': 'http', 'url': url}}
+    rng = random.Random(5)
+    blocks = {off: rng.randbytes(BLOCK)
+              for off in (0, 3 * MiB + 512, len(data) // 2, len(data) - 2 * BLOCK)}
+    io = rados_handle.open_ioctx('rbd')
+    try:
+        _prepare_live(live, name, spec)
+        task = str(mig(live, 'execute', f'rbd/{name}', timeout=120)['task']['id'])
+        live.task_running(task, past=0.02)
+        _client_write(io, name, blocks)
+        with rbd.Image(io, name, read_only=True) as img:
+            for offset, block in blocks.items():
+                assert img.read(offset, len(block)) == block, f'read back at {offset}'
+            assert img.read(len(data) - MiB, 4096) == data[len(data) - MiB:][:4096]
+        expected = _patched(data, blocks)
+        copy = places.www.parent / f'{name}.qemu.raw'
+        r = subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'raw',
+                            f'rbd:rbd/{name}:conf={live.state.conf}', str(copy)],
+                           capture_output=True, timeout=180)
+        assert r.returncode == 0, f'qemu-img over rbd: {r.stderr.decode().strip()}'
+        state = _task_of(live, task)['state']
+        print(f'qemu-img over rbd: read the whole target, execute {state} at its end')
+        _same(copy.read_bytes(), expected, f'qemu-img read during execute (task {state})')
+        copy.unlink()
+        ended = live.task_end(task, 240)
+        assert ended.returncode == 0 and ended.stdout.strip().endswith(' completed'), \
+            ended.stdout
+        _task(live, 'commit', name)
+        _same(_export(live, f'rbd/{name}'), expected, 'after commit')
+    finally:
+        io.close()
         _remove(live, name)
 
 
