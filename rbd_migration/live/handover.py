@@ -47,13 +47,16 @@ def _keep(fds: List[int]) -> None:
     os.environ[ENV] = ','.join(str(fd) for fd in sorted(set(fds)))
 
 
+def _drop(fd: int) -> None:
+    _keep([f for f in _ours() if f != fd])
+
+
 def forget(sock: socket.socket) -> None:
     """``sock`` (about to be closed) is no longer a listener to hand over."""
     try:
-        fd = sock.fileno()
+        _drop(sock.fileno())
     except OSError:
-        return
-    _keep([f for f in _ours() if f != fd])
+        pass
 
 
 def _listeners(address: Tuple[str, int]) -> Iterator[Tuple[int, socket.socket]]:
@@ -96,7 +99,7 @@ def adopt(address: Tuple[str, int]) -> Optional[socket.socket]:
     found: Optional[socket.socket] = None
     for fd, sock in _listeners(address):
         os.close(fd)
-        _keep([f for f in _ours() if f != fd])
+        _drop(fd)
         if found is None:
             found = sock
         else:
@@ -109,7 +112,7 @@ def close_inherited(address: Tuple[str, int]) -> int:
     count = 0
     for fd, sock in _listeners(address):
         os.close(fd)
-        _keep([f for f in _ours() if f != fd])
+        _drop(fd)
         sock.close()
         count += 1
     return count

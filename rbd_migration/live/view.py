@@ -116,7 +116,8 @@ WINDOW_CACHE_BYTES = 16 << 20
 #: them each window's source request waits for the one before.  Two, not
 #: more: decoding further ahead only competes for the CPU with the copy
 #: (measured on 2 cores, 1 GiB compressed qcow2 over HTTP: 6.6 s at two
-#: ahead and 16 MiB kept, 7.2 s at four and 24 MiB, 10.4 s at eight), and
+#: ahead and 16 MiB kept, 7.2 s at four and 24 MiB; outside the mgr, 10.4 s
+#: at eight against 7.0 at four), and
 #: each window held costs the mgr (53 to 57 MiB per running execute at two,
 #: 79 to 85 at four).
 READ_AHEAD = 2
