@@ -602,7 +602,9 @@ class MigrationService:
                 self.blocklisted(client)
             raise
         finally:
-            if task.action in ('execute', 'verify'):
+            # Commit and abort end a live import's view, whose windows and
+            # decoding threads' arenas the heap keeps otherwise.
+            if task.action in ('execute', 'verify', 'commit', 'abort'):
                 give_back_free_memory()
 
     def _run_action(self, task: Task, ref: ImageRef, progress: Callable[[int, int], int],

@@ -1,6 +1,6 @@
 """Live imports on a real cluster: sources librbd cannot read itself
-(compressed and layered qcow2, rbd export and export-diff files, VMDK, a URL
-with a query string) are served by the mgr as a qcow2 view, so clients read
+(compressed qcow2 over HTTP and S3, a qcow2 overlay, rbd export and
+export-diff files, VMDK, raw over NBD, a URL with a query string) are served by the mgr as a qcow2 view, so clients read
 and write the target from prepare on, before execute.  Checked: what they
 read equals the source at HEAD and each snapshot, their writes survive the
 copy, the committed image is no bigger than ``rbd import`` makes it, abort
@@ -26,7 +26,7 @@ import pytest
 import rados
 import rbd
 
-from qa.cluster import Cluster
+from qa.cluster import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Cluster
 from tests.clusterops import ceph_run, mig
 
 MiB = 1 << 20
@@ -47,11 +47,66 @@ class Source:
 
 @dataclass
 class Places:
-    """Where a case's sources are written: a file root and nginx's root."""
+    """Where a case's sources are written: a file root and nginx's root, and
+    on demand the test bucket (RGW started on first use) or an NBD server;
+    what a case put there is removed or stopped after its test."""
 
     files: Path
     www: Path
     url: str
+    cluster: Cluster
+    keys: List[str] = field(default_factory=list)
+    servers: List['subprocess.Popen[bytes]'] = field(default_factory=list)
+
+    def s3_spec(self, name: str, data: bytes) -> Dict[str, Any]:
+        """A stream spec of ``data`` put in the test bucket."""
+        self.cluster.ensure_rgw()
+        assert self.cluster.state and self.cluster.state.rgw_port
+        endpoint = f'http://127.0.0.1:{self.cluster.state.rgw_port}'
+        key = f'{self.www.name}/{name}'
+        _s3(endpoint).put_object(Bucket=S3_BUCKET, Key=key, Body=data)
+        self.keys.append(key)
+        return {'type': 's3', 'url': f'{endpoint}/{S3_BUCKET}/{key}',
+                'access_key': S3_ACCESS_KEY, 'secret_key': S3_SECRET_KEY}
+
+    def nbd_uri(self, image: Path, fmt: str) -> str:
+        """An nbd:// URI of ``image`` served read-only by qemu-nbd on a free
+        loopback port, for as long as the test runs."""
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            port = int(s.getsockname()[1])
+        proc = subprocess.Popen(['qemu-nbd', '--read-only', '--persistent', '--shared', '8',
+                                 '-f', fmt, '-x', 'disk', '-b', '127.0.0.1', '-p', str(port),
+                                 str(image)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.servers.append(proc)
+        until = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                s.settimeout(1)
+                if s.connect_ex(('127.0.0.1', port)) == 0:
+                    return f'nbd://127.0.0.1:{port}/disk'
+            assert proc.poll() is None and time.monotonic() < until, 'qemu-nbd did not start'
+            time.sleep(0.05)
+
+    def clean(self) -> None:
+        for proc in self.servers:
+            proc.kill()
+            proc.wait(10)
+        if self.keys:
+            assert self.cluster.state and self.cluster.state.rgw_port
+            client = _s3(f'http://127.0.0.1:{self.cluster.state.rgw_port}')
+            for key in self.keys:
+                client.delete_object(Bucket=S3_BUCKET, Key=key)
+
+
+def _s3(endpoint: str) -> Any:
+    """A boto3 client of the test user."""
+    import boto3
+    from botocore.config import Config
+    return boto3.client('s3', endpoint_url=endpoint, region_name='us-east-1',
+                        aws_access_key_id=S3_ACCESS_KEY, aws_secret_access_key=S3_SECRET_KEY,
+                        config=Config(s3={'addressing_style': 'path'}, signature_version='s3v4'))
 
 
 @pytest.fixture(scope='module')
@@ -66,9 +121,11 @@ def places(live: Cluster, roots: Path) -> Iterator[Places]:
     assert live.state and live.state.http_root
     www = Path(live.state.http_root) / f'live-{uuid.uuid4().hex[:8]}'
     www.mkdir()
+    p = Places(roots, www, f'http://127.0.0.1:{live.state.http_port}/{www.name}', live)
     try:
-        yield Places(roots, www, f'http://127.0.0.1:{live.state.http_port}/{www.name}')
+        yield p
     finally:
+        p.clean()
         shutil.rmtree(www, ignore_errors=True)
 
 
@@ -113,6 +170,26 @@ def _compressed_qcow2_http(p: Places, origin: 'Origin') -> Source:
     return Source({'type': 'qcow', 'stream': {'type': 'http',
                                               'url': f'{p.url}/compressed.qcow2'}},
                   _raw_of(image), [('one', _raw_of(image, 'one'))])
+
+
+def _compressed_qcow2_s3(p: Places, origin: 'Origin') -> Source:
+    """The compressed qcow2 with a snapshot, as an object in RGW."""
+    src = _compressed_qcow2_http(p, origin)
+    stream = p.s3_spec('compressed.qcow2', (p.www / 'compressed.qcow2').read_bytes())
+    return Source({'type': 'qcow', 'stream': stream}, src.head, src.snaps)
+
+
+def _raw_nbd(p: Places, origin: 'Origin') -> Source:
+    """A sparse qcow2 served by qemu-nbd, read as raw over NBD (block
+    status tells its holes)."""
+    data = _disk(13)
+    raw = p.files / 'nbd.raw'
+    raw.write_bytes(data)
+    image = p.files / 'nbd.qcow2'
+    _run('qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', str(raw), str(image))
+    raw.unlink()
+    return Source({'type': 'raw', 'stream': {'type': 'nbd', 'uri': p.nbd_uri(image, 'qcow2')}},
+                  data)
 
 
 def _qcow2_overlay_file(p: Places, origin: 'Origin') -> Source:
@@ -194,6 +271,8 @@ def origin(live: Cluster, rados_handle: rados.Rados) -> Iterator[Origin]:
 #: Every case: the format and stream a live import is to serve.
 CASES: Dict[str, Callable[[Places, Origin], Source]] = {
     'compressed-qcow2-snapshot-http': _compressed_qcow2_http,
+    'compressed-qcow2-snapshot-s3': _compressed_qcow2_s3,
+    'raw-nbd': _raw_nbd,
     'qcow2-overlay-file': _qcow2_overlay_file,
     'export-v2-snapshot-file': _export_v2_file,
     'export-diff-chain-http': _export_diff_http,
