@@ -25,7 +25,8 @@ import requests
 from rbd_migration.context import SourceContext
 from rbd_migration.errors import MigrationError, SourceUnreachable, TimedOut
 from rbd_migration.formats.qcow import QcowFormat
-from rbd_migration.live.server import ServerLimits, ViewServer, mask_token, requested_span
+from rbd_migration.live.server import (HEAD_PADDED_TO, ServerLimits, ViewServer, mask_token,
+                                       requested_span)
 from rbd_migration.live.view import QcowView
 from rbd_migration.streams.base import Stream
 from rbd_migration.streams.http import HttpStream
@@ -317,6 +318,37 @@ def test_keep_alive_reuses_one_connection(serve: Callable[..., ViewServer]) -> N
         assert server.counters()['connections'] == 1
     finally:
         conn.close()
+
+
+def _head_bytes(sock: socket.socket) -> bytes:
+    """An answer's head as sent, its blank line included."""
+    head = b''
+    while not head.endswith(b'\r\n\r\n'):
+        byte = sock.recv(1)
+        assert byte, 'the connection closed in the head'
+        head += byte
+    return head
+
+
+def test_successful_heads_are_padded_below_librbds_header_limit(
+        serve: Callable[..., ViewServer]) -> None:
+    """librbd 16.2 reads a body in pieces as large as its buffer's free
+    room, which grows only to hold a head: a 2xx head is padded to
+    HEAD_PADDED_TO bytes, under beast's 8 KiB header limit, and an
+    error's is not."""
+    server = serve()
+    token = server.add(PatternView(SIZE))
+    with connect(server) as sock:
+        for request in (get(f'/{token}', method='HEAD'), get(f'/{token}', 'bytes=0-9')):
+            sock.sendall(request)
+            head = _head_bytes(sock)
+            assert len(head) == HEAD_PADDED_TO < 8192, len(head)
+            assert head.count(b'\r\nX-Read-Buffer: 000') == 1
+        assert sock.recv(10, socket.MSG_WAITALL) == expected(0, 10)
+        sock.sendall(get(f'/{token}', f'bytes={SIZE}-'))
+        assert len(_head_bytes(sock)) < 1024       # the 416 is not padded
+    r = requests.get(server.url(token), headers={'Range': 'bytes=3-7'}, timeout=WAIT)
+    assert (r.status_code, r.content) == (206, expected(3, 5))
 
 
 def test_http_1_0_and_connection_close_end_the_connection(
