@@ -417,6 +417,37 @@ def test_a_10_tib_sparse_source_builds_small() -> None:
                       ['same', 'data', 'same'], ['same', 'data', 'same']]
 
 
+def test_read_ahead_passes_over_windows_of_holes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """librbd asks for nothing where the source has no data, so the
+    windows loaded ahead of a read are the next ones holding data, however
+    many windows of holes lie between (a sparse source's data windows were
+    otherwise each read on demand, the copy waiting)."""
+    window = 4 * MiB
+    data_windows = [0, 1, 5, 9, 10]
+    size = 12 * window
+    data = bytearray(size)
+    kinds = bytearray(size // SECTOR)
+    for w in data_windows:
+        data[w * window:(w + 1) * window] = bytes([w + 1]) * window
+        kinds[w * window // SECTOR:(w + 1) * window // SECTOR] = bytes([DATA]) * (window // SECTOR)
+    view = QcowView(FakeLayers([(bytes(data), bytes(kinds))]))
+    ahead: List[int] = []
+    monkeypatch.setattr(view._windows, 'prefetch',
+                        lambda layer, index, pool: ahead.append(index))
+    reader = QcowFormat(view)
+    try:
+        assert reader.read(window, 4 * KiB) == bytes([2]) * 4 * KiB   # window 1
+        assert ahead == [5, 9]
+        ahead.clear()
+        assert reader.read(9 * window, 4 * KiB) == bytes([10]) * 4 * KiB
+        assert ahead == [10]                                           # nothing after it
+        ahead.clear()
+        assert reader.read(10 * window + MiB, 4 * KiB) == bytes([11]) * 4 * KiB
+        assert ahead == []
+    finally:
+        view.close()
+
+
 def librbd_deltas_at(view: QcowView, clusters: List[int]) -> List[List[str]]:
     """``librbd_deltas`` for a few clusters of a large view."""
     per, mask = view.table_entries, (1 << (63 - view.cluster_bits)) - 1
