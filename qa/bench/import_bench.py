@@ -56,7 +56,9 @@ command; for qemu-img the whole convert (it creates the image too).  "task s"
 is the task's own run time in the mgr (started to finished, as the task
 records them), "task MB/s" the same size over it.  "CPU s" and "faults" are
 the CPU seconds and minor page faults, during exec, of the process that
-copies: ceph-mgr for ours, the rbd CLI or qemu-img otherwise.  MB/s is 10^6 bytes of
+copies: ceph-mgr for ours, the rbd CLI or qemu-img otherwise; "host busy"
+the whole machine's busy CPU time during exec over exec s times its cores
+(near 100%: bound by the cores, not by waiting).  MB/s is 10^6 bytes of
 virtual size per exec second; ratios are MB/s over the peer's MB/s (above 1:
 faster); "vs file" is a remote row's MB/s over the same peer's on the file
 it serves.  "req/GiB" is what the source's server saw during exec, per GiB
@@ -97,6 +99,7 @@ BLOCK = 4096               # allocation granularity of a raw source
 OBJECT = 4 * MiB           # rbd's default object size: what `rbd du` counts in
 EXTENT = MiB               # the sparse sources' extent size
 POOL = 'rbd'
+CORES = os.cpu_count() or 1
 DEFAULT_DIR = '/tmp/rbd-migration-bench'
 ROOTS_OPTION = 'mgr/rbd_migration/file_source_roots'
 CEILING_TOTAL = '1G'
@@ -185,6 +188,16 @@ def proc_usage(pid: int) -> Tuple[float, int]:
 
 def usage_delta(before: Tuple[float, int], after: Tuple[float, int]) -> Tuple[float, int]:
     return after[0] - before[0], after[1] - before[1]
+
+
+def host_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores, every
+    process and the kernel), from /proc/stat: what a copy bound by the
+    machine's cores rather than by waiting shows as a busy fraction near 1."""
+    with open('/proc/stat') as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf('SC_CLK_TCK')
 
 
 # --------------------------------------------------------------------------
@@ -602,6 +615,7 @@ class Result:
     runs: List[float] = field(default_factory=list)
     stalls: List[float] = field(default_factory=list)  # killed after these seconds
     cpu: Optional[float] = None         # CPU seconds of the copying process
+    busy: Optional[float] = None        # the machine's busy fraction during exec
     faults: Optional[int] = None        # its minor page faults
     requests: Optional[int] = None      # what the source's server saw
 
@@ -822,7 +836,9 @@ class Bench:
         res.path = str(prepared.get('path', '?'))
         mgr = self.mgr_pid()
         u0, requests = proc_usage(mgr), self.count_requests(res.source)
+        h0 = host_busy()
         task, res.execute = self.module_task('execute', target)
+        res.busy = (host_busy() - h0) / res.execute / CORES
         res.cpu, res.faults = usage_delta(u0, proc_usage(mgr))
         res.requests = requests()
         if task.get('started') and task.get('finished'):
@@ -836,9 +852,11 @@ class Bench:
         # so a remote convert gets a time limit and a stalled one is retried.
         limit = 3600.0 if res.source.where == 'file' else 30 + res.source.size / 50e6
         u0, requests = child_usage(), self.count_requests(res.source)
+        h0 = host_busy()
         _, res.execute = timed(lambda: run(
             ['qemu-img', 'convert', '-p', '-m', '16', '-W', '-O', 'raw',
              res.source.qemu_path(), dst], timeout=limit))
+        res.busy = (host_busy() - h0) / res.execute / CORES
         res.cpu, res.faults = usage_delta(u0, child_usage())
         res.requests = requests()
 
@@ -852,8 +870,10 @@ class Bench:
                 'migration', 'prepare', '--import-only', '--source-spec-path', spec_path,
                 target))
             u0, requests = child_usage(), self.count_requests(res.source)
+            h0 = host_busy()
             _, res.execute = timed(lambda: self.rbd(
                 'migration', 'execute', '--no-progress', target))
+            res.busy = (host_busy() - h0) / res.execute / CORES
             res.cpu, res.faults = usage_delta(u0, child_usage())
             res.requests = requests()
             _, res.commit = timed(lambda: self.rbd(
@@ -954,7 +974,7 @@ def table(results: List[Result], ceiling: float) -> str:
     for r in results:
         by_source.setdefault(r.source.key, {})[r.peer] = r
     head = ['source', 'peer', 'prep s', 'exec s', 'task s', 'commit s', 'MB/s', 'req/GiB',
-            'task MB/s', 'CPU s', 'faults',
+            'task MB/s', 'CPU s', 'faults', 'host busy',
             'vs file', 'vs qemu-img', 'vs librbd', 'vs ceiling', 'rbd du used', 'src alloc',
             'alloc@4M', 'du/alloc', 'sha256']
     rows: List[List[str]] = []
@@ -963,7 +983,7 @@ def table(results: List[Result], ceiling: float) -> str:
         if r.peer == 'ours/adapter' and r.source.fmt == 'raw':
             peer = 'ours/adapter (forced)'
         if r.skipped:
-            rows.append([r.source.label, r.peer, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-',
+            rows.append([r.source.label, r.peer, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-',
                          '-', '-', '-',
                          '-', human(r.source.allocated), human(r.source.allocated_objects),
                          '-', f'skipped: {r.skipped}'])
@@ -982,6 +1002,7 @@ def table(results: List[Result], ceiling: float) -> str:
             f'{per_gib:.0f}' if per_gib is not None else '-',
             f'{r.source.size / 1e6 / r.task:.1f}' if (mbps and r.task) else '-',
             fmt(r.cpu), f'{r.faults / 1000:.0f}k' if r.faults is not None else '-',
+            f'{100 * r.busy:.0f}%' if r.busy is not None else '-',
             ratio(mbps, on_file.mbps if on_file else None) if mbps else '-',
             ratio(mbps, q.mbps if q else None) if mbps else '-',
             ratio(mbps, lib.mbps if lib else None) if mbps else '-',
@@ -1169,6 +1190,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      'the granularity rbd du (fast-diff) counts in')
         notes.append('CPU s / faults: CPU seconds and minor page faults, during exec, of the '
                      'process that copies (ceph-mgr for ours, else the rbd CLI or qemu-img)')
+        notes.append(f'host busy: the machine\'s busy CPU time during exec (every process and '
+                     f'the kernel: the copy, the OSDs, the source\'s server) over exec s x '
+                     f'{CORES} cores; near 100% the copy is bound by the cores, not by waiting')
         notes.append('req/GiB: requests the source\'s server saw during exec per GiB virtual '
                      '(nginx access log lines; RGW "get" perf counter delta); vs file: MB/s '
                      'over the same peer\'s on the file served')
