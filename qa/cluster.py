@@ -59,6 +59,9 @@ _PROBES = {'ceph-mon': '/usr/bin/ceph-mon', 'ceph-mgr': '/usr/bin/ceph-mgr',
 S3_ACCESS_KEY = 'rbdmigrationtest'
 S3_SECRET_KEY = 'rbdmigrationtestsecret0123456789'
 S3_BUCKET = 'images'
+#: OSDs the EC data pool ``ecdata`` (k=2, m=1, one shard per OSD) needs;
+#: a cluster of fewer has no such pool.
+EC_SHARDS = 3
 
 
 def _option_text(value: Any) -> str:
@@ -632,6 +635,9 @@ rgw dns name = 127.0.0.1
     def _create_pools(self) -> None:
         for pool in ('rbd', 'rbd2'):
             self.ceph('osd', 'pool', 'create', pool, '8')
+        assert self.state
+        if self.state.osds < EC_SHARDS:
+            return      # its PGs could never be clean: no EC data pool
         self.ceph('osd', 'erasure-code-profile', 'set', 'ec21', 'k=2', 'm=1',
                   'crush-failure-domain=osd')
         self.ceph('osd', 'pool', 'create', 'ecdata', '8', '8', 'erasure', 'ec21')
