@@ -260,7 +260,13 @@ def _wait_clean(cluster: Cluster) -> None:
 class FaultyProxy:
     """A loopback HTTP proxy in front of nginx that, while ``faults`` is on,
     answers some requests with 503, resets some connections and truncates
-    some bodies; and that can be stopped and started like a server."""
+    some bodies; and that can be stopped and started like a server.
+
+    The faults come in a fixed turn between good answers, so every round
+    that makes a handful of requests meets each kind (drawn at random, a
+    copy of few large reads could miss one)."""
+
+    TURN = ('', '503', '', 'reset', '', 'truncated')
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -269,7 +275,14 @@ class FaultyProxy:
         self.port = _free_port()
         self.server: Optional[socketserver.ThreadingTCPServer] = None
         self.connections: Set[socket.socket] = set()
+        self._turn = 0
+        self._turn_lock = threading.Lock()
         self.start()
+
+    def next_fault(self) -> str:
+        with self._turn_lock:
+            self._turn += 1
+            return self.TURN[self._turn % len(self.TURN)]
 
     def start(self) -> None:
         proxy = self
@@ -292,14 +305,14 @@ class FaultyProxy:
                     pass  # reset, or cut by stop()
 
             def _forward(self, head: bool) -> None:
-                fault = random.random() if proxy.faults else 1.0
-                if fault < 0.1:
+                fault = proxy.next_fault() if proxy.faults else ''
+                if fault == '503':
                     proxy.counts['503'] += 1
                     self.send_response(503)
                     self.send_header('Content-Length', '0')
                     self.end_headers()
                     return
-                if fault < 0.15:
+                if fault == 'reset':
                     proxy.counts['reset'] += 1
                     reset(self)
                     return
@@ -316,7 +329,7 @@ class FaultyProxy:
                     self.send_header('Content-Length',
                                      up.headers.get('Content-Length') if head else str(len(body)))
                     self.end_headers()
-                    if fault < 0.2 and len(body) > 1:
+                    if fault == 'truncated' and len(body) > 1:
                         proxy.counts['truncated'] += 1
                         self.wfile.write(body[:len(body) // 2])
                         self.close_connection = True
@@ -379,7 +392,7 @@ def test_http_source_faults_and_server_restarts(cluster: Cluster, slow: None,
     for a while fails the attempt, and the task's retry resumes the copy."""
     proxy = proxied_image['proxy']
     assert isinstance(proxy, FaultyProxy)
-    # Faults are drawn at random per request: three rounds see each kind.
+    # Faults come in turn between good answers: every round sees each kind.
     for round_no in range(max(ROUNDS, 3)):
         name = f'fault-http-{round_no}-{uuid.uuid4().hex[:4]}'
         spec = {'type': 'raw', 'stream': {'type': 'http', 'url': proxied_image['url']},
