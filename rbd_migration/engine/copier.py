@@ -124,12 +124,26 @@ class RateLimiter:
 MERGE_GAP = 256 << 10
 
 
+def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Extent]:
+    """Extents cut at chunk boundaries, skipping what lies below ``start``."""
+    for ext in extents:
+        pos, end = max(ext.offset, start), ext.end
+        while pos < end:
+            stop = min(end, (pos // chunk + 1) * chunk)
+            yield Extent(pos, stop - pos, ext.kind)
+            pos = stop
+
+
 def _merged(extents: Iterator[Extent], chunk: int, gap: int = MERGE_GAP) -> Iterator[Extent]:
-    """Data extents within one chunk and ``gap`` of each other, fused."""
+    """Data extents within one chunk and ``gap`` of each other, fused; cut
+    at chunk boundaries first, so an extent that runs into a chunk fuses
+    with the ones after it there (uncut, the chain's first 1 to 5 MiB and
+    7 to 12 MiB left 4 to 5 and 7 to 8 MiB as two extents of one chunk, and
+    111 groups of at most 4 chunks read a 1 GiB disk where 64 do)."""
     def near(a: Extent, b: Extent) -> bool:
         return (a.kind is b.kind is ExtentKind.DATA and b.offset - a.end <= gap
                 and a.offset // chunk == (b.end - 1) // chunk)
-    return coalesce(extents, near)
+    return coalesce(_chunks(extents, chunk, 0), near)
 
 
 def _planned(extents: Iterator[Extent], chunk: int, group: int,
@@ -149,16 +163,6 @@ def _planned(extents: Iterator[Extent], chunk: int, group: int,
         return _merged(extents, chunk)
     data = (e for e in extents if e.kind is ExtentKind.DATA)
     return _merged(data, chunk, MERGE_GAP if group <= 1 else chunk)
-
-
-def _chunks(extents: Iterator[Extent], chunk: int, start: int) -> Iterator[Extent]:
-    """Extents cut at chunk boundaries, skipping what lies below ``start``."""
-    for ext in extents:
-        pos, end = max(ext.offset, start), ext.end
-        while pos < end:
-            stop = min(end, (pos // chunk + 1) * chunk)
-            yield Extent(pos, stop - pos, ext.kind)
-            pos = stop
 
 
 _ZERO_BLOCK = bytes(BLOCK)

@@ -307,6 +307,22 @@ def test_a_layer_read_in_groups_fuses_each_chunks_data_and_a_fresh_one_drops_zer
                                 (4 * MiB + 64 * KiB, 4096, D)]
 
 
+def test_an_extent_running_into_a_chunk_fuses_with_the_data_after_it_there() -> None:
+    """A chain's composed extents cross chunk boundaries: 1-5 and 7-12 MiB
+    must give three chunks (1-4, 4-8, 8-12), not a fourth piece of 7-8 MiB
+    that takes a place in a group of its own."""
+    from rbd_migration.engine.copier import _planned
+    D = ExtentKind.DATA
+    exts = [Extent(1 * MiB, 4 * MiB), Extent(7 * MiB, 5 * MiB), Extent(13 * MiB, MiB)]
+    got = [(e.offset // MiB, e.length // MiB, e.kind)
+           for e in _planned(iter(exts), 4 * MiB, 4, True)]
+    assert got == [(1, 3, D), (4, 4, D), (8, 4, D), (13, 1, D)]
+    # On a later layer only MERGE_GAP fuses, but the cut comes first too.
+    got = [(e.offset // MiB, e.length // MiB, e.kind)
+           for e in _planned(iter(exts), 4 * MiB, 4, False)]
+    assert got == [(1, 3, D), (4, 1, D), (7, 1, D), (8, 4, D), (13, 1, D)]
+
+
 # -- chunks read in groups ------------------------------------------------------
 
 
