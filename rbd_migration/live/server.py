@@ -623,7 +623,9 @@ class ViewServer:
                 self._send_status(conn, 431, False)
                 return False
             if end < 0:
-                return True
+                if not self._more(conn):
+                    return True
+                continue
             head = bytes(conn.buf[:end])
             del conn.buf[:end + 4]
             started = time.monotonic()
@@ -640,6 +642,22 @@ class ViewServer:
                               answered.sent, time.monotonic() - started)
             if not answered.keep:
                 return False
+
+    @staticmethod
+    def _more(conn: _Conn) -> bool:
+        """Take what the client sent while its last answer went out, without
+        waiting: librbd sends its next requests on the same connection, and
+        handing it back to the selector to find them cost a switch of
+        threads for each."""
+        conn.sock.setblocking(False)    # else a socket with a timeout polls first
+        try:
+            data = conn.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not data:
+            return False        # closed: the selector sees it
+        conn.buf += data
+        return True
 
     def _answer(self, conn: _Conn, request: _Request) -> _Answered:
         self._count(requests=1)
