@@ -2,9 +2,10 @@
 
 On a Ceph host the runtime dependencies come from the distribution, for the
 interpreter that ceph-mgr embeds (Debian: python3-requests, python3-boto3,
-python3-jsonschema, python3-zstandard, and python3-libnbd for nbd sources;
-python3-rados and python3-rbd come with Ceph).  ``install_requires`` names
-them for completeness.
+python3-jsonschema, python3-zstandard, python3-libnbd for nbd sources, and
+libdeflate0, which decodes compressed qcow2 clusters and VMDK grains about
+twice as fast as zlib, used when present; python3-rados and python3-rbd come
+with Ceph).  ``install_requires`` names the Python ones for completeness.
 
 The ``rbd-migration`` console script (package ``rbd_migration_cli``) is a
 drop-in for ``rbd migration prepare|execute|commit|abort`` that runs them

@@ -43,7 +43,7 @@ PACKAGES = [
     'ceph-mon', 'ceph-mgr', 'ceph-osd', 'ceph-common', 'python3-rados',
     'python3-rbd', 'python3-requests', 'python3-boto3', 'python3-jsonschema',
     'python3-zstandard', 'radosgw', 'nginx-light', 'qemu-utils',
-    'qemu-block-extra', 'python3-libnbd', 'nbdkit',
+    'qemu-block-extra', 'python3-libnbd', 'nbdkit', 'libdeflate0',
 ]
 # What the test suite needs on top.
 TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-pytest-xdist', 'python3-hypothesis',

@@ -402,7 +402,7 @@ class QcowFormat(PieceReader):
         for (_, view), n in zip(reads.data, data_counts):
             zero_fill(view[n:])   # past the end of the file: zeros, as QEMU
         for (host, buf, view), n in zip(reads.compressed, counts):
-            view[:] = self._inflate(host, memoryview(buf)[:n])
+            self._inflate_into(host, memoryview(buf)[:n], view)
         if reads.lower:
             self._read_lower_pieces(reads.lower)
 
@@ -498,21 +498,26 @@ class QcowFormat(PieceReader):
                               f"be reached through this stream type; convert "
                               f"it with `qemu-img convert` first") from None
 
-    def _inflate(self, host: int, raw: Union[bytes, memoryview]) -> bytes:
-        """The compressed cluster stored at ``host`` (``raw``), whole."""
-        cs = self.header.cluster_size
+    def _inflate_into(self, host: int, raw: Union[bytes, memoryview], out: memoryview) -> None:
+        """The compressed cluster stored at ``host`` (``raw``), whole, in
+        ``out`` (a cluster long)."""
         decompress = _DECOMPRESSORS[self.header.compression_type]
         try:
-            data = decompress(raw, cs)
+            made = decompress(raw, out)
         except ValueError as e:
             raise self._file.corrupt(
                 f'the compressed cluster at {host:#x} does not '
                 f'decompress ({e})') from None
-        if len(data) != cs:
+        if made != len(out):
             raise self._file.corrupt(
                 f'the compressed cluster at {host:#x} decompresses to '
-                f'{len(data)} bytes, not {cs}')
-        return data
+                f'{made} bytes, not {len(out)}')
+
+    def _inflate(self, host: int, raw: Union[bytes, memoryview]) -> bytes:
+        """The compressed cluster stored at ``host`` (``raw``), whole."""
+        out = bytearray(self.header.cluster_size)
+        self._inflate_into(host, raw, memoryview(out))
+        return bytes(out)
 
     def _decompressed(self, host: int, csize: int) -> bytes:
         """The cluster at ``host``, decompressed and cached, for a cluster

@@ -11,7 +11,6 @@ two states' tables compare entry by entry to tell which clusters changed.
 import array
 import bisect
 import sys
-import zlib
 from dataclasses import dataclass
 from typing import (Any, Callable, Dict, Iterable, Iterator, Optional, Tuple,
                     Union)
@@ -19,6 +18,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, Optional, Tuple,
 from ..context import SourceContext
 from ..errors import Unsupported
 from .base import Extent, ExtentKind
+from .deflate import Bytes, inflate_raw_into
 from .qcow_cache import _LruCache
 from .qcow_header import MetadataReader, QcowHeader
 
@@ -182,18 +182,15 @@ def _show_through(upper: Iterable[Extent], lower: Iterable[Extent],
 # Compressed clusters: what a compressed run's ``host`` and ``csize`` hold
 
 
-def _inflate(data: bytes, cluster_size: int) -> bytes:
-    """Raw deflate, 4 KiB window, as QEMU writes it; trailing bytes are the
-    next cluster's and are ignored."""
-    try:
-        out = zlib.decompressobj(-12).decompress(data, cluster_size)
-    except zlib.error as e:
-        raise ValueError(f'deflate: {e}') from None
-    return out
+def _inflate(data: Bytes, out: memoryview) -> int:
+    """Raw deflate, 4 KiB window, as QEMU writes it, into ``out`` (a
+    cluster); trailing bytes are the next cluster's and are ignored."""
+    return inflate_raw_into(data, out, 12)
 
 
-def _unzstd(data: bytes, cluster_size: int) -> bytes:
+def _unzstd(data: Bytes, out: memoryview) -> int:
     """zstd frames until a whole cluster is out, as QEMU reads them."""
+    cluster_size = len(out)
     try:
         import zstandard  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
@@ -201,22 +198,24 @@ def _unzstd(data: bytes, cluster_size: int) -> bytes:
             'source-spec: stream: the image has zstd-compressed clusters and '
             'the Python zstandard module is missing; install '
             'python3-zstandard on the mgr hosts') from None
-    out = bytearray()
+    got = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(
             data, read_across_frames=True)
-        while len(out) < cluster_size:
-            chunk = reader.read(cluster_size - len(out))
+        while len(got) < cluster_size:
+            chunk = reader.read(cluster_size - len(got))
             if not chunk:
                 break
-            out += chunk
+            got += chunk
     except zstandard.ZstdError as e:
         raise ValueError(f'zstd: {e}') from None
-    return bytes(out)
+    out[:len(got)] = got
+    return len(got)
 
 
-#: By the header's ``compression_type``.
-_DECOMPRESSORS: Dict[int, Callable[[bytes, int], bytes]] = {
+#: By the header's ``compression_type``: a cluster's stored bytes into the
+#: cluster, the count of bytes made.
+_DECOMPRESSORS: Dict[int, Callable[[Bytes, memoryview], int]] = {
     0: _inflate, 1: _unzstd}
 
 

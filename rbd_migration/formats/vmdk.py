@@ -22,7 +22,6 @@ import array
 import re
 import struct
 import sys
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -32,6 +31,7 @@ from ..streams import open_stream
 from ..streams.base import Stream
 from .base import (Extent, ExtentKind, FormatFeatures, PieceReader, Snapshot, coalesce,
                    zero_fill)
+from .deflate import inflate_zlib_into
 from .qcow_cache import _LruCache
 
 SECTOR = 512
@@ -162,7 +162,7 @@ class _SparseFile:
                 yield Extent(offset, length,
                              ExtentKind.ZERO if entry == GTE_ZERO else ExtentKind.DATA)
 
-    def inflate(self, sector: int, stored: Union[bytes, memoryview], lba: int) -> bytes:
+    def inflate(self, sector: int, stored: Union[bytes, memoryview], lba: int) -> bytearray:
         """The grain at ``sector`` from its stored bytes (marker, deflate)."""
         if len(stored) < _MARKER.size:
             raise corrupt(self.where, f'the grain at sector {sector} is cut short')
@@ -174,13 +174,13 @@ class _SparseFile:
             more = self._exact(sector * SECTOR, _MARKER.size + size,
                                f'the grain at sector {sector}')
             stored = more
+        out = bytearray(self.grain)
         try:
-            data = zlib.decompressobj().decompress(
-                stored[_MARKER.size:_MARKER.size + size], self.grain)
-        except zlib.error as e:
+            inflate_zlib_into(stored[_MARKER.size:_MARKER.size + size], memoryview(out))
+        except ValueError as e:
             raise corrupt(self.where, f'the grain at sector {sector} does not '
                           f'inflate ({e})') from None
-        return data if len(data) == self.grain else data + bytes(self.grain - len(data))
+        return out
 
 
 @dataclass
@@ -362,7 +362,9 @@ class VmdkFormat(PieceReader):
                     and (grains[j][1] - grains[i][1]) * SECTOR + reach <= INFLATE_SPAN:
                 j += 1
             start = grains[i][1] * SECTOR
-            data = memoryview(sparse.stream.read(start, (grains[j - 1][1] * SECTOR - start) + reach))
+            # Read into a buffer of ours: libdeflate reads it in place.
+            buf = bytearray((grains[j - 1][1] * SECTOR - start) + reach)
+            data = memoryview(buf)[:sparse.stream.read_into(start, memoryview(buf))]
             for _, sector, lba, view, within in grains[i:j]:
                 at = sector * SECTOR - start
                 grain = sparse.inflate(sector, data[at:at + reach], lba)
