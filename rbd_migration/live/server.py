@@ -54,7 +54,9 @@ request head is in; at most ``connections`` are open (one more is answered
 503 and closed), an idle one is closed after ``idle_timeout``, a head that
 takes longer than ``head_timeout`` to arrive closes its connection, and a
 client that stops reading is cut off once a slice of the answer waits
-``send_timeout`` to be sent.  A view's reads are bounded in time by its own
+``send_timeout`` to be sent.  A worker answers a connection's pipelined
+requests as they come, TURN at most before the connections waiting for
+a worker go first.  A view's reads are bounded in time by its own
 ``SourceContext`` (timeouts, retries); give it ``ViewServer.stopping`` as
 its ``stop`` so that ``stop()`` ends reads in flight.
 
@@ -62,6 +64,7 @@ The server owns what it is given: ``remove`` and ``stop`` close each view
 once no request is using it.  Access logging is off by default; the
 counters (``counters()``) are for status.
 """
+import enum
 import http
 import logging
 import queue
@@ -93,6 +96,9 @@ MAX_HEAD = 16 << 10
 SEND_SLICE = 256 << 10
 #: Bytes received per socket read of a request head.
 RECV_SIZE = 64 << 10
+#: Requests one worker answers on a connection before it lets the other
+#: connections waiting for a worker go first.
+TURN = 64
 #: Longest the selector sleeps before it looks for expired connections.
 TICK = 0.25
 #: What a successful answer's head is padded to.  librbd 16.2's HttpClient
@@ -116,6 +122,13 @@ _RANGE = re.compile(r'([0-9]{0,20})-([0-9]{0,20})')
 _VERSION = re.compile(r'HTTP/1\.[01]')
 _REFUSAL = (b'HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n'
             b'Retry-After: 1\r\nConnection: close\r\n\r\n')
+
+
+class _Next(enum.Enum):
+    """What becomes of a connection once a worker has served it."""
+    PARK = 'wait in the selector for its next request'
+    AGAIN = 'be served again, after the connections waiting for a worker'
+    CLOSE = 'close'
 
 
 @dataclass(frozen=True)
@@ -595,36 +608,42 @@ class ViewServer:
             conn = self._ready.get()
             if conn is None:
                 return
-            keep, reset = False, False
+            after, reset = _Next.CLOSE, False
             if not self.stopping.is_set():
                 try:
-                    keep = self._serve(conn)
+                    after = self._serve(conn)
                 except _Reset:
                     reset = True
                 except OSError:
                     pass            # the client went away, or stopped reading
                 except Exception:
                     self.log.exception('live view server: a request failed')
-            if keep and not self.stopping.is_set():
+            if self.stopping.is_set():
+                after = _Next.CLOSE
+            if after is _Next.AGAIN:
+                self._ready.put(conn)   # behind the connections waiting
+            elif after is _Next.PARK:
                 self._returns.append(conn)
                 self._wake()
             else:
                 self._close(conn, reset)
 
-    def _serve(self, conn: _Conn) -> bool:
+    def _serve(self, conn: _Conn) -> _Next:
         """Answer the requests whose heads are in ``conn.buf``, in order;
-        whether to keep the connection."""
-        while True:
+        what becomes of the connection.  After TURN answers it goes behind
+        the others waiting for a worker: a client that pipelines without
+        end must not keep one to itself."""
+        for _ in range(TURN):
             while conn.buf[:2] == b'\r\n':
                 del conn.buf[:2]
             end = conn.buf.find(b'\r\n\r\n')
             if end > MAX_HEAD or (end < 0 and len(conn.buf) > MAX_HEAD):
                 self._count(requests=1)
                 self._send_status(conn, 431, False)
-                return False
+                return _Next.CLOSE
             if end < 0:
                 if not self._more(conn):
-                    return True
+                    return _Next.PARK
                 continue
             head = bytes(conn.buf[:end])
             del conn.buf[:end + 4]
@@ -634,14 +653,15 @@ class ViewServer:
             except (_BadRequest, UnicodeDecodeError) as e:
                 self._count(requests=1)
                 self._send_status(conn, e.status if isinstance(e, _BadRequest) else 400, False)
-                return False
+                return _Next.CLOSE
             answered = self._answer(conn, request)
             if self.access_log:
                 self.log.info('live view: %s %s %s %d %d bytes %.3fs', conn.peer,
                               request.method, _mask_target(request.target), answered.status,
                               answered.sent, time.monotonic() - started)
             if not answered.keep:
-                return False
+                return _Next.CLOSE
+        return _Next.AGAIN
 
     @staticmethod
     def _more(conn: _Conn) -> bool:

@@ -384,6 +384,38 @@ def test_pipelined_requests_are_answered_in_order(serve: Callable[..., ViewServe
         assert read_answer(f)[0] == 404
 
 
+def test_a_client_pipelining_without_end_shares_the_worker(
+        serve: Callable[..., ViewServer]) -> None:
+    """One worker, a client with 400 requests pipelined and another with
+    one: the second is answered after a turn of the first's (TURN), not
+    after all of them."""
+    from rbd_migration.live.server import TURN
+    server = serve(workers=1)
+    token = server.add(PatternView(32 * MiB))
+    answered = 0
+    first_in = threading.Event()
+
+    def drain(sock: socket.socket) -> None:
+        nonlocal answered
+        f = sock.makefile('rb')
+        for i in range(400):
+            assert read_answer(f)[0] == 206
+            answered += 1
+            first_in.set()
+    with connect(server) as greedy, connect(server) as other:
+        greedy.sendall(b''.join(get(f'/{token}', f'bytes={(i % 32) * MiB}-{(i % 32 + 1) * MiB - 1}')
+                                for i in range(400)))
+        reader = threading.Thread(target=drain, args=(greedy,))
+        reader.start()
+        assert first_in.wait(WAIT)
+        other.sendall(get(f'/{token}', 'bytes=0-9'))
+        assert read_answer(other.makefile('rb'))[:3:2] == (206, expected(0, 10))
+        seen = answered
+        reader.join(WAIT * 3)
+    assert not reader.is_alive() and answered == 400
+    assert seen <= 2 * TURN < 400
+
+
 def test_a_silent_client_holds_no_worker(serve: Callable[..., ViewServer]) -> None:
     """One worker: a connection that sends nothing, and one that sends half
     a request head, do not keep others waiting; the server closes them
