@@ -4,9 +4,11 @@ A real ThreadingHTTPServer on 127.0.0.1 serves files with Range support and
 counts the GETs; images are made with qemu-img and read back against
 ``qemu-img convert``.
 """
+import contextlib
 import struct
 import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -182,7 +184,18 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(body=True)
 
     def _answer(self, body: bool) -> None:
-        data = (self.server.root / self.path.lstrip('/')).read_bytes()
+        if body:
+            with self.server.flight():
+                self._send(body)
+        else:
+            self._send(body)
+
+    def _send(self, body: bool) -> None:
+        path = self.server.root / self.path.lstrip('/')
+        if not path.exists():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
         first, last = 0, len(data) - 1
         wanted = self.headers.get('Range')
         if body:
@@ -210,6 +223,22 @@ class FileServer(ThreadingHTTPServer):
         self.etag = '"v1"'
         self.gets: List[Optional[str]] = []
         self._lock = threading.Lock()
+        #: Seconds each GET waits before its answer, and the most GETs
+        #: answered at once.
+        self.delay = 0.0
+        self.in_flight = self.most_in_flight = 0
+
+    @contextlib.contextmanager
+    def flight(self) -> Iterator[None]:
+        with self._lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            time.sleep(self.delay)
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def count(self, wanted: Optional[str]) -> None:
         with self._lock:
@@ -281,3 +310,53 @@ def test_a_chain_opened_again_at_the_same_version_is_not_indexed_again(
     server.etag = '"v2"'
     changed, _ = open_and_read()
     assert changed == first
+
+
+def _chain(tmp_path: Path) -> Path:
+    """base <- ov1 <- ov2 (16 MiB), each layer writing 1 MiB extents of its
+    own in every 4 MiB, so that each chunk reads from all three files."""
+    _qemu('create', '-f', 'qcow2', str(tmp_path / 'base.qcow2'), '16M')
+    previous = 'base.qcow2'
+    for n, name in enumerate(('base.qcow2', 'ov1.qcow2', 'ov2.qcow2')):
+        if name != 'base.qcow2':
+            _qemu('create', '-f', 'qcow2', '-F', 'qcow2', '-b', previous, str(tmp_path / name))
+            previous = name
+        cmds = [a for chunk in range(4) for a in
+                ('-c', f'write -P {0x11 * (n + 1) + chunk} {chunk * 4 + n}M 1M')]
+        subprocess.run(['qemu-io', '-f', 'qcow2', *cmds, str(tmp_path / name)],
+                       check=True, capture_output=True)
+    return tmp_path / 'ov2.qcow2'
+
+
+def test_a_chain_over_http_reads_its_layers_at_once_and_as_qemu_does(
+        tmp_path: Path, server: FileServer) -> None:
+    """A group of chunks of a 3-deep chain over HTTP: the layers' requests
+    are in flight together (each layer's answer held 0.2 s), and the bytes
+    are qemu-img's."""
+    top = _chain(tmp_path)
+    _qemu('convert', '-O', 'raw', str(top), str(tmp_path / 'want.raw'))
+    want = (tmp_path / 'want.raw').read_bytes()
+    spec = {'type': 'qcow', 'stream': {'type': 'http', 'url': server.url(top.name)}}
+    with open_format(spec, SourceContext()) as fmt:
+        bufs = [bytearray(4 * MiB) for _ in range(4)]
+        fmt.read_pieces([(i * 4 * MiB, memoryview(b)) for i, b in enumerate(bufs)])
+        assert b''.join(bufs) == want       # and every layer's tables are loaded
+        server.delay, server.most_in_flight = 0.2, 0
+        bufs = [bytearray(4 * MiB) for _ in range(4)]
+        fmt.read_pieces([(i * 4 * MiB, memoryview(b)) for i, b in enumerate(bufs)])
+    assert b''.join(bufs) == want
+    assert server.most_in_flight == 3
+
+
+def test_a_failing_lower_layer_fails_the_read_after_the_upper_one_ends(
+        tmp_path: Path, server: FileServer) -> None:
+    top = _chain(tmp_path)
+    spec = {'type': 'qcow', 'stream': {'type': 'http', 'url': server.url(top.name)}}
+    with open_format(spec, SourceContext()) as fmt:
+        (tmp_path / 'base.qcow2').rename(tmp_path / 'gone.qcow2')
+        server.delay = 0.2
+        buf = bytearray(16 * MiB)
+        with pytest.raises(Exception) as e:
+            fmt.read_pieces([(0, memoryview(buf))])
+        assert server.in_flight == 0
+    assert 'base.qcow2' in str(e.value) or '404' in str(e.value), e.value
