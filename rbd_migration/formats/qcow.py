@@ -38,8 +38,7 @@ import array
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import (Any, Callable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple,
-                    Union)
+from typing import Any, Callable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..context import SourceContext
 from ..errors import InvalidArgument, Unsupported
@@ -47,6 +46,7 @@ from ..streams import open_stream
 from ..streams.base import Stream
 from .base import (Extent, ExtentKind, Format, FormatFeatures, PieceReader, Snapshot,
                    coalesce, zero_fill)
+from .deflate import Bytes
 from .detect import SNIFF_LENGTH, sniff
 from .qcow_cache import _Budget
 from .qcow_header import (COMPRESSION_TYPES, CRYPT_METHODS, INCOMPAT_DIRTY,
@@ -515,7 +515,7 @@ class QcowFormat(PieceReader):
                               f"be reached through this stream type; convert "
                               f"it with `qemu-img convert` first") from None
 
-    def _inflate_into(self, host: int, raw: Union[bytes, memoryview], out: memoryview) -> None:
+    def _inflate_into(self, host: int, raw: Bytes, out: memoryview) -> None:
         """The compressed cluster stored at ``host`` (``raw``), whole, in
         ``out`` (a cluster long)."""
         decompress = _DECOMPRESSORS[self.header.compression_type]
@@ -530,7 +530,7 @@ class QcowFormat(PieceReader):
                 f'the compressed cluster at {host:#x} decompresses to '
                 f'{made} bytes, not {len(out)}')
 
-    def _inflate(self, host: int, raw: Union[bytes, memoryview]) -> bytes:
+    def _inflate(self, host: int, raw: Bytes) -> bytes:
         """The compressed cluster stored at ``host`` (``raw``), whole."""
         out = bytearray(self.header.cluster_size)
         self._inflate_into(host, raw, memoryview(out))

@@ -258,18 +258,15 @@ class _Windows:
         self._spare: List[bytearray] = []
         self._lock = threading.Lock()
 
-    def buffer(self, n: int) -> _Window:
-        """An unloaded window of ``n`` bytes (a dropped window's buffer when
-        one is spare and ``n`` is a window's worth or near it)."""
-        backing: Optional[bytearray] = None
+    def buffer(self, start: int, n: int) -> _Window:
+        """An unloaded window of ``n`` bytes at ``start``: a dropped window's
+        buffer when one is spare and ``n`` is near a window's worth."""
+        spare = None
         if WINDOW // 2 < n <= WINDOW:
             with self._lock:
-                backing = self._spare.pop() if self._spare else None
-            if backing is None:
-                backing = bytearray(WINDOW)
-        else:
-            backing = bytearray(n)
-        return _Window(0, memoryview(backing)[:n], backing)
+                spare = self._spare.pop() if self._spare else None
+        backing = spare or bytearray(WINDOW if n > WINDOW // 2 else n)
+        return _Window(start, memoryview(backing)[:n], backing)
 
     def prefetch(self, layer: int, index: int, pool: ThreadPoolExecutor) -> None:
         """Load the window in ``pool`` unless it is held or being loaded;
@@ -689,14 +686,15 @@ class QcowView(Stream):
         spans = [(max(start * cs, lo), min(end * cs, hi)) for start, end
                  in self.index.owned[layer].clip(lo // cs, -(-hi // cs))]
         spans = [(a, b) for a, b in spans if a < b]
-        first = spans[0][0] if spans else lo
-        window = self._windows.buffer(spans[-1][1] - first if spans else 0)
-        window.start, view = first, window.data
+        if not spans:
+            return self._windows.buffer(lo, 0)
+        first = spans[0][0]
+        window = self._windows.buffer(first, spans[-1][1] - first)
+        view = window.data
         for (_, b), (a, _) in zip(spans, spans[1:]):
             zero_fill(view[b - first:a - first])    # a reused buffer's old bytes
-        if spans:
-            self._fmt.read_pieces([(a, view[a - first:b - first]) for a, b in spans],
-                                  self.index.layers[layer])
+        self._fmt.read_pieces([(a, view[a - first:b - first]) for a, b in spans],
+                              self.index.layers[layer])
         return window
 
     def allocated(self, offset: int, length: int) -> Iterator[Tuple[int, int]]:

@@ -455,8 +455,7 @@ def test_a_dropped_windows_buffer_is_reused_only_once_no_reader_copies_from_it()
     window = V.WINDOW
 
     def load(layer: int, index: int) -> 'V._Window':
-        loaded = windows.buffer(window)
-        loaded.start = index * window
+        loaded = windows.buffer(index * window, window)
         loaded.data[:] = bytes([index + 1]) * window
         return loaded
     windows = V._Windows(load, 2 * window)
@@ -469,7 +468,7 @@ def test_a_dropped_windows_buffer_is_reused_only_once_no_reader_copies_from_it()
         assert bytes(pinned.data[-1:]) == b'\x01'
     windows.unpin(pinned)                   # now it may serve another load
     backing = pinned.backing
-    assert any(windows.buffer(window).backing is backing for _ in range(V.SPARE_WINDOWS))
+    assert any(windows.buffer(0, window).backing is backing for _ in range(V.SPARE_WINDOWS))
 
 
 def test_readers_racing_over_few_windows_read_every_byte_right() -> None:
