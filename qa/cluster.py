@@ -46,8 +46,8 @@ PACKAGES = [
     'qemu-block-extra', 'python3-libnbd', 'nbdkit', 'libdeflate0',
 ]
 # What the test suite needs on top.
-TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-pytest-xdist', 'python3-hypothesis',
-                 'ceph-mgr-dashboard', 'openssl']
+TEST_PACKAGES = ['tox', 'python3-pytest', 'python3-pytest-xdist', 'python3-pytest-timeout',
+                 'python3-hypothesis', 'ceph-mgr-dashboard', 'openssl']
 # A binary each package provides, to tell cheaply whether it is installed.
 _PROBES = {'ceph-mon': '/usr/bin/ceph-mon', 'ceph-mgr': '/usr/bin/ceph-mgr',
            'ceph-osd': '/usr/bin/ceph-osd', 'ceph-common': '/usr/bin/ceph',
