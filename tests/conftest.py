@@ -20,6 +20,23 @@ sys.path.insert(0, REPO)
 from qa.cluster import Cluster  # noqa: E402
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_exception_interact(node: pytest.Collector | pytest.Item) -> None:
+    """pytest-timeout (tox.ini's --timeout) stops a test's timer once the
+    test fails, for a debugger's sake: start it again, so that a teardown
+    that hangs after a failure (cleanup waiting on a dead OSD) is bounded
+    too."""
+    if not isinstance(node, pytest.Item) or node.config.getoption('usepdb'):
+        return
+    try:
+        from pytest_timeout import _get_item_settings
+    except ImportError:
+        return
+    settings = _get_item_settings(node)
+    if settings.timeout:
+        node.config.pluginmanager.hook.pytest_timeout_set_timer(item=node, settings=settings)
+
+
 @pytest.fixture(scope='session')
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reuse = os.environ.get('RBD_MIGRATION_CLUSTER_DIR')
