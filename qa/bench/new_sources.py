@@ -150,7 +150,7 @@ class Bench:
                 if r.returncode != 0:
                     raise RuntimeError(f'task {task}: {r.stderr.strip()}')
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     def ours(self, spec: Dict, image: str) -> None:
         target = f'rbd/{image}'
