@@ -17,7 +17,7 @@ import rados
 import rbd
 
 from .context import SourceContext
-from .engine import isolated
+from .engine import isolated, ondisk
 from .engine.adapter import AdapterEngine
 from .engine.buffers import give_back_free_memory, keep_copy_buffers
 from .engine.copier import CopyOptions
@@ -480,12 +480,14 @@ class MigrationService:
         return self._submit('execute', info, self._execute_message(info), options)
 
     def _size(self, ref: ImageRef) -> Optional[int]:
-        """The target's size, for bytes-copied metrics; None if unknown."""
+        """The target's size, for bytes-copied metrics; None if unknown.
+        Read from its header: opening a live import's target opens its
+        source as well, the view, on the command's path (70 ms of a
+        100 ms execute)."""
         try:
-            with self.engine.ioctx_by_id(ref.pool_id, ref.namespace) as io, \
-                    rbd.Image(io, image_id=ref.id, read_only=True) as img:
-                return int(img.size())
-        except (rbd.Error, rados.Error, MigrationError):
+            with self.engine.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+                return ondisk.header_size(io, ref.id)
+        except (rados.Error, MigrationError):
             return None
 
     def _require_executed(self, info: MigrationInfo, action: str) -> None:

@@ -137,6 +137,15 @@ def header_exists(io: rados.Ioctx, image_id: str) -> bool:
         return False
 
 
+def header_size(io: rados.Ioctx, image_id: str) -> Optional[int]:
+    """The image's size (its head's), from its header's ``size`` key: no
+    open, which for a live import's target would open its source too."""
+    value = _omap_get(io, f'rbd_header.{image_id}', 'size')
+    if value is None or len(value) != 8:
+        return None
+    return int(struct.unpack('<Q', value)[0])
+
+
 def migration_header(io: rados.Ioctx, image_id: str) -> Optional[MigrationHeader]:
     """The image's migration header, or None if it takes part in none."""
     value = _omap_get(io, f'rbd_header.{image_id}', 'migration')

@@ -329,6 +329,9 @@ def _task(cluster: Cluster, action: str, name: str, timeout: float = 240) -> Non
     r = cluster.task_end(task, timeout)
     said = f'{action} rbd/{name}: {r.stdout.strip()} {r.stderr.strip()}'
     assert r.returncode == 0 and r.stdout.strip().endswith(' completed'), said
+    if action == 'execute':     # its size (for rates) read from the target's header
+        size = json.loads(cluster.rbd('info', '--format', 'json', f'rbd/{name}'))['size']
+        assert mig(cluster, 'task', 'get', task)['task']['options']['size'] == size
 
 
 def _execute_commit(cluster: Cluster, name: str) -> None:
