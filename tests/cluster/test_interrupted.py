@@ -489,7 +489,11 @@ def test_import_prepare_cut_by_a_failover_leaves_no_target(
         while name in rbd.RBD().list(dst_io):
             assert time.monotonic() < deadline, f'rbd2/{name} is still there after 150 s'
             time.sleep(1)
-    assert not [k for k in cluster.ceph_json('config-key', 'ls')
-                if k.startswith('mgr/rbd_migration/preparing/')]
+    # The sweep drops its note just after it removed the image: wait for
+    # both, within the same bound.
+    while [k for k in cluster.ceph_json('config-key', 'ls')
+           if k.startswith('mgr/rbd_migration/preparing/')]:
+        assert time.monotonic() < deadline, 'the prepare note is still there after 150 s'
+        time.sleep(0.5)
     r = cluster.run_ceph('rbd', 'migration', 'status', f'rbd2/{name}')
     assert r.returncode == errno.ENOENT, r.stderr
