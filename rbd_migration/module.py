@@ -132,6 +132,11 @@ class Module(MgrModule):
                desc='serve imports librbd cannot read itself to librbd as a view, so '
                     'that clients use the target from prepare on (false: such imports '
                     'stay hidden until commit)', runtime=True),
+        Option('live_copy_by_module', type='bool', default=True,
+               desc="copy a live import's data with the module's own readers, objects "
+                    "no client wrote yet, before librbd's execute records the copy "
+                    '(false: librbd reads all of it through the view, slower)',
+               runtime=True),
         Option('live_endpoint_address', type='str', default='',
                desc="address the live endpoint listens on and librbd clients reach "
                     "it at (default: the active mgr's public address); it must be "

@@ -59,6 +59,7 @@ class Settings:
     source_max_records: int = SourceLimits.records
     source_max_chain_depth: int = SourceLimits.chain_depth
     live_imports: bool = True
+    live_copy_by_module: bool = True
     live_endpoint_address: str = ''
     live_endpoint_port: int = 9290
 

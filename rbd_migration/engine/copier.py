@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Set, Tuple
 
 import rbd
 
@@ -147,7 +147,7 @@ def _merged(extents: Iterator[Extent], chunk: int, gap: int = MERGE_GAP) -> Iter
 
 
 def _planned(extents: Iterator[Extent], chunk: int, group: int,
-             fresh: bool) -> Iterator[Extent]:
+             fresh: bool, whole: bool = False) -> Iterator[Extent]:
     """What a layer's copy walks.  On a fresh layer: without the ZERO
     extents (the target holds zeros already, so they cost nothing but would
     end a group), and, when chunks are read in groups, with the data of a
@@ -158,11 +158,13 @@ def _planned(extents: Iterator[Extent], chunk: int, group: int,
     between are what the source leaves unallocated, read as zeros without a
     request and not written.  On a later layer the gaps hold earlier layers'
     data, which fusing would fetch again from their files (an export-diff
-    chain over http: 18 MiB more read and written), so only MERGE_GAP."""
+    chain over http: 18 MiB more read and written), so only MERGE_GAP.
+    ``whole``: a fresh chunk's data fused always, for targets written a
+    chunk at a time."""
     if not fresh:
         return _merged(extents, chunk)
     data = (e for e in extents if e.kind is ExtentKind.DATA)
-    return _merged(data, chunk, MERGE_GAP if group <= 1 else chunk)
+    return _merged(data, chunk, MERGE_GAP if group <= 1 and not whole else chunk)
 
 
 _ZERO_BLOCK = bytes(BLOCK)
@@ -207,6 +209,10 @@ def _runs(data: bytes, base: int) -> List[Tuple[int, bytes]]:
 
 
 class Copier:
+    #: Whether a fresh layer's chunk is written from one piece of data
+    #: (``_writes`` then sees all of a chunk's runs at once).
+    WHOLE_CHUNKS = False
+
     def __init__(self, fmt: Format, image: rbd.Image, options: CopyOptions,
                  progress: Callable[[int, int], bool],
                  checkpoint: Callable[[Checkpoint], None]) -> None:
@@ -266,7 +272,7 @@ class Copier:
                 pool.submit(self._copy_chunks, group.take(), snap, fresh, landing)
         try:
             changed = _planned(self.fmt.changed_extents(prev, snap), self.opts.chunk,
-                               group.most, fresh)
+                               group.most, fresh, self.WHOLE_CHUNKS)
             for ext in _chunks(changed, self.opts.chunk, offset):
                 if not group.joins(ext):
                     submit()
@@ -361,18 +367,27 @@ class Copier:
             runs = [(ext.offset, data)]
         if not runs:
             return self._done(buf, landing, ext.offset)
-        chunk = _ChunkWrites(ext.offset, len(runs), landing, self._count,
+        writes = self._writes(runs)
+        chunk = _ChunkWrites(ext.offset, len(writes), landing, self._count,
                              lambda: self.buffers.give(buf))
-        for off, run in runs:
-            self.limiter.take(len(run))
+        for write in writes:
+            self.limiter.take(write.length)
             landing.issued()
             try:
-                self.image.aio_write(run, off, chunk.callback(off, len(run)))
+                self._issue(write, chunk.callback(write.offset, write.length))
             except BaseException:
                 landing.completed()
                 chunk.abandon()
                 raise
         return None
+
+    def _writes(self, runs: List[Tuple[int, bytes]]) -> List['Write']:
+        """The writes that put a chunk's non-zero runs on the target: one
+        each, through librbd."""
+        return [Write(off, len(run), run) for off, run in runs]
+
+    def _issue(self, write: 'Write', done: Callable[[Any], None]) -> None:
+        self.image.aio_write(write.data, write.offset, done)
 
     def _done(self, buf: bytearray, landing: '_Landing', offset: int) -> None:
         self.buffers.give(buf)
@@ -385,6 +400,16 @@ class Copier:
             self.stats.bytes_written += written
             self.stats.bytes_zeroed += zeroed
             self.stats.bytes_skipped += skipped
+
+
+@dataclass(frozen=True)
+class Write:
+    """One asynchronous write of a chunk: where, how many bytes of data,
+    and what is sent."""
+
+    offset: int
+    length: int
+    data: bytes
 
 
 @dataclass
@@ -530,8 +555,9 @@ class _ChunkWrites:
             self.ok = False
             self.left = -1
 
-    def callback(self, offset: int, length: int) -> Callable[[rbd.Completion], None]:
-        def done(completion: rbd.Completion) -> None:
+    def callback(self, offset: int, length: int) -> Callable[[Any], None]:
+        """What a write's completion (librbd's or librados') calls."""
+        def done(completion: Any) -> None:
             try:
                 ret = completion.get_return_value()
                 if ret < 0:

@@ -73,7 +73,12 @@ def _child_main() -> int:
         return 0
 
     try:
-        LibrbdEngine(client).execute(ImageRef(**request['ref']), progress)
+        engine, ref = LibrbdEngine(client), ImageRef(**request['ref'])
+        if request.get('rebuild_object_maps'):
+            engine.rebuild_object_maps(ref)
+        engine.execute(ref, progress)
+        if request.get('resume_fast_diff'):
+            engine.resume_fast_diff(ref)
         _say(out, {'ok': True})
     except MigrationError as e:
         _say(out, {'error': str(e), 'errno': e.errno, 'transient': e.transient})
@@ -107,10 +112,13 @@ def _die_with_parent(parent: int) -> None:
 def execute(client: ChildClient, ref: ImageRef, progress: ProgressFn,
             stop: threading.Event,
             register: Callable[[str], None] = lambda addrs: None,
-            unregister: Callable[[str], None] = lambda addrs: None) -> None:
-    """librbd's execute of ``ref`` in a child process; returns when it
-    completed, raises what it reported, and kills it (raising Cancelled)
-    as soon as ``stop`` is set or ``progress`` answers non-zero."""
+            unregister: Callable[[str], None] = lambda addrs: None,
+            rebuild_object_maps: bool = False, resume_fast_diff: bool = False) -> None:
+    """librbd's execute of ``ref`` in a child process, with the target's
+    object maps rebuilt before and its fast-diff feature enabled again
+    after, if asked (see prefill.py); returns when it completed, raises
+    what it reported, and kills it (raising Cancelled) as soon as ``stop``
+    is set or ``progress`` answers non-zero."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=package_root)
     proc = subprocess.Popen(
@@ -122,7 +130,9 @@ def execute(client: ChildClient, ref: ImageRef, progress: ProgressFn,
     try:
         assert proc.stdin is not None and proc.stdout is not None
         proc.stdin.write(json.dumps({'client': asdict(client), 'ref': asdict(ref),
-                                     'parent': os.getpid()}) + '\n')
+                                     'parent': os.getpid(),
+                                     'rebuild_object_maps': rebuild_object_maps,
+                                     'resume_fast_diff': resume_fast_diff}) + '\n')
         proc.stdin.close()
         for message in _messages(proc, stop):
             if 'addrs' in message:

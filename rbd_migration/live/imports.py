@@ -66,6 +66,9 @@ class ViewRecord:
     #: Whether the copy is to be made sparse after execute: the source says
     #: nothing of its zeros (raw), so librbd wrote them as data.
     sparsify: bool = False
+    #: Whether prepare turned the target's fast-diff off, for execute to turn
+    #: it on again (engine/librbd.py ``pause_fast_diff`` says why).
+    fast_diff: bool = False
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -76,7 +79,8 @@ class ViewRecord:
                    modified=float(data['modified']), spec=dict(data['spec']),
                    validators=dict(data.get('validators') or {}),
                    pinned=str(data.get('pinned') or ''),
-                   sparsify=bool(data.get('sparsify')))
+                   sparsify=bool(data.get('sparsify')),
+                   fast_diff=bool(data.get('fast_diff')))
 
 
 def asks_hidden(spec: Mapping[str, Any]) -> Optional[str]:

@@ -150,10 +150,12 @@ def _raw_of(image: Path, snapshot: Optional[str] = None) -> bytes:
 
 
 def _disk(seed: int) -> bytes:
-    """SIZE bytes: random data in a few places, holes between."""
+    """SIZE bytes: random data in a few places, holes between (the object
+    at 16 MiB holds two pieces, far apart)."""
     rng = random.Random(seed)
     data = bytearray(SIZE)
-    for at, length in ((0, MiB), (5 * MiB + 4096, MiB), (17 * MiB, 2 * MiB)):
+    for at, length in ((0, MiB), (5 * MiB + 4096, MiB), (16 * MiB + 64 * KiB, 64 * KiB),
+                       (17 * MiB, 2 * MiB)):
         data[at:at + length] = rng.randbytes(length)
     return bytes(data)
 
@@ -302,6 +304,24 @@ def _same(actual: bytes, expected: bytes, what: str) -> None:
                          f'first difference in the block at {first}')
 
 
+def _qemu_read(cluster: Cluster, name: str, scratch: Path) -> bytes:
+    """What ``qemu-img convert`` over ``rbd:`` reads of the image (it asks
+    librbd for block status, which librbd 16.2 answers for a target of a
+    non-image source by killing the client with SIGFPE, unless the module
+    flagged its fast diff invalid)."""
+    assert cluster.state
+    copy = scratch / f'{name}.qemu.raw'
+    try:
+        r = subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'raw',
+                            f'rbd:rbd/{name}:conf={cluster.state.conf}', str(copy)],
+                           capture_output=True, timeout=180)
+        assert r.returncode == 0, f'qemu-img over rbd: exit {r.returncode}: ' \
+                                  f'{r.stderr.decode().strip()}'
+        return copy.read_bytes()
+    finally:
+        copy.unlink(missing_ok=True)
+
+
 def _check_reads(cluster: Cluster, name: str, head: bytes, src: Source, when: str) -> None:
     _same(_export(cluster, f'rbd/{name}'), head, f'{when}: rbd/{name}')
     for snap, data in src.snaps:
@@ -322,21 +342,44 @@ def _prepare_live(cluster: Cluster, name: str, spec: Dict[str, Any]) -> None:
     assert name in cluster.rbd('ls', 'rbd').split()   # visible from prepare on
 
 
-def _task(cluster: Cluster, action: str, name: str, timeout: float = 240) -> None:
+def _task(cluster: Cluster, action: str, name: str, timeout: float = 240) -> Dict[str, Any]:
     """Run a migration action as a module task, which must complete (riding
-    out a mgr failover)."""
+    out a mgr failover); the task as it ended."""
     task = str(mig(cluster, action, f'rbd/{name}', timeout=120)['task']['id'])
     r = cluster.task_end(task, timeout)
     said = f'{action} rbd/{name}: {r.stdout.strip()} {r.stderr.strip()}'
     assert r.returncode == 0 and r.stdout.strip().endswith(' completed'), said
+    ended: Dict[str, Any] = mig(cluster, 'task', 'get', task)['task']
     if action == 'execute':     # its size (for rates) read from the target's header
         size = json.loads(cluster.rbd('info', '--format', 'json', f'rbd/{name}'))['size']
-        assert mig(cluster, 'task', 'get', task)['task']['options']['size'] == size
+        assert ended['options']['size'] == size
+    return ended
 
 
-def _execute_commit(cluster: Cluster, name: str) -> None:
-    _task(cluster, 'execute', name)
+def _execute_commit(cluster: Cluster, name: str) -> Dict[str, Any]:
+    """Execute and commit; the execute task as it ended."""
+    executed = _task(cluster, 'execute', name)
     _task(cluster, 'commit', name)
+    return executed
+
+
+def _copied_by(executed: Dict[str, Any], src: 'Source') -> None:
+    """The module copies a live import's data itself unless the source
+    has snapshots, which librbd copies (and the result says why)."""
+    result = executed['result']
+    if src.snaps:
+        assert result == {'copied_by': 'librbd', 'why': 'the source has snapshots'}, result
+    else:
+        assert result['copied_by'] == 'rbd_migration', result
+        assert result['bytes_written'] > 0, result
+
+
+def _object_map_valid(cluster: Cluster, name: str) -> None:
+    """``rbd object-map check`` finds the map right (a wrong one is flagged
+    invalid): objects filled behind librbd's back are in it."""
+    cluster.rbd('object-map', 'check', '--no-progress', f'rbd/{name}')
+    flags = json.loads(cluster.rbd('info', '--format', 'json', f'rbd/{name}'))['flags']
+    assert not flags, f'rbd/{name} has flags {flags} after object-map check'
 
 
 def _remove(cluster: Cluster, name: str) -> None:
@@ -439,12 +482,14 @@ def test_clients_read_and_write_before_execute(live: Cluster, places: Places, or
         try:
             _prepare_live(live, name, src.spec)
             _check_reads(live, name, src.head, src, 'before execute')
+            _same(_qemu_read(live, name, places.files), src.head, 'qemu-img before execute')
             blocks = _blocks(src.head)
             _client_write(io, name, blocks)
             head = _patched(src.head, blocks)
             _same(_export(live, f'rbd/{name}'), head, 'after the client wrote')
-            _execute_commit(live, name)
+            _copied_by(_execute_commit(live, name), src)
             _check_reads(live, name, head, src, 'after commit')
+            _object_map_valid(live, name)
             ref = _imported(live, io, [*src.snaps, (None, head)], places.files)
             used, expected = _used(live, name), _used(live, ref)
             print(f'{case}: rbd du USED {used}, rbd import of the same data {expected}')
@@ -453,6 +498,32 @@ def test_clients_read_and_write_before_execute(live: Cluster, places: Places, or
             _remove(live, name)
             if ref:
                 _remove(live, ref)
+
+
+def test_a_client_holding_the_lock_reads_the_module_copy_after_commit(
+        live: Cluster, places: Places, origin: Origin, rados_handle: rados.Rados) -> None:
+    """A client that holds the target open and locked from before execute
+    to after commit (a running VM): the module fills the objects behind its
+    back, its cached object map is rebuilt before librbd's execute (which
+    librbd hands to it, the lock owner), and once the source is gone it
+    still reads every byte, through the same open image."""
+    src = _vmdk_file(places, origin)
+    name = f'live-locked-{uuid.uuid4().hex[:6]}'
+    blocks = {9 * MiB + 8 * KiB: random.Random(9).randbytes(BLOCK)}
+    expected = _patched(src.head, blocks)
+    with rados_handle.open_ioctx('rbd') as io:
+        try:
+            _prepare_live(live, name, src.spec)
+            with rbd.Image(io, name) as img:
+                for offset, block in blocks.items():
+                    img.write(block, offset)    # takes the exclusive lock
+                assert json.loads(live.rbd('lock', 'ls', '--format', 'json', f'rbd/{name}'))
+                _copied_by(_execute_commit(live, name), src)
+                _same(img.read(0, SIZE), expected, 'the lock owner, after commit')
+            _same(_export(live, f'rbd/{name}'), expected, 'another client, after commit')
+            _object_map_valid(live, name)
+        finally:
+            _remove(live, name)
 
 
 def _sha(path: Path) -> str:
@@ -672,15 +743,10 @@ def test_clients_write_and_qemu_reads_during_execute(live: Cluster, places: Plac
                 assert img.read(offset, len(block)) == block, f'read back at {offset}'
             assert img.read(len(data) - MiB, 4096) == data[len(data) - MiB:][:4096]
         expected = _patched(data, blocks)
-        copy = places.www.parent / f'{name}.qemu.raw'
-        r = subprocess.run(['qemu-img', 'convert', '-f', 'raw', '-O', 'raw',
-                            f'rbd:rbd/{name}:conf={live.state.conf}', str(copy)],
-                           capture_output=True, timeout=180)
-        assert r.returncode == 0, f'qemu-img over rbd: {r.stderr.decode().strip()}'
+        read = _qemu_read(live, name, places.www.parent)
         state = _task_of(live, task)['state']
         print(f'qemu-img over rbd: read the whole target, execute {state} at its end')
-        _same(copy.read_bytes(), expected, f'qemu-img read during execute (task {state})')
-        copy.unlink()
+        _same(read, expected, f'qemu-img read during execute (task {state})')
         ended = live.task_end(task, 240)
         assert ended.returncode == 0 and ended.stdout.strip().endswith(' completed'), \
             ended.stdout

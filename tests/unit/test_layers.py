@@ -24,7 +24,7 @@ LAYERS: List[Set[str]] = [
     {'interrupted'},
     {'status'},
     {'librbd', 'copier'},
-    {'isolated', 'adapter'},
+    {'isolated', 'adapter', 'prefill'},
 ]
 
 

@@ -1,0 +1,158 @@
+"""A live import's data copied by the module's own readers, under librbd.
+
+librbd's execute of a live import reads the source through the view, over
+HTTP, an object at a time: 1.3 to 1.6 s for a 1 GiB vmdk that the hidden
+path's copier moves in 0.8 to 0.9 s (measured; librbd's execute of a plain
+qcow2 from nginx takes as long, so the bound is librbd's reading, not the
+view).  So the module's copier fills the target's objects first, with
+cls_rbd's ``sparse_copyup``: the OSD writes an object's data only if the
+object does not exist yet, in one operation, which is what librbd's own
+copy-up of an object does.  An object a client wrote first keeps the
+client's data; a client's write after it lands on top (librbd's write to an
+object it believes absent copies up through the view first, which the OSD
+then ignores).  librbd's execute, run next, finds the objects present and
+has only the migration's state to record.
+
+What librbd cannot know: a client holding the image's exclusive lock caches
+the object map, in which the objects filled behind its back are absent.
+Its reads of them go to the view (the same bytes, slower) until the maps
+are rebuilt, which the execute that follows does first (a maintenance
+operation librbd hands to the lock owner: ``LibrbdEngine.rebuild_object_maps``),
+for HEAD and for any snapshot a client took meanwhile; after commit, with
+no source below, every object is where the maps say.
+
+Taken only where that holds simply (``reason_not``): a source without
+snapshots (a target snapshot's objects need copy-ups under that snapshot's
+context, which only the lock owner can order against clients' writes), a
+target of the source's size and without fancy striping (one object, one
+range of the image).
+"""
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import rados
+import rbd
+
+from ..formats.base import Format
+from ..rbd_errors import translate
+from .copier import Checkpoint, Copier, CopyOptions, CopyStats, Write
+from .librbd import LibrbdEngine
+from .migration import ImageRef
+
+
+@dataclass(frozen=True)
+class ObjectLayout:
+    """Where a target's data objects are, as its header says."""
+
+    data_pool_id: int
+    namespace: str
+    prefix: str
+    object_size: int
+    size: int
+    stripe_unit: int
+    stripe_count: int
+    snapshots: int
+
+    @classmethod
+    def of(cls, image: rbd.Image, pool_id: int, namespace: str) -> 'ObjectLayout':
+        stat = image.stat()
+        data_pool = image.data_pool_id()
+        return cls(data_pool_id=data_pool if data_pool >= 0 else pool_id,
+                   namespace=namespace, prefix=str(stat['block_name_prefix']),
+                   object_size=int(stat['obj_size']), size=int(stat['size']),
+                   stripe_unit=image.stripe_unit(), stripe_count=image.stripe_count(),
+                   snapshots=len(list(image.list_snaps())))
+
+    def object_name(self, number: int) -> str:
+        return f'{self.prefix}.{number:016x}'
+
+
+def reason_not(fmt: Format, layout: ObjectLayout) -> Optional[str]:
+    """Why the module cannot fill this target itself (librbd copies all)."""
+    if fmt.snapshots():
+        return 'the source has snapshots'
+    if layout.snapshots:
+        return 'the target has snapshots'
+    if fmt.size() != layout.size:
+        return 'the target was resized'
+    if layout.stripe_count != 1 or layout.stripe_unit != layout.object_size:
+        return 'the target is striped'
+    return None
+
+
+def sparse_copyup_input(extents: List[Tuple[int, bytes]]) -> bytes:
+    """cls_rbd's ``sparse_copyup`` input: the extents as a map of offset to
+    length (u32 count, then u64 pairs), then their data, one after another,
+    as a bufferlist (u32 length, bytes); little-endian, as Ceph encodes."""
+    head = [struct.pack('<I', len(extents))]
+    head.extend(struct.pack('<QQ', off, len(data)) for off, data in extents)
+    total = sum(len(data) for _, data in extents)
+    return b''.join([*head, struct.pack('<I', total), *(data for _, data in extents)])
+
+
+class ObjectFill(Copier):
+    """The copier, writing each object's runs with one ``sparse_copyup``.
+    It copies HEAD only (see ``reason_not``) and keeps no checkpoint: run
+    again after an interruption, it reads everything again and leaves the
+    objects already there as they are."""
+
+    #: An object's second copy-up would find it there and write nothing.
+    WHOLE_CHUNKS = True
+
+    def __init__(self, fmt: Format, layout: ObjectLayout, ioctx: rados.Ioctx,
+                 options: CopyOptions, progress: Callable[[int, int], bool]) -> None:
+        super().__init__(fmt, _Fixed(layout.size), options, progress, lambda cp: None)
+        self.layout = layout
+        self.ioctx = ioctx
+
+    def _writes(self, runs: List[Tuple[int, bytes]]) -> List[Write]:
+        size = self.layout.object_size
+        objects: Dict[int, List[Tuple[int, bytes]]] = {}
+        for off, run in runs:
+            pos = 0
+            while pos < len(run):
+                number, inside = divmod(off + pos, size)
+                n = min(len(run) - pos, size - inside)
+                objects.setdefault(number, []).append((inside, run[pos:pos + n]))
+                pos += n
+        return [Write(number * size, sum(len(d) for _, d in extents),
+                      sparse_copyup_input(extents))
+                for number, extents in sorted(objects.items())]
+
+    def _issue(self, write: Write, done: Callable[[Any], None]) -> None:
+        self.ioctx.aio_execute(self.layout.object_name(write.offset // self.layout.object_size),
+                               'rbd', 'sparse_copyup', write.data, 0,
+                               oncomplete=lambda completion, _out: done(completion))
+
+
+class _Fixed:
+    """The part of an image the copier asks about on a HEAD-only copy."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+    def list_snaps(self) -> List[Dict[str, Any]]:
+        return []
+
+
+def fill(engine: LibrbdEngine, ref: ImageRef, fmt: Format, options: CopyOptions,
+         progress: Callable[[int, int], bool]) -> Tuple[Optional[str], Optional[CopyStats]]:
+    """Fill ``ref``'s objects from ``fmt``: (None, what was copied), or
+    (why not, None) with nothing written."""
+    with engine.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+        try:
+            with rbd.Image(io, image_id=ref.id, read_only=True) as img:
+                layout = ObjectLayout.of(img, ref.pool_id, ref.namespace)
+        except rbd.Error as e:
+            raise translate(e, f'reading the layout of {ref}')
+    why = reason_not(fmt, layout)
+    if why is not None:
+        return why, None
+    with engine.ioctx_by_id(layout.data_pool_id, layout.namespace) as data:
+        copier = ObjectFill(fmt, layout, data, options.fitted(layout.object_size, fmt.read_size),
+                            progress)
+        return None, copier.run(Checkpoint())

@@ -1,0 +1,151 @@
+"""The module's copy of a live import (engine/prefill.py), without a cluster:
+the copy-up's input as cls_rbd decodes it, one copy-up per object with all
+of its data (a second one would be ignored by the OSD), which targets it
+takes, and progress shared with librbd's walk.  tests/cluster/test_live.py
+runs it against real OSDs and a client holding the image's lock."""
+import struct
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from rbd_migration.engine.copier import Checkpoint, CopyOptions, _planned
+from rbd_migration.engine.prefill import (ObjectFill, ObjectLayout, reason_not,
+                                          sparse_copyup_input)
+from rbd_migration.formats.base import Extent, ExtentKind, Format, Snapshot
+from rbd_migration.service import _within
+
+MiB = 1 << 20
+KiB = 1 << 10
+
+
+def _decode(payload: bytes) -> Tuple[List[Tuple[int, int]], bytes]:
+    """cls_rbd's decoding: map<u64,u64> (u32 count), then a bufferlist."""
+    (count,) = struct.unpack_from('<I', payload)
+    pairs = [struct.unpack_from('<QQ', payload, 4 + 16 * i) for i in range(count)]
+    at = 4 + 16 * count
+    (length,) = struct.unpack_from('<I', payload, at)
+    data = payload[at + 4:]
+    assert len(data) == length
+    return [(int(a), int(b)) for a, b in pairs], data
+
+
+def test_sparse_copyup_input_is_what_cls_rbd_decodes() -> None:
+    payload = sparse_copyup_input([(0, b'a' * 10), (4096, b'b' * 3)])
+    assert _decode(payload) == ([(0, 10), (4096, 3)], b'a' * 10 + b'b' * 3)
+    assert _decode(sparse_copyup_input([])) == ([], b'')
+
+
+def _layout(**kw: Any) -> ObjectLayout:
+    base: Dict[str, Any] = dict(data_pool_id=1, namespace='', prefix='rbd_data.abc',
+                                object_size=4 * MiB, size=64 * MiB, stripe_unit=4 * MiB,
+                                stripe_count=1, snapshots=0)
+    base.update(kw)
+    return ObjectLayout(**base)
+
+
+class Scattered(Format):
+    """64 MiB, data in pieces further apart than the copier's merge gap,
+    two of them in the first object and one across objects 2 and 3."""
+
+    PIECES = [(0, 64 * KiB), (2 * MiB, 64 * KiB), (12 * MiB - 4 * KiB, 8 * KiB),
+              (40 * MiB, 1 * MiB)]
+
+    def __init__(self, snaps: Optional[List[Snapshot]] = None) -> None:
+        self.snaps = snaps or []
+        self.image = bytearray(64 * MiB)
+        for n, (off, length) in enumerate(self.PIECES):
+            self.image[off:off + length] = bytes([n + 1]) * length
+
+    @classmethod
+    def from_spec(cls, spec: Any, ctx: Any) -> 'Scattered':
+        return cls()
+
+    def size(self, snap: Optional[Snapshot] = None) -> int:
+        return len(self.image)
+
+    def snapshots(self) -> List[Snapshot]:
+        return self.snaps
+
+    def extents(self, snap: Optional[Snapshot] = None) -> Iterator[Extent]:
+        for off, length in self.PIECES:
+            yield Extent(off, length)
+
+    def read(self, offset: int, length: int, snap: Optional[Snapshot] = None) -> bytes:
+        return bytes(self.image[offset:offset + length])
+
+
+class Completion:
+    def get_return_value(self) -> int:
+        return 0
+
+
+class Objects:
+    """A pool's ioctx as the copy-up uses it: an object is written by its
+    first copy-up only, as cls_rbd does."""
+
+    def __init__(self) -> None:
+        self.objects: Dict[str, bytearray] = {}
+        self.calls: List[str] = []
+        self.lock = threading.Lock()
+
+    def aio_execute(self, name: str, cls: str, method: str, data: bytes, length: int,
+                    oncomplete: Callable[[Completion, bytes], None]) -> None:
+        assert (cls, method, length) == ('rbd', 'sparse_copyup', 0)
+        extents, payload = _decode(data)
+        with self.lock:
+            self.calls.append(name)
+            if name not in self.objects:
+                obj = self.objects[name] = bytearray(4 * MiB)
+                at = 0
+                for off, n in extents:
+                    obj[off:off + n] = payload[at:at + n]
+                    at += n
+        oncomplete(Completion(), b'')
+
+
+@pytest.mark.parametrize('window', [1, 8])
+def test_each_object_gets_one_copyup_with_all_of_its_data(window: int) -> None:
+    fmt, io = Scattered(), Objects()
+    options = CopyOptions(window=window).fitted(4 * MiB, 0)
+    ObjectFill(fmt, _layout(), io, options, lambda done, total: True).run(Checkpoint())
+    assert sorted(io.calls) == sorted(set(io.calls)), 'an object was copied up twice'
+    assert sorted(io.calls) == [f'rbd_data.abc.{n:016x}' for n in (0, 2, 3, 10)]
+    image = bytearray(64 * MiB)
+    for name, data in io.objects.items():
+        number = int(name.rsplit('.', 1)[1], 16)
+        image[number * 4 * MiB:(number + 1) * 4 * MiB] = data
+    assert image == fmt.image
+
+
+def test_a_fresh_chunk_is_fused_whole_for_a_target_written_a_chunk_at_a_time() -> None:
+    exts = [Extent(0, 4096), Extent(2 * MiB, 4096), Extent(4 * MiB + 64 * KiB, 4096)]
+    got = [(e.offset, e.length) for e in _planned(iter(exts), 4 * MiB, 1, True, whole=True)]
+    assert got == [(0, 2 * MiB + 4096), (4 * MiB + 64 * KiB, 4096)]
+
+
+def test_which_targets_the_module_fills() -> None:
+    fmt = Scattered()
+    assert reason_not(fmt, _layout()) is None
+    with_snapshot = Scattered([Snapshot('s1', 64 * MiB)])
+    assert reason_not(with_snapshot, _layout()) == 'the source has snapshots'
+    assert reason_not(fmt, _layout(snapshots=1)) == 'the target has snapshots'
+    assert reason_not(fmt, _layout(size=32 * MiB)) == 'the target was resized'
+    assert reason_not(fmt, _layout(stripe_unit=64 * KiB, stripe_count=8)) == \
+        'the target is striped'
+
+
+def test_progress_of_two_parts_never_goes_back() -> None:
+    seen: List[float] = []
+
+    def progress(done: int, total: int) -> int:
+        seen.append(done / total)
+        return 0
+    fill, rest = _within(progress, 0.0, 0.9), _within(progress, 0.9, 1.0)
+    for done in (0, 50, 100):
+        fill(done, 100)
+    for done in (0, 1, 2, 2):
+        rest(done, 2)
+    assert seen == sorted(seen)
+    assert seen[0] == 0.0 and seen[2] == pytest.approx(0.9) and seen[-1] == 1.0
+    assert _within(lambda d, t: 7, 0.0, 1.0)(1, 2) == 7   # a cancel gets through
