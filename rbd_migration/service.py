@@ -714,21 +714,20 @@ class MigrationService:
             check_unchanged(spec, checked.validators,
                             self.source_context(self.queue.stop_event(task.id)),
                             'before the copy')
-        result = self._fill_live(task, ref, record, progress)
+        view = ViewRecord.from_dict(record.view) if record is not None and record.view else None
+        result = self._fill_live(task, ref, view, progress) if view is not None else {}
         filled = result.get('copied_by') == 'rbd_migration'
         rest = _within(progress, FILL_SHARE, 1.0) if filled else progress
-        resume = bool(record and record.view and ViewRecord.from_dict(record.view).fast_diff)
+        resume = view is not None and view.fast_diff
         if self.children is not None:
             isolated.execute(self.children.client, ref, rest,
                              self.queue.stop_event(task.id), self.children.register,
                              self.children.unregister, rebuild_object_maps=filled,
                              resume_fast_diff=resume)
-        else:
-            if filled:
-                self.bulk.rebuild_object_maps(ref)
+        elif view is None:
             self.bulk.execute(ref, rest)
-            if resume:
-                self.bulk.resume_fast_diff(ref)
+        else:
+            self.bulk.execute_live(ref, rest, filled, resume)
         if checked is not None and spec is not None:
             try:
                 check_unchanged(spec, checked.validators, self.source_context(),
@@ -739,18 +738,15 @@ class MigrationService:
                 raise
         return result
 
-    def _fill_live(self, task: Task, ref: ImageRef, record: Optional[Registration],
+    def _fill_live(self, task: Task, ref: ImageRef, view: ViewRecord,
                    progress: Callable[[int, int], int]) -> Dict[str, Any]:
         """A live import's data, copied by the module's own readers into the
         objects no client wrote yet (engine/prefill.py), so that librbd's
         execute has only to record it; what the task's result says of it."""
-        if record is None or not record.view:
-            return {}
         if not self.settings().live_copy_by_module:
             return {'copied_by': 'librbd', 'why': 'the live_copy_by_module option is off'}
         share = _within(progress, 0.0, FILL_SHARE)
-        with open_format(ViewRecord.from_dict(record.view).spec,
-                         self.source_context(self.queue.stop_event(task.id))) as fmt:
+        with open_format(view.spec, self.source_context(self.queue.stop_event(task.id))) as fmt:
             why, stats = prefill.fill(self.bulk, ref, fmt, self.copy_options(),
                                       lambda done, total: share(done, total) == 0)
         if stats is None:

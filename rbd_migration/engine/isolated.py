@@ -73,12 +73,9 @@ def _child_main() -> int:
         return 0
 
     try:
-        engine, ref = LibrbdEngine(client), ImageRef(**request['ref'])
-        if request.get('rebuild_object_maps'):
-            engine.rebuild_object_maps(ref)
-        engine.execute(ref, progress)
-        if request.get('resume_fast_diff'):
-            engine.resume_fast_diff(ref)
+        LibrbdEngine(client).execute_live(ImageRef(**request['ref']), progress,
+                                          bool(request.get('rebuild_object_maps')),
+                                          bool(request.get('resume_fast_diff')))
         _say(out, {'ok': True})
     except MigrationError as e:
         _say(out, {'error': str(e), 'errno': e.errno, 'transient': e.transient})

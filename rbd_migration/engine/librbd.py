@@ -136,6 +136,17 @@ class LibrbdEngine(StatusReader):
             except rbd.Error as e:
                 raise translate(e, f'executing the migration of {dst}')
 
+    def execute_live(self, dst: ImageRef, progress: ProgressFn, rebuild_first: bool,
+                     resume_fast_diff: bool) -> None:
+        """Execute a live import: the object maps rebuilt first when the
+        module copied behind librbd (prefill.py), fast-diff on again after
+        when prepare turned it off; the one order, in the mgr or its child."""
+        if rebuild_first:
+            self.rebuild_object_maps(dst)
+        self.execute(dst, progress)
+        if resume_fast_diff:
+            self.resume_fast_diff(dst)
+
     def pause_fast_diff(self, dst: ImageRef) -> bool:
         """Turn a live import's fast-diff feature off until it is executed;
         whether it was on.  QEMU asks block status only of images with
