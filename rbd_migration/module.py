@@ -32,6 +32,7 @@ from .secrets import collect_secrets, mask_text
 from .engine.isolated import ChildClient
 from .service import Children, MigrationService, Queued
 from .settings import Settings
+from .store import Mirror
 from .tasks import RUNNING, Task
 
 HandlerResult = Tuple[int, str, str]
@@ -167,7 +168,7 @@ class Module(MgrModule):
         self._bulk = self._bulk_client()
         children = Children(ChildClient(f'mgr.{self.get_mgr_id()}', self._own_conf()),
                             self._ceph_register_client, self._ceph_unregister_client)
-        self.service = MigrationService(self.rados, self, events,
+        self.service = MigrationService(self.rados, Mirror(self), events,
                                         self.get_module_option, bulk=self._bulk,
                                         children=children,
                                         blocklisted=self._replace_task_client)
