@@ -336,7 +336,7 @@ class MigrationService:
                 apps = io.application_list()
             except rados.Error:
                 apps = []
-        if 'rbd' not in apps:
+        if 'rbd' not in apps and 'rbd' not in self.engine.pool_applications(dst.pool):
             raise InvalidArgument(
                 f"dest_image_spec: pool '{dst.pool}' is not an rbd pool (no rbd "
                 f'application); initialize it with rbd pool init {dst.pool}, then '

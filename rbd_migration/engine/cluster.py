@@ -6,6 +6,7 @@ The bottom of the librbd engine: it knows nothing of migrations beyond the
 trash entries ``ondisk`` reads, so the layers above (``interrupted``, then
 ``status``, then the actions in ``librbd``) can all stand on it.
 """
+import errno
 import json
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -13,7 +14,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import rados
 import rbd
 
-from ..errors import NotFound
+from ..errors import NotFound, TransientClusterError
 from ..images import ImageSpec
 from ..rbd_errors import translate
 from . import ondisk
@@ -102,6 +103,20 @@ class Cluster:
                           if 'full' in str(p.get('flags_names', '')).split(',')}
             self._full_checked = now
         return self._full
+
+    def pool_applications(self, pool: str) -> List[str]:
+        """The applications enabled on ``pool``, asked of the monitors: this
+        client's OSD map can predate an ``rbd pool init`` for as long as it
+        sends nothing to that pool's OSDs (they are what hand it newer
+        maps)."""
+        ret, out, err = self.rados.mon_command(json.dumps(
+            {'prefix': 'osd pool application get', 'pool': pool, 'format': 'json'}), b'',
+            timeout=10)
+        if ret != 0:
+            raise TransientClusterError(
+                f"could not read the applications of pool '{pool}' from the monitors: "
+                f'{err.strip() or errno.errorcode.get(-ret, ret)}; try again', -ret)
+        return list(json.loads(out))
 
     def default_order(self) -> int:
         """The object size librbd gives a new image that names none."""
