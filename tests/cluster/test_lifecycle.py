@@ -947,7 +947,8 @@ def test_bad_input_is_refused_and_changes_nothing(
 def test_a_pool_without_the_rbd_application_is_refused(cluster: Cluster,
                                                       scene: Dict[str, str]) -> None:
     """Its images no listing finds: the migration would show under another
-    pool's name, and an abort could not find its target."""
+    pool's name, and an abort could not find its target.  Taken once
+    ``rbd pool init`` ran."""
     pool = f'plain-{uuid.uuid4().hex[:6]}'
     cluster.ceph('osd', 'pool', 'create', pool, '8')
     try:
@@ -960,6 +961,14 @@ def test_a_pool_without_the_rbd_application_is_refused(cluster: Cluster,
             assert code == errno.EINVAL, (code, err)
             assert f"pool '{pool}' is not an rbd pool" in err and 'rbd pool init' in err, err
         assert cluster_state(cluster) == before
+        # As the error says: the module's client, which read the pool's
+        # map before, takes the pool once it is initialized.
+        rbd_cli(cluster, 'pool', 'init', pool)
+        mig(cluster, 'prepare', scene['plain'], f'{pool}/x')
+        run_task(cluster, 'abort', f'{pool}/x')
+        after = cluster_state(cluster)
+        del after['tasks'], before['tasks']  # the abort's
+        assert after == before
     finally:
         cluster.ceph('osd', 'pool', 'rm', pool, pool, '--yes-i-really-really-mean-it')
 
