@@ -11,12 +11,13 @@ by ``task cancel``, ``abort`` or the mgr's shutdown).  Streams call
 socket timeout and ``pause()`` between attempts, so either ends a read
 within one network wait.
 """
+import json
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, List, Optional
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .errors import Cancelled, TimedOut
+from .errors import Cancelled, PermissionDenied, TimedOut
 from .limits import SourceLimits
 
 #: Longest wait for a connection (TCP and TLS handshake).  The watchdog
@@ -28,6 +29,31 @@ CONNECT_LIMIT = 10.0
 #: Where a ``native`` source's ``cluster_name`` finds its files unless the
 #: ``remote_cluster_conf_dir`` option says otherwise (upstream's place).
 REMOTE_CONF_DIR = '/etc/ceph'
+
+
+#: Keys no source-spec may name, whatever ``config_key_prefixes`` says: the
+#: mgr modules' own (this one's records and secrets among them), the
+#: monitors' configuration and rbd-mirror's peer secrets.
+NEVER_CONFIG_KEYS = ('mgr/', 'config/', 'config-history/', 'mon/', 'rbd/mirror/')
+
+
+def config_key_reader(rados: Any, prefixes: Sequence[str]) -> Callable[[str], Optional[str]]:
+    """What resolves a source-spec's config:// reference through ``rados``
+    (the mgr's client, which may read every key, its own and the cluster's
+    secrets among them; the client that wrote the spec may not): only keys
+    under ``prefixes`` are read on its behalf."""
+    def read(key: str) -> Optional[str]:
+        if not any(key.startswith(p) for p in prefixes) or \
+                any(key.startswith(p) for p in NEVER_CONFIG_KEYS):
+            allowed = ', '.join(prefixes) or 'none'
+            raise PermissionDenied(
+                f"config-key '{key}' is not one the module reads for a source-spec "
+                f'(config_key_prefixes: {allowed}); keep the secret under one of '
+                'them (ceph config-key set rbd/<name> <secret>)')
+        ret, out, _ = rados.mon_command(
+            json.dumps({'prefix': 'config-key get', 'key': key}), b'', timeout=10)
+        return out.decode() if ret == 0 else None
+    return read
 
 
 @dataclass
@@ -92,6 +118,21 @@ class SourceContext:
         else:
             time.sleep(seconds)
         self.check()
+
+    def portable(self) -> Dict[str, Any]:
+        """What another process rebuilds this context from (``rebuilt``);
+        not the rados handle, the config-key reader, the deadline or the
+        stop event, which are that process's own."""
+        return {'allowed_file_roots': self.allowed_file_roots,
+                'remote_conf_dir': self.remote_conf_dir, 'timeout': self.timeout,
+                'retries': self.retries, 'redirect_origins': self.redirect_origins,
+                'limits': asdict(self.limits)}
+
+    @classmethod
+    def rebuilt(cls, portable: Dict[str, Any], rados: Any,
+                config_key: Callable[[str], Optional[str]]) -> 'SourceContext':
+        return cls(**{**portable, 'limits': SourceLimits(**portable['limits'])},
+                   rados=rados, config_key=config_key)
 
     def bounded(self, seconds: float, what: str) -> 'SourceContext':
         """A copy whose reads must all end within ``seconds`` from now."""

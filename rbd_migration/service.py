@@ -11,13 +11,14 @@ import json
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Tuple
 
 import rados
 import rbd
 
-from .context import SourceContext
+from .context import SourceContext, config_key_reader
 from .engine import isolated, ondisk, prefill
 from .engine.adapter import AdapterEngine
 from .engine.buffers import give_back_free_memory, keep_copy_buffers
@@ -48,11 +49,6 @@ from .store import Store
 from .tasks import COMPLETED, RUNNING, Events, Task, TaskAction, TaskQueue
 from .verify import summary as verify_summary
 from .verify import verify as run_verify
-
-#: Keys no source-spec may name, whatever ``config_key_prefixes`` says: the
-#: mgr modules' own (this one's records and secrets among them), the
-#: monitors' configuration and rbd-mirror's peer secrets.
-NEVER_CONFIG_KEYS = ('mgr/', 'config/', 'config-history/', 'mon/', 'rbd/mirror/')
 
 NAMESPACED_PARENT = ('{image} has {clones} clone(s), and librbd 16.2 crashes migrating a '
                      'parent out of a namespace; flatten its clones (rbd flatten) '
@@ -420,26 +416,10 @@ class MigrationService:
         ``http_redirect_origins``, metadata within the ``source_max_*``
         limits; reads end when ``stop`` is set."""
         s = self.settings()
-        return SourceContext(allowed_file_roots=s.file_roots, config_key=self._config_key,
+        return SourceContext(allowed_file_roots=s.file_roots,
+                             config_key=config_key_reader(self.engine.rados, s.key_prefixes),
                              rados=self.engine.rados, redirect_origins=s.redirect_origins,
                              limits=s.source_limits, remote_conf_dir=s.remote_conf_dir, stop=stop)
-
-    def _config_key(self, key: str) -> Optional[str]:
-        """A config-key's value, for a config:// reference in a source-spec.
-        The mgr may read every key, its own and the cluster's secrets
-        among them; the client that wrote the spec may not: only keys under
-        ``config_key_prefixes`` are read on its behalf."""
-        prefixes = self.settings().key_prefixes
-        if not any(key.startswith(p) for p in prefixes) or \
-                any(key.startswith(p) for p in NEVER_CONFIG_KEYS):
-            allowed = ', '.join(prefixes) or 'none'
-            raise PermissionDenied(
-                f"config-key '{key}' is not one the module reads for a source-spec "
-                f'(config_key_prefixes: {allowed}); keep the secret under one of '
-                'them (ceph config-key set rbd/<name> <secret>)')
-        ret, out, _ = self.engine.rados.mon_command(
-            json.dumps({'prefix': 'config-key get', 'key': key}), b'', timeout=10)
-        return out.decode() if ret == 0 else None
 
     def _register(self, info: MigrationInfo, layout: Layout,
                   probe_report: Optional[Dict[str, Any]] = None,
@@ -700,34 +680,33 @@ class MigrationService:
 
     def _execute_librbd(self, task: Task, ref: ImageRef,
                         progress: Callable[[int, int], int]) -> Dict[str, Any]:
-        """librbd's execute, between two looks at the source: librbd
-        zero-fills what a shrunken file no longer has and reads a rewritten
-        object as it is now, and says neither.  A live import's data is
-        copied by the module first, where it can be (``_fill_live``); the
-        result says who copied it."""
-        record = self._registration(ref, 'execute')
-        checked = record if record is not None and record.validators else None
-        spec = None
-        if checked is not None:
-            spec = (checked.view['spec'] if checked.view else
-                    self.engine.verify_source_spec(self.engine.status(ref.spec)))
-            check_unchanged(spec, checked.validators,
-                            self.source_context(self.queue.stop_event(task.id)),
-                            'before the copy')
-        view = ViewRecord.from_dict(record.view) if record is not None and record.view else None
-        result = self._fill_live(task, ref, view, progress) if view is not None else {}
-        filled = result.get('copied_by') == 'rbd_migration'
-        rest = _within(progress, FILL_SHARE, 1.0) if filled else progress
-        resume = view is not None and view.fast_diff
-        if self.children is not None:
-            isolated.execute(self.children.client, ref, rest,
-                             self.queue.stop_event(task.id), self.children.register,
-                             self.children.unregister, rebuild_object_maps=filled,
-                             resume_fast_diff=resume)
-        elif view is None:
-            self.bulk.execute(ref, rest)
-        else:
-            self.bulk.execute_live(ref, rest, filled, resume)
+        """librbd's execute, in the task's child process (started first, so
+        that it starts Python and connects while the source is looked at),
+        between two looks at the source: librbd zero-fills what a shrunken
+        file no longer has and reads a rewritten object as it is now, and
+        says neither.  A live import's data is copied by the module first,
+        where it can be (``_live_execute``); the result says who copied
+        it."""
+        with self._child(task) as child:
+            record = self._registration(ref, 'execute')
+            checked = record if record is not None and record.validators else None
+            spec = None
+            if checked is not None:
+                spec = (checked.view['spec'] if checked.view else
+                        self.engine.verify_source_spec(self.engine.status(ref.spec)))
+                check_unchanged(spec, checked.validators,
+                                self.source_context(self.queue.stop_event(task.id)),
+                                'before the copy')
+            view = (ViewRecord.from_dict(record.view) if record is not None and record.view
+                    else None)
+            live = self._live_execute(task, view) if view is not None else None
+            if child is not None:
+                result = child.execute(ref, progress, live)
+            elif live is None:
+                self.bulk.execute(ref, progress)
+                result = {}
+            else:
+                result = live.run(self.bulk, ref, progress)
         if checked is not None and spec is not None:
             try:
                 check_unchanged(spec, checked.validators, self.source_context(),
@@ -738,20 +717,25 @@ class MigrationService:
                 raise
         return result
 
-    def _fill_live(self, task: Task, ref: ImageRef, view: ViewRecord,
-                   progress: Callable[[int, int], int]) -> Dict[str, Any]:
-        """A live import's data, copied by the module's own readers into the
-        objects no client wrote yet (engine/prefill.py), so that librbd's
-        execute has only to record it; what the task's result says of it."""
-        if not self.settings().live_copy_by_module:
-            return {'copied_by': 'librbd', 'why': 'the live_copy_by_module option is off'}
-        share = _within(progress, 0.0, FILL_SHARE)
-        with open_format(view.spec, self.source_context(self.queue.stop_event(task.id))) as fmt:
-            why, stats = prefill.fill(self.bulk, ref, fmt, self.copy_options(),
-                                      lambda done, total: share(done, total) == 0)
-        if stats is None:
-            return {'copied_by': 'librbd', 'why': why}
-        return {'copied_by': 'rbd_migration', **asdict(stats)}
+    def _child(self, task: Task) -> ContextManager[Optional[isolated.Child]]:
+        """The process librbd's execute runs in (None: it runs in the mgr)."""
+        if self.children is None:
+            return nullcontext()
+        return isolated.Child(self.children.client, self.queue.stop_event(task.id),
+                              self.children.register, self.children.unregister)
+
+    def _live_execute(self, task: Task, view: ViewRecord) -> prefill.LiveExecute:
+        """How a live import's execute goes: its data copied by the
+        module's own readers into the objects no client wrote yet
+        (engine/prefill.py), unless the ``live_copy_by_module`` option is
+        off, then recorded by librbd."""
+        by_module = self.settings().live_copy_by_module
+        return prefill.LiveExecute(
+            spec=view.spec if by_module else None,
+            why_not='' if by_module else 'the live_copy_by_module option is off',
+            context=self.source_context(self.queue.stop_event(task.id)),
+            key_prefixes=self.settings().key_prefixes, options=self.copy_options(),
+            resume_fast_diff=view.fast_diff)
 
     def _relist(self, ref: ImageRef) -> None:
         """Put the migration a librbd task changed, read afresh, in the
@@ -873,23 +857,6 @@ ACTIONS: Dict[Tuple[str, str], Callable[[MigrationService, Step], Optional[Dict[
     (LIVE, TaskAction.ABORT): MigrationService._librbd_abort,
     (LIVE, TaskAction.VERIFY): MigrationService._verify,
 }
-
-
-#: The part of a live execute's progress that is the module's copy; the rest
-#: is librbd's walk over the objects (a few percent of the time).
-FILL_SHARE = 0.9
-#: The steps of progress reported within one share.
-_STEPS = 1 << 20
-
-
-def _within(progress: Callable[[int, int], int], low: float,
-            high: float) -> Callable[[int, int], int]:
-    """``progress`` for one part of a task: its (done, total) shown between
-    ``low`` and ``high`` of the whole, so the whole never goes back."""
-    def part(done: int, total: int) -> int:
-        fraction = low + (high - low) * min(done, total) / max(total, 1)
-        return progress(int(fraction * _STEPS), _STEPS)
-    return part
 
 
 def _recorded_source(task: Task) -> Optional[ImageRef]:

@@ -32,6 +32,7 @@ import rados
 from ..errors import Cancelled, ChildFailed, MigrationError
 from .librbd import LibrbdEngine
 from .migration import ImageRef, ProgressFn
+from .prefill import LiveExecute
 
 #: The interpreter ceph-mgr embeds (Debian's), which has python3-rados.
 PYTHON = '/usr/bin/python3'
@@ -41,6 +42,8 @@ POLL = 0.25
 #: progress at least once per object copied).
 SILENCE = 600.0
 PR_SET_PDEATHSIG = 1
+#: Objects librbd rebuilds or walks at once after the module copied them.
+WALK_CONCURRENCY = 64
 
 
 @dataclass
@@ -54,29 +57,48 @@ class ChildClient:
 # -- the child ----------------------------------------------------------------
 
 def _child_main() -> int:
-    """Read the request from stdin, run librbd's execute, and print one JSON
-    line per progress step, then the outcome."""
-    request = json.loads(sys.stdin.readline())
-    _die_with_parent(int(request['parent']))
-    client = rados.Rados(name=request['client']['name'], conffile=os.devnull,
-                         conf=request['client']['conf'])
-    client.connect(timeout=30)
+    """Read how to connect from stdin and connect; then read the request
+    (sent when the task is ready for it: the child connects while the
+    module copies a live import's data), run librbd's execute, and print
+    one JSON line per progress step, then the outcome."""
+    hello = json.loads(sys.stdin.readline())
+    _die_with_parent(int(hello['parent']))
+    conf = dict(hello['client']['conf'])
     out = sys.stdout
-    _say(out, {'addrs': client.get_addrs()})
-    last = [0.0]
-
-    def progress(done: int, total: int) -> int:
-        now = time.monotonic()
-        if now - last[0] >= 0.2 or done >= total:
-            last[0] = now
-            _say(out, {'done': done, 'total': total})
-        return 0
-
+    client = rados.Rados(name=hello['client']['name'], conffile=os.devnull, conf=conf)
+    client.connect(timeout=30)
     try:
-        LibrbdEngine(client).execute_live(ImageRef(**request['ref']), progress,
-                                          bool(request.get('rebuild_object_maps')),
-                                          bool(request.get('resume_fast_diff')))
-        _say(out, {'ok': True})
+        _say(out, {'addrs': client.get_addrs()})
+        if 'ref' in hello:
+            request = hello  # a mgr that loaded the module before it was upgraded
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                return 0  # the task ended before it needed librbd's execute
+            request = json.loads(line)
+        last = [0.0]
+
+        def progress(done: int, total: int) -> int:
+            now = time.monotonic()
+            if now - last[0] >= 0.2 or done >= total:
+                last[0] = now
+                _say(out, {'done': done, 'total': total})
+            return 0
+
+        engine = LibrbdEngine(client)
+        ref = ImageRef(**request['ref'])
+        result: Dict[str, Any] = {}
+        if request.get('live') is not None:
+            # After the module's copy, librbd's rebuilds and walk send one
+            # small operation per object and wait for nothing else: more at
+            # once (no copy of librbd's uses this setting then).
+            result = LiveExecute.rebuilt(request['live'], client).run(
+                engine, ref, progress, after_copy=lambda: client.conf_set(
+                    'rbd_concurrent_management_ops', str(WALK_CONCURRENCY)))
+        else:
+            engine.execute_live(ref, progress, bool(request.get('rebuild_object_maps')),
+                                bool(request.get('resume_fast_diff')))
+        _say(out, {'ok': True, 'result': result})
     except MigrationError as e:
         _say(out, {'error': str(e), 'errno': e.errno, 'transient': e.transient})
     except Exception as e:  # reported as one line; the parent logs it
@@ -106,51 +128,85 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def execute(client: ChildClient, ref: ImageRef, progress: ProgressFn,
-            stop: threading.Event,
-            register: Callable[[str], None] = lambda addrs: None,
-            unregister: Callable[[str], None] = lambda addrs: None,
-            rebuild_object_maps: bool = False, resume_fast_diff: bool = False) -> None:
-    """librbd's execute of ``ref`` in a child process, with the target's
-    object maps rebuilt before and its fast-diff feature enabled again
-    after, if asked (see prefill.py); returns when it completed, raises
-    what it reported, and kills it (raising Cancelled) as soon as ``stop``
-    is set or ``progress`` answers non-zero."""
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, PYTHONPATH=package_root)
-    proc = subprocess.Popen(
-        [PYTHON, '-c', 'import sys; from rbd_migration.engine.isolated import '
-                       '_child_main; sys.exit(_child_main())'],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        text=True, env=env, close_fds=True)
-    addrs: Optional[str] = None
-    try:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.write(json.dumps({'client': asdict(client), 'ref': asdict(ref),
-                                     'parent': os.getpid(),
-                                     'rebuild_object_maps': rebuild_object_maps,
-                                     'resume_fast_diff': resume_fast_diff}) + '\n')
-        proc.stdin.close()
-        for message in _messages(proc, stop):
+class Child:
+    """One task's child process, started before it is needed: it starts
+    Python and connects (0.1 to 0.2 s) while the module copies a live
+    import's data, and is told what to execute once that copy is done.
+    Killed, whatever it does, when the task leaves the ``with`` block."""
+
+    def __init__(self, client: ChildClient, stop: threading.Event,
+                 register: Callable[[str], None] = lambda addrs: None,
+                 unregister: Callable[[str], None] = lambda addrs: None) -> None:
+        self.stop = stop
+        self.register = register
+        self.unregister = unregister
+        self.addrs: Optional[str] = None
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
+        self.proc = subprocess.Popen(
+            [PYTHON, '-c', 'import sys; from rbd_migration.engine.isolated import '
+                           '_child_main; sys.exit(_child_main())'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, env=dict(os.environ, PYTHONPATH=package_root), close_fds=True)
+        try:
+            self._send({'client': asdict(client), 'parent': os.getpid()})
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> 'Child':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _send(self, message: Dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message) + '\n')
+        self.proc.stdin.flush()
+
+    def execute(self, ref: ImageRef, progress: ProgressFn,
+                live: Optional[LiveExecute] = None) -> Dict[str, Any]:
+        """librbd's execute of ``ref`` (for a live import, ``live``'s: the
+        module's copy first, see prefill.py); returns the task's result when
+        it completed, raises what it reported, and kills the child (raising
+        Cancelled) as soon as ``stop`` is set or ``progress`` answers
+        non-zero."""
+        try:
+            self._send({'ref': asdict(ref),
+                        'live': live.portable() if live is not None else None})
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died: its output (or its silence) says how
+        for message in _messages(self.proc, self.stop):
             if 'addrs' in message:
-                addrs = str(message['addrs'])
-                register(addrs)
+                self.addrs = str(message['addrs'])
+                self.register(self.addrs)
             elif 'done' in message:
                 if progress(int(message['done']), int(message['total'])) != 0:
                     raise Cancelled(f'execute of {ref} stopped')
             elif message.get('ok'):
-                return
+                return dict(message.get('result') or {})
             elif 'error' in message:
                 raise ChildFailed(str(message['error']), int(message['errno']),
                                   bool(message['transient']))
         raise ChildFailed(f'librbd\'s execute of {ref} ended without a word (exit '
-                          f'status {proc.wait()})', errno.EIO, True)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if addrs is not None:
-            unregister(addrs)
+                          f'status {self.proc.wait()})', errno.EIO, True)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            try:
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
+            except OSError:
+                pass  # unsent bytes to a child that is gone
+        if self.addrs is not None:
+            self.unregister(self.addrs)
+            self.addrs = None
 
 
 def _messages(proc: 'subprocess.Popen[str]', stop: threading.Event) -> Any:

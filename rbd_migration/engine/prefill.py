@@ -28,17 +28,25 @@ target of the source's size and without fancy striping (one object, one
 range of the image).
 """
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import rados
 import rbd
 
+from ..context import SourceContext, config_key_reader
+from ..formats import open_format
 from ..formats.base import Format
 from ..rbd_errors import translate
 from .copier import Checkpoint, Copier, CopyOptions, CopyStats, Write
 from .librbd import LibrbdEngine
-from .migration import ImageRef
+from .migration import ImageRef, ProgressFn
+
+#: The part of a live execute's progress that is the module's copy; the rest
+#: is librbd's walk over the objects (a few percent of the time).
+FILL_SHARE = 0.9
+#: The steps of progress reported within one share.
+_STEPS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -107,14 +115,17 @@ class ObjectFill(Copier):
         self.ioctx = ioctx
 
     def _writes(self, runs: List[Tuple[int, bytes]]) -> List[Write]:
+        """One write per object, its payload joined from views of the
+        chunk's buffer: the join is the one copy made here."""
         size = self.layout.object_size
         objects: Dict[int, List[Tuple[int, bytes]]] = {}
         for off, run in runs:
+            view = memoryview(run)
             pos = 0
             while pos < len(run):
                 number, inside = divmod(off + pos, size)
                 n = min(len(run) - pos, size - inside)
-                objects.setdefault(number, []).append((inside, run[pos:pos + n]))
+                objects.setdefault(number, []).append((inside, view[pos:pos + n]))
                 pos += n
         return [Write(number * size, sum(len(d) for _, d in extents),
                       sparse_copyup_input(extents))
@@ -156,3 +167,65 @@ def fill(engine: LibrbdEngine, ref: ImageRef, fmt: Format, options: CopyOptions,
         copier = ObjectFill(fmt, layout, data, options.fitted(layout.object_size, fmt.read_size),
                             progress)
         return None, copier.run(Checkpoint())
+
+
+@dataclass
+class LiveExecute:
+    """A live import's execute: the module's copy of the source (``spec``;
+    None: librbd copies it all, for ``why_not``), then librbd's execute.
+    Run in the mgr or, rebuilt from its ``portable`` form, in the task's
+    child process (isolated.py), which has its own client and no GIL to
+    share with the mgr's commands."""
+
+    spec: Optional[Dict[str, Any]]
+    why_not: str
+    context: SourceContext
+    #: ``config_key_prefixes``: the config-keys the source-spec may name.
+    key_prefixes: List[str]
+    options: CopyOptions
+    #: Prepare turned the target's fast-diff off (LibrbdEngine.pause_fast_diff).
+    resume_fast_diff: bool
+
+    def portable(self) -> Dict[str, Any]:
+        return {'spec': self.spec, 'why_not': self.why_not,
+                'context': self.context.portable(), 'key_prefixes': self.key_prefixes,
+                'options': asdict(self.options), 'resume_fast_diff': self.resume_fast_diff}
+
+    @classmethod
+    def rebuilt(cls, portable: Dict[str, Any], client: rados.Rados) -> 'LiveExecute':
+        """Its portable form read in another process, reading sources and
+        config-keys through ``client`` as the mgr would."""
+        prefixes = list(portable['key_prefixes'])
+        return cls(spec=portable['spec'], why_not=str(portable['why_not']),
+                   context=SourceContext.rebuilt(portable['context'], client,
+                                                 config_key_reader(client, prefixes)),
+                   key_prefixes=prefixes, options=CopyOptions(**portable['options']),
+                   resume_fast_diff=bool(portable['resume_fast_diff']))
+
+    def run(self, engine: LibrbdEngine, ref: ImageRef, progress: ProgressFn,
+            after_copy: Callable[[], None] = lambda: None) -> Dict[str, Any]:
+        """Copy, then execute; what the task's result says of who copied.
+        ``after_copy`` is called once the module copied it all."""
+        why: Optional[str] = self.why_not
+        stats: Optional[CopyStats] = None
+        if self.spec is not None:
+            share = within(progress, 0.0, FILL_SHARE)
+            with open_format(self.spec, self.context) as fmt:
+                why, stats = fill(engine, ref, fmt, self.options,
+                                  lambda done, total: share(done, total) == 0)
+            if stats is not None:
+                after_copy()
+        rest = within(progress, FILL_SHARE, 1.0) if stats is not None else progress
+        engine.execute_live(ref, rest, stats is not None, self.resume_fast_diff)
+        if stats is None:
+            return {'copied_by': 'librbd', 'why': why}
+        return {'copied_by': 'rbd_migration', **asdict(stats)}
+
+
+def within(progress: ProgressFn, low: float, high: float) -> ProgressFn:
+    """``progress`` for one part of a task: its (done, total) shown between
+    ``low`` and ``high`` of the whole, so the whole never goes back."""
+    def part(done: int, total: int) -> int:
+        fraction = low + (high - low) * min(done, total) / max(total, 1)
+        return progress(int(fraction * _STEPS), _STEPS)
+    return part

@@ -242,9 +242,11 @@ def test_config_refs_outside_the_allowed_prefixes_are_refused(cluster: Cluster,
     assert f'cfg-{RUN}' not in cluster.rbd('ls', 'rbd').split()
 
 
-def _children() -> List[str]:
-    r = subprocess.run(['pgrep', '-af', 'rbd_migration.engine.isolated'],
-                       capture_output=True, text=True)
+def _children(cluster: Cluster) -> List[str]:
+    """This cluster's mgr's execute children (other test workers' clusters
+    run theirs meanwhile)."""
+    r = subprocess.run(['pgrep', '-af', '-P', str(cluster.pids()['mgr.x']),
+                        'rbd_migration.engine.isolated'], capture_output=True, text=True)
     return [line for line in r.stdout.splitlines() if 'pgrep' not in line]
 
 
@@ -256,13 +258,13 @@ def test_a_librbd_execute_stops_on_cancel_and_resumes(cluster: Cluster,
     source['delay'] = 0.3
     task = str(cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/isolated-{RUN}')['task']['id'])
     cluster.task_running(task, past=0.05, timeout=60)
-    assert len(_children()) == 1
+    assert len(_children(cluster)) == 1
     began = time.monotonic()
     cluster.ceph('rbd', 'migration', 'task', 'cancel', task)
     end = cluster.task_end(task, timeout=30)
     assert time.monotonic() - began < 10
     assert end.returncode == errno.ECANCELED, end.stderr
-    assert _children() == []
+    assert _children(cluster) == []
     # librbd's execute, run again, completes the copy from the source.
     source['delay'] = 0
     again = str(cluster.ceph_json('rbd', 'migration', 'execute', f'rbd/isolated-{RUN}')['task']['id'])

@@ -24,7 +24,8 @@ LAYERS: List[Set[str]] = [
     {'interrupted'},
     {'status'},
     {'librbd', 'copier'},
-    {'isolated', 'adapter', 'prefill'},
+    {'adapter', 'prefill'},
+    {'isolated'},
 ]
 
 

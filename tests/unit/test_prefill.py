@@ -3,6 +3,7 @@ the copy-up's input as cls_rbd decodes it, one copy-up per object with all
 of its data (a second one would be ignored by the OSD), which targets it
 takes, and progress shared with librbd's walk.  tests/cluster/test_live.py
 runs it against real OSDs and a client holding the image's lock."""
+import json
 import struct
 import threading
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -10,10 +11,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from rbd_migration.engine.copier import Checkpoint, CopyOptions, _planned
-from rbd_migration.engine.prefill import (ObjectFill, ObjectLayout, reason_not,
-                                          sparse_copyup_input)
+from rbd_migration.context import SourceContext
+from rbd_migration.engine.prefill import (LiveExecute, ObjectFill, ObjectLayout, reason_not,
+                                          sparse_copyup_input, within)
+from rbd_migration.errors import PermissionDenied
 from rbd_migration.formats.base import Extent, ExtentKind, Format, Snapshot
-from rbd_migration.service import _within
+from rbd_migration.limits import SourceLimits
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -141,11 +144,49 @@ def test_progress_of_two_parts_never_goes_back() -> None:
     def progress(done: int, total: int) -> int:
         seen.append(done / total)
         return 0
-    fill, rest = _within(progress, 0.0, 0.9), _within(progress, 0.9, 1.0)
+    fill, rest = within(progress, 0.0, 0.9), within(progress, 0.9, 1.0)
     for done in (0, 50, 100):
         fill(done, 100)
     for done in (0, 1, 2, 2):
         rest(done, 2)
     assert seen == sorted(seen)
     assert seen[0] == 0.0 and seen[2] == pytest.approx(0.9) and seen[-1] == 1.0
-    assert _within(lambda d, t: 7, 0.0, 1.0)(1, 2) == 7   # a cancel gets through
+    assert within(lambda d, t: 7, 0.0, 1.0)(1, 2) == 7   # a cancel gets through
+
+
+class KeyedClient:
+    """What a child's rados client answers to ``config-key get``."""
+
+    def __init__(self, keys: Dict[str, str]) -> None:
+        self.keys = keys
+
+    def mon_command(self, cmd: str, inbuf: bytes, timeout: float = 0) -> Tuple[int, bytes, str]:
+        key = json.loads(cmd)['key']
+        return (0, self.keys[key].encode(), '') if key in self.keys else (-2, b'', 'no key')
+
+
+def test_a_live_execute_is_rebuilt_in_the_child_as_the_mgr_made_it() -> None:
+    """The child reads the source under the mgr's rules: the same roots,
+    redirect origins, limits, request bounds and config-key prefixes."""
+    live = LiveExecute(
+        spec={'type': 'vmdk', 'stream': {'type': 'file', 'file_path': '/srv/d.vmdk'}},
+        why_not='', key_prefixes=['rbd/'],
+        context=SourceContext(allowed_file_roots=['/srv'], redirect_origins=['https://a:1'],
+                              limits=SourceLimits(snapshots=7), remote_conf_dir='/etc/x',
+                              timeout=3.0, retries=2, stop=threading.Event()),
+        options=CopyOptions(window=3, bandwidth=5e6), resume_fast_diff=True)
+    client = KeyedClient({'rbd/s3/secret': 'sekrit', 'mgr/rbd_migration/task/1': '{}'})
+    again = LiveExecute.rebuilt(json.loads(json.dumps(live.portable())), client)
+    assert (again.spec, again.why_not, again.key_prefixes, again.options,
+            again.resume_fast_diff) == (live.spec, live.why_not, live.key_prefixes,
+                                        live.options, live.resume_fast_diff)
+    ctx = again.context
+    assert (ctx.allowed_file_roots, ctx.redirect_origins, ctx.limits, ctx.remote_conf_dir,
+            ctx.timeout, ctx.retries) == (['/srv'], ['https://a:1'], SourceLimits(snapshots=7),
+                                          '/etc/x', 3.0, 2)
+    assert ctx.rados is client and ctx.stop is None and ctx.deadline is None
+    assert ctx.config_key is not None
+    assert ctx.config_key('rbd/s3/secret') == 'sekrit'
+    assert ctx.config_key('rbd/none') is None
+    with pytest.raises(PermissionDenied, match="config-key 'mgr/rbd_migration/task/1' is not one"):
+        ctx.config_key('mgr/rbd_migration/task/1')
