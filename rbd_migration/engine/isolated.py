@@ -1,4 +1,5 @@
-"""librbd's execute in a process of its own, so that stop means stop.
+"""librbd's execute (and a live import's copy before it) in a process of
+its own, so that stop means stop.
 
 librbd's ``migration_execute`` calls our progress callback but ignores its
 answer: once started, it runs to its end, and a source that stops answering
@@ -9,8 +10,9 @@ its own, reads its progress from the child's output, and kills the child
 when the task must stop: librbd's execute resumes from the image's state
 when run again, so a killed copy loses only what was in flight.
 
-The child also keeps librbd's copy buffers out of the mgr's memory, and
-its client is registered with the mgr like the mgr's own, so a mgr
+The child also keeps the copy buffers (librbd's, and the module's for a
+live import: prefill.LiveExecute) out of the mgr's memory and its Python
+off the mgr's interpreter lock, and its client is registered with the mgr like the mgr's own, so a mgr
 failover blocklists it; it dies with the thread that started it (a mgr
 that fails over does not leave it copying behind the new one's back).
 """
@@ -58,9 +60,9 @@ class ChildClient:
 
 def _child_main() -> int:
     """Read how to connect from stdin and connect; then read the request
-    (sent when the task is ready for it: the child connects while the
-    module copies a live import's data), run librbd's execute, and print
-    one JSON line per progress step, then the outcome."""
+    (sent when the task has looked at the source, which the child's start
+    overlaps), run it (a live import's copy, then librbd's execute), and
+    print one JSON line per progress step, then the outcome."""
     hello = json.loads(sys.stdin.readline())
     _die_with_parent(int(hello['parent']))
     conf = dict(hello['client']['conf'])
@@ -130,9 +132,9 @@ def _die_with_parent(parent: int) -> None:
 
 class Child:
     """One task's child process, started before it is needed: it starts
-    Python and connects (0.1 to 0.2 s) while the module copies a live
-    import's data, and is told what to execute once that copy is done.
-    Killed, whatever it does, when the task leaves the ``with`` block."""
+    Python and connects (0.05 to 0.1 s) while the task looks at the source,
+    and is told what to execute then.  Killed, whatever it does, when the
+    task leaves the ``with`` block."""
 
     def __init__(self, client: ChildClient, stop: threading.Event,
                  register: Callable[[str], None] = lambda addrs: None,

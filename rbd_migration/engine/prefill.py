@@ -26,6 +26,11 @@ snapshots (a target snapshot's objects need copy-ups under that snapshot's
 context, which only the lock owner can order against clients' writes), a
 target of the source's size and without fancy striping (one object, one
 range of the image).
+
+``LiveExecute`` is the whole of a live execute (this copy, the rebuild,
+librbd's execute, fast-diff on again), handed in a portable form to the
+task's child process (isolated.py), which reads the source under the
+mgr's rules with a client of its own.
 """
 import struct
 from dataclasses import asdict, dataclass
