@@ -44,7 +44,7 @@ POLL = 0.25
 #: progress at least once per object copied).
 SILENCE = 600.0
 PR_SET_PDEATHSIG = 1
-#: Objects librbd rebuilds or walks at once after the module copied them.
+#: Objects librbd's object map rebuilds visit at once after the module's copy.
 WALK_CONCURRENCY = 64
 
 
@@ -91,7 +91,7 @@ def _child_main() -> int:
         ref = ImageRef(**request['ref'])
         result: Dict[str, Any] = {}
         if request.get('live') is not None:
-            # After the module's copy, librbd's rebuilds and walk send one
+            # After the module's copy, librbd's object map rebuilds send one
             # small operation per object and wait for nothing else: more at
             # once (no copy of librbd's uses this setting then).
             result = LiveExecute.rebuilt(request['live'], client).run(

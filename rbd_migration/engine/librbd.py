@@ -12,6 +12,7 @@ The top of the engine's layers: the actions here stand on the status
 reading of ``status``, which stands on ``interrupted`` and ``cluster``.
 """
 import logging
+import struct
 from typing import Any, Dict, List, Optional
 
 import rados
@@ -26,6 +27,8 @@ from .status import StatusReader
 
 log = logging.getLogger(__name__)
 
+#: How long watchers of a header get to acknowledge its update notification.
+HEADER_NOTIFY_MS = 5000
 #: Image metadata on a target whose migration was prepared with --flatten.
 FLATTEN_KEY = 'rbd_migration.flatten'
 
@@ -136,16 +139,44 @@ class LibrbdEngine(StatusReader):
             except rbd.Error as e:
                 raise translate(e, f'executing the migration of {dst}')
 
-    def execute_live(self, dst: ImageRef, progress: ProgressFn, rebuild_first: bool,
+    def execute_live(self, dst: ImageRef, progress: ProgressFn, copied: bool,
                      resume_fast_diff: bool) -> None:
-        """Execute a live import: the object maps rebuilt first when the
-        module copied behind librbd (prefill.py), fast-diff on again after
-        when prepare turned it off; the one order, in the mgr or its child."""
-        if rebuild_first:
+        """Execute a live import, in the mgr or its child.  When the module
+        copied it all (``copied``, prefill.py): the object maps rebuilt
+        through librbd, then the migration recorded as executed
+        (``record_executed``); else librbd's execute.  Then fast-diff on
+        again when prepare turned it off."""
+        if copied:
             self.rebuild_object_maps(dst)
-        self.execute(dst, progress)
+            self.record_executed(dst)
+            progress(1, 1)
+        else:
+            self.execute(dst, progress)
         if resume_fast_diff:
             self.resume_fast_diff(dst)
+
+    def record_executed(self, dst: ImageRef) -> None:
+        """The migration's state set to executed, as librbd's execute sets
+        it at its end (cls_rbd ``migration_set_state``: the state as one
+        byte, then an empty description), and the header's watchers told,
+        as librbd tells them.
+        After the module's whole copy, all librbd's execute would do first
+        is walk every object of the virtual size and find each one there or
+        absent from the source: 0.08 to 0.10 s per GiB here, 0.3 to 0.5 s
+        for a sparse 10 GiB disk."""
+        header = f'rbd_header.{dst.id}'
+        with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
+            try:
+                io.execute(header, 'rbd', 'migration_set_state',
+                           struct.pack('<BI', rbd.RBD_IMAGE_MIGRATION_STATE_EXECUTED, 0))
+            except rados.Error as e:
+                raise translate(e, f'recording the migration of {dst} as executed')
+            try:
+                # An empty notification is a header update to librbd (its
+                # legacy form); a client that does not answer costs 5 s.
+                io.notify(header, '', HEADER_NOTIFY_MS)
+            except rados.Error:
+                pass  # recorded; clients read it at their next refresh
 
     def pause_fast_diff(self, dst: ImageRef) -> bool:
         """Turn a live import's fast-diff feature off until it is executed;

@@ -10,13 +10,14 @@ object does not exist yet, in one operation, which is what librbd's own
 copy-up of an object does.  An object a client wrote first keeps the
 client's data; a client's write after it lands on top (librbd's write to an
 object it believes absent copies up through the view first, which the OSD
-then ignores).  librbd's execute, run next, finds the objects present and
-has only the migration's state to record.
+then ignores).  What librbd's execute would do next is walk every object
+to find it there, then record the migration as executed: the module records
+it (``LibrbdEngine.record_executed``).
 
 What librbd cannot know: a client holding the image's exclusive lock caches
 the object map, in which the objects filled behind its back are absent.
 Its reads of them go to the view (the same bytes, slower) until the maps
-are rebuilt, which the execute that follows does first (a maintenance
+are rebuilt, which the execute that follows does (a maintenance
 operation librbd hands to the lock owner: ``LibrbdEngine.rebuild_object_maps``),
 for HEAD and for any snapshot a client took meanwhile; after commit, with
 no source below, every object is where the maps say.
@@ -28,7 +29,7 @@ target of the source's size and without fancy striping (one object, one
 range of the image).
 
 ``LiveExecute`` is the whole of a live execute (this copy, the rebuild,
-librbd's execute, fast-diff on again), handed in a portable form to the
+the executed state, fast-diff on again), handed in a portable form to the
 task's child process (isolated.py), which reads the source under the
 mgr's rules with a client of its own.
 """
@@ -48,7 +49,7 @@ from .librbd import LibrbdEngine
 from .migration import ImageRef, ProgressFn
 
 #: The part of a live execute's progress that is the module's copy; the rest
-#: is librbd's walk over the objects (a few percent of the time).
+#: is the object maps' rebuild (a few percent of the time).
 FILL_SHARE = 0.9
 #: The steps of progress reported within one share.
 _STEPS = 1 << 20

@@ -11,6 +11,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from rbd_migration.engine.copier import Checkpoint, CopyOptions, _planned
+from rbd_migration.engine.librbd import LibrbdEngine
+from rbd_migration.engine.migration import ImageRef
 from rbd_migration.context import SourceContext
 from rbd_migration.engine.prefill import (LiveExecute, ObjectFill, ObjectLayout, reason_not,
                                           sparse_copyup_input, within)
@@ -190,3 +192,46 @@ def test_a_live_execute_is_rebuilt_in_the_child_as_the_mgr_made_it() -> None:
     assert ctx.config_key('rbd/none') is None
     with pytest.raises(PermissionDenied, match="config-key 'mgr/rbd_migration/task/1' is not one"):
         ctx.config_key('mgr/rbd_migration/task/1')
+
+
+class StepEngine(LibrbdEngine):
+    """A LibrbdEngine whose cluster steps are recorded, not run."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.steps: List[str] = []
+
+    def rebuild_object_maps(self, dst: ImageRef, only_invalid: bool = False) -> None:
+        self.steps.append('rebuild')
+
+    def record_executed(self, dst: ImageRef) -> None:
+        self.steps.append('executed')
+
+    def execute(self, dst: ImageRef, progress: Callable[[int, int], int]) -> None:
+        self.steps.append('librbd execute')
+
+    def resume_fast_diff(self, dst: ImageRef) -> None:
+        self.steps.append('fast-diff')
+
+
+@pytest.mark.parametrize('copied, resume, steps', [
+    (True, True, ['rebuild', 'executed', 'fast-diff']),
+    (True, False, ['rebuild', 'executed']),
+    (False, True, ['librbd execute', 'fast-diff']),
+    (False, False, ['librbd execute']),
+])
+def test_a_whole_copy_is_recorded_executed_after_the_maps_are_rebuilt(
+        copied: bool, resume: bool, steps: List[str]) -> None:
+    """The maps are rebuilt before the state says executed (a commit right
+    after must find every object in them); librbd's execute only where it
+    copies; fast-diff on again last, once nothing reads the source."""
+    engine = StepEngine()
+    seen: List[Tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> int:
+        seen.append((done, total))
+        return 0
+    ref = ImageRef(pool_id=1, namespace='', id='abc', name='x', pool='rbd')
+    engine.execute_live(ref, progress, copied, resume)
+    assert engine.steps == steps
+    assert seen == ([(1, 1)] if copied else [])
