@@ -45,7 +45,7 @@ POLL = 0.25
 SILENCE = 600.0
 PR_SET_PDEATHSIG = 1
 #: Objects librbd's object map rebuilds visit at once after the module's copy.
-WALK_CONCURRENCY = 64
+REBUILD_CONCURRENCY = 64
 
 
 @dataclass
@@ -96,7 +96,7 @@ def _child_main() -> int:
             # once (no copy of librbd's uses this setting then).
             result = LiveExecute.rebuilt(request['live'], client).run(
                 engine, ref, progress, after_copy=lambda: client.conf_set(
-                    'rbd_concurrent_management_ops', str(WALK_CONCURRENCY)))
+                    'rbd_concurrent_management_ops', str(REBUILD_CONCURRENCY)))
         else:
             engine.execute_live(ref, progress, bool(request.get('rebuild_object_maps')),
                                 bool(request.get('resume_fast_diff')))
