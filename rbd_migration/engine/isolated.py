@@ -24,6 +24,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -145,13 +146,19 @@ class Child:
         self.addrs: Optional[str] = None
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__))))
+        #: What the child says outside its protocol (a traceback when it
+        #: cannot start), in a file: a pipe nobody reads could fill and
+        #: stop it.  Only its end is read, when the child said nothing.
+        self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [PYTHON, '-c', 'import sys; from rbd_migration.engine.isolated import '
                            '_child_main; sys.exit(_child_main())'],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
             text=True, env=dict(os.environ, PYTHONPATH=package_root), close_fds=True)
         try:
             self._send({'client': asdict(client), 'parent': os.getpid()})
+        except BrokenPipeError:
+            pass  # it died at once: execute reports how
         except BaseException:
             self.close()
             raise
@@ -193,12 +200,22 @@ class Child:
             elif 'error' in message:
                 raise ChildFailed(str(message['error']), int(message['errno']),
                                   bool(message['transient']))
+        status = self.proc.wait()
+        said = self._last_words()
         raise ChildFailed(f'librbd\'s execute of {ref} ended without a word (exit '
-                          f'status {self.proc.wait()})', errno.EIO, True)
+                          f'status {status})' + (f': {said}' if said else ''), errno.EIO, True)
+
+    def _last_words(self) -> str:
+        """The last line the child wrote to stderr, at most 300 characters."""
+        self.stderr.seek(0, os.SEEK_END)
+        self.stderr.seek(max(0, self.stderr.tell() - 4096))
+        lines = self.stderr.read().decode(errors='replace').strip().splitlines()
+        return lines[-1].strip()[:300] if lines else ''
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
+        self.stderr.close()
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:
