@@ -729,12 +729,13 @@ class MigrationService:
         module's own readers into the objects no client wrote yet
         (engine/prefill.py), unless the ``live_copy_by_module`` option is
         off, then recorded by librbd."""
-        by_module = self.settings().live_copy_by_module
+        settings = self.settings()
+        by_module = settings.live_copy_by_module
         return prefill.LiveExecute(
             spec=view.spec if by_module else None,
             why_not='' if by_module else 'the live_copy_by_module option is off',
             context=self.source_context(self.queue.stop_event(task.id)),
-            key_prefixes=self.settings().key_prefixes, options=self.copy_options(),
+            key_prefixes=settings.key_prefixes, options=self.copy_options(),
             resume_fast_diff=view.fast_diff)
 
     def _relist(self, ref: ImageRef) -> None:

@@ -12,9 +12,10 @@ when run again, so a killed copy loses only what was in flight.
 
 The child also keeps the copy buffers (librbd's, and the module's for a
 live import: prefill.LiveExecute) out of the mgr's memory and its Python
-off the mgr's interpreter lock, and its client is registered with the mgr like the mgr's own, so a mgr
-failover blocklists it; it dies with the thread that started it (a mgr
-that fails over does not leave it copying behind the new one's back).
+off the mgr's interpreter lock.  Its client is registered with the mgr
+like the mgr's own, so a mgr failover blocklists it; it dies with the
+thread that started it (a mgr that fails over does not leave it copying
+behind the new one's back).
 """
 import ctypes
 import errno

@@ -178,7 +178,8 @@ def fill(engine: LibrbdEngine, ref: ImageRef, fmt: Format, options: CopyOptions,
 @dataclass
 class LiveExecute:
     """A live import's execute: the module's copy of the source (``spec``;
-    None: librbd copies it all, for ``why_not``), then librbd's execute.
+    None: librbd copies it all, for ``why_not``), then the migration
+    recorded as executed (``LibrbdEngine.execute_live``).
     Run in the mgr or, rebuilt from its ``portable`` form, in the task's
     child process (isolated.py), which has its own client and no GIL to
     share with the mgr's commands."""
