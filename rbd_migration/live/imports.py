@@ -30,12 +30,13 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from ..context import SourceContext
-from ..errors import InvalidArgument
+from ..errors import Cancelled, InvalidArgument, MigrationError
 from ..source_spec import EXTENSION_FIELD
+from ..streams import open_stream
 from ..validators import Validators, check_unchanged
 from . import handover
 from .pinned import Pinned, PinnedView, check_same, pin
@@ -49,6 +50,9 @@ LIVE = 'live'
 
 #: A context for reading sources, ended when ``stop`` is set.
 ContextFor = Callable[[Optional[threading.Event]], SourceContext]
+
+#: Seconds the source has to take a second reader beside the view's.
+SECOND_READER_WAIT = 3.0
 
 
 @dataclass
@@ -176,9 +180,12 @@ class LiveImports:
         InvalidArgument when a view cannot present the source; the caller
         then takes the hidden path."""
         server = self._server()
-        view = QcowView.from_spec(spec, self._context_for(server.stopping))
+        ctx = self._context_for(server.stopping)
+        view = QcowView.from_spec(spec, ctx)
         try:
-            return view, pin(view)
+            pinned = pin(view)
+            _check_second_reader(spec, ctx)
+            return view, pinned
         except BaseException:
             view.close()
             raise
@@ -231,3 +238,24 @@ class LiveImports:
         if server is None:
             raise InvalidArgument(self.down)
         return server
+
+
+def _check_second_reader(spec: Mapping[str, Any], ctx: SourceContext) -> None:
+    """A live import reads its source from two places at once: the view
+    (for clients) and the execute's copy.  A source that serves one reader
+    at a time (``qemu-nbd`` without ``--shared``) would leave every attempt
+    of the copy waiting for its handshake, so it is found now, with the
+    view's reader open, and the import takes the hidden path instead."""
+    stream = spec.get('stream')
+    if not isinstance(stream, Mapping):
+        return
+    try:
+        open_stream(stream, replace(ctx, timeout=SECOND_READER_WAIT, retries=1)).close()
+    except Cancelled:
+        raise
+    except MigrationError as e:
+        why = str(e).removeprefix('source-spec: ')
+        raise InvalidArgument(
+            f'the source did not take a second reader while the live view held one '
+            f'({why}); a live import reads it twice at once: serve it to two clients '
+            '(qemu-nbd --shared 2 or more)') from None

@@ -69,13 +69,14 @@ class Places:
         return {'type': 's3', 'url': f'{endpoint}/{S3_BUCKET}/{key}',
                 'access_key': S3_ACCESS_KEY, 'secret_key': S3_SECRET_KEY}
 
-    def nbd_uri(self, image: Path, fmt: str) -> str:
+    def nbd_uri(self, image: Path, fmt: str, shared: int = 8) -> str:
         """An nbd:// URI of ``image`` served read-only by qemu-nbd on a free
-        loopback port, for as long as the test runs."""
+        loopback port to ``shared`` clients at once, for as long as the test
+        runs."""
         with socket.socket() as s:
             s.bind(('127.0.0.1', 0))
             port = int(s.getsockname()[1])
-        proc = subprocess.Popen(['qemu-nbd', '--read-only', '--persistent', '--shared', '8',
+        proc = subprocess.Popen(['qemu-nbd', '--read-only', '--persistent', '--shared', str(shared),
                                  '-f', fmt, '-x', 'disk', '-b', '127.0.0.1', '-p', str(port),
                                  str(image)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -809,3 +810,27 @@ def test_spec_asking_for_the_hidden_path(live: Cluster, places: Places,
         _task(live, 'abort', name)
     finally:
         _remove(live, name)
+
+
+def test_nbd_server_of_one_client_is_imported_hidden(live: Cluster, places: Places) -> None:
+    """qemu-nbd serves one client by default; a live import would read it
+    twice at once (the view and the copy), so prepare takes the hidden path
+    and says why, and the import still completes."""
+    data = _disk(17)
+    raw = places.files / 'single.raw'
+    raw.write_bytes(data)
+    spec = {'type': 'raw', 'stream': {'type': 'nbd', 'uri': places.nbd_uri(raw, 'raw', 1)}}
+    name = f'live-single-{uuid.uuid4().hex[:6]}'
+    try:
+        prepared = _prepare(live, name, spec)
+        assert prepared['path'] == 'adapter', prepared
+        hidden = prepared['probe']['hidden']
+        assert 'second reader' in hidden and '--shared 2' in hidden, prepared
+        for action in ('execute', 'commit'):    # hidden: no image by name until commit
+            task = str(mig(live, action, f'rbd/{name}', timeout=120)['task']['id'])
+            r = live.task_end(task, 240)
+            assert r.returncode == 0 and r.stdout.strip().endswith(' completed'), r
+        _same(_export(live, f'rbd/{name}'), data, f'rbd/{name}')
+    finally:
+        _remove(live, name)
+

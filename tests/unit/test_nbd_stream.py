@@ -23,6 +23,7 @@ from rbd_migration.context import SourceContext
 from rbd_migration.errors import (Cancelled, InvalidArgument, MigrationError, NotFound,
                                   PermissionDenied, SourceChanged, SourceUnreachable)
 from rbd_migration.formats import open_format
+from rbd_migration.live.imports import SECOND_READER_WAIT, LiveImports
 from rbd_migration.probe import ADAPTER, probe
 from rbd_migration.source_spec import spec_summary, validate_source_spec
 from rbd_migration.streams import open_stream
@@ -67,8 +68,9 @@ class Servers:
         return proc
 
     def qemu_nbd(self, image: Path, fmt: str = 'qcow2', name: Optional[str] = None,
-                 sock: Optional[Path] = None, port: Optional[int] = None) -> subprocess.Popen:
-        argv = ['qemu-nbd', '--read-only', '--persistent', '--shared', '8', '-f', fmt]
+                 sock: Optional[Path] = None, port: Optional[int] = None,
+                 shared: int = 8) -> subprocess.Popen:
+        argv = ['qemu-nbd', '--read-only', '--persistent', '--shared', str(shared), '-f', fmt]
         argv += ['-x', name] if name is not None else []
         argv += ['--socket', str(sock)] if sock else ['-b', '127.0.0.1', '-p', str(port)]
         return self.start(argv + [str(image)], sock, port)
@@ -642,3 +644,31 @@ def test_a_certificate_linked_outside_the_roots_is_refused(
     (client / 'client-key.pem').symlink_to(stranger / 'client-key.pem')
     with pytest.raises(PermissionDenied, match='client-key.pem leads outside the allowed'):
         nbd(f'nbds://127.0.0.1:{port}/?tls-certificates={client}', root)
+
+
+# -- Live imports --------------------------------------------------------------
+
+
+@pytest.mark.parametrize('shared', [1, 2])
+def test_a_live_view_needs_a_server_of_two_clients(root: Path, servers: Servers,
+                                                   shared: int) -> None:
+    """The view holds one connection and the execute's copy opens another:
+    a server of one client is found at prepare (the import goes hidden,
+    saying why) instead of leaving every attempt of the copy waiting."""
+    sock = root / 'one.sock'
+    servers.qemu_nbd(qcow2(root), sock=sock, shared=shared)
+    live = LiveImports(lambda stop: ctx_for(root, stop=stop))
+    live.start('127.0.0.1', 0, '127.0.0.1')
+    spec = {'type': 'raw', 'stream': {'type': 'nbd', 'uri': f'nbd+unix:///?socket={sock}'}}
+    try:
+        started = time.monotonic()
+        if shared == 1:
+            with pytest.raises(InvalidArgument, match=r'second reader.*--shared 2'):
+                live.open_view(spec)
+            assert time.monotonic() - started < SECOND_READER_WAIT + 2
+        else:
+            view, _ = live.open_view(spec)
+            view.close()
+    finally:
+        live.stop()
+
