@@ -29,8 +29,8 @@ from . import render
 from .reports import Reports
 from .commands import CommandTable
 from .secrets import collect_secrets, mask_text
-from .engine.isolated import ChildClient
-from .service import Children, MigrationService, Queued
+from .engine.isolated import ChildClient, Children
+from .service import MigrationService, Queued
 from .settings import Settings
 from .store import Mirror
 from .tasks import RUNNING, Task
@@ -228,6 +228,8 @@ class Module(MgrModule):
         stopped = self.service.queue.shutdown() if self.service is not None else True
         if self.service is not None:
             self.service.live.stop()
+        if self.service is not None and self.service.children is not None and stopped:
+            self.service.children.close()   # else a task's child would die with its thread
         if self._bulk is not None and stopped:  # else a task still copies through it
             addrs = self._bulk.get_addrs()
             self._bulk.shutdown()

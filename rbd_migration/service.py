@@ -75,23 +75,13 @@ class Queued:
     message: str
 
 
-@dataclass
-class Children:
-    """What a child process running librbd's execute needs from the mgr:
-    its client identity, and a way to register that client's address so
-    that a failover blocklists it like the mgr's own."""
-
-    client: isolated.ChildClient
-    register: Callable[[str], None]
-    unregister: Callable[[str], None]
-
 log = logging.getLogger(__name__)
 
 
 class MigrationService:
     def __init__(self, cluster: rados.Rados, store: Store, events: Events,
                  option: OptionGetter, bulk: Optional[rados.Rados] = None,
-                 children: Optional[Children] = None,
+                 children: Optional[isolated.Children] = None,
                  blocklisted: Callable[[rados.Rados], None] = lambda client: None) -> None:
         self.store = store
         self.registrations = Registrations(store)
@@ -721,8 +711,7 @@ class MigrationService:
         """The process librbd's execute runs in (None: it runs in the mgr)."""
         if self.children is None:
             return nullcontext()
-        return isolated.Child(self.children.client, self.queue.stop_event(task.id),
-                              self.children.register, self.children.unregister)
+        return self.children.child(self.queue.stop_event(task.id))
 
     def _live_execute(self, task: Task, view: ViewRecord) -> prefill.LiveExecute:
         """How a live import's execute goes: its data copied by the

@@ -1,8 +1,12 @@
 """The execute child's end as the parent reports it, without a cluster: a
 child that cannot start says why in the task's error (the last line of its
-stderr), and is gone when the task lets it go."""
+stderr), and is gone when the task lets it go; and the spare child, started
+ahead of a task, handed out once, alive after the thread that took it ends,
+and let go when unused, dead or closed."""
 import re
 import threading
+import time
+from typing import Callable, List, Optional
 
 import pytest
 
@@ -34,3 +38,89 @@ def test_a_silent_child_is_reported_as_before(monkeypatch: pytest.MonkeyPatch) -
     with isolated.Child(isolated.ChildClient('client.x'), threading.Event()) as child:
         with pytest.raises(ChildFailed, match=r'ended without a word \(exit status 0\)$'):
             child.execute(REF, lambda done, total: 0)
+
+
+#: A child that arms its death with the thread that started it, as the real
+#: one does, then waits for its request (without connecting anywhere).
+WAITING = ('import json, sys; from rbd_migration.engine import isolated; '
+           'isolated._die_with_parent(json.loads(sys.stdin.readline())["parent"]); '
+           'sys.stdin.readline()')
+
+
+def _until(what: Callable[[], Optional[object]], limit: float = 10.0) -> object:
+    ends = time.monotonic() + limit
+    while True:
+        found = what()
+        if found:
+            return found
+        assert time.monotonic() < ends, 'not within the limit'
+        time.sleep(0.02)
+
+
+def _spare(children: isolated.Children) -> Optional[isolated.Child]:
+    return children._spare
+
+
+@pytest.fixture
+def waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(isolated, 'CHILD_CODE', WAITING)
+
+
+@pytest.mark.usefixtures('waiting')
+def test_a_spare_is_handed_out_once_and_outlives_the_thread_that_took_it() -> None:
+    children = isolated.Children(isolated.ChildClient('client.x'), idle=30)
+    assert _spare(children) is None             # none before a prepare asks
+    children.warm()
+    first = _until(lambda: _spare(children))
+    assert isinstance(first, isolated.Child)
+    held = children.child(threading.Event())
+    taken: List[isolated.Child] = []
+    thread = threading.Thread(target=lambda: taken.append(held.__enter__()))
+    thread.start()
+    thread.join()
+    assert taken[0] is first
+    time.sleep(0.3)     # the taking thread ended: a child of its own would be dead
+    assert first.proc.poll() is None
+    assert _spare(children) is None             # none started while it copies
+    held.__exit__(None, None, None)
+    assert first.proc.poll() is not None
+    second = _until(lambda: _spare(children))   # the next task's, once it is done
+    assert second is not first
+    children.close()
+    assert isinstance(second, isolated.Child) and second.proc.poll() is not None
+    assert children._keeper is not None and not children._keeper.is_alive()
+
+
+@pytest.mark.usefixtures('waiting')
+def test_an_unused_spare_is_let_go() -> None:
+    children = isolated.Children(isolated.ChildClient('client.x'), idle=0.5)
+    children.warm()
+    spare = _until(lambda: _spare(children))
+    assert isinstance(spare, isolated.Child)
+    _until(lambda: spare.proc.poll() is not None, limit=5)
+    time.sleep(0.1)
+    waits = []
+    wait = children._cv.wait
+
+    def counted(timeout: Optional[float] = None) -> bool:
+        waits.append(timeout)
+        return wait(timeout)
+    children._cv.wait = counted  # type: ignore[method-assign]
+    time.sleep(0.5)
+    assert _spare(children) is None             # and no other started
+    assert len(waits) <= 1, waits               # its thread waits for a warm, not spins
+    children.close()
+
+
+@pytest.mark.usefixtures('waiting')
+def test_a_dead_spare_is_not_handed_out() -> None:
+    children = isolated.Children(isolated.ChildClient('client.x'), idle=30)
+    children.warm()
+    spare = _until(lambda: _spare(children))
+    assert isinstance(spare, isolated.Child)
+    spare.proc.kill()
+    spare.proc.wait()
+    with children.child(threading.Event()) as child:
+        assert child.proc.pid != spare.proc.pid and child.proc.poll() is None
+    children.close()
+
