@@ -6,7 +6,7 @@ and let go when unused, dead or closed."""
 import re
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import pytest
 
@@ -61,6 +61,15 @@ def _spare(children: isolated.Children) -> Optional[isolated.Child]:
     return children._spare
 
 
+def _warmed(idle: float) -> Tuple[isolated.Children, isolated.Child]:
+    """Children asked for a spare, and the spare once it is there."""
+    children = isolated.Children(isolated.ChildClient('client.x'), idle=idle)
+    children.warm()
+    spare = _until(lambda: _spare(children))
+    assert isinstance(spare, isolated.Child)
+    return children, spare
+
+
 @pytest.fixture
 def waiting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(isolated, 'CHILD_CODE', WAITING)
@@ -68,11 +77,8 @@ def waiting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures('waiting')
 def test_a_spare_is_handed_out_once_and_outlives_the_thread_that_took_it() -> None:
-    children = isolated.Children(isolated.ChildClient('client.x'), idle=30)
-    assert _spare(children) is None             # none before a prepare asks
-    children.warm()
-    first = _until(lambda: _spare(children))
-    assert isinstance(first, isolated.Child)
+    assert _spare(isolated.Children(isolated.ChildClient('client.x'))) is None  # unasked
+    children, first = _warmed(30)
     held = children.child(threading.Event())
     taken: List[isolated.Child] = []
     thread = threading.Thread(target=lambda: taken.append(held.__enter__()))
@@ -93,10 +99,7 @@ def test_a_spare_is_handed_out_once_and_outlives_the_thread_that_took_it() -> No
 
 @pytest.mark.usefixtures('waiting')
 def test_an_unused_spare_is_let_go() -> None:
-    children = isolated.Children(isolated.ChildClient('client.x'), idle=0.5)
-    children.warm()
-    spare = _until(lambda: _spare(children))
-    assert isinstance(spare, isolated.Child)
+    children, spare = _warmed(0.5)
     _until(lambda: spare.proc.poll() is not None, limit=5)
     time.sleep(0.1)
     waits = []
@@ -114,10 +117,7 @@ def test_an_unused_spare_is_let_go() -> None:
 
 @pytest.mark.usefixtures('waiting')
 def test_a_dead_spare_is_not_handed_out() -> None:
-    children = isolated.Children(isolated.ChildClient('client.x'), idle=30)
-    children.warm()
-    spare = _until(lambda: _spare(children))
-    assert isinstance(spare, isolated.Child)
+    children, spare = _warmed(30)
     spare.proc.kill()
     spare.proc.wait()
     with children.child(threading.Event()) as child:
