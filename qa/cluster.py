@@ -62,6 +62,8 @@ S3_BUCKET = 'images'
 #: OSDs the EC data pool ``ecdata`` (k=2, m=1, one shard per OSD) needs;
 #: a cluster of fewer has no such pool.
 EC_SHARDS = 3
+#: Seconds one rbd CLI call may take in tests and benches before it fails.
+RBD_CLI_LIMIT = 300.0
 
 
 def _option_text(value: Any) -> str:
@@ -361,14 +363,24 @@ class Cluster:
                 self.reset_module_option(name)
             time.sleep(1)
 
-    def rbd(self, *args: str) -> str:
-        """Run the rbd CLI against this cluster; return stdout."""
+    def rbd(self, *args: str, timeout: float = RBD_CLI_LIMIT) -> str:
+        """Run the rbd CLI against this cluster; return stdout.  A CLI
+        still waiting after ``timeout`` fails with the cluster's health
+        (a full OSD makes writes wait for ever)."""
         assert self.state
-        r = subprocess.run(['rbd', '--conf', self.state.conf, *args],
-                           capture_output=True, text=True)
+        try:
+            r = subprocess.run(['rbd', '--conf', self.state.conf, *args],
+                               capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f'rbd {" ".join(args)}: no answer within {timeout:g} s; '
+                               f'health: {self._health()}') from None
         if r.returncode != 0:
             raise RuntimeError(f'rbd {" ".join(args)}: {r.stderr.strip()}')
         return r.stdout
+
+    def _health(self) -> str:
+        r = self.run_ceph('health', 'detail', timeout=15)
+        return ' | '.join(r.stdout.strip().splitlines()[:6]) or r.stderr.strip()
 
     def image_sha(self, spec: str) -> str:
         """sha256 of an image (or image@snap) as `rbd export` streams it."""
@@ -655,8 +667,15 @@ rgw dns name = 127.0.0.1
         procs = [subprocess.Popen(['rbd', '--conf', self.path('ceph.conf'),
                                    'pool', 'init', pool])
                  for pool in ('rbd', 'rbd2')]
-        if any(p.wait() for p in procs):
-            raise RuntimeError('rbd pool init failed')
+        try:
+            if any(p.wait(RBD_CLI_LIMIT) for p in procs):
+                raise RuntimeError('rbd pool init failed')
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise RuntimeError(f'rbd pool init: no answer within {RBD_CLI_LIMIT:g} s; '
+                               f'health: {self._health()}') from None
 
     def ensure_rgw(self) -> int:
         """Start RGW, its test user and bucket on this running cluster unless
