@@ -322,6 +322,14 @@ class Children:
                 spare = self._spare
                 if spare is not None and self._stale(spare, now):
                     self._spare = None              # let go, below
+                    if spare.proc.poll() is not None:
+                        # Died waiting (a broken install, say): no other
+                        # until the next warm, rather than one every check.
+                        self._until = 0.0
+                        log.warning('a spare execute child ended by itself (exit status %s)%s',
+                                    spare.proc.returncode,
+                                    f': {spare._last_words()}' if not spare.stderr.closed
+                                    else '')
                 elif spare is None and not self._closed and now < self._until:
                     pass                            # start one, below
                 elif self._closed:

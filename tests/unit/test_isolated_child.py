@@ -6,7 +6,7 @@ and let go when unused, dead or closed."""
 import re
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 
@@ -124,3 +124,28 @@ def test_a_dead_spare_is_not_handed_out() -> None:
         assert child.proc.pid != spare.proc.pid and child.proc.poll() is None
     children.close()
 
+
+
+def test_a_spare_that_dies_by_itself_is_not_started_again_until_asked(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A broken install kills every child at its start: one try per warm,
+    said in the log, not one every check for as long as spares are wanted."""
+    monkeypatch.setattr(isolated, 'CHILD_CODE', 'import sys; sys.stdin.readline(); '
+                                                'sys.exit("cannot import rbd_migration")')
+    monkeypatch.setattr(isolated, 'SPARE_CHECK', 0.05)
+    started: List[isolated.Child] = []
+
+    class Counted(isolated.Child):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            started.append(self)
+    monkeypatch.setattr(isolated, 'Child', Counted)
+    children = isolated.Children(isolated.ChildClient('client.x'), idle=30)
+    children.warm()
+    _until(lambda: started and started[0].proc.poll() is not None)
+    _until(lambda: 'cannot import rbd_migration' in caplog.text)
+    time.sleep(0.5)                             # ten checks
+    assert len(started) == 1 and _spare(children) is None
+    children.warm()
+    _until(lambda: len(started) == 2)
+    children.close()
