@@ -252,7 +252,7 @@ class Children:
     one costs about 16 MiB of memory of its own.
 
     Spares are started by a thread of this class, which lives until
-    ``close``: a child dies with the thread that started it
+    ``close`` (nothing else ends it): a child dies with the thread that started it
     (PR_SET_PDEATHSIG), so it must not be a task's, which ends before the
     next task takes the child.  A spare is not registered with the mgr
     until its task reads its address (it writes nothing before)."""
@@ -341,10 +341,17 @@ class Children:
                     self._cv.wait(min(SPARE_CHECK, self._until - now,
                                       self._born + self.idle - now))
                     continue
-            if spare is not None:
-                spare.close()
-            else:
-                self._start()
+            try:
+                if spare is not None:
+                    spare.close()
+                else:
+                    self._start()
+            except Exception:
+                # The thread must outlive the children it started (they die
+                # with it), whatever one of them did: said, and tried later.
+                log.exception('spare execute child')
+                with self._cv:
+                    self._cv.wait(SPARE_CHECK)
 
     def _stale(self, spare: Child, now: float) -> bool:
         """Not wanted any more, too old, or dead."""
