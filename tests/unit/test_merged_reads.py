@@ -184,8 +184,10 @@ class Handler(BaseHTTPRequestHandler):
         self._answer(body=True)
 
     def _answer(self, body: bool) -> None:
-        # A GET is counted in flight and held ``delay``; a HEAD answers at once.
-        with self.server.flight() if body else contextlib.nullcontext():
+        # A GET is counted in flight and held ``delay`` (a GET of a missing
+        # file only counted); a HEAD answers at once.
+        held = (self.server.root / self.path.lstrip('/')).exists()
+        with self.server.flight(held) if body else contextlib.nullcontext():
             self._send(body)
 
     def _send(self, body: bool) -> None:
@@ -227,12 +229,12 @@ class FileServer(ThreadingHTTPServer):
         self.in_flight = self.most_in_flight = 0
 
     @contextlib.contextmanager
-    def flight(self) -> Iterator[None]:
+    def flight(self, held: bool = True) -> Iterator[None]:
         with self._lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
         try:
-            time.sleep(self.delay)
+            time.sleep(self.delay if held else 0.0)
             yield
         finally:
             with self._lock:
@@ -352,9 +354,15 @@ def test_a_failing_lower_layer_fails_the_read_after_the_upper_one_ends(
     spec = {'type': 'qcow', 'stream': {'type': 'http', 'url': server.url(top.name)}}
     with open_format(spec, SourceContext()) as fmt:
         (tmp_path / 'base.qcow2').rename(tmp_path / 'gone.qcow2')
-        server.delay = 0.2
+        server.delay = 0.5          # the upper layers' answers; the 404 comes at once
         buf = bytearray(16 * MiB)
         with pytest.raises(Exception) as e:
             fmt.read_pieces([(0, memoryview(buf))])
+        # The server counts an answer done just after the client has it:
+        # a read that returned before the upper layers' answers would find
+        # them in flight for most of half a second still.
+        ends = time.monotonic() + 0.1
+        while server.in_flight and time.monotonic() < ends:
+            time.sleep(0.005)
         assert server.in_flight == 0
     assert 'base.qcow2' in str(e.value) or '404' in str(e.value), e.value
