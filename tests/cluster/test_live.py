@@ -1,6 +1,8 @@
 """Live imports on a real cluster: sources librbd cannot read itself
-(compressed qcow2 over HTTP and S3, a qcow2 overlay, rbd export and
-export-diff files, VMDK, raw over NBD, a URL with a query string) are served by the mgr as a qcow2 view, so clients read
+(compressed qcow2 over HTTP and S3, a qcow2 overlay from files and from
+S3, rbd export and export-diff files, export-diff over HTTP, VMDK from a
+file and from S3, an OVA over HTTP, raw over NBD, a URL with a query
+string) are served by the mgr as a qcow2 view, so clients read
 and write the target from prepare on, before execute.  Checked: what they
 read equals the source at HEAD and each snapshot, their writes survive the
 copy, the committed image is no bigger than ``rbd import`` makes it, abort
@@ -242,6 +244,43 @@ def _vmdk_file(p: Places, origin: 'Origin') -> Source:
     return Source({'type': 'vmdk', 'stream': {'type': 'file', 'file_path': str(vmdk)}}, data)
 
 
+def _vmdk_s3(p: Places, origin: 'Origin') -> Source:
+    """The streamOptimized vmdk, as an object in RGW."""
+    src = _vmdk_file(p, origin)
+    path = Path(src.spec['stream']['file_path'])
+    return Source({'type': 'vmdk', 'stream': p.s3_spec('disk.vmdk', path.read_bytes())},
+                  src.head)
+
+
+def _ova_http(p: Places, origin: 'Origin') -> Source:
+    """An OVA (the descriptor, then a streamOptimized disk) served by nginx,
+    read in place."""
+    src = _vmdk_file(p, origin)
+    (p.files / 'vm.ovf').write_text('<Envelope/>')
+    _run('tar', '-C', str(p.files), '-cf', str(p.www / 'vm.ova'), 'vm.ovf', 'disk.vmdk')
+    return Source({'type': 'ova', 'stream': {'type': 'http', 'url': f'{p.url}/vm.ova'}},
+                  src.head)
+
+
+def _qcow2_overlay_s3(p: Places, origin: 'Origin') -> Source:
+    """The overlay and its backing file as two objects side by side in RGW
+    (the backing file found as a sibling key)."""
+    src = _qcow2_overlay_file(p, origin)
+    p.s3_spec('backing.qcow2', (p.files / 'backing.qcow2').read_bytes())
+    stream = p.s3_spec('overlay.qcow2', (p.files / 'overlay.qcow2').read_bytes())
+    return Source({'type': 'qcow', 'stream': stream}, src.head)
+
+
+def _export_diff_file(p: Places, origin: 'Origin') -> Source:
+    src = _export_diff_http(p, origin)
+    for name in ('d1', 'dh'):
+        shutil.copy(p.www / name, p.files / name)
+    return Source({'type': 'export-diff',
+                   'stream': {'type': 'file', 'file_path': str(p.files / 'd1')},
+                   'diffs': [{'stream': {'type': 'file', 'file_path': str(p.files / 'dh')}}]},
+                  src.head, src.snaps)
+
+
 @dataclass
 class Origin:
     """An rbd image with a snapshot, which export and export-diff files
@@ -281,6 +320,10 @@ CASES: Dict[str, Callable[[Places, Origin], Source]] = {
     'export-diff-chain-http': _export_diff_http,
     'raw-http-query-string': _raw_http_query,
     'vmdk-file': _vmdk_file,
+    'vmdk-s3': _vmdk_s3,
+    'ova-http': _ova_http,
+    'qcow2-overlay-s3': _qcow2_overlay_s3,
+    'export-diff-chain-file': _export_diff_file,
 }
 
 
