@@ -1,8 +1,8 @@
 """Live imports on a real cluster: sources librbd cannot read itself
 (compressed qcow2 over HTTP and S3, a qcow2 overlay from files and from
 S3, rbd export and export-diff files, export-diff over HTTP, VMDK from a
-file and from S3, an OVA over HTTP, raw over NBD, a URL with a query
-string) are served by the mgr as a qcow2 view, so clients read
+file, HTTP and S3, an OVA over HTTP and from S3, raw over NBD, a URL with a
+query string) are served by the mgr as a qcow2 view, so clients read
 and write the target from prepare on, before execute.  Checked: what they
 read equals the source at HEAD and each snapshot, their writes survive the
 copy, the committed image is no bigger than ``rbd import`` makes it, abort
@@ -262,6 +262,21 @@ def _ova_http(p: Places, origin: 'Origin') -> Source:
                   src.head)
 
 
+def _vmdk_http(p: Places, origin: 'Origin') -> Source:
+    """The streamOptimized vmdk served by nginx."""
+    src = _vmdk_file(p, origin)
+    shutil.copy(src.spec['stream']['file_path'], p.www / 'disk.vmdk')
+    return Source({'type': 'vmdk', 'stream': {'type': 'http', 'url': f'{p.url}/disk.vmdk'}},
+                  src.head)
+
+
+def _ova_s3(p: Places, origin: 'Origin') -> Source:
+    """The OVA as an object in RGW."""
+    src = _ova_http(p, origin)
+    return Source({'type': 'ova', 'stream': p.s3_spec('vm.ova', (p.www / 'vm.ova').read_bytes())},
+                  src.head)
+
+
 def _qcow2_overlay_s3(p: Places, origin: 'Origin') -> Source:
     """The overlay and its backing file as two objects side by side in RGW
     (the backing file found as a sibling key)."""
@@ -321,7 +336,9 @@ CASES: Dict[str, Callable[[Places, Origin], Source]] = {
     'raw-http-query-string': _raw_http_query,
     'vmdk-file': _vmdk_file,
     'vmdk-s3': _vmdk_s3,
+    'vmdk-http': _vmdk_http,
     'ova-http': _ova_http,
+    'ova-s3': _ova_s3,
     'qcow2-overlay-s3': _qcow2_overlay_s3,
     'export-diff-chain-file': _export_diff_file,
 }
