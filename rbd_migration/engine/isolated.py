@@ -145,10 +145,10 @@ def _die_with_parent(parent: int) -> None:
 
 
 class Child:
-    """One task's child process, started before it is needed: it starts
-    Python and connects (0.05 to 0.1 s) while the task looks at the source,
-    and is told what to execute then.  Killed, whatever it does, when the
-    task leaves the ``with`` block."""
+    """One task's child process, started before it is needed (as the spare
+    ``Children`` keeps, or while the task looks at the source): it starts
+    Python and connects, then waits to be told what to execute.  Killed,
+    whatever it does, when the task leaves the ``with`` block."""
 
     def __init__(self, client: ChildClient, stop: threading.Event,
                  register: Callable[[str], None] = lambda addrs: None,
@@ -213,11 +213,11 @@ class Child:
                 raise ChildFailed(str(message['error']), int(message['errno']),
                                   bool(message['transient']))
         status = self.proc.wait()
-        said = self._last_words()
+        said = self.last_words()
         raise ChildFailed(f'librbd\'s execute of {ref} ended without a word (exit '
                           f'status {status})' + (f': {said}' if said else ''), errno.EIO, True)
 
-    def _last_words(self) -> str:
+    def last_words(self) -> str:
         """The last line the child wrote to stderr, at most 300 characters."""
         self.stderr.seek(0, os.SEEK_END)
         self.stderr.seek(max(0, self.stderr.tell() - 4096))
@@ -252,8 +252,8 @@ class Children:
     one costs about 16 MiB of memory of its own.
 
     Spares are started by a thread of this class, which lives until
-    ``close`` (nothing else ends it): a child dies with the thread that started it
-    (PR_SET_PDEATHSIG), so it must not be a task's, which ends before the
+    ``close`` (nothing else ends it): a child dies with the thread that
+    started it (PR_SET_PDEATHSIG), so it must not be a task's, which ends before the
     next task takes the child.  A spare is not registered with the mgr
     until its task reads its address (it writes nothing before)."""
 
@@ -326,10 +326,8 @@ class Children:
                         # Died waiting (a broken install, say): no other
                         # until the next warm, rather than one every check.
                         self._until = 0.0
-                        log.warning('a spare execute child ended by itself (exit status %s)%s',
-                                    spare.proc.returncode,
-                                    f': {spare._last_words()}' if not spare.stderr.closed
-                                    else '')
+                        log.warning('a spare execute child ended by itself (exit status '
+                                    '%s): %s', spare.proc.returncode, spare.last_words())
                 elif spare is None and not self._closed and now < self._until:
                     pass                            # start one, below
                 elif self._closed:
