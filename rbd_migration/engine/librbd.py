@@ -142,20 +142,24 @@ class LibrbdEngine(StatusReader):
     def execute_live(self, dst: ImageRef, progress: ProgressFn, copied: bool,
                      resume_fast_diff: bool) -> None:
         """Execute a live import, in the mgr or its child.  When the module
-        copied it all (``copied``, prefill.py): the object maps rebuilt
-        through librbd, then the migration recorded as executed
-        (``record_executed``); else librbd's execute.  Then fast-diff on
-        again when prepare turned it off."""
+        copied it all (``copied``, prefill.py): the object maps flagged
+        invalid and the migration recorded as executed
+        (``record_executed``), fast-diff on again when prepare turned it
+        off, then the maps rebuilt once; else librbd's execute, then
+        fast-diff on again."""
         if copied:
-            self.rebuild_object_maps(dst)
-            self.record_executed(dst)
+            self.record_executed(dst, invalidate_maps=True)
+            if resume_fast_diff:
+                self.resume_fast_diff(dst)
+            else:
+                self.rebuild_object_maps(dst, only_invalid=True)
             progress(1, 1)
-        else:
-            self.execute(dst, progress)
+            return
+        self.execute(dst, progress)
         if resume_fast_diff:
             self.resume_fast_diff(dst)
 
-    def record_executed(self, dst: ImageRef) -> None:
+    def record_executed(self, dst: ImageRef, invalidate_maps: bool = False) -> None:
         """The migration's state set to executed, as librbd's execute sets
         it at its end (cls_rbd ``migration_set_state``: the state as one
         byte, then an empty description), and the header's watchers told,
@@ -164,10 +168,21 @@ class LibrbdEngine(StatusReader):
         After the module's whole copy, all librbd's execute would do first
         is walk every object of the virtual size and find each one there or
         absent from the source: 0.08 to 0.10 s per GiB here, 0.3 to 0.5 s
-        for a sparse 10 GiB disk."""
+        for a sparse 10 GiB disk.
+
+        ``invalidate_maps``: the object maps (HEAD's and every snapshot's)
+        flagged invalid first, in the same notification, as librbd flags a
+        map it cannot trust.  They lack the objects the module copied up
+        behind librbd's back; flagged, every client reads objects rather
+        than trusting them, so nothing reads as absent even if the rebuild
+        that follows never runs (a task cut here: commit drops the source
+        below, and a stale map unflagged would read the copied objects as
+        zeros).  One rebuild then does for both the copy and fast-diff."""
         header = f'rbd_header.{dst.id}'
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
             try:
+                if invalidate_maps:
+                    ondisk.flag_object_maps_invalid(io, dst.id)
                 io.execute(header, 'rbd', 'migration_set_state',
                            struct.pack('<BI', rbd.RBD_IMAGE_MIGRATION_STATE_EXECUTED, 0))
             except rados.Error as e:
@@ -256,6 +271,11 @@ class LibrbdEngine(StatusReader):
         after it, in the same task.  The end state is the one ``rbd
         migration prepare --flatten`` gives: a target with no parent.  The
         step is idempotent, so a task retried after a failover finishes it.
+
+        Object maps still flagged invalid are rebuilt last: a live import
+        whose execute was cut before its rebuild leaves them so
+        (``record_executed``), and the committed image should answer
+        ``rbd du`` and diffs from its map again.
         """
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
             if self._migrating(io, dst):
@@ -281,6 +301,7 @@ class LibrbdEngine(StatusReader):
             else:
                 self.interrupted.finish_commit(dst, source)
             self._flatten_if_asked(io, dst, progress)
+        self.rebuild_object_maps(dst, only_invalid=True)
 
     def _migrating(self, io: rados.Ioctx, dst: ImageRef) -> bool:
         try:

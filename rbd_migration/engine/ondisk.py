@@ -146,6 +146,44 @@ def header_size(io: rados.Ioctx, image_id: str) -> Optional[int]:
     return int(struct.unpack('<Q', value)[0])
 
 
+#: librbd's feature bit and image flags (include/rbd/features.h, rbd_types.h).
+FEATURE_OBJECT_MAP = 1 << 3
+FLAGS_MAPS_INVALID = 1 | 2   # object map invalid, fast-diff invalid
+#: CEPH_NOSNAP: the image's head, to cls_rbd.
+HEAD_SNAP_ID = (1 << 64) - 2
+
+
+def flag_object_maps_invalid(io: rados.Ioctx, image_id: str) -> None:
+    """Flag the image's object maps (its head's and every snapshot's)
+    invalid with cls_rbd ``set_flags``, as librbd does with a map it cannot
+    trust: clients then read objects rather than the map.  Nothing to do
+    for an image without object maps."""
+    header = f'rbd_header.{image_id}'
+    value = _omap_get(io, header, 'features')
+    if value is None or len(value) != 8 \
+            or not struct.unpack('<Q', value)[0] & FEATURE_OBJECT_MAP:
+        return
+    for snap_id in [HEAD_SNAP_ID] + list(_snapshot_ids(io, header)):
+        io.execute(header, 'rbd', 'set_flags',
+                   struct.pack('<QQQ', FLAGS_MAPS_INVALID, FLAGS_MAPS_INVALID, snap_id))
+
+
+def _snapshot_ids(io: rados.Ioctx, header: str) -> Iterator[int]:
+    """The ids of an image's snapshots, from its header's ``snapshot_<id>``
+    keys (the id in 16 hex digits)."""
+    start = ''
+    while True:
+        with rados.ReadOpCtx() as op:
+            it, _ = io.get_omap_vals(op, start, 'snapshot_', 1024)
+            io.operate_read_op(op, header)
+            keys = [str(k) for k, _v in it]
+        for key in keys:
+            yield int(key[len('snapshot_'):], 16)
+        if len(keys) < 1024:
+            return
+        start = keys[-1]
+
+
 def migration_header(io: rados.Ioctx, image_id: str) -> Optional[MigrationHeader]:
     """The image's migration header, or None if it takes part in none."""
     value = _omap_get(io, f'rbd_header.{image_id}', 'migration')

@@ -14,13 +14,17 @@ then ignores).  What librbd's execute would do next is walk every object
 to find it there, then record the migration as executed: the module records
 it (``LibrbdEngine.record_executed``).
 
-What librbd cannot know: a client holding the image's exclusive lock caches
-the object map, in which the objects filled behind its back are absent.
-Its reads of them go to the view (the same bytes, slower) until the maps
-are rebuilt, which the execute that follows does (a maintenance
-operation librbd hands to the lock owner: ``LibrbdEngine.rebuild_object_maps``),
-for HEAD and for any snapshot a client took meanwhile; after commit, with
-no source below, every object is where the maps say.
+What librbd cannot know: objects filled behind its back are absent from
+the target's object maps.  Usually there are none until execute (prepare
+turns fast-diff off, and librbd turns the object map off with it); where
+there is one (an operator turned it on), a client holding the image's
+exclusive lock caches it and reads those objects from the view (the same
+bytes, slower).  So the execute flags the maps invalid as it records the
+migration executed, then turns fast-diff on again and rebuilds them once
+(a maintenance operation librbd hands to the lock owner:
+``LibrbdEngine.rebuild_object_maps``), HEAD's and those of snapshots
+clients took meanwhile; after commit, with no source below, every object
+is where the maps say, or the maps are flagged and not trusted.
 
 Taken only where that holds simply (``reason_not``): a source without
 snapshots (a target snapshot's objects need copy-ups under that snapshot's

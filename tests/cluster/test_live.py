@@ -29,6 +29,11 @@ import rados
 import rbd
 
 from qa.cluster import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Cluster
+from rbd_migration.context import SourceContext
+from rbd_migration.engine.copier import CopyOptions
+from rbd_migration.engine.librbd import LibrbdEngine
+from rbd_migration.engine.prefill import fill
+from rbd_migration.formats import open_format
 from tests.clusterops import ceph_run, mig
 
 MiB = 1 << 20
@@ -565,9 +570,9 @@ def test_a_client_holding_the_lock_reads_the_module_copy_after_commit(
         live: Cluster, places: Places, origin: Origin, rados_handle: rados.Rados) -> None:
     """A client that holds the target open and locked from before execute
     to after commit (a running VM): the module fills the objects behind its
-    back, its cached object map is rebuilt before librbd's execute (which
-    librbd hands to it, the lock owner), and once the source is gone it
-    still reads every byte, through the same open image."""
+    back, the object maps are rebuilt after (librbd hands that to it, the
+    lock owner), and once the source is gone it still reads every byte,
+    through the same open image."""
     src = _vmdk_file(places, origin)
     name = f'live-locked-{uuid.uuid4().hex[:6]}'
     blocks = {9 * MiB + 8 * KiB: random.Random(9).randbytes(BLOCK)}
@@ -580,6 +585,43 @@ def test_a_client_holding_the_lock_reads_the_module_copy_after_commit(
                     img.write(block, offset)    # takes the exclusive lock
                 assert json.loads(live.rbd('lock', 'ls', '--format', 'json', f'rbd/{name}'))
                 _copied_by(_execute_commit(live, name), src)
+                _same(img.read(0, SIZE), expected, 'the lock owner, after commit')
+            _same(_export(live, f'rbd/{name}'), expected, 'another client, after commit')
+            _object_map_valid(live, name)
+        finally:
+            _remove(live, name)
+
+
+def test_a_copy_cut_before_its_maps_were_rebuilt_still_reads_after_commit(
+        live: Cluster, places: Places, origin: Origin, rados_handle: rados.Rados) -> None:
+    """An execute cut after the module's copy and the executed state, before
+    the object maps' rebuild (the child killed there), of a target whose
+    lock owner caches a valid object map without the copied objects (here
+    an operator turned the map on after prepare, which turned it off with
+    fast-diff): the map was flagged invalid with the state, so after the
+    commit that may follow, the lock owner and any other client read every
+    byte, not zeros where the stale map says absent."""
+    src = _vmdk_file(places, origin)
+    name = f'live-cut-{uuid.uuid4().hex[:6]}'
+    blocks = {9 * MiB + 8 * KiB: random.Random(11).randbytes(BLOCK)}
+    expected = _patched(src.head, blocks)
+    engine = LibrbdEngine(rados_handle)
+    with rados_handle.open_ioctx('rbd') as io:
+        try:
+            _prepare_live(live, name, src.spec)
+            with rbd.Image(io, name) as img:
+                for offset, block in blocks.items():
+                    img.write(block, offset)    # takes the exclusive lock
+                img.update_features(rbd.RBD_FEATURE_OBJECT_MAP, True)
+                img.rebuild_object_map()        # valid: the client's object only
+                assert img.flags() == 0
+                ref = engine.ref(io, name)
+                ctx = SourceContext(allowed_file_roots=[str(places.files)])
+                with open_format(src.spec, ctx) as fmt:
+                    why, stats = fill(engine, ref, fmt, CopyOptions(), lambda done, total: True)
+                assert why is None and stats is not None and stats.bytes_written > 0, why
+                engine.record_executed(ref, invalidate_maps=True)
+                _task(live, 'commit', name)
                 _same(img.read(0, SIZE), expected, 'the lock owner, after commit')
             _same(_export(live, f'rbd/{name}'), expected, 'another client, after commit')
             _object_map_valid(live, name)

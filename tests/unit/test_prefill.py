@@ -204,8 +204,8 @@ class StepEngine(LibrbdEngine):
     def rebuild_object_maps(self, dst: ImageRef, only_invalid: bool = False) -> None:
         self.steps.append('rebuild')
 
-    def record_executed(self, dst: ImageRef) -> None:
-        self.steps.append('executed')
+    def record_executed(self, dst: ImageRef, invalidate_maps: bool = False) -> None:
+        self.steps.append('maps invalid, executed' if invalidate_maps else 'executed')
 
     def execute(self, dst: ImageRef, progress: Callable[[int, int], int]) -> None:
         self.steps.append('librbd execute')
@@ -215,16 +215,18 @@ class StepEngine(LibrbdEngine):
 
 
 @pytest.mark.parametrize('copied, resume, steps', [
-    (True, True, ['rebuild', 'executed', 'fast-diff']),
-    (True, False, ['rebuild', 'executed']),
+    (True, True, ['maps invalid, executed', 'fast-diff']),
+    (True, False, ['maps invalid, executed', 'rebuild']),
     (False, True, ['librbd execute', 'fast-diff']),
     (False, False, ['librbd execute']),
 ])
-def test_a_whole_copy_is_recorded_executed_after_the_maps_are_rebuilt(
+def test_a_whole_copy_is_recorded_executed_with_its_maps_flagged_then_rebuilt_once(
         copied: bool, resume: bool, steps: List[str]) -> None:
-    """The maps are rebuilt before the state says executed (a commit right
-    after must find every object in them); librbd's execute only where it
-    copies; fast-diff on again last, once nothing reads the source."""
+    """The maps are flagged invalid no later than the state says executed
+    (a commit right after must not trust a map without the copied
+    objects), then rebuilt once: by fast-diff's turning on again where
+    prepare turned it off (once nothing reads the source), else on their
+    own; librbd's execute only where it copies."""
     engine = StepEngine()
     seen: List[Tuple[int, int]] = []
 
