@@ -566,15 +566,15 @@ def test_clients_read_and_write_before_execute(live: Cluster, places: Places, or
                 _remove(live, ref)
 
 
-def test_a_client_holding_the_lock_reads_the_module_copy_after_commit(
-        live: Cluster, places: Places, origin: Origin, rados_handle: rados.Rados) -> None:
-    """A client that holds the target open and locked from before execute
-    to after commit (a running VM): the module fills the objects behind its
-    back, the object maps are rebuilt after (librbd hands that to it, the
-    lock owner), and once the source is gone it still reads every byte,
-    through the same open image."""
+def _held_through_commit(live: Cluster, places: Places, origin: Origin,
+                         rados_handle: rados.Rados, tag: str,
+                         step: Callable[[rbd.Image, str, Source], None]) -> None:
+    """A client holds a live target open and locked from right after
+    prepare to after commit (a running VM) while ``step`` copies and commits
+    it; then the client, through the same open image, and another one read
+    every byte, and the object map is right."""
     src = _vmdk_file(places, origin)
-    name = f'live-locked-{uuid.uuid4().hex[:6]}'
+    name = f'live-{tag}-{uuid.uuid4().hex[:6]}'
     blocks = {9 * MiB + 8 * KiB: random.Random(9).randbytes(BLOCK)}
     expected = _patched(src.head, blocks)
     with rados_handle.open_ioctx('rbd') as io:
@@ -584,12 +584,22 @@ def test_a_client_holding_the_lock_reads_the_module_copy_after_commit(
                 for offset, block in blocks.items():
                     img.write(block, offset)    # takes the exclusive lock
                 assert json.loads(live.rbd('lock', 'ls', '--format', 'json', f'rbd/{name}'))
-                _copied_by(_execute_commit(live, name), src)
+                step(img, name, src)
                 _same(img.read(0, SIZE), expected, 'the lock owner, after commit')
             _same(_export(live, f'rbd/{name}'), expected, 'another client, after commit')
             _object_map_valid(live, name)
         finally:
             _remove(live, name)
+
+
+def test_a_client_holding_the_lock_reads_the_module_copy_after_commit(
+        live: Cluster, places: Places, origin: Origin, rados_handle: rados.Rados) -> None:
+    """The module fills the objects behind the lock owner's back, the
+    object maps are rebuilt after (librbd hands that to the lock owner),
+    and once the source is gone it still reads every byte."""
+    def step(img: rbd.Image, name: str, src: Source) -> None:
+        _copied_by(_execute_commit(live, name), src)
+    _held_through_commit(live, places, origin, rados_handle, 'locked', step)
 
 
 def test_a_copy_cut_before_its_maps_were_rebuilt_still_reads_after_commit(
@@ -599,34 +609,23 @@ def test_a_copy_cut_before_its_maps_were_rebuilt_still_reads_after_commit(
     lock owner caches a valid object map without the copied objects (here
     an operator turned the map on after prepare, which turned it off with
     fast-diff): the map was flagged invalid with the state, so after the
-    commit that may follow, the lock owner and any other client read every
+    commit that may follow (which rebuilds it), the lock owner reads every
     byte, not zeros where the stale map says absent."""
-    src = _vmdk_file(places, origin)
-    name = f'live-cut-{uuid.uuid4().hex[:6]}'
-    blocks = {9 * MiB + 8 * KiB: random.Random(11).randbytes(BLOCK)}
-    expected = _patched(src.head, blocks)
     engine = LibrbdEngine(rados_handle)
-    with rados_handle.open_ioctx('rbd') as io:
-        try:
-            _prepare_live(live, name, src.spec)
-            with rbd.Image(io, name) as img:
-                for offset, block in blocks.items():
-                    img.write(block, offset)    # takes the exclusive lock
-                img.update_features(rbd.RBD_FEATURE_OBJECT_MAP, True)
-                img.rebuild_object_map()        # valid: the client's object only
-                assert img.flags() == 0
-                ref = engine.ref(io, name)
-                ctx = SourceContext(allowed_file_roots=[str(places.files)])
-                with open_format(src.spec, ctx) as fmt:
-                    why, stats = fill(engine, ref, fmt, CopyOptions(), lambda done, total: True)
-                assert why is None and stats is not None and stats.bytes_written > 0, why
-                engine.record_executed(ref, invalidate_maps=True)
-                _task(live, 'commit', name)
-                _same(img.read(0, SIZE), expected, 'the lock owner, after commit')
-            _same(_export(live, f'rbd/{name}'), expected, 'another client, after commit')
-            _object_map_valid(live, name)
-        finally:
-            _remove(live, name)
+
+    def step(img: rbd.Image, name: str, src: Source) -> None:
+        img.update_features(rbd.RBD_FEATURE_OBJECT_MAP, True)
+        img.rebuild_object_map()        # valid: the client's object only
+        assert img.flags() == 0
+        with rados_handle.open_ioctx('rbd') as io:
+            ref = engine.ref(io, name)
+        ctx = SourceContext(allowed_file_roots=[str(places.files)])
+        with open_format(src.spec, ctx) as fmt:
+            why, stats = fill(engine, ref, fmt, CopyOptions(), lambda done, total: True)
+        assert why is None and stats is not None and stats.bytes_written > 0, why
+        engine.record_executed(ref, invalidate_maps=True)
+        _task(live, 'commit', name)
+    _held_through_commit(live, places, origin, rados_handle, 'cut', step)
 
 
 def _sha(path: Path) -> str:
