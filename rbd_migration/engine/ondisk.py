@@ -9,7 +9,7 @@ fields in order; strings are a u32 length and bytes, integers little-endian.
 """
 import struct
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import rados
 
@@ -146,6 +146,26 @@ def header_size(io: rados.Ioctx, image_id: str) -> Optional[int]:
     return int(struct.unpack('<Q', value)[0])
 
 
+def header_values(io: rados.Ioctx, image_id: str, keys: Tuple[str, ...]) -> Dict[str, bytes]:
+    """Some keys of an image's header, as cls_rbd keeps them (absent keys
+    are left out; an absent header reads as no keys)."""
+    with rados.ReadOpCtx() as op:
+        it, _ = io.get_omap_vals_by_keys(op, keys)
+        try:
+            io.operate_read_op(op, f'rbd_header.{image_id}')
+        except rados.ObjectNotFound:
+            return {}
+        return {str(k): bytes(v) for k, v in it}
+
+
+def decode_u64(value: bytes) -> int:
+    return int(struct.unpack('<Q', value)[0])
+
+
+def decode_string(value: bytes) -> str:
+    return _Reader(value).string()
+
+
 #: librbd's feature bit and image flags (include/rbd/features.h, rbd_types.h).
 FEATURE_OBJECT_MAP = 1 << 3
 FLAGS_MAPS_INVALID = 1 | 2   # object map invalid, fast-diff invalid
@@ -163,14 +183,15 @@ def flag_object_maps_invalid(io: rados.Ioctx, image_id: str) -> None:
     if value is None or len(value) != 8 \
             or not struct.unpack('<Q', value)[0] & FEATURE_OBJECT_MAP:
         return
-    for snap_id in [HEAD_SNAP_ID] + list(_snapshot_ids(io, header)):
+    for snap_id in [HEAD_SNAP_ID] + list(snapshot_ids(io, image_id)):
         io.execute(header, 'rbd', 'set_flags',
                    struct.pack('<QQQ', FLAGS_MAPS_INVALID, FLAGS_MAPS_INVALID, snap_id))
 
 
-def _snapshot_ids(io: rados.Ioctx, header: str) -> Iterator[int]:
+def snapshot_ids(io: rados.Ioctx, image_id: str) -> Iterator[int]:
     """The ids of an image's snapshots, from its header's ``snapshot_<id>``
     keys (the id in 16 hex digits)."""
+    header = f'rbd_header.{image_id}'
     start = ''
     while True:
         with rados.ReadOpCtx() as op:
