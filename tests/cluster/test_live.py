@@ -32,7 +32,7 @@ from qa.cluster import S3_ACCESS_KEY, S3_BUCKET, S3_SECRET_KEY, Cluster
 from rbd_migration.context import SourceContext
 from rbd_migration.engine.copier import CopyOptions
 from rbd_migration.engine.librbd import LibrbdEngine
-from rbd_migration.engine.prefill import fill
+from rbd_migration.engine.prefill import ObjectLayout, fill
 from rbd_migration.formats import open_format
 from tests.clusterops import ceph_run, mig
 
@@ -301,6 +301,48 @@ def _export_diff_file(p: Places, origin: 'Origin') -> Source:
                   src.head, src.snaps)
 
 
+def _compressed_qcow2_file(p: Places, origin: 'Origin') -> Source:
+    """The compressed qcow2 with a snapshot, from a file."""
+    src = _compressed_qcow2_http(p, origin)
+    shutil.copy(p.www / 'compressed.qcow2', p.files / 'compressed.qcow2')
+    return Source({'type': 'qcow', 'stream': {
+        'type': 'file', 'file_path': str(p.files / 'compressed.qcow2')}}, src.head, src.snaps)
+
+
+def _qcow2_overlay_http(p: Places, origin: 'Origin') -> Source:
+    """The overlay and its backing file side by side under nginx (the
+    backing file found beside the overlay's URL)."""
+    src = _qcow2_overlay_file(p, origin)
+    for name in ('backing.qcow2', 'overlay.qcow2'):
+        shutil.copy(p.files / name, p.www / name)
+    return Source({'type': 'qcow', 'stream': {'type': 'http', 'url': f'{p.url}/overlay.qcow2'}},
+                  src.head)
+
+
+def _export_v2_s3(p: Places, origin: 'Origin') -> Source:
+    """The export with its snapshot, as an object in RGW."""
+    src = _export_v2_file(p, origin)
+    path = Path(src.spec['stream']['file_path'])
+    return Source({'type': 'export', 'stream': p.s3_spec('origin.export', path.read_bytes())},
+                  src.head, src.snaps)
+
+
+def _export_diff_s3(p: Places, origin: 'Origin') -> Source:
+    """The base diff and the one after it, two objects in RGW."""
+    src = _export_diff_http(p, origin)
+    first, second = (p.s3_spec(name, (p.www / name).read_bytes()) for name in ('d1', 'dh'))
+    return Source({'type': 'export-diff', 'stream': first, 'diffs': [{'stream': second}]},
+                  src.head, src.snaps)
+
+
+def _ova_file(p: Places, origin: 'Origin') -> Source:
+    """The OVA from a file."""
+    src = _ova_http(p, origin)
+    shutil.copy(p.www / 'vm.ova', p.files / 'vm.ova')
+    return Source({'type': 'ova', 'stream': {'type': 'file', 'file_path': str(p.files / 'vm.ova')}},
+                  src.head)
+
+
 @dataclass
 class Origin:
     """An rbd image with a snapshot, which export and export-diff files
@@ -346,6 +388,11 @@ CASES: Dict[str, Callable[[Places, Origin], Source]] = {
     'ova-s3': _ova_s3,
     'qcow2-overlay-s3': _qcow2_overlay_s3,
     'export-diff-chain-file': _export_diff_file,
+    'compressed-qcow2-snapshot-file': _compressed_qcow2_file,
+    'qcow2-overlay-http': _qcow2_overlay_http,
+    'export-v2-snapshot-s3': _export_v2_s3,
+    'export-diff-chain-s3': _export_diff_s3,
+    'ova-file': _ova_file,
 }
 
 
@@ -626,6 +673,37 @@ def test_a_copy_cut_before_its_maps_were_rebuilt_still_reads_after_commit(
         engine.record_executed(ref, invalidate_maps=True)
         _task(live, 'commit', name)
     _held_through_commit(live, places, origin, rados_handle, 'cut', step)
+
+
+@pytest.mark.parametrize('create, snapshot', [
+    ({}, False),
+    ({'order': 20}, True),
+    ({'stripe_unit': MiB, 'stripe_count': 4}, False),
+    ({'data_pool': 'ecdata'}, False),
+], ids=['default', 'order-20-snapshot', 'striped', 'ec-data-pool'])
+def test_the_fill_reads_the_layout_librbd_opens(live: Cluster, rados_handle: rados.Rados,
+                                                create: Dict[str, Any], snapshot: bool) -> None:
+    """The module's copy finds where a target's objects are from its header
+    alone (opening a live target opens its source too): the same as
+    librbd says of the opened image."""
+    name = f'live-layout-{uuid.uuid4().hex[:6]}'
+    with rados_handle.open_ioctx('rbd') as io:
+        try:
+            rbd.RBD().create(io, name, 24 * MiB + 512, old_format=False, **create)
+            with rbd.Image(io, name) as img:
+                if snapshot:
+                    img.create_snap('s1')
+                stat = img.stat()
+                pool = img.data_pool_id()
+                expected = ObjectLayout(
+                    data_pool_id=pool if pool >= 0 else io.get_pool_id(), namespace='',
+                    prefix=str(stat['block_name_prefix']), object_size=int(stat['obj_size']),
+                    size=int(stat['size']), stripe_unit=img.stripe_unit(),
+                    stripe_count=img.stripe_count(), snapshots=len(list(img.list_snaps())))
+            ref = LibrbdEngine(rados_handle).ref(io, name)
+            assert ObjectLayout.read(io, ref) == expected
+        finally:
+            _remove(live, name)
 
 
 def _sha(path: Path) -> str:
