@@ -609,26 +609,30 @@ class MigrationService:
     def _librbd_execute(self, step: 'Step') -> Dict[str, Any]:
         try:
             result = self._execute_librbd(step.task, step.ref, step.progress)
-            self._sparsify_live(step.ref)
+            if result.get('copied_by') != 'rbd_migration' and self._sparsify_live(step.ref):
+                result['sparsified'] = True
             return result
         finally:
             self._relist(step.ref)
 
-    def _sparsify_live(self, ref: ImageRef) -> None:
+    def _sparsify_live(self, ref: ImageRef) -> bool:
         """A live import of a source that says nothing of its zeros (raw)
         got them written as data by librbd: they are given back, as the
-        adapter engine and ``rbd import`` never write them.  (Where a client
-        wrote zeros over the source's data, librbd keeps the object rather
-        than expose the source below it: measured.)"""
+        adapter engine and ``rbd import`` never write them (nor does the
+        module's own copy: not called after it, as it reads every byte of
+        the target).  (Where a client wrote zeros over the source's data,
+        librbd keeps the object rather than expose the source below it:
+        measured.)  Whether it ran."""
         view = self._view_record(ref)
         if view is None or not view.sparsify:
-            return
+            return False
         try:
             with self.bulk.ioctx_by_id(ref.pool_id, ref.namespace) as io, \
                     rbd.Image(io, image_id=ref.id) as img:
                 img.sparsify(SPARSE_SIZE)
         except (rbd.Error, rados.Error) as e:
             raise translate(e, f'making the copy of {ref} sparse') from None
+        return True
 
     def _librbd_commit(self, step: 'Step') -> None:
         try:

@@ -485,6 +485,8 @@ def _copied_by(executed: Dict[str, Any], src: 'Source') -> None:
     else:
         assert result['copied_by'] == 'rbd_migration', result
         assert result['bytes_written'] > 0, result
+        # It wrote no zeros, so nothing read the whole target to drop them.
+        assert 'sparsified' not in result, result
 
 
 def _object_map_valid(cluster: Cluster, name: str) -> None:
