@@ -213,6 +213,13 @@ class StatusReader(Cluster):
             info.source_spec = self.source_spec(dest)
         return info
 
+    def target_status(self, ref: ImageRef) -> MigrationInfo:
+        """The migration of the target ``ref``, from the images' migration
+        headers alone, as on a full pool (``_status_from_headers``): no
+        open of the target, which opens its source too."""
+        with self.ioctx_by_id(ref.pool_id, ref.namespace) as io:
+            return self._info(self._status_from_headers(io, ref.name, ref.id))
+
     def _header_state(self, ref: ImageRef) -> Optional[str]:
         try:
             with self.ioctx_by_id(ref.pool_id, ref.namespace) as io:
