@@ -115,6 +115,22 @@ def _pool_objects(cluster: Cluster, pool: str) -> int:
     return len(out.split())
 
 
+def _settled_objects(cluster: Cluster, pool: str) -> int:
+    """Objects in the pool once the count holds still for 2 s (60 s at
+    most): objects of earlier tests' images may still be going, and a quota
+    set above them would then never be reached (the copy completed
+    unstalled once)."""
+    count = _pool_objects(cluster, pool)
+    until = time.monotonic() + 60
+    while time.monotonic() < until:
+        time.sleep(2)
+        again = _pool_objects(cluster, pool)
+        if again == count:
+            break
+        count = again
+    return count
+
+
 def _quota_full(cluster: Cluster, pool: str) -> bool:
     detail = cluster.ceph_json('osd', 'pool', 'ls', 'detail')
     return 'full_quota' in next(p for p in detail if p['pool_name'] == pool)['flags_names']
@@ -173,7 +189,7 @@ def test_target_pool_quota_reached(cluster: Cluster, path: str) -> None:
                                'url': f'http://127.0.0.1:{cluster.state.http_port}/{www.name}'}}
             cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd2/{name}',
                          '--source-spec', json.dumps(spec))
-            limit = _pool_objects(cluster, 'rbd2') + 8
+            limit = _settled_objects(cluster, 'rbd2') + 8
         cluster.ceph('osd', 'pool', 'set-quota', 'rbd2', 'max_objects', str(limit))
         if path == 'librbd':
             cluster._wait('rbd2 at its quota', lambda: _quota_full(cluster, 'rbd2'), 60)
