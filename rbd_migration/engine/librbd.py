@@ -152,7 +152,7 @@ class LibrbdEngine(StatusReader):
             if resume_fast_diff:
                 self.resume_fast_diff(dst)
             else:
-                self.rebuild_object_maps(dst, only_invalid=True)
+                self.rebuild_object_maps(dst)
             progress(1, 1)
             return
         self.execute(dst, progress)
@@ -220,25 +220,25 @@ class LibrbdEngine(StatusReader):
                         img.update_features(rbd.RBD_FEATURE_FAST_DIFF, True)
             except rbd.Error as e:
                 raise translate(e, f'enabling fast-diff on {dst} again')
-        self.rebuild_object_maps(dst, only_invalid=True)
+        self.rebuild_object_maps(dst)
 
-    def rebuild_object_maps(self, dst: ImageRef, only_invalid: bool = False) -> None:
-        """The target's object maps rebuilt from its objects: HEAD's and
-        every snapshot's (or only those flagged invalid).  librbd hands the
-        rebuild to the client holding the image's lock, if one does, so that
-        its cached map is the one rebuilt (see prefill.py)."""
+    def rebuild_object_maps(self, dst: ImageRef) -> None:
+        """The target's object maps flagged invalid rebuilt from its
+        objects: HEAD's and every snapshot's.  librbd hands the rebuild to
+        the client holding the image's lock, if one does, so that its cached
+        map is the one rebuilt (see prefill.py)."""
         invalid = rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
             try:
                 with rbd.Image(io, image_id=dst.id) as img:
                     if not img.features() & rbd.RBD_FEATURE_OBJECT_MAP:
                         return
-                    if not only_invalid or img.flags() & invalid:
+                    if img.flags() & invalid:
                         img.rebuild_object_map()
                     snaps = [s['name'] for s in img.list_snaps()]
                 for name in snaps:
                     with rbd.Image(io, image_id=dst.id, snapshot=name) as img:
-                        if not only_invalid or img.flags() & invalid:
+                        if img.flags() & invalid:
                             img.rebuild_object_map()
             except rbd.ImageNotFound:
                 pass  # a snapshot removed meanwhile: nothing of it to rebuild
@@ -301,7 +301,7 @@ class LibrbdEngine(StatusReader):
             else:
                 self.interrupted.finish_commit(dst, source)
             self._flatten_if_asked(io, dst, progress)
-        self.rebuild_object_maps(dst, only_invalid=True)
+        self.rebuild_object_maps(dst)
 
     def _migrating(self, io: rados.Ioctx, dst: ImageRef) -> bool:
         try:

@@ -1,7 +1,9 @@
 """What librbd keeps in RADOS objects, read directly where python3-rbd
 cannot tell us: the image directory without opening images, the trash with
-its "migration" entries (Pacific's ``RBD.trash_list`` raises on them), and
-the migration header a source keeps after its target is gone.
+its "migration" entries (Pacific's ``RBD.trash_list`` raises on them), the
+migration header a source keeps after its target is gone, and an image's
+layout without opening it (which for a live import opens its source too);
+and the one thing written directly: object maps flagged invalid.
 
 Each decoder follows the encoding in Ceph's ``cls_rbd_types``: an
 ``ENCODE_START`` preamble (u8 version, u8 compat, u32 length), then the
@@ -119,6 +121,14 @@ def directory_id(io: rados.Ioctx, name: str) -> Optional[str]:
     return _Reader(value).string()
 
 
+def decode_u64(value: bytes) -> int:
+    return int(struct.unpack('<Q', value)[0])
+
+
+def decode_string(value: bytes) -> str:
+    return _Reader(value).string()
+
+
 def encode_string(text: str) -> bytes:
     data = text.encode()
     return struct.pack('<I', len(data)) + data
@@ -143,7 +153,7 @@ def header_size(io: rados.Ioctx, image_id: str) -> Optional[int]:
     value = _omap_get(io, f'rbd_header.{image_id}', 'size')
     if value is None or len(value) != 8:
         return None
-    return int(struct.unpack('<Q', value)[0])
+    return decode_u64(value)
 
 
 def header_values(io: rados.Ioctx, image_id: str, keys: Tuple[str, ...]) -> Dict[str, bytes]:
@@ -156,14 +166,6 @@ def header_values(io: rados.Ioctx, image_id: str, keys: Tuple[str, ...]) -> Dict
         except rados.ObjectNotFound:
             return {}
         return {str(k): bytes(v) for k, v in it}
-
-
-def decode_u64(value: bytes) -> int:
-    return int(struct.unpack('<Q', value)[0])
-
-
-def decode_string(value: bytes) -> str:
-    return _Reader(value).string()
 
 
 #: librbd's feature bit and image flags (include/rbd/features.h, rbd_types.h).
@@ -180,8 +182,7 @@ def flag_object_maps_invalid(io: rados.Ioctx, image_id: str) -> None:
     for an image without object maps."""
     header = f'rbd_header.{image_id}'
     value = _omap_get(io, header, 'features')
-    if value is None or len(value) != 8 \
-            or not struct.unpack('<Q', value)[0] & FEATURE_OBJECT_MAP:
+    if value is None or len(value) != 8 or not decode_u64(value) & FEATURE_OBJECT_MAP:
         return
     for snap_id in [HEAD_SNAP_ID] + list(snapshot_ids(io, image_id)):
         io.execute(header, 'rbd', 'set_flags',
