@@ -250,6 +250,22 @@ def _children(cluster: Cluster) -> List[str]:
     return [line for line in r.stdout.splitlines() if 'pgrep' not in line]
 
 
+def test_a_prepare_starts_the_execute_child_ahead(cluster: Cluster,
+                                                  source: Dict[str, Any]) -> None:
+    """A new active mgr keeps no spare child until asked; a prepare that
+    librbd executes starts one, for its execute to take."""
+    cluster.ceph('mgr', 'fail')
+    cluster.wait_module()
+    assert not _children(cluster)
+    cluster.ceph('rbd', 'migration', 'prepare', '--import-only', f'rbd/ahead-{RUN}',
+                 '--source-spec', _spec(source['url'], 'librbd'))
+    try:
+        cluster._wait('a spare execute child', lambda: len(_children(cluster)) == 1, 30)
+    finally:
+        abort = cluster.ceph_json('rbd', 'migration', 'abort', f'rbd/ahead-{RUN}')['task']
+        assert cluster.task_end(str(abort['id'])).returncode == 0
+
+
 def test_a_librbd_execute_stops_on_cancel_and_resumes(cluster: Cluster,
                                                      source: Dict[str, Any]) -> None:
     """librbd ignores a cancel; its execute runs in a child the module kills."""
