@@ -327,6 +327,14 @@ def _export_v2_s3(p: Places, origin: 'Origin') -> Source:
                   src.head, src.snaps)
 
 
+def _export_v2_http(p: Places, origin: 'Origin') -> Source:
+    """The export with its snapshot, served by nginx."""
+    src = _export_v2_file(p, origin)
+    shutil.copy(src.spec['stream']['file_path'], p.www / 'origin.export')
+    return Source({'type': 'export', 'stream': {'type': 'http', 'url': f'{p.url}/origin.export'}},
+                  src.head, src.snaps)
+
+
 def _export_diff_s3(p: Places, origin: 'Origin') -> Source:
     """The base diff and the one after it, two objects in RGW."""
     src = _export_diff_http(p, origin)
@@ -391,6 +399,7 @@ CASES: Dict[str, Callable[[Places, Origin], Source]] = {
     'compressed-qcow2-snapshot-file': _compressed_qcow2_file,
     'qcow2-overlay-http': _qcow2_overlay_http,
     'export-v2-snapshot-s3': _export_v2_s3,
+    'export-v2-snapshot-http': _export_v2_http,
     'export-diff-chain-s3': _export_diff_s3,
     'ova-file': _ova_file,
 }
