@@ -265,12 +265,13 @@ class Children:
     at a few GiB.  So one spare is kept from a prepare on (``warm``) and
     after each task that had a child, and let go after SPARE_IDLE seconds
     unused: a cluster with no migration runs no such process, and an idle
-    one costs about 16 MiB of memory of its own.
+    one costs about 28 MiB of memory of its own (its client, and the
+    readers' code imported ahead: ``_import_ahead``).
 
     Spares are started by a thread of this class, which lives until
     ``close`` (nothing else ends it): a child dies with the thread that
-    started it (PR_SET_PDEATHSIG), so it must not be a task's, which ends before the
-    next task takes the child.  A spare is not registered with the mgr
+    started it (PR_SET_PDEATHSIG), so it must not be a task's, which ends
+    before the next task takes the child.  A spare is not registered with the mgr
     until its task reads its address (it writes nothing before)."""
 
     def __init__(self, client: ChildClient,

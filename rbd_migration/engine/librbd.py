@@ -213,24 +213,24 @@ class LibrbdEngine(StatusReader):
         """Fast-diff on again, once executed (librbd then reads no more of
         the source to answer a diff), with the object maps rebuilt, which
         enabling it asks for."""
-        with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
-            try:
-                with rbd.Image(io, image_id=dst.id) as img:
-                    if not img.features() & rbd.RBD_FEATURE_FAST_DIFF:
-                        img.update_features(rbd.RBD_FEATURE_FAST_DIFF, True)
-            except rbd.Error as e:
-                raise translate(e, f'enabling fast-diff on {dst} again')
-        self.rebuild_object_maps(dst)
+        self.rebuild_object_maps(dst, enable_fast_diff=True)
 
-    def rebuild_object_maps(self, dst: ImageRef) -> None:
+    def rebuild_object_maps(self, dst: ImageRef, enable_fast_diff: bool = False) -> None:
         """The target's object maps flagged invalid rebuilt from its
-        objects: HEAD's and every snapshot's.  librbd hands the rebuild to
-        the client holding the image's lock, if one does, so that its cached
-        map is the one rebuilt (see prefill.py)."""
+        objects: HEAD's and every snapshot's; first, with
+        ``enable_fast_diff``, fast-diff turned on through the same open
+        image (opening a live target opens its view too).  librbd hands the
+        rebuild to the client holding the image's lock, if one does, so that
+        its cached map is the one rebuilt (see prefill.py)."""
         invalid = rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
             try:
                 with rbd.Image(io, image_id=dst.id) as img:
+                    if enable_fast_diff and not img.features() & rbd.RBD_FEATURE_FAST_DIFF:
+                        try:
+                            img.update_features(rbd.RBD_FEATURE_FAST_DIFF, True)
+                        except rbd.Error as e:
+                            raise translate(e, f'enabling fast-diff on {dst} again')
                     if not img.features() & rbd.RBD_FEATURE_OBJECT_MAP:
                         return
                     if img.flags() & invalid:

@@ -127,7 +127,6 @@ def test_a_dead_spare_is_not_handed_out() -> None:
     children.close()
 
 
-
 def test_a_spare_that_dies_by_itself_is_not_started_again_until_asked(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A broken install kills every child at its start: one try per warm,
