@@ -201,7 +201,7 @@ class StepEngine(LibrbdEngine):
         super().__init__(None)
         self.steps: List[str] = []
 
-    def rebuild_object_maps(self, dst: ImageRef) -> None:
+    def rebuild_object_maps(self, dst: ImageRef, enable_fast_diff: bool = False) -> None:
         self.steps.append('rebuild')
 
     def record_executed(self, dst: ImageRef, invalidate_maps: bool = False) -> None:
