@@ -56,9 +56,14 @@ command; for qemu-img the whole convert (it creates the image too).  "task s"
 is the task's own run time in the mgr (started to finished, as the task
 records them), "task MB/s" the same size over it.  "CPU s" and "faults" are
 the CPU seconds and minor page faults, during exec, of the process that
-copies: ceph-mgr for ours, the rbd CLI or qemu-img otherwise; "host busy"
-the whole machine's busy CPU time during exec over exec s times its cores
-(near 100%: bound by the cores, not by waiting).  MB/s is 10^6 bytes of
+copies: ceph-mgr and its execute children for ours, the rbd CLI or qemu-img
+otherwise; "server CPU s" and "OSD CPU s" those of the source's server
+(nginx, RGW) and of the OSDs; "CPU floor s" the three over the machine's
+cores, the exec time if they kept every core busy (on a small machine, a
+remote row's server shares the cores with the copy and the OSDs: its ratio
+to the file row cannot pass their floors' ratio); "host busy" the whole
+machine's busy CPU time during exec over exec s times its cores (near 100%:
+bound by the cores, not by waiting).  MB/s is 10^6 bytes of
 virtual size per exec second; ratios are MB/s over the peer's MB/s (above 1:
 faster); "vs file" is a remote row's MB/s over the same peer's on the file
 it serves.  "req/GiB" is what the source's server saw during exec, per GiB
@@ -82,8 +87,9 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 from urllib.parse import urlsplit
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -175,15 +181,53 @@ def child_usage() -> Tuple[float, int]:
     return r.ru_utime + r.ru_stime, r.ru_minflt
 
 
-def proc_usage(pid: int) -> Tuple[float, int]:
-    """CPU seconds and minor faults of a running process."""
+def _stat(pid: int) -> List[str]:
+    """/proc/PID/stat's fields from the state on (field 3 of proc(5) is [0])."""
+    with open(f'/proc/{pid}/stat') as f:
+        return f.read().rsplit(')', 1)[1].split()
+
+
+def proc_usage(pid: int, family: bool = False) -> Tuple[float, int]:
+    """CPU seconds and minor faults of a running process; with ``family``,
+    its child processes' too (those it waited for, and those running: the
+    mgr's execute children)."""
     try:
-        with open(f'/proc/{pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
+        fields = _stat(pid)
     except OSError as e:
         raise BenchError(f'reading /proc/{pid}/stat: {e}') from None
-    tick = os.sysconf('SC_CLK_TCK')
-    return (int(fields[11]) + int(fields[12])) / tick, int(fields[7])
+    ticks, faults = int(fields[11]) + int(fields[12]), int(fields[7])
+    if family:
+        ticks += int(fields[13]) + int(fields[14])
+        faults += int(fields[8])
+        for child in child_pids([pid]):
+            cpu, flt = proc_usage(child, family=True)
+            ticks += round(cpu * os.sysconf('SC_CLK_TCK'))
+            faults += flt
+    return ticks / os.sysconf('SC_CLK_TCK'), faults
+
+
+def child_pids(parents: Sequence[int]) -> List[int]:
+    """The running processes whose parent is one of ``parents``."""
+    out = []
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                if int(_stat(int(name))[1]) in parents:
+                    out.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue    # gone meanwhile
+    return out
+
+
+def cpu_of(pids: Sequence[int]) -> float:
+    """CPU seconds of running processes (those that exit meanwhile: 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_usage(pid)[0]
+        except BenchError:
+            pass
+    return total
 
 
 def usage_delta(before: Tuple[float, int], after: Tuple[float, int]) -> Tuple[float, int]:
@@ -615,6 +659,8 @@ class Result:
     runs: List[float] = field(default_factory=list)
     stalls: List[float] = field(default_factory=list)  # killed after these seconds
     cpu: Optional[float] = None         # CPU seconds of the copying process
+    server_cpu: Optional[float] = None  # of the source's server (nginx, RGW)
+    osd_cpu: Optional[float] = None     # of the OSDs
     busy: Optional[float] = None        # the machine's busy fraction during exec
     faults: Optional[int] = None        # its minor page faults
     requests: Optional[int] = None      # what the source's server saw
@@ -624,6 +670,14 @@ class Result:
         if not self.ok or not self.execute:
             return None
         return self.source.size / 1e6 / self.execute
+
+    @property
+    def cpu_floor(self) -> Optional[float]:
+        """Seconds the exec would take if its CPU time (copier, server,
+        OSDs) kept every core busy: below it, no copier on this machine."""
+        if self.cpu is None or self.server_cpu is None or self.osd_cpu is None:
+            return None
+        return (self.cpu + self.server_cpu + self.osd_cpu) / CORES
 
     @property
     def requests_per_gib(self) -> Optional[float]:
@@ -785,6 +839,30 @@ class Bench:
                    'perf', 'dump', 'rgw'], timeout=60).stdout
         return int(json.loads(out)['rgw']['get'])
 
+    @contextmanager
+    def watched(self, res: Result, copier: Callable[[], Tuple[float, int]]) -> Iterator[None]:
+        """Around one exec, which sets ``res.execute``: the CPU time and
+        faults of the copying process (``copier`` tells them so far), the
+        CPU time of the source's server and of the OSDs, the machine's busy
+        share and the requests the server saw."""
+        u0, d0, h0 = copier(), self.daemon_cpu(), host_busy()
+        requests = self.count_requests(res.source)
+        yield
+        if res.execute:
+            res.busy = (host_busy() - h0) / res.execute / CORES
+        res.cpu, res.faults = usage_delta(u0, copier())
+        d1 = self.daemon_cpu()
+        res.server_cpu, res.osd_cpu = d1[0] - d0[0], d1[1] - d0[1]
+        res.requests = requests()
+
+    def daemon_cpu(self) -> Tuple[float, float]:
+        """CPU seconds so far of the sources' servers (RGW; nginx and its
+        workers) and of the OSDs."""
+        pids = self.cluster.pids()
+        servers = [p for n, p in pids.items() if n in ('nginx', 'client.rgw.a')]
+        servers += child_pids([p for n, p in pids.items() if n == 'nginx'])
+        return cpu_of(servers), cpu_of([p for n, p in pids.items() if n.startswith('osd.')])
+
     def count_requests(self, source: Source) -> Callable[[], Optional[int]]:
         """Starts counting the requests the source's server sees; the
         function returned tells how many since (None for a file).  nginx:
@@ -835,12 +913,8 @@ class Bench:
             '--source-spec', json.dumps(spec)))
         res.path = str(prepared.get('path', '?'))
         mgr = self.mgr_pid()
-        u0, requests = proc_usage(mgr), self.count_requests(res.source)
-        h0 = host_busy()
-        task, res.execute = self.module_task('execute', target)
-        res.busy = (host_busy() - h0) / res.execute / CORES
-        res.cpu, res.faults = usage_delta(u0, proc_usage(mgr))
-        res.requests = requests()
+        with self.watched(res, lambda: proc_usage(mgr, family=True)):
+            task, res.execute = self.module_task('execute', target)
         if task.get('started') and task.get('finished'):
             res.task = task['finished'] - task['started']
         res.stats = dict(task.get('result') or {})
@@ -851,14 +925,10 @@ class Bench:
         # qemu-img 7.2's curl driver now and then stops reading for good,
         # so a remote convert gets a time limit and a stalled one is retried.
         limit = 3600.0 if res.source.where == 'file' else 30 + res.source.size / 50e6
-        u0, requests = child_usage(), self.count_requests(res.source)
-        h0 = host_busy()
-        _, res.execute = timed(lambda: run(
-            ['qemu-img', 'convert', '-p', '-m', '16', '-W', '-O', 'raw',
-             res.source.qemu_path(), dst], timeout=limit))
-        res.busy = (host_busy() - h0) / res.execute / CORES
-        res.cpu, res.faults = usage_delta(u0, child_usage())
-        res.requests = requests()
+        with self.watched(res, child_usage):
+            _, res.execute = timed(lambda: run(
+                ['qemu-img', 'convert', '-p', '-m', '16', '-W', '-O', 'raw',
+                 res.source.qemu_path(), dst], timeout=limit))
 
     def librbd(self, res: Result, name: str) -> None:
         spec_path = os.path.join(self.work, f'{name}.json')
@@ -869,13 +939,9 @@ class Bench:
             _, res.prepare = timed(lambda: self.rbd(
                 'migration', 'prepare', '--import-only', '--source-spec-path', spec_path,
                 target))
-            u0, requests = child_usage(), self.count_requests(res.source)
-            h0 = host_busy()
-            _, res.execute = timed(lambda: self.rbd(
-                'migration', 'execute', '--no-progress', target))
-            res.busy = (host_busy() - h0) / res.execute / CORES
-            res.cpu, res.faults = usage_delta(u0, child_usage())
-            res.requests = requests()
+            with self.watched(res, child_usage):
+                _, res.execute = timed(lambda: self.rbd(
+                    'migration', 'execute', '--no-progress', target))
             _, res.commit = timed(lambda: self.rbd(
                 'migration', 'commit', '--no-progress', target))
         finally:
@@ -974,7 +1040,8 @@ def table(results: List[Result], ceiling: float) -> str:
     for r in results:
         by_source.setdefault(r.source.key, {})[r.peer] = r
     head = ['source', 'peer', 'prep s', 'exec s', 'task s', 'commit s', 'MB/s', 'req/GiB',
-            'task MB/s', 'CPU s', 'faults', 'host busy',
+            'task MB/s', 'CPU s', 'faults', 'host busy', 'server CPU s', 'OSD CPU s',
+            'CPU floor s',
             'vs file', 'vs qemu-img', 'vs librbd', 'vs ceiling', 'rbd du used', 'src alloc',
             'alloc@4M', 'du/alloc', 'sha256']
     rows: List[List[str]] = []
@@ -984,7 +1051,7 @@ def table(results: List[Result], ceiling: float) -> str:
             peer = 'ours/adapter (forced)'
         if r.skipped:
             rows.append([r.source.label, r.peer, '-', '-', '-', '-', '-', '-', '-', '-', '-', '-', '-',
-                         '-', '-', '-',
+                         '-', '-', '-', '-', '-', '-',
                          '-', human(r.source.allocated), human(r.source.allocated_objects),
                          '-', f'skipped: {r.skipped}'])
             continue
@@ -1003,6 +1070,8 @@ def table(results: List[Result], ceiling: float) -> str:
             f'{r.source.size / 1e6 / r.task:.1f}' if (mbps and r.task) else '-',
             fmt(r.cpu), f'{r.faults / 1000:.0f}k' if r.faults is not None else '-',
             f'{100 * r.busy:.0f}%' if r.busy is not None else '-',
+            fmt(r.server_cpu) if r.source.where != 'file' else '-', fmt(r.osd_cpu),
+            fmt(r.cpu_floor),
             ratio(mbps, on_file.mbps if on_file else None) if mbps else '-',
             ratio(mbps, q.mbps if q else None) if mbps else '-',
             ratio(mbps, lib.mbps if lib else None) if mbps else '-',
@@ -1189,7 +1258,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         notes.append('alloc@4M: the source\'s allocation counted in whole 4 MiB objects, '
                      'the granularity rbd du (fast-diff) counts in')
         notes.append('CPU s / faults: CPU seconds and minor page faults, during exec, of the '
-                     'process that copies (ceph-mgr for ours, else the rbd CLI or qemu-img)')
+                     'process that copies (ceph-mgr and its execute child processes for ours, '
+                     'else the rbd CLI or qemu-img)')
+        notes.append(f'server CPU s / OSD CPU s: the same of the source\'s server (nginx with '
+                     f'its workers, RGW) and of the OSDs; CPU floor s: the three over {CORES} '
+                     f'cores, the exec time if they kept every core busy: a row whose exec s '
+                     f'is near it is bound by this machine\'s cores, and its ratio to another '
+                     f'row by their CPU floors')
         notes.append(f'host busy: the machine\'s busy CPU time during exec (every process and '
                      f'the kernel: the copy, the OSDs, the source\'s server) over exec s x '
                      f'{CORES} cores; near 100% the copy is bound by the cores, not by waiting')
