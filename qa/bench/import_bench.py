@@ -200,7 +200,10 @@ def proc_usage(pid: int, family: bool = False) -> Tuple[float, int]:
         ticks += int(fields[13]) + int(fields[14])
         faults += int(fields[8])
         for child in child_pids([pid]):
-            cpu, flt = proc_usage(child, family=True)
+            try:
+                cpu, flt = proc_usage(child, family=True)
+            except BenchError:
+                continue    # ended meanwhile: its time moves to its parent's
             ticks += round(cpu * os.sysconf('SC_CLK_TCK'))
             faults += flt
     return ticks / os.sysconf('SC_CLK_TCK'), faults
@@ -674,7 +677,8 @@ class Result:
     @property
     def cpu_floor(self) -> Optional[float]:
         """Seconds the exec would take if its CPU time (copier, server,
-        OSDs) kept every core busy: below it, no copier on this machine."""
+        OSDs) kept every core busy: no copy of this work on this machine
+        runs faster."""
         if self.cpu is None or self.server_cpu is None or self.osd_cpu is None:
             return None
         return (self.cpu + self.server_cpu + self.osd_cpu) / CORES
