@@ -195,18 +195,16 @@ def proc_usage(pid: int, family: bool = False) -> Tuple[float, int]:
         fields = _stat(pid)
     except OSError as e:
         raise BenchError(f'reading /proc/{pid}/stat: {e}') from None
-    ticks, faults = int(fields[11]) + int(fields[12]), int(fields[7])
-    if family:
-        ticks += int(fields[13]) + int(fields[14])
-        faults += int(fields[8])
-        for child in child_pids([pid]):
-            try:
-                cpu, flt = proc_usage(child, family=True)
-            except BenchError:
-                continue    # ended meanwhile: its time moves to its parent's
-            ticks += round(cpu * os.sysconf('SC_CLK_TCK'))
-            faults += flt
-    return ticks / os.sysconf('SC_CLK_TCK'), faults
+    own, waited = (int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14]))
+    cpu = (own + (waited if family else 0)) / os.sysconf('SC_CLK_TCK')
+    faults = int(fields[7]) + (int(fields[8]) if family else 0)
+    for child in child_pids([pid]) if family else []:
+        try:
+            child_cpu, child_faults = proc_usage(child, family=True)
+        except BenchError:
+            continue    # ended meanwhile: its time moves to its parent's
+        cpu, faults = cpu + child_cpu, faults + child_faults
+    return cpu, faults
 
 
 def child_pids(parents: Sequence[int]) -> List[int]:

@@ -222,7 +222,6 @@ class LibrbdEngine(StatusReader):
         image (opening a live target opens its view too).  librbd hands the
         rebuild to the client holding the image's lock, if one does, so that
         its cached map is the one rebuilt (see prefill.py)."""
-        invalid = rbd.RBD_FLAG_OBJECT_MAP_INVALID | rbd.RBD_FLAG_FAST_DIFF_INVALID
         with self.ioctx_by_id(dst.pool_id, dst.namespace) as io:
             try:
                 with rbd.Image(io, image_id=dst.id) as img:
@@ -233,12 +232,12 @@ class LibrbdEngine(StatusReader):
                             raise translate(e, f'enabling fast-diff on {dst} again')
                     if not img.features() & rbd.RBD_FEATURE_OBJECT_MAP:
                         return
-                    if img.flags() & invalid:
+                    if img.flags() & ondisk.FLAGS_MAPS_INVALID:
                         img.rebuild_object_map()
                     snaps = [s['name'] for s in img.list_snaps()]
                 for name in snaps:
                     with rbd.Image(io, image_id=dst.id, snapshot=name) as img:
-                        if img.flags() & invalid:
+                        if img.flags() & ondisk.FLAGS_MAPS_INVALID:
                             img.rebuild_object_map()
             except rbd.ImageNotFound:
                 pass  # a snapshot removed meanwhile: nothing of it to rebuild
